@@ -1,0 +1,80 @@
+"""The deterministic plan: global sample ids in manifest order, each with its class row, index within the class
+and seed; shards are contiguous id ranges. Computed lazily from the per-class counts, so planning 10^8 samples
+costs O(classes) memory and a lookup costs O(log classes)."""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+from dataclasses import dataclass
+from itertools import accumulate
+
+from schemas.manifest import ClassRow
+
+KEY_DIGITS = 12  # 254 classes x 10^9 samples fit in 12 digits
+
+
+def sample_seed(global_seed: int, sample_id: int) -> int:
+    """A fixed 63-bit hash of (global seed, sample id): stable across Python versions, processes and machines."""
+    digest = hashlib.blake2b(
+        global_seed.to_bytes(8, "little") + sample_id.to_bytes(8, "little"), digest_size=8, person=b"seediff-seed"
+    ).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def sample_key(sample_id: int) -> str:
+    return f"{sample_id:0{KEY_DIGITS}d}"
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    sample_id: int
+    class_index: int  # position of the class row in the manifest
+    index_in_class: int
+    seed: int
+    row: ClassRow
+
+    @property
+    def key(self) -> str:
+        return sample_key(self.sample_id)
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    shard_id: int
+    start: int  # first sample id
+    stop: int  # one past the last sample id
+    samples: tuple[SampleSpec, ...]
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+class Plan:
+    def __init__(self, rows: tuple[ClassRow, ...] | list[ClassRow], global_seed: int, samples_per_shard: int):
+        if samples_per_shard < 1:
+            raise ValueError("samples_per_shard must be >= 1")
+        self.rows = tuple(rows)
+        self.global_seed = global_seed
+        self.samples_per_shard = samples_per_shard
+        # ends[i] = one past the last sample id of class i
+        self._ends = list(accumulate(r.num_samples for r in self.rows))
+        self.num_samples = self._ends[-1] if self._ends else 0
+        self.num_shards = -(-self.num_samples // samples_per_shard)
+
+    def sample(self, sample_id: int) -> SampleSpec:
+        if not 0 <= sample_id < self.num_samples:
+            raise IndexError(f"sample id {sample_id} outside [0, {self.num_samples})")
+        ci = bisect.bisect_right(self._ends, sample_id)
+        first = self._ends[ci - 1] if ci else 0
+        return SampleSpec(sample_id, ci, sample_id - first, sample_seed(self.global_seed, sample_id), self.rows[ci])
+
+    def shard_range(self, shard_id: int) -> range:
+        if not 0 <= shard_id < self.num_shards:
+            raise IndexError(f"shard id {shard_id} outside [0, {self.num_shards})")
+        start = shard_id * self.samples_per_shard
+        return range(start, min(start + self.samples_per_shard, self.num_samples))
+
+    def shard(self, shard_id: int) -> ShardSpec:
+        ids = self.shard_range(shard_id)
+        return ShardSpec(shard_id, ids.start, ids.stop, tuple(self.sample(i) for i in ids))

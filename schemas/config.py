@@ -1,0 +1,130 @@
+"""Run configuration: everything that changes output bytes (``RunConfig``) versus how the run is executed
+(``RuntimeOptions``). ``RunConfig`` is written to ``run.json`` at the output root; a resumed run whose output-changing
+fields differ is refused (``RunConfig.differences``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from schemas import __version__ as CODE_VERSION
+
+DEFAULT_PROMPT_TEMPLATE = "a photograph of a {class_name}"
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+class ConfigError(ValueError):
+    """A config file or flag value that cannot be used; the message names the source and the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MaskConfig(_Strict):
+    """SeeDiff mask settings (defaults: the official demo's recipe with fewer PAMR iterations)."""
+
+    threshold: float = Field(0.5, gt=0, lt=1, description="tau on the full-resolution soft map when refine='none'")
+    refine: Literal["pamr", "none"] = "pamr"
+    pamr_input_threshold: float = Field(0.3, gt=0, lt=1)
+    pamr_iterations: int = Field(500, ge=1, le=100_000)
+    pamr_output_threshold: float = Field(0.8, gt=0, lt=1)
+    # Which UNet calls are averaged into the maps, as [start, stop) call indices; None = every call (official code).
+    capture_steps: tuple[int, int] | None = None
+    # Query rows per chunk when computing captured self-attention; bounds the transient (64^2 layer: 4096 rows).
+    query_chunk: int = Field(1024, ge=16)
+
+    @field_validator("capture_steps")
+    @classmethod
+    def _window(cls, v: tuple[int, int] | None) -> tuple[int, int] | None:
+        if v is not None and not (0 <= v[0] < v[1]):
+            raise ValueError("capture_steps must be [start, stop) with 0 <= start < stop")
+        return v
+
+
+class RunConfig(_Strict):
+    """Every setting that changes the bytes of the output. Two runs with equal RunConfig and manifest write
+    byte-identical tars and parquets."""
+
+    model: str = DEFAULT_MODEL
+    revision: str | None = None
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"  # auto: fp16 on CUDA, fp32 on CPU
+    resolution: int = Field(512, ge=64, le=4096, multiple_of=8)
+    scheduler: Literal["default", "ddim", "pndm", "euler", "euler_a", "dpm++"] = "default"
+    steps: int = Field(30, ge=1, le=1000)
+    guidance_scale: float = Field(7.5, ge=0, le=50)
+    seed: int = Field(0, ge=0, lt=2**63)
+    samples_per_shard: int = Field(1000, ge=1, le=10_000_000)
+    batch_size: int = Field(8, ge=1, le=1024)
+    image_format: Literal["jpg", "png", "webp"] = "jpg"
+    image_quality: int = Field(95, ge=1, le=100)
+    prompt_template: str = DEFAULT_PROMPT_TEMPLATE
+    mask: MaskConfig = MaskConfig()
+    output_url: str = ""
+    shard_prefix: str = Field("seediff", pattern=r"^[A-Za-z0-9_]+$")
+    shard_digits: int = Field(6, ge=1, le=12)
+    code_version: str = CODE_VERSION
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _template(cls, v: str) -> str:
+        if "{class_name}" not in v:
+            raise ValueError("prompt_template must contain {class_name}")
+        return v
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "run.json") -> "RunConfig":
+        try:
+            return cls.model_validate(json.loads(text))
+        except (ValidationError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{source}: {e}") from e
+
+    def differences(self, other: "RunConfig") -> list[str]:
+        """Dotted names of the fields whose values differ (nested mask settings as ``mask.<field>``)."""
+        a, b = _flatten(self.model_dump(mode="json")), _flatten(other.model_dump(mode="json"))
+        return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+
+
+class RuntimeOptions(_Strict):
+    """How the run executes; may change between a run and its resume without changing any output byte."""
+
+    num_actors: int | None = Field(None, ge=1)  # None: one per GPU, else 1 CPU actor
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    address: str | None = None  # Ray cluster address; None: RAY_ADDRESS or a local cluster
+    max_attempts: int = Field(3, ge=1)  # per shard, across actors
+    shard_timeout_s: float = Field(3600.0, gt=0)
+    shards_in_flight_per_actor: int = Field(2, ge=1)
+    encode_threads: int = Field(2, ge=1)
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML/JSON config file into a plain dict (validated later, merged with CLI flags)."""
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise ConfigError(f"{p}: config file not found") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: top level must be a mapping of setting names to values")
+    return data
