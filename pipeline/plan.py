@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-from dataclasses import dataclass
 from itertools import accumulate
 
 from schemas.manifest import ClassRow
-
-KEY_DIGITS = 12  # 254 classes x 10^9 samples fit in 12 digits
+from schemas.records import SampleSpec, ShardSpec
 
 
 def sample_seed(global_seed: int, sample_id: int) -> int:
@@ -20,34 +18,6 @@ def sample_seed(global_seed: int, sample_id: int) -> int:
         global_seed.to_bytes(8, "little") + sample_id.to_bytes(8, "little"), digest_size=8, person=b"seediff-seed"
     ).digest()
     return int.from_bytes(digest, "little") >> 1
-
-
-def sample_key(sample_id: int) -> str:
-    return f"{sample_id:0{KEY_DIGITS}d}"
-
-
-@dataclass(frozen=True)
-class SampleSpec:
-    sample_id: int
-    class_index: int  # position of the class row in the manifest
-    index_in_class: int
-    seed: int
-    row: ClassRow
-
-    @property
-    def key(self) -> str:
-        return sample_key(self.sample_id)
-
-
-@dataclass(frozen=True)
-class ShardSpec:
-    shard_id: int
-    start: int  # first sample id
-    stop: int  # one past the last sample id
-    samples: tuple[SampleSpec, ...]
-
-    def __len__(self) -> int:
-        return self.stop - self.start
 
 
 class Plan:
