@@ -1,0 +1,254 @@
+"""Manifest loading: every format, fsspec URLs, prompt templates, and bad input named by file, line and field."""
+
+import hashlib
+import json
+import re
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from schemas.manifest import COLUMNS, ClassRow, ManifestError, load_manifest
+
+
+def write(tmp_path, name: str, content: str | bytes) -> str:
+    path = tmp_path / name
+    path.write_bytes(content.encode("utf-8") if isinstance(content, str) else content)
+    return str(path)
+
+
+def write_parquet(tmp_path, name: str, columns: dict) -> str:
+    path = tmp_path / name
+    pq.write_table(pa.table(columns), path)
+    return str(path)
+
+
+def expect_error(path: str, line: int | None, field: str, **kwargs) -> str:
+    with pytest.raises(ManifestError) as info:
+        load_manifest(path, **kwargs)
+    message = str(info.value)
+    location = path if line is None else f"{path}:{line}"
+    assert message.startswith(f"{location}: {field}: "), message
+    return message
+
+
+# ---------------------------------------------------------------- good input
+
+
+def test_csv_with_all_columns(tmp_path):
+    path = write(
+        tmp_path,
+        "m.csv",
+        "class_name,num_samples,prompt,class_id,negative_prompt\n"
+        "cat,3,a painting of a {class_name},7,blurry\n"
+        "golden retriever,2,A photo of a Golden Retriever on grass,9,\n",
+    )
+    manifest = load_manifest(path)
+    assert manifest.rows == (
+        ClassRow("cat", 7, 3, "a painting of a cat", "blurry", 2),
+        ClassRow("golden retriever", 9, 2, "A photo of a Golden Retriever on grass", "", 3),
+    )
+    assert manifest.num_samples == 5
+    assert manifest.source == path
+    with open(path, "rb") as f:
+        assert manifest.sha256 == hashlib.sha256(f.read()).hexdigest()
+
+
+def test_defaults_class_ids_in_row_order_and_default_template(tmp_path):
+    path = write(tmp_path, "m.csv", "class_name,num_samples\ncat,1\n\ndog,2\n")
+    rows = load_manifest(path).rows
+    assert [(r.class_name, r.class_id, r.prompt, r.negative_prompt, r.line) for r in rows] == [
+        ("cat", 1, "a photograph of a cat", "", 2),
+        ("dog", 2, "a photograph of a dog", "", 4),  # the blank line is counted
+    ]
+
+
+def test_configurable_template_and_only_the_placeholder_is_substituted(tmp_path):
+    path = write(tmp_path, "m.csv", "class_name,num_samples,prompt\ncat,1,\ndog,1,{class_name} in {style}\n")
+    rows = load_manifest(path, prompt_template="a {class_name}, studio light").rows
+    assert [r.prompt for r in rows] == ["a cat, studio light", "dog in {style}"]
+
+
+def test_tsv_with_bom_and_crlf(tmp_path):
+    path = write(tmp_path, "m.tsv", b"\xef\xbb\xbfclass_name\tnum_samples\r\ncat\t4\r\nsea lion\t5\r\n")
+    rows = load_manifest(path).rows
+    assert [(r.class_name, r.num_samples, r.line) for r in rows] == [("cat", 4, 2), ("sea lion", 5, 3)]
+
+
+def test_jsonl_keys_may_vary_per_line(tmp_path):
+    lines = [
+        {"class_name": "cat", "num_samples": 3, "negative_prompt": "text, watermark"},
+        {"class_name": "dog", "class_id": 5, "prompt": "a dog, {class_name}"},
+        {"class_name": "cow", "num_samples": 2.0, "prompt": None},
+    ]
+    path = write(tmp_path, "m.jsonl", "\n".join(json.dumps(x) for x in lines) + "\n\n")
+    rows = load_manifest(path, samples_per_class=10).rows
+    assert [(r.class_name, r.class_id, r.num_samples, r.prompt, r.negative_prompt) for r in rows] == [
+        ("cat", 1, 3, "a photograph of a cat", "text, watermark"),
+        ("dog", 5, 10, "a dog, dog", ""),  # the flag fills only where no count is given
+        ("cow", 3, 2, "a photograph of a cow", ""),
+    ]
+
+
+def test_parquet_rows_are_numbered_from_one(tmp_path):
+    path = write_parquet(
+        tmp_path,
+        "m.parquet",
+        {"class_name": ["cat", "dog"], "num_samples": pa.array([3, None], pa.int64()), "class_id": [4, 2]},
+    )
+    rows = load_manifest(path, samples_per_class=6).rows
+    assert [(r.class_name, r.class_id, r.num_samples, r.line) for r in rows] == [("cat", 4, 3, 1), ("dog", 2, 6, 2)]
+
+
+def test_text_file_skips_blank_and_comment_lines(tmp_path):
+    path = write(tmp_path, "classes.txt", "# animals\ncat\n\n  dog  \n   # not a class\nbird\n")
+    rows = load_manifest(path, samples_per_class=7).rows
+    assert [(r.class_name, r.class_id, r.num_samples, r.line) for r in rows] == [
+        ("cat", 1, 7, 2),
+        ("dog", 2, 7, 4),
+        ("bird", 3, 7, 6),
+    ]
+
+
+def test_fsspec_memory_url():
+    url = "memory://manifests/test_manifest.csv"
+    with fsspec.open(url, "wb") as f:
+        f.write(b"class_name,num_samples\ncat,2\n")
+    try:
+        manifest = load_manifest(url)
+    finally:
+        fsspec.filesystem("memory").rm(url)
+    assert manifest.source == url
+    assert [(r.class_name, r.num_samples) for r in manifest.rows] == [("cat", 2)]
+
+
+def test_254_classes_fit_and_the_255th_is_rejected(tmp_path):
+    names = [f"class{i}" for i in range(1, 256)]
+    ok = write(tmp_path, "ok.txt", "\n".join(names[:254]))
+    assert load_manifest(ok, samples_per_class=1).rows[-1].class_id == 254
+    too_many = write(tmp_path, "too_many.txt", "\n".join(names))
+    expect_error(too_many, 255, "class_id", samples_per_class=1)
+
+
+# ---------------------------------------------------------------- bad input, located by line and field
+
+HEADER = "class_name,num_samples\n"
+
+BAD_CSV = [
+    # (id, content, line, field)
+    ("missing class_name column", "name,num_samples\ncat,1\n", 1, "name"),
+    ("no class_name column", "num_samples\n1\n", 1, "class_name"),
+    ("no num_samples column", "class_name,prompt\ncat,\n", 1, "num_samples"),
+    ("unknown column", "class_name,num_samples,colour\ncat,1,red\n", 1, "colour"),
+    ("column twice", "class_name,num_samples,class_name\ncat,1,dog\n", 1, "class_name"),
+    ("empty class name", HEADER + "cat,1\n,2\n", 3, "class_name"),
+    ("whitespace class name", HEADER + "cat,1\n   ,2\n", 3, "class_name"),
+    ("control character", HEADER + "cat,1\n\"d\x07og\",2\n", 3, "class_name"),
+    ("newline inside a value", HEADER + "cat,1\n\"d\nog\",2\n", 3, "class_name"),
+    ("non-integer count", HEADER + "cat,1\ndog,ten\n", 3, "num_samples"),
+    ("fractional count", HEADER + "cat,1\ndog,2.5\n", 3, "num_samples"),
+    ("zero count", HEADER + "cat,1\ndog,0\n", 3, "num_samples"),
+    ("negative count", HEADER + "cat,1\ndog,-4\n", 3, "num_samples"),
+    ("absurd count", HEADER + "cat,1\ndog,1000000001\n", 3, "num_samples"),
+    ("missing count", HEADER + "cat,1\ndog,\n", 3, "num_samples"),
+    ("duplicate class name", HEADER + "cat,1\ndog,1\nCat,1\n", 4, "class_name"),
+    ("duplicate class id", "class_name,num_samples,class_id\ncat,1,3\ndog,1,3\n", 3, "class_id"),
+    ("default id collides", "class_name,num_samples,class_id\ncat,1,2\ndog,1,\n", 3, "class_id"),
+    ("class id zero", "class_name,num_samples,class_id\ncat,1,0\n", 2, "class_id"),
+    ("class id 255", "class_name,num_samples,class_id\ncat,1,255\n", 2, "class_id"),
+    ("prompt without class", "class_name,num_samples,prompt\ncat,1,a photo of a dog\n", 2, "prompt"),
+    ("control char in negative", "class_name,num_samples,negative_prompt\ncat,1,\"bad\x00\"\n", 2, "negative_prompt"),
+    ("too many fields", HEADER + "cat,1\ndog,1,extra\n", 3, "columns"),
+    ("unclosed quote", HEADER + "cat,1\n\"dog,1\n", 3, "columns"),
+]
+
+
+@pytest.mark.parametrize("content,line,field", [c[1:] for c in BAD_CSV], ids=[c[0] for c in BAD_CSV])
+def test_bad_csv(tmp_path, content, line, field):
+    expect_error(write(tmp_path, "bad.csv", content), line, field)
+
+
+def test_unknown_column_message_names_the_allowed_ones(tmp_path):
+    message = expect_error(write(tmp_path, "bad.tsv", "class_name\tcount\ncat\t1\n"), 1, "count")
+    assert all(column in message for column in COLUMNS)
+
+
+def test_invalid_utf8_names_the_line(tmp_path):
+    path = write(tmp_path, "bad.csv", HEADER.encode() + b"cat,1\ncaf\xe9,2\ndog,3\n")
+    expect_error(path, 3, "encoding")
+
+
+BAD_JSONL = [
+    ("malformed line", '{"class_name": "cat", "num_samples": 1}\n{"class_name": "dog", \n', 2, "json"),
+    ("not an object", '{"class_name": "cat", "num_samples": 1}\n["dog", 1]\n', 2, "json"),
+    ("unknown key", '{"class_name": "cat", "num_samples": 1, "weight": 2}\n', 1, "weight"),
+    ("class name not text", '{"class_name": "cat", "num_samples": 1}\n{"class_name": 7, "num_samples": 1}\n', 2,
+     "class_name"),
+    ("missing class name", '{"class_name": "cat", "num_samples": 1}\n\n{"num_samples": 1}\n', 3, "class_name"),
+    ("missing count", '{"class_name": "cat"}\n', 1, "num_samples"),
+    ("boolean count", '{"class_name": "cat", "num_samples": true}\n', 1, "num_samples"),
+    ("string class id", '{"class_name": "cat", "num_samples": 1, "class_id": "x"}\n', 1, "class_id"),
+    ("control char escaped", '{"class_name": "cat", "num_samples": 1, "prompt": "a cat\\u001b"}\n', 1, "prompt"),
+]
+
+
+@pytest.mark.parametrize("content,line,field", [c[1:] for c in BAD_JSONL], ids=[c[0] for c in BAD_JSONL])
+def test_bad_jsonl(tmp_path, content, line, field):
+    expect_error(write(tmp_path, "bad.jsonl", content), line, field)
+
+
+def test_bad_parquet_row_is_named_by_row_number(tmp_path):
+    path = write_parquet(tmp_path, "bad.parquet", {"class_name": ["cat", "dog", "cow"], "num_samples": [1, 2, 0]})
+    expect_error(path, 3, "num_samples")
+
+
+def test_parquet_unknown_column_has_no_line(tmp_path):
+    path = write_parquet(tmp_path, "bad.parquet", {"class_name": ["cat"], "num_samples": [1], "size": [2]})
+    expect_error(path, None, "size")
+
+
+def test_text_file_control_character(tmp_path):
+    expect_error(write(tmp_path, "bad.txt", "cat\ndo\x00g\n"), 2, "class_name", samples_per_class=1)
+
+
+def test_text_file_duplicate(tmp_path):
+    expect_error(write(tmp_path, "bad.txt", "cat\n# x\nCAT\n"), 3, "class_name", samples_per_class=1)
+
+
+# ---------------------------------------------------------------- bad input without a line
+
+
+def test_missing_file(tmp_path):
+    path = str(tmp_path / "nope.csv")
+    with pytest.raises(ManifestError, match=re.escape(f"{path}: manifest file not found")):
+        load_manifest(path)
+
+
+def test_unknown_format(tmp_path):
+    path = write(tmp_path, "m.xlsx", "class_name\n")
+    with pytest.raises(ManifestError, match=re.escape(f"{path}: unknown manifest format; use one of .csv")):
+        load_manifest(path)
+
+
+@pytest.mark.parametrize("name,content", [("empty.csv", ""), ("header.csv", HEADER + "\n"), ("c.txt", "# x\n\n")])
+def test_empty_manifest(tmp_path, name, content):
+    message = expect_error(write(tmp_path, name, content), None, "class_name", samples_per_class=1)
+    assert "empty manifest" in message
+
+
+def test_text_file_needs_samples_per_class(tmp_path):
+    expect_error(write(tmp_path, "c.txt", "cat\n"), None, "num_samples")
+
+
+def test_corrupt_parquet(tmp_path):
+    message = expect_error(write(tmp_path, "m.parquet", "class_name,num_samples\ncat,1\n"), None, "format")
+    assert "Parquet" in message
+
+
+def test_bad_arguments(tmp_path):
+    path = write(tmp_path, "m.csv", HEADER + "cat,1\n")
+    with pytest.raises(ManifestError, match="^samples_per_class: 0 outside"):
+        load_manifest(path, samples_per_class=0)
+    with pytest.raises(ManifestError, match="^prompt_template: .* must contain"):
+        load_manifest(path, prompt_template="a photo")
