@@ -24,6 +24,14 @@ class ConfigError(ValueError):
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    @classmethod
+    def from_mapping(cls, data: Any, source: str) -> Any:
+        """Validate plain data (a parsed file merged with flags); ``ConfigError`` names ``source`` and each field."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            raise ConfigError(validation_message(e, source)) from e
+
 
 class MaskConfig(_Strict):
     """SeeDiff mask settings (defaults: the official demo's recipe with fewer PAMR iterations)."""
@@ -82,9 +90,10 @@ class RunConfig(_Strict):
     @classmethod
     def from_json(cls, text: str, source: str = "run.json") -> "RunConfig":
         try:
-            return cls.model_validate(json.loads(text))
-        except (ValidationError, json.JSONDecodeError) as e:
-            raise ConfigError(f"{source}: {e}") from e
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{source}:{e.lineno}: not valid JSON: {e.msg}") from e
+        return cls.from_mapping(data, source)
 
     def differences(self, other: "RunConfig") -> list[str]:
         """Dotted names of the fields whose values differ (nested mask settings as ``mask.<field>``)."""
@@ -102,6 +111,30 @@ class RuntimeOptions(_Strict):
     shard_timeout_s: float = Field(3600.0, gt=0)
     shards_in_flight_per_actor: int = Field(2, ge=1)
     encode_threads: int = Field(2, ge=1)
+
+
+def validation_message(error: ValidationError, source: str) -> str:
+    """One line per problem, ``<source>: <dotted.field>: <problem>``, like the manifest's messages."""
+    lines = []
+    for problem in error.errors():
+        field = ".".join(str(part) for part in problem["loc"]) or "<top level>"
+        got = "" if problem["type"] == "missing" else f" (got {problem['input']!r})"
+        lines.append(f"{source}: {field}: {problem['msg']}{got}")
+    return "\n".join(lines)
+
+
+def merge_settings(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``base`` (e.g. a config file) updated by ``overrides`` (e.g. CLI flags). Nested mappings such as ``mask``
+    merge key by key; an override of None means "not given" and keeps the base value."""
+    merged = dict(base)
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_settings(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
