@@ -1,0 +1,308 @@
+"""Capture the few attention maps SeeDiff reads, through diffusers' attention-processor API.
+
+Locate every attention layer from the UNet's module structure, choose SeeDiff's layers (every cross-attention layer at
+latent/4 and the first decoder self-attention at latent/4, latent/2 and latent), install capture processors on those
+layers only, and restore the previous processors on exit. A capture processor returns the layer's normal fused-SDPA
+output for the whole batch and, for the conditional half only, adds the head-summed softmax probabilities to a
+preallocated fp32 running sum. Knows nothing of masks."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+
+import torch
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+SCALE_DEPTHS = {"fine": 0, "middle": 1, "coarse": 2}  # SeeDiff's scales as downsampling depth below the latent
+_BLOCK_RANK = {"down": 0, "mid": 1, "up": 2}  # forward order of the UNet's block groups
+
+
+class UnsupportedUNetError(ValueError):
+    """The UNet lacks attention layers SeeDiff reads; the message names them."""
+
+
+@dataclass(frozen=True)
+class AttentionLayer:
+    key: str  # processor key, as in unet.attn_processors
+    kind: str  # "self" (attn1) or "cross" (attn2)
+    block: str  # "down" | "mid" | "up"
+    block_index: int
+    order: int  # position in the UNet's forward order
+    side: int  # spatial side of the layer's query grid
+    heads: int
+
+
+@dataclass(frozen=True)
+class CapturePlan:
+    cross: tuple[AttentionLayer, ...]  # every cross-attention layer at the coarse scale (down and up blocks)
+    self_attn: dict[str, AttentionLayer]  # scale name -> first up-block self-attention layer at that scale
+
+
+@dataclass
+class CapturedAttention:
+    cross: list[torch.Tensor]  # per sample [n_layers * n_subtokens, s, s], layer-major, time-averaged, head-summed
+    self_attn: dict[str, torch.Tensor]  # scale name -> [B, N, N], rows = queries, time-averaged, head-summed
+    calls: int  # UNet calls averaged into the maps
+
+
+def locate_attention_layers(unet: torch.nn.Module, latent_size: int) -> list[AttentionLayer]:
+    """Every Attention module of the UNet's down, mid and up blocks, in forward order. The side comes from the
+    block's downsampling depth (stride-2 convs give ceil(n / 2)), not from module names."""
+    sides = [latent_size]
+    depth_of = _block_depths(unet)
+    while len(sides) <= max(depth_of.values(), default=0):
+        sides.append(math.ceil(sides[-1] / 2))
+    found = []
+    for name, module in unet.named_modules():
+        if not isinstance(module, Attention):
+            continue
+        block, index = _block_of(name)
+        if block is None:
+            continue
+        kind = {"attn1": "self", "attn2": "cross"}.get(name.rsplit(".", 1)[-1])
+        if kind is None:
+            continue
+        found.append((name, kind, block, index, module.heads))
+    found.sort(key=lambda f: (_BLOCK_RANK[f[2]], f[3]))  # stable: module order within a block is forward order
+    return [
+        AttentionLayer(f"{name}.processor", kind, block, index, order, sides[depth_of[(block, index)]], heads)
+        for order, (name, kind, block, index, heads) in enumerate(found)
+    ]
+
+
+def plan_seediff_layers(layers: Sequence[AttentionLayer], latent_size: int) -> CapturePlan:
+    sides = {scale: _side_at_depth(latent_size, depth) for scale, depth in SCALE_DEPTHS.items()}
+    cross = tuple(l for l in layers if l.kind == "cross" and l.block != "mid" and l.side == sides["coarse"])
+    self_attn = {}
+    for scale, side in sides.items():
+        first = next((l for l in layers if l.kind == "self" and l.block == "up" and l.side == side), None)
+        if first is not None:
+            self_attn[scale] = first
+    missing = [f"up-block self-attention at {s} ({sides[s]}x{sides[s]})" for s in sides if s not in self_attn]
+    if not cross:
+        missing.insert(0, f"cross-attention at coarse ({sides['coarse']}x{sides['coarse']})")
+    if missing:
+        present = sorted({(l.kind, l.block, l.side) for l in layers})
+        raise UnsupportedUNetError(
+            f"UNet lacks attention SeeDiff reads at latent {latent_size}: missing {', '.join(missing)}; "
+            f"it has (kind, block, side) {present}"
+        )
+    return CapturePlan(cross, self_attn)
+
+
+class _ConditionalCapture:
+    """Base capture processor: the fused SDPA output for the whole batch, plus head-summed probabilities of the
+    conditional half (the second half under classifier-free guidance, else the whole batch) added to ``sum``
+    for UNet calls inside ``window``."""
+
+    def __init__(self, n_samples: int, window: tuple[int, int] | None, query_chunk: int):
+        self.n_samples = n_samples
+        self.window = window
+        self.query_chunk = query_chunk
+        self.fused = AttnProcessor2_0()
+        self.calls = 0  # UNet calls seen (one per call: each layer runs once per UNet forward)
+        self.captured = 0  # calls added to the sum
+
+    def __call__(self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
+        out = self.fused(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        if self.window is None or self.window[0] <= self.calls < self.window[1]:
+            if attention_mask is not None:
+                raise NotImplementedError("capturing a layer called with an attention mask is not supported")
+            cond = _conditional_half(hidden_states.shape[0], self.n_samples)
+            context = None if encoder_hidden_states is None else encoder_hidden_states[cond]
+            with torch.no_grad():
+                query, key = _query_key(attn, hidden_states[cond], context)
+                self.accumulate(_head_summed_probabilities(attn, query, key, self.query_chunk))
+            self.captured += 1
+        self.calls += 1
+        return out
+
+    def accumulate(self, chunks: Iterator[tuple[slice, torch.Tensor]]) -> None:
+        raise NotImplementedError
+
+    def average(self) -> torch.Tensor:
+        return self.sum / self.captured
+
+
+class SelfAttentionSum(_ConditionalCapture):
+    """Running sum of the full head-summed self-attention matrix, [B, N, N]."""
+
+    def __init__(self, layer: AttentionLayer, n_samples, window, query_chunk, device):
+        super().__init__(n_samples, window, query_chunk)
+        n = layer.side**2
+        self.sum = torch.zeros(n_samples, n, n, dtype=torch.float32, device=device)
+
+    def accumulate(self, chunks):
+        for rows, probs in chunks:
+            self.sum[:, rows] += probs
+
+
+class CrossTokenSum(_ConditionalCapture):
+    """Running sum of the class sub-token columns of head-summed cross-attention, [B, T_max, N]; each sample's
+    token positions are padded to T_max by repeating its first one (the padding is dropped in ``per_sample``)."""
+
+    def __init__(self, layer: AttentionLayer, token_positions: Sequence[Sequence[int]], window, query_chunk, device):
+        super().__init__(len(token_positions), window, query_chunk)
+        self.counts = [len(p) for p in token_positions]
+        width = max(self.counts)
+        padded = [list(p) + [p[0]] * (width - len(p)) for p in token_positions]
+        self.columns = torch.tensor(padded, dtype=torch.long, device=device)  # [B, T_max]
+        self.sum = torch.zeros(len(padded), width, layer.side**2, dtype=torch.float32, device=device)
+
+    def accumulate(self, chunks):
+        for rows, probs in chunks:  # probs [B, rows, n_tokens]
+            index = self.columns[:, None, :].expand(-1, probs.shape[1], -1)
+            self.sum[:, :, rows] += probs.gather(2, index).transpose(1, 2)
+
+    def per_sample(self) -> list[torch.Tensor]:
+        average = self.average()
+        return [average[i, : self.counts[i]] for i in range(len(self.counts))]
+
+
+class SeeDiffCapture:
+    """Context manager: installs capture processors on the planned layers of ``unet`` for one batch of
+    ``len(token_positions)`` samples and restores the previous processors on exit (also on exceptions).
+    ``token_positions[i]`` are sample i's class sub-token positions in its tokenized prompt."""
+
+    def __init__(
+        self,
+        unet: torch.nn.Module,
+        latent_size: int,
+        token_positions: Sequence[Sequence[int]],
+        window: tuple[int, int] | None = None,
+        query_chunk: int = 1024,
+    ):
+        if not token_positions or any(len(p) == 0 for p in token_positions):
+            raise ValueError("every sample needs at least one class token position")
+        self.unet = unet
+        self.latent_size = latent_size
+        self.plan = plan_seediff_layers(locate_attention_layers(unet, latent_size), latent_size)
+        device = unet.device
+        self.cross = [CrossTokenSum(l, token_positions, window, query_chunk, device) for l in self.plan.cross]
+        self.self_attn = {
+            scale: SelfAttentionSum(l, len(token_positions), window, query_chunk, device)
+            for scale, l in self.plan.self_attn.items()
+        }
+        self._restore = ExitStack()
+
+    def processors(self) -> dict[str, _ConditionalCapture]:
+        out = {l.key: p for l, p in zip(self.plan.cross, self.cross)}
+        out.update({self.plan.self_attn[s].key: p for s, p in self.self_attn.items()})
+        return out
+
+    def buffer_bytes(self) -> int:
+        return sum(p.sum.numel() * p.sum.element_size() for p in self.processors().values())
+
+    def __enter__(self) -> "SeeDiffCapture":
+        self._restore.enter_context(installed_processors(self.unet, self.processors()))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._restore.close()
+
+    def result(self) -> CapturedAttention:
+        processors = list(self.processors().values())
+        captured = {p.captured for p in processors}
+        if captured != {processors[0].captured} or not processors[0].captured:
+            raise RuntimeError(
+                f"capture window {processors[0].window} averaged {sorted(captured)} UNet calls "
+                f"of {processors[0].calls} run; it must cover at least one call"
+            )
+        side = _side_at_depth(self.latent_size, SCALE_DEPTHS["coarse"])
+        per_layer = [p.per_sample() for p in self.cross]  # [layer][sample] -> [T_i, N]
+        cross = [torch.cat([layer[i] for layer in per_layer]).view(-1, side, side) for i in range(len(per_layer[0]))]
+        return CapturedAttention(
+            cross=cross,
+            self_attn={scale: p.average() for scale, p in self.self_attn.items()},
+            calls=processors[0].captured,
+        )
+
+
+@contextmanager
+def installed_processors(unet: torch.nn.Module, processors: dict) -> Iterator[None]:
+    """Set ``processors`` on their layers (all others keep theirs) and restore the saved set on exit.
+    set_attn_processor consumes the dict it gets, so each call gets a fresh copy."""
+    saved = dict(unet.attn_processors)
+    unet.set_attn_processor({**saved, **processors})
+    try:
+        yield
+    finally:
+        unet.set_attn_processor(dict(saved))
+
+
+def _block_depths(unet: torch.nn.Module) -> dict[tuple[str, int], int]:
+    """Downsampling depth of every down, mid and up block: down blocks run before their downsampler, up blocks
+    before their upsampler."""
+    depths, depth = {}, 0
+    for i, block in enumerate(unet.down_blocks):
+        depths[("down", i)] = depth
+        depth += getattr(block, "downsamplers", None) is not None
+    if unet.mid_block is not None:
+        depths[("mid", 0)] = depth
+    for i, block in enumerate(unet.up_blocks):
+        depths[("up", i)] = depth
+        depth -= getattr(block, "upsamplers", None) is not None
+    return depths
+
+
+def _block_of(module_name: str) -> tuple[str | None, int]:
+    parts = module_name.split(".")
+    if parts[0] in ("down_blocks", "up_blocks"):
+        return parts[0].split("_")[0], int(parts[1])
+    if parts[0] == "mid_block":
+        return "mid", 0
+    return None, 0
+
+
+def _side_at_depth(latent_size: int, depth: int) -> int:
+    side = latent_size
+    for _ in range(depth):
+        side = math.ceil(side / 2)
+    return side
+
+
+def _conditional_half(batch: int, n_samples: int) -> slice:
+    """diffusers stacks [unconditional, conditional] under classifier-free guidance."""
+    if batch == 2 * n_samples:
+        return slice(n_samples, None)
+    if batch == n_samples:
+        return slice(None)
+    raise ValueError(f"attention batch {batch} is neither {n_samples} samples nor {2 * n_samples} with guidance")
+
+
+def _query_key(attn: Attention, hidden_states: torch.Tensor, context: torch.Tensor | None):
+    """Queries and keys [B, heads, L, head_dim] exactly as the fused processor forms them."""
+    if hidden_states.ndim == 4:
+        hidden_states = hidden_states.flatten(2).transpose(1, 2)
+    if attn.group_norm is not None:
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+    if context is None:
+        context = hidden_states
+    elif attn.norm_cross:
+        context = attn.norm_encoder_hidden_states(context)
+    query, key = attn.to_q(hidden_states), attn.to_k(context)
+    batch, head_dim = query.shape[0], key.shape[-1] // attn.heads
+    query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+    key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    return query, key
+
+
+def _head_summed_probabilities(
+    attn: Attention, query: torch.Tensor, key: torch.Tensor, chunk: int
+) -> Iterator[tuple[slice, torch.Tensor]]:
+    """softmax(Q Kᵀ · scale) summed over heads, in fp32, one block of query rows at a time so the transient stays
+    [B, heads, chunk, n_keys]."""
+    if attn.upcast_attention:
+        query, key = query.float(), key.float()
+    key_t = key.transpose(-1, -2)
+    for start in range(0, query.shape[2], chunk):
+        rows = slice(start, start + chunk)
+        scores = (query[:, :, rows] * attn.scale) @ key_t
+        yield rows, torch.softmax(scores, dim=-1, dtype=torch.float32).sum(dim=1)
