@@ -230,9 +230,7 @@ class _RowBuilder:
         name = _text(record.get("class_name"), where, "class_name").strip()
         if not name:
             raise ManifestError(f"{where}: class_name: missing, empty or whitespace-only class name")
-        first = self.lines_by_name.setdefault(name.casefold(), line)
-        if first != line:
-            raise ManifestError(f"{where}: class_name: duplicate class name {name!r} (first at {self.source}:{first})")
+        self._claim(self.lines_by_name, name.casefold(), line, f"class_name: duplicate class name {name!r}")
 
         count = _integer(record.get("num_samples"), where, "num_samples", self.samples_per_class)
         if count is None:
@@ -246,9 +244,7 @@ class _RowBuilder:
                 f"{where}: class_id: {class_id} outside 1..{MAX_CLASS_ID} (mask value 0 is background, 255 ignore; "
                 f"at most {MAX_CLASS_ID} classes)"
             )
-        first = self.lines_by_id.setdefault(class_id, line)
-        if first != line:
-            raise ManifestError(f"{where}: class_id: duplicate class id {class_id} (first at {self.source}:{first})")
+        self._claim(self.lines_by_id, class_id, line, f"class_id: duplicate class id {class_id}")
 
         prompt = _text(record.get("prompt"), where, "prompt").strip() or self.prompt_template
         if PLACEHOLDER in prompt:
@@ -257,6 +253,11 @@ class _RowBuilder:
             raise ManifestError(f"{where}: prompt: {prompt!r} contains neither {PLACEHOLDER} nor the class name {name!r}")
         negative = _text(record.get("negative_prompt"), where, "negative_prompt").strip()
         return ClassRow(name, class_id, count, prompt, negative, line)
+
+    def _claim(self, lines_by_key: dict[Any, int], key: Any, line: int, problem: str) -> None:
+        first = lines_by_key.setdefault(key, line)
+        if first != line:
+            raise ManifestError(f"{self.source}:{line}: {problem} (first at {self.source}:{first})")
 
 
 def _text(value: Any, where: str, field: str) -> str:

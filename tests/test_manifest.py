@@ -123,6 +123,16 @@ def test_fsspec_memory_url():
     assert [(r.class_name, r.num_samples) for r in manifest.rows] == [("cat", 2)]
 
 
+def test_s3_url_on_a_moto_server(s3_output_url):
+    url = f"{s3_output_url}/classes.jsonl"
+    with fsspec.open(url, "wb") as f:
+        f.write(b'{"class_name": "cat", "num_samples": 2}\n')
+    assert [(r.class_name, r.num_samples) for r in load_manifest(url).rows] == [("cat", 2)]
+    missing = f"{s3_output_url}/nope.csv"
+    with pytest.raises(ManifestError, match=re.escape(f"{missing}: manifest file not found")):
+        load_manifest(missing)
+
+
 def test_254_classes_fit_and_the_255th_is_rejected(tmp_path):
     names = [f"class{i}" for i in range(1, 256)]
     ok = write(tmp_path, "ok.txt", "\n".join(names[:254]))
