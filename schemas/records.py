@@ -3,8 +3,17 @@ metadata, the per-shard parquet schema and shard stats. No torch."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+import json
+import math
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass, fields
+from typing import Any
 
+import pyarrow as pa
+
+from schemas.config import RunConfig
 from schemas.manifest import ClassRow
 
 KEY_DIGITS = 12  # 254 classes x 10^9 samples fit in 12 digits
@@ -36,3 +45,202 @@ class ShardSpec:
 
     def __len__(self) -> int:
         return self.stop - self.start
+
+
+# ---- shard file names -------------------------------------------------------------------------------------------
+
+TAR_SUFFIX = ".tar"
+PARQUET_SUFFIX = ".parquet"
+STATS_SUFFIX = "_stats.json"
+SHARD_SUFFIXES = (TAR_SUFFIX, PARQUET_SUFFIX, STATS_SUFFIX)
+TEMP_MARKER = ".tmp-"
+RUN_JSON = "run.json"
+SIZES_JSON = "sizes.json"
+DATASET_JSON = "dataset.json"
+
+
+def shard_name(prefix: str, shard_id: int, digits: int) -> str:
+    """``seediff-000003``: the shard's files are this name plus one of ``SHARD_SUFFIXES``."""
+    return f"{prefix}-{shard_id:0{digits}d}"
+
+
+def temp_name(basename: str, token: str) -> str:
+    """Hidden name a local file is written under before its rename, e.g. ``.seediff-000003.tar.tmp-<token>``."""
+    return f".{basename}{TEMP_MARKER}{token}"
+
+
+def shard_file_pattern(prefix: str, digits: int) -> re.Pattern[str]:
+    """Matches the basenames of a run's shard files and of their temp files.
+    Groups: ``temp`` (the leading dot, when a temp file), ``shard`` (id digits), ``suffix``."""
+    suffixes = "|".join(re.escape(s) for s in SHARD_SUFFIXES)
+    return re.compile(
+        rf"^(?P<temp>\.)?{re.escape(prefix)}-(?P<shard>\d{{{digits}}})(?P<suffix>{suffixes})"
+        rf"(?(temp){re.escape(TEMP_MARKER)}[0-9a-f]+|)$"
+    )
+
+
+# ---- one attempted sample -----------------------------------------------------------------------------------------
+
+SUCCESS = "success"
+FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class SampleOutcome:
+    """One attempted sample, encoded and ready for the shard writer."""
+
+    spec: SampleSpec
+    status: str  # SUCCESS | FAILED
+    error: str | None
+    image: bytes | None  # encoded image (config.image_format), None on failure
+    mask: bytes | None  # encoded mask.png, None on failure
+    metadata: dict[str, Any]  # the flat record written as the sample's `json` field
+
+
+def sample_metadata(
+    spec: SampleSpec, config: RunConfig, size: tuple[int, int] | None, mask_stats: dict[str, Any]
+) -> dict[str, Any]:
+    """The flat, JSON-able, wall-clock-free record of one sample. ``size`` is (width, height), None on failure.
+    Mask settings are ``mask_<setting>``, mask statistics ``mask_stat_<name>`` so the two never collide."""
+    width, height = size if size is not None else (None, None)
+    record: dict[str, Any] = {
+        "key": spec.key,
+        "sample_id": spec.sample_id,
+        "class_name": spec.row.class_name,
+        "class_id": spec.row.class_id,
+        "class_index": spec.class_index,
+        "index_in_class": spec.index_in_class,
+        "prompt": spec.row.prompt,
+        "negative_prompt": spec.row.negative_prompt,
+        "seed": spec.seed,
+        "model": config.model,
+        "revision": config.revision,
+        "dtype": config.dtype,
+        "scheduler": config.scheduler,
+        "steps": config.steps,
+        "guidance_scale": config.guidance_scale,
+        "resolution": config.resolution,
+        "width": width,
+        "height": height,
+        "image_format": config.image_format,
+        "image_quality": config.image_quality,
+        "code_version": config.code_version,
+    }
+    for name, value in config.mask.model_dump(mode="json").items():
+        record[f"mask_{name}"] = value
+    for name, value in sorted(mask_stats.items()):
+        record[f"mask_stat_{name}"] = _json_scalar(value, f"sample {spec.key}: mask_stats[{name!r}]")
+    return record
+
+
+def _json_scalar(value: Any, where: str) -> bool | int | float | str | None:
+    """Plain JSON scalar from a Python or numpy scalar; non-finite floats become null (strict JSON has no NaN)."""
+    if hasattr(value, "item") and callable(value.item):  # numpy / torch 0-d scalars
+        value = value.item()
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    raise ValueError(f"{where}: expected a number, string, bool or None, got {type(value).__name__}")
+
+
+def metadata_json(metadata: dict[str, Any]) -> bytes:
+    """Deterministic bytes of the sample's `json` field."""
+    return json.dumps(metadata, sort_keys=True, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+
+
+# ---- per-shard parquet ----------------------------------------------------------------------------------------------
+
+PARQUET_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("sample_id", pa.int64(), nullable=False),
+        pa.field("shard", pa.int64(), nullable=False),
+        pa.field("class_name", pa.string(), nullable=False),
+        pa.field("class_id", pa.int32(), nullable=False),
+        pa.field("prompt", pa.string(), nullable=False),
+        pa.field("seed", pa.int64(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("error", pa.string()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("image_bytes", pa.int64()),
+        pa.field("mask_bytes", pa.int64()),
+        pa.field("image_sha256", pa.string()),
+    ]
+)
+
+
+def parquet_row(outcome: SampleOutcome, shard_id: int) -> dict[str, Any]:
+    spec, image = outcome.spec, outcome.image
+    return {
+        "key": spec.key,
+        "sample_id": spec.sample_id,
+        "shard": shard_id,
+        "class_name": spec.row.class_name,
+        "class_id": spec.row.class_id,
+        "prompt": spec.row.prompt,
+        "seed": spec.seed,
+        "status": outcome.status,
+        "error": outcome.error,
+        "width": outcome.metadata.get("width"),
+        "height": outcome.metadata.get("height"),
+        "image_bytes": None if image is None else len(image),
+        "mask_bytes": None if outcome.mask is None else len(outcome.mask),
+        "image_sha256": None if image is None else hashlib.sha256(image).hexdigest(),
+    }
+
+
+# ---- per-shard stats: the commit marker ---------------------------------------------------------------------------
+
+MAX_FAILURE_REASONS = 32  # distinct reasons kept in the histogram; the rest are counted under "other"
+
+
+def failure_reason(error: str) -> str:
+    """Histogram bucket of an error message: the text before the first colon ("nsfw: blanked ..." -> "nsfw")."""
+    return error.split(":", 1)[0].strip()[:80] or "unknown"
+
+
+def failure_histogram(errors: list[str]) -> dict[str, int]:
+    counts = Counter(failure_reason(e) for e in errors)
+    kept = dict(sorted(counts.most_common(MAX_FAILURE_REASONS - 1)))
+    other = sum(counts.values()) - sum(kept.values())
+    return kept | ({"other": other} if other else {})
+
+
+@dataclass(frozen=True)
+class ShardStats:
+    """Contents of ``<shard>_stats.json``. The only per-shard file with wall-clock times and host names."""
+
+    shard_id: int
+    shard: str  # shard_name(...), no extension
+    count: int  # attempted samples
+    successes: int  # samples in the tar
+    failures: int
+    failures_by_reason: dict[str, int]
+    tar_bytes: int
+    parquet_bytes: int
+    start_time: float  # unix seconds
+    end_time: float
+    duration_s: float
+    host: str
+    versions: dict[str, str | None]
+    runtime: dict[str, Any]  # whatever the caller passed (timings, actor id, ...)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str | bytes, source: str) -> "ShardStats":
+        """Parse and check the fields; a ValueError names ``source`` and what is wrong."""
+        try:
+            data = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{source}: not valid JSON: {e}") from e
+        if not isinstance(data, dict):
+            raise ValueError(f"{source}: expected a JSON object")
+        expected = {f.name for f in fields(cls)}
+        missing = sorted(expected - data.keys())
+        if missing:
+            raise ValueError(f"{source}: missing fields: {', '.join(missing)}")
+        return cls(**{k: data[k] for k in expected})

@@ -1,0 +1,226 @@
+"""Shard writer: one shard's ``.tar`` (WebDataset), ``.parquet`` (one row per attempted sample) and ``_stats.json``
+(the commit marker), written in that order through fsspec so that no reader or resume ever sees a half-written shard.
+
+Local disk: each file grows under a hidden temp name in the output directory and is renamed when complete.
+Object stores: an upload becomes visible only when it completes, so the file is staged on local disk and uploaded
+to its final key. Either way the stats file is published last, and only it says "done"."""
+
+from __future__ import annotations
+
+import io
+import os
+import platform
+import posixpath
+import shutil
+import socket
+import tempfile
+import time
+import uuid
+from dataclasses import asdict
+from importlib import metadata as dist_metadata
+from typing import IO, Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+import webdataset as wds
+from fsspec import AbstractFileSystem
+from fsspec.implementations.local import LocalFileSystem
+
+from schemas import __version__ as SEEDIFF_VERSION
+from schemas.config import RunConfig
+from schemas.records import (
+    PARQUET_SCHEMA,
+    PARQUET_SUFFIX,
+    STATS_SUFFIX,
+    SUCCESS,
+    TAR_SUFFIX,
+    SampleOutcome,
+    ShardSpec,
+    ShardStats,
+    failure_histogram,
+    metadata_json,
+    parquet_row,
+    shard_name,
+    temp_name,
+)
+
+TAR_MTIME = 0  # every tar member gets this mtime, so identical inputs give byte-identical tars
+_UPLOAD_CHUNK = 16 * 2**20
+
+
+def output_fs(output_url: str) -> tuple[AbstractFileSystem, str]:
+    """The filesystem and root path (no trailing slash) of an output URL."""
+    fs, root = fsspec.core.url_to_fs(output_url)
+    return fs, root.rstrip("/") or root
+
+
+def is_local(fs: AbstractFileSystem) -> bool:
+    return isinstance(fs, LocalFileSystem)
+
+
+class StagedFile:
+    """A file that appears under ``path`` only on ``publish()``; ``discard()`` (or leaving the ``with`` block
+    unpublished) removes what was written. ``file`` is the binary stream to write to."""
+
+    def __init__(self, fs: AbstractFileSystem, path: str):
+        self.fs, self.path = fs, path
+        self.temp_path: str | None = None
+        self.file: IO[bytes]
+        if is_local(fs):
+            directory, base = posixpath.split(path)
+            os.makedirs(directory, exist_ok=True)
+            self.temp_path = posixpath.join(directory, temp_name(base, uuid.uuid4().hex))
+            self.file = open(self.temp_path, "wb")  # noqa: SIM115 - closed by publish/discard
+        else:
+            self.file = tempfile.TemporaryFile()  # noqa: SIM115 - closed by publish/discard
+
+    def publish(self) -> int:
+        """Make the file visible under its final path; returns its size in bytes."""
+        size = self.file.tell()
+        if self.temp_path is not None:
+            self.file.flush()
+            os.fsync(self.file.fileno())  # the rename must not expose a file whose data is still in flight
+            self.file.close()
+            os.replace(self.temp_path, self.path)
+        else:
+            self.file.seek(0)
+            with self.fs.open(self.path, "wb") as out:
+                shutil.copyfileobj(self.file, out, _UPLOAD_CHUNK)
+            self.file.close()
+        return size
+
+    def discard(self) -> None:
+        self.file.close()
+        if self.temp_path is not None and os.path.exists(self.temp_path):
+            os.remove(self.temp_path)
+
+    def __enter__(self) -> "StagedFile":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.file.closed:
+            self.discard()
+
+
+def write_file(fs: AbstractFileSystem, path: str, data: bytes) -> int:
+    """Publish a whole small file with the same visibility rules as the shard files."""
+    with StagedFile(fs, path) as staged:
+        staged.file.write(data)
+        return staged.publish()
+
+
+class ShardWriter:
+    """Writes one shard. ``add`` every sample of the shard in sample-id order (failures included), then ``commit``.
+    Used as a context manager, leaving without commit removes what was staged."""
+
+    def __init__(self, config: RunConfig, shard: ShardSpec):
+        self.config, self.shard = config, shard
+        self.fs, self.root = output_fs(config.output_url)
+        self.name = shard_name(config.shard_prefix, shard.shard_id, config.shard_digits)
+        self.start_time = time.time()
+        self._rows: list[dict[str, Any]] = []
+        self._errors: list[str] = []
+        self._next_id = shard.start
+        self._closed = False  # no more add(): commit started or aborted
+        self._committed = False
+        self._tar_file = StagedFile(self.fs, self.path(TAR_SUFFIX))
+        # encoder=False: values are already the final bytes; webdataset's default would re-encode images.
+        self._tar = wds.TarWriter(self._tar_file.file, encoder=False, mtime=TAR_MTIME)
+
+    def path(self, suffix: str) -> str:
+        return f"{self.root}/{self.name}{suffix}"
+
+    def add(self, outcome: SampleOutcome) -> None:
+        if self._closed:
+            raise RuntimeError(f"shard {self.name}: add after commit/abort")
+        if outcome.spec.sample_id != self._next_id:
+            raise ValueError(f"shard {self.name}: expected sample {self._next_id}, got {outcome.spec.sample_id}")
+        if outcome.status == SUCCESS:
+            self._tar.write(self._tar_sample(outcome))
+        else:
+            self._errors.append(outcome.error or "unknown")
+        self._rows.append(parquet_row(outcome, self.shard.shard_id))
+        self._next_id += 1
+
+    def _tar_sample(self, outcome: SampleOutcome) -> dict[str, Any]:
+        row = outcome.spec.row
+        return {
+            "__key__": outcome.spec.key,
+            self.config.image_format: outcome.image,
+            "mask.png": outcome.mask,
+            "cls": str(row.class_id).encode("ascii"),
+            "txt": row.prompt.encode("utf-8"),
+            "json": metadata_json(outcome.metadata),
+        }
+
+    def commit(self, runtime_info: dict[str, Any]) -> dict[str, Any]:
+        """Publish tar, then parquet, then stats (the commit marker). Returns the stats as a dict."""
+        if self._next_id != self.shard.stop:
+            raise ValueError(
+                f"shard {self.name}: commit after {self._next_id - self.shard.start} of {len(self.shard)} samples"
+            )
+        self._closed = True
+        tar_bytes = self._publish_tar()
+        parquet_bytes = self._publish_parquet()
+        stats = self._stats(tar_bytes, parquet_bytes, runtime_info)
+        self._publish_stats(stats)
+        self._committed = True
+        return asdict(stats)
+
+    def abort(self) -> None:
+        """Drop the staged tar. Files already published by a failed commit stay; resume removes them."""
+        self._closed = True
+        try:
+            self._tar.close()  # finish the tar stream into the staged file, or tarfile's finalizer writes later
+        finally:
+            self._tar_file.discard()
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self._committed:
+            self.abort()
+
+    def _publish_tar(self) -> int:
+        self._tar.close()  # writes the end-of-archive blocks; the staged file stays open
+        return self._tar_file.publish()
+
+    def _publish_parquet(self) -> int:
+        buf = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(self._rows, schema=PARQUET_SCHEMA), buf, compression="zstd")
+        return write_file(self.fs, self.path(PARQUET_SUFFIX), buf.getvalue())
+
+    def _publish_stats(self, stats: ShardStats) -> None:
+        write_file(self.fs, self.path(STATS_SUFFIX), stats.to_json().encode())
+
+    def _stats(self, tar_bytes: int, parquet_bytes: int, runtime_info: dict[str, Any]) -> ShardStats:
+        end = time.time()
+        return ShardStats(
+            shard_id=self.shard.shard_id,
+            shard=self.name,
+            count=len(self._rows),
+            successes=len(self._rows) - len(self._errors),
+            failures=len(self._errors),
+            failures_by_reason=failure_histogram(self._errors),
+            tar_bytes=tar_bytes,
+            parquet_bytes=parquet_bytes,
+            start_time=self.start_time,
+            end_time=end,
+            duration_s=end - self.start_time,
+            host=socket.gethostname(),
+            versions=software_versions(),
+            runtime=dict(runtime_info),
+        )
+
+
+def software_versions() -> dict[str, str | None]:
+    """Versions that shape the output; looked up from package metadata so torch is never imported just for this."""
+    versions: dict[str, str | None] = {"python": platform.python_version(), "seediff": SEEDIFF_VERSION}
+    for dist in ("torch", "diffusers", "transformers", "webdataset", "pyarrow", "pillow"):
+        try:
+            versions[dist] = dist_metadata.version(dist)
+        except dist_metadata.PackageNotFoundError:
+            versions[dist] = None
+    return versions
