@@ -1,0 +1,215 @@
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+from workers.capture import (
+    CrossTokenSum,
+    SeeDiffCapture,
+    SelfAttentionSum,
+    UnsupportedUNetError,
+    installed_processors,
+    locate_attention_layers,
+    plan_seediff_layers,
+)
+
+LATENT = 8  # 64 px with the VAE's factor 8
+
+
+class RecordingAttnProcessor(AttnProcessor):
+    """Naive reference: diffusers' explicit-probability processor, keeping every conditional-half map of every
+    call (heads kept apart), averaged only afterwards."""
+
+    def __init__(self, n_samples: int):
+        super().__init__()
+        self.n_samples = n_samples
+        self.maps = []
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
+        explicit_scores = attn.get_attention_scores
+
+        def record(query, key, mask=None):
+            probs = explicit_scores(query, key, mask)  # [batch * heads, Lq, Lk]
+            per_sample = probs.view(-1, attn.heads, *probs.shape[1:])
+            self.maps.append(per_sample[-self.n_samples :].clone())
+            return probs
+
+        attn.get_attention_scores = record
+        try:
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        finally:
+            del attn.get_attention_scores
+
+    def average(self, calls=slice(None)) -> torch.Tensor:
+        return torch.stack(self.maps[calls]).mean(0).sum(1)  # time average, then head sum: [B, Lq, Lk]
+
+
+def run(pipe, prompts, steps=2, guidance=6.0, seed=0, **kwargs):
+    generators = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
+    return pipe(
+        prompts, num_inference_steps=steps, guidance_scale=guidance, height=64, width=64, generator=generators, **kwargs
+    )
+
+
+def test_locate_layers_from_structure(tiny_pipe):
+    layers = locate_attention_layers(tiny_pipe.unet, LATENT)
+    assert len(layers) == len(tiny_pipe.unet.attn_processors) == 20
+    assert [l.order for l in layers] == list(range(20))
+    assert {l.key for l in layers} == set(tiny_pipe.unet.attn_processors)
+    by_block = {(l.block, l.block_index, l.kind): l.side for l in layers}
+    assert by_block[("down", 0, "self")] == 8 and by_block[("down", 2, "cross")] == 2
+    assert by_block[("mid", 0, "self")] == 1
+    assert by_block[("up", 1, "self")] == 2 and by_block[("up", 3, "cross")] == 8
+    assert all(l.heads == 2 for l in layers)
+    # the side follows the latent size, including odd sizes (stride-2 convolutions round up)
+    assert {l.side for l in locate_attention_layers(tiny_pipe.unet, 13)} == {13, 7, 4, 2}
+
+
+def test_plan_picks_coarse_cross_and_first_up_self_layers(tiny_pipe):
+    plan = plan_seediff_layers(locate_attention_layers(tiny_pipe.unet, LATENT), LATENT)
+    assert [(l.block, l.block_index) for l in plan.cross] == [("down", 2), ("up", 1), ("up", 1)]
+    assert all(l.kind == "cross" and l.side == 2 for l in plan.cross)
+    assert {s: l.key for s, l in plan.self_attn.items()} == {
+        "coarse": "up_blocks.1.attentions.0.transformer_blocks.0.attn1.processor",
+        "middle": "up_blocks.2.attentions.0.transformer_blocks.0.attn1.processor",
+        "fine": "up_blocks.3.attentions.0.transformer_blocks.0.attn1.processor",
+    }
+
+
+def test_only_planned_layers_are_captured_and_restored(tiny_pipe):
+    before = dict(tiny_pipe.unet.attn_processors)
+    capture = SeeDiffCapture(tiny_pipe.unet, LATENT, [[5]])
+    planned = {l.key for l in capture.plan.cross} | {l.key for l in capture.plan.self_attn.values()}
+    with capture:
+        inside = tiny_pipe.unet.attn_processors
+        assert {k for k, p in inside.items() if isinstance(p, CrossTokenSum)} == {l.key for l in capture.plan.cross}
+        assert {k for k, p in inside.items() if isinstance(p, SelfAttentionSum)} == {
+            l.key for l in capture.plan.self_attn.values()
+        }
+        assert all(type(p) is AttnProcessor2_0 for k, p in inside.items() if k not in planned)
+    after = tiny_pipe.unet.attn_processors
+    assert all(after[k] is before[k] for k in before)
+
+
+def test_capture_leaves_generation_unchanged(tiny_pipe):
+    prompts = ["a photograph of a dog", "a long shot of a potted plant"]
+    plain = run(tiny_pipe, prompts, output_type="latent").images
+    with SeeDiffCapture(tiny_pipe.unet, LATENT, [[5], [7, 8]]):
+        captured = run(tiny_pipe, prompts, output_type="latent").images
+    torch.testing.assert_close(captured, plain, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("guidance", [6.0, 1.0], ids=["cfg", "no-guidance"])
+def test_captured_sums_equal_naive_reference(tiny_pipe, guidance):
+    prompts = ["a photograph of a dog", "a long shot of a potted plant"]
+    positions = [[18], [17, 18, 19, 20]]  # differ per sample; several sub-tokens for the second
+    capture = SeeDiffCapture(tiny_pipe.unet, LATENT, positions, query_chunk=16)  # 64-row fine layer: 4 chunks
+    with capture:
+        run(tiny_pipe, prompts, steps=3, guidance=guidance, output_type="latent")
+    got = capture.result()
+    assert got.calls == 3
+
+    layers = list(capture.plan.cross) + list(capture.plan.self_attn.values())
+    reference = {l.key: RecordingAttnProcessor(len(prompts)) for l in layers}
+    with installed_processors(tiny_pipe.unet, dict(reference)):
+        run(tiny_pipe, prompts, steps=3, guidance=guidance, output_type="latent")
+
+    for scale, layer in capture.plan.self_attn.items():
+        torch.testing.assert_close(got.self_attn[scale], reference[layer.key].average(), rtol=1e-4, atol=1e-5)
+    side = 2
+    for i, cols in enumerate(positions):
+        expected = torch.cat([reference[l.key].average()[i][:, cols].T for l in capture.plan.cross])
+        torch.testing.assert_close(got.cross[i], expected.view(-1, side, side), rtol=1e-4, atol=1e-5)
+
+
+def test_capture_window_averages_only_chosen_calls(tiny_pipe):
+    capture = SeeDiffCapture(tiny_pipe.unet, LATENT, [[5]], window=(1, 3))
+    layer = capture.plan.self_attn["fine"]
+    with capture:
+        run(tiny_pipe, ["a dog"], steps=4, output_type="latent")
+    reference = RecordingAttnProcessor(1)
+    with installed_processors(tiny_pipe.unet, {layer.key: reference}):
+        run(tiny_pipe, ["a dog"], steps=4, output_type="latent")
+    assert capture.result().calls == 2
+    torch.testing.assert_close(capture.result().self_attn["fine"], reference.average(slice(1, 3)), atol=1e-5, rtol=1e-4)
+
+
+def test_window_past_the_last_call_is_an_error(tiny_pipe):
+    capture = SeeDiffCapture(tiny_pipe.unet, LATENT, [[5]], window=(5, 9))
+    with capture:
+        run(tiny_pipe, ["a dog"], steps=2, output_type="latent")
+    with pytest.raises(RuntimeError, match=r"capture window \(5, 9\)"):
+        capture.result()
+
+
+def test_accumulator_memory_does_not_grow_with_steps(tiny_pipe):
+    sizes = []
+    for steps in (2, 20):
+        capture = SeeDiffCapture(tiny_pipe.unet, LATENT, [[5], [6]])
+        allocated = capture.buffer_bytes()
+        with capture:
+            run(tiny_pipe, ["a dog", "a cat"], steps=steps, output_type="latent")
+        assert capture.result().calls == steps
+        assert capture.buffer_bytes() == allocated
+        sizes.append(allocated)
+    assert sizes[0] == sizes[1]
+    # fp32 [B, N, N] for the three scales and [B, T, N] per coarse cross layer
+    assert sizes[0] == 4 * 2 * (64**2 + 16**2 + 4**2 + 3 * 1 * 4)
+
+
+def test_batch_maps_equal_single_runs(tiny_pipe):
+    prompts = ["a photograph of a dog", "cat on a sofa", "a long shot of a potted plant"]
+    positions = [[18], [1, 2, 3], [17, 18, 19, 20, 21, 22]]
+    batch = SeeDiffCapture(tiny_pipe.unet, LATENT, positions)
+    with batch:
+        run(tiny_pipe, prompts, output_type="latent")
+    for i, (prompt, cols) in enumerate(zip(prompts, positions)):
+        single = SeeDiffCapture(tiny_pipe.unet, LATENT, [cols])
+        with single:
+            run(tiny_pipe, [prompt], seed=i, output_type="latent")
+        torch.testing.assert_close(batch.result().cross[i], single.result().cross[0], rtol=1e-4, atol=1e-5)
+        for scale, maps in batch.result().self_attn.items():
+            torch.testing.assert_close(maps[i], single.result().self_attn[scale][0], rtol=1e-4, atol=1e-5)
+
+
+def test_processors_restored_after_exception_in_generation(tiny_pipe):
+    before = dict(tiny_pipe.unet.attn_processors)
+
+    def fail(pipe, step, timestep, kwargs):
+        raise RuntimeError("boom at step")
+
+    with pytest.raises(RuntimeError, match="boom at step"):
+        with SeeDiffCapture(tiny_pipe.unet, LATENT, [[5]]):
+            run(tiny_pipe, ["a dog"], callback_on_step_end=fail)
+    after = tiny_pipe.unet.attn_processors
+    assert all(after[k] is before[k] for k in before)
+
+
+def test_sd2_style_unet_is_captured(tiny_sd2_pipe):
+    capture = SeeDiffCapture(tiny_sd2_pipe.unet, LATENT, [[5]])
+    assert {l.heads for l in locate_attention_layers(tiny_sd2_pipe.unet, LATENT)} == {2, 4}
+    fine = capture.plan.self_attn["fine"]
+    with capture:
+        run(tiny_sd2_pipe, ["a dog"], output_type="latent")
+    reference = RecordingAttnProcessor(1)
+    with installed_processors(tiny_sd2_pipe.unet, {fine.key: reference}):
+        run(tiny_sd2_pipe, ["a dog"], output_type="latent")
+    torch.testing.assert_close(capture.result().self_attn["fine"], reference.average(), rtol=1e-4, atol=1e-5)
+    assert capture.result().cross[0].shape == (3, 2, 2)
+
+
+def test_unet_without_the_three_scales_fails_clearly():
+    # diffusers' own tiny test UNet: attention at one scale only (16 x 16 of a 32 x 32 latent)
+    unet = UNet2DConditionModel(
+        block_out_channels=(4, 8),
+        layers_per_block=1,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=8,
+        norm_num_groups=2,
+    )
+    with pytest.raises(UnsupportedUNetError, match=r"cross-attention at coarse \(8x8\).*self-attention at fine"):
+        SeeDiffCapture(unet, 32, [[1]])

@@ -1,0 +1,64 @@
+import pytest
+import torch
+from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionPipeline
+
+from schemas.config import RunConfig
+from workers.models import (
+    SCHEDULERS,
+    TINY_MODEL,
+    build_tiny_pipeline,
+    load_pipeline,
+    offline_clip_tokenizer,
+    resolve_device,
+    resolve_dtype,
+)
+
+CPU = torch.device("cpu")
+
+
+def test_resolve_device_and_dtype():
+    assert resolve_device("cpu") == CPU
+    assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_dtype("auto", CPU) == torch.float32
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.float16
+    assert resolve_dtype("bfloat16", CPU) == torch.bfloat16
+    with pytest.raises(ValueError, match="dtype"):
+        resolve_dtype("int8", CPU)
+
+
+def test_offline_tokenizer_round_trips_text():
+    tok = offline_clip_tokenizer()
+    ids = tok("a potted plant", padding="max_length", max_length=77).input_ids
+    assert len(ids) == 77 and ids[0] == tok.bos_token_id
+    assert tok.decode(ids, skip_special_tokens=True).replace(" ", "") == "apottedplant"
+
+
+def test_tiny_pipeline_is_deterministic_and_leaves_global_rng_alone():
+    torch.manual_seed(123)
+    expected_next = torch.rand(1)
+    torch.manual_seed(123)
+    a, b = build_tiny_pipeline(), build_tiny_pipeline()
+    assert torch.equal(torch.rand(1), expected_next)
+    for (name, p), q in zip(a.unet.state_dict().items(), b.unet.state_dict().values()):
+        assert torch.equal(p, q), name
+    assert a.unet.config.block_out_channels == (16, 16, 32, 32)
+    assert a.vae_scale_factor == 8
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+def test_scheduler_choice_maps_to_diffusers_scheduler(name):
+    pipe = load_pipeline(RunConfig(model=TINY_MODEL, scheduler=name), CPU)
+    assert type(pipe.scheduler) is SCHEDULERS[name]
+
+
+def test_load_pipeline_from_saved_directory(tmp_path, tiny_pipe):
+    tiny_pipe.save_pretrained(tmp_path)
+    config = RunConfig(model=str(tmp_path), scheduler="euler_a", dtype="float32")
+    loaded = load_pipeline(config, CPU)
+    assert isinstance(loaded, StableDiffusionPipeline)
+    assert isinstance(loaded.scheduler, EulerAncestralDiscreteScheduler)
+    assert loaded.unet.dtype == torch.float32 and loaded.safety_checker is None
+    for (name, p), q in zip(tiny_pipe.unet.state_dict().items(), loaded.unet.state_dict().values()):
+        assert torch.equal(p, q), name
+    ids = lambda pipe: pipe.tokenizer("a photograph of a dog").input_ids  # noqa: E731
+    assert ids(loaded) == ids(tiny_pipe)
