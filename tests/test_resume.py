@@ -1,0 +1,116 @@
+"""Resume: what counts as committed, what is cleaned up, and the run.json check (refusal names the fields)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import fsspec
+import pytest
+
+from pipeline.resume import (
+    RunConfigMismatch,
+    clean_leftovers,
+    committed_shards,
+    prepare_output,
+    read_run_json,
+)
+from schemas.config import ConfigError
+from schemas.manifest import Manifest
+from tests.test_shards import ROWS, make_config, write_shard
+
+MANIFEST = Manifest("classes.csv", ROWS, "ab" * 32)
+
+
+def names(url: str) -> set[str]:
+    fs, root = fsspec.core.url_to_fs(url)
+    fs.invalidate_cache()
+    return {p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)} if fs.exists(root) else set()
+
+
+def put(url: str, name: str, data: bytes) -> None:
+    with fsspec.open(f"{url}/{name}", "wb") as f:
+        f.write(data)
+
+
+def test_only_parsable_stats_for_the_right_shard_count_and_the_rest_is_cleaned(storage_url: str) -> None:
+    config = make_config(storage_url)
+    write_shard(config, 0)
+    stats0 = json.loads(fsspec.open(f"{storage_url}/seediff-000000_stats.json").open().read())
+    put(storage_url, "seediff-000001.tar", b"truncated")
+    put(storage_url, "seediff-000001_stats.json", b'{"shard_id": 1, "count"')  # cut off mid-write
+    put(storage_url, "seediff-000002.parquet", b"x")
+    put(storage_url, "seediff-000002_stats.json", json.dumps({"shard_id": 2}).encode())  # fields missing
+    put(storage_url, "seediff-000003_stats.json", json.dumps(stats0).encode())  # says it is shard 0
+    put(storage_url, "other-000004_stats.json", json.dumps(stats0 | {"shard_id": 4}).encode())  # another prefix
+    put(storage_url, "notes.txt", b"user file")
+
+    assert committed_shards(config) == {0}
+    removed = sorted(p.rsplit("/", 1)[-1] for p in clean_leftovers(config))
+    assert removed == [
+        "seediff-000001.tar",
+        "seediff-000001_stats.json",
+        "seediff-000002.parquet",
+        "seediff-000002_stats.json",
+        "seediff-000003_stats.json",
+    ]
+    assert names(storage_url) == {
+        "seediff-000000.tar",
+        "seediff-000000.parquet",
+        "seediff-000000_stats.json",
+        "other-000004_stats.json",
+        "notes.txt",
+    }
+    assert clean_leftovers(config) == []
+
+
+def test_nothing_to_resume_in_a_missing_root(tmp_path: Path) -> None:
+    config = make_config(str(tmp_path / "absent"))
+    assert committed_shards(config) == set() and clean_leftovers(config) == []
+
+
+def test_first_start_writes_run_json_and_same_settings_resume(storage_url: str) -> None:
+    config = make_config(storage_url)
+    prepare_output(config, MANIFEST, overwrite=False)
+    record = read_run_json(storage_url)
+    assert record["manifest_sha256"] == MANIFEST.sha256 and record["num_samples"] == 6
+    assert record["config"] == json.loads(config.to_json())
+    prepare_output(config, MANIFEST, overwrite=False)  # resume: same settings
+
+
+def test_resume_with_other_settings_is_refused_naming_the_fields(storage_url: str) -> None:
+    prepare_output(make_config(storage_url), MANIFEST, overwrite=False)
+    changed = make_config(storage_url, steps=20, mask={"threshold": 0.4}, batch_size=8)
+    other_manifest = Manifest("classes.csv", ROWS, "cd" * 32)
+    with pytest.raises(RunConfigMismatch, match=r"run\.json: .*differing fields: mask\.threshold, steps, manifest_sha256"):
+        prepare_output(changed, other_manifest, overwrite=False)
+
+
+def test_the_same_root_under_another_url_resumes(tmp_path: Path) -> None:
+    prepare_output(make_config(str(tmp_path)), MANIFEST, overwrite=False)
+    prepare_output(make_config(f"file://{tmp_path}/"), MANIFEST, overwrite=False)
+
+
+def test_shards_without_run_json_are_refused(tmp_path: Path) -> None:
+    config = make_config(str(tmp_path))
+    write_shard(config, 0)
+    with pytest.raises(RunConfigMismatch, match="run.json: missing, but .* holds seediff-\\* shard files"):
+        prepare_output(config, MANIFEST, overwrite=False)
+
+
+def test_overwrite_deletes_only_seediff_files(storage_url: str) -> None:
+    old = make_config(storage_url, shard_prefix="old", steps=10)
+    prepare_output(old, MANIFEST, overwrite=False)
+    write_shard(old, 0)
+    for name in ("sizes.json", "dataset.json", ".old-000001.tar.tmp-abc123", "notes.txt"):
+        put(storage_url, name, b"{}")
+    new = make_config(storage_url)
+    prepare_output(new, MANIFEST, overwrite=True)
+    assert names(storage_url) == {"run.json", "notes.txt"}
+    assert read_run_json(storage_url)["config"]["steps"] == new.steps
+
+
+def test_unreadable_run_json_names_the_file(tmp_path: Path) -> None:
+    (tmp_path / "run.json").write_text("{not json")
+    with pytest.raises(ConfigError, match=r"run\.json: not valid JSON"):
+        prepare_output(make_config(str(tmp_path)), MANIFEST, overwrite=False)
