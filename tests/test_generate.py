@@ -1,0 +1,89 @@
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+from transformers import CLIPConfig, CLIPImageProcessor
+
+from workers.generate import NSFW_ERROR, class_token_positions, generate_batch
+
+PROMPTS = [
+    ("dog", "a photograph of a dog"),
+    ("cat", "Cat sleeping on a sofa"),
+    ("potted plant", "a long shot of a potted plant in a room"),
+]
+
+
+def test_generate_batch_returns_images_masks_and_stats_in_input_order(tiny_pipe, tiny_run_config, make_specs):
+    specs = make_specs(PROMPTS[:2], seeds=[11, 12])
+    out = generate_batch(tiny_pipe, specs, tiny_run_config)
+    assert [g.spec for g in out] == specs
+    for g in out:
+        assert g.error is None
+        assert g.image.shape == (64, 64, 3) and g.image.dtype == np.uint8
+        assert g.mask.shape == (64, 64) and g.mask.dtype == bool
+        assert g.mask_stats["class_tokens"] == len(g.spec.row.class_name)  # byte-level tokenizer: one per letter
+        assert all(isinstance(v, (int, float)) for v in g.mask_stats.values())
+    assert generate_batch(tiny_pipe, [], tiny_run_config) == []
+
+
+def test_batch_of_different_prompts_equals_single_runs(tiny_pipe, tiny_run_config, make_specs):
+    config = tiny_run_config.model_copy(update={"resolution": 128})  # coarse 4 x 4: non-trivial masks
+    specs = make_specs(PROMPTS, seeds=[5, 6, 7])
+    batch = generate_batch(tiny_pipe, specs, config)
+    for spec, together in zip(specs, batch):
+        (alone,) = generate_batch(tiny_pipe, [spec], config)
+        # batched matmuls round differently in the last float bits: at most one grey level apart after quantising
+        assert np.abs(together.image.astype(int) - alone.image.astype(int)).max() <= 1
+        assert np.array_equal(together.mask, alone.mask)
+        assert together.mask_stats == pytest.approx(alone.mask_stats, rel=1e-4, abs=1e-5)
+    assert not np.array_equal(batch[0].image, batch[1].image)
+
+
+def test_refine_none_gives_thresholded_soft_map(tiny_pipe, tiny_run_config, make_specs):
+    config = tiny_run_config.model_copy(update={"mask": tiny_run_config.mask.model_copy(update={"refine": "none"})})
+    (g,) = generate_batch(tiny_pipe, make_specs(PROMPTS[:1], seeds=[3]), config)
+    assert g.mask_stats["foreground_fraction"] == pytest.approx(g.mask.mean())
+    assert g.mask_stats["foreground_fraction"] == g.mask_stats["unrefined_foreground_fraction"]
+
+
+def test_sd2_style_pipeline_generates(tiny_sd2_pipe, tiny_run_config, make_specs):
+    out = generate_batch(tiny_sd2_pipe, make_specs(PROMPTS[:2], seeds=[1, 2]), tiny_run_config)
+    assert all(g.error is None and g.mask.shape == (64, 64) for g in out)
+
+
+def test_safety_checker_flags_become_failures(tiny_pipe, tiny_run_config, make_specs):
+    checker = StableDiffusionSafetyChecker(
+        CLIPConfig(
+            text_config=dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=1),
+            vision_config=dict(
+                hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=1, image_size=32,
+                patch_size=8,
+            ),
+            projection_dim=8,
+        )
+    ).eval()
+    with torch.no_grad():
+        checker.concept_embeds_weights.fill_(-2.0)  # cosine - threshold > 0 for every image: flag everything
+    pipe = StableDiffusionPipeline(
+        **{
+            **tiny_pipe.components,
+            "safety_checker": checker,
+            "feature_extractor": CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32),
+        }
+    )
+    pipe.set_progress_bar_config(disable=True)
+    out = generate_batch(pipe, make_specs(PROMPTS[:2], seeds=[1, 2]), tiny_run_config)
+    assert [(g.error, g.image, g.mask) for g in out] == [(NSFW_ERROR, None, None)] * 2
+
+
+def test_class_token_positions(tiny_pipe, make_specs):
+    tok = tiny_pipe.tokenizer
+    # byte-level vocabulary: BOS, then one token per non-space character
+    assert class_token_positions(tok, "a dog", "dog") == [2, 3, 4]
+    assert class_token_positions(tok, "A Potted Plant here", "potted plant") == list(range(2, 13))
+    (spec,) = make_specs([("dog", "a cat")], seeds=[0])
+    with pytest.raises(ValueError, match=r"manifest line 1 \(sample 0\).*does not contain class name 'dog'"):
+        class_token_positions(tok, spec.row.prompt, spec.row.class_name, spec)
+    with pytest.raises(ValueError, match="beyond the tokenizer's 77 tokens"):
+        class_token_positions(tok, "x" * 100 + " dog", "dog")
