@@ -10,7 +10,8 @@ import pytest
 import wids
 
 from pipeline.index import write_index
-from tests.test_shards import ShardWriter, make_config, write_shard
+from tests.test_shards import make_config, write_shard
+from workers.shards import ShardWriter
 
 
 def read_json(url: str, name: str) -> dict:

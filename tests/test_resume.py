@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import fsspec
@@ -82,7 +84,8 @@ def test_resume_with_other_settings_is_refused_naming_the_fields(storage_url: st
     prepare_output(make_config(storage_url), MANIFEST, overwrite=False)
     changed = make_config(storage_url, steps=20, mask={"threshold": 0.4}, batch_size=8)
     other_manifest = Manifest("classes.csv", ROWS, "cd" * 32)
-    with pytest.raises(RunConfigMismatch, match=r"run\.json: .*differing fields: mask\.threshold, steps, manifest_sha256"):
+    expected = r"run\.json: .*differing fields: mask\.threshold, steps, manifest_sha256\."
+    with pytest.raises(RunConfigMismatch, match=expected):
         prepare_output(changed, other_manifest, overwrite=False)
 
 
@@ -114,3 +117,21 @@ def test_unreadable_run_json_names_the_file(tmp_path: Path) -> None:
     (tmp_path / "run.json").write_text("{not json")
     with pytest.raises(ConfigError, match=r"run\.json: not valid JSON"):
         prepare_output(make_config(str(tmp_path)), MANIFEST, overwrite=False)
+
+
+def test_a_child_process_reaches_the_same_s3_server(s3_output_url: str) -> None:
+    """The moto endpoint and credentials are in os.environ, so processes started later (Ray workers) see them."""
+    config = make_config(s3_output_url)
+    write_shard(config, 0)
+    code = (
+        "import sys; from pipeline.resume import committed_shards; from schemas.config import RunConfig; "
+        "print(sorted(committed_shards(RunConfig.model_validate_json(sys.argv[1]))))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, config.model_dump_json()],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.strip() == "[0]"
