@@ -1,0 +1,372 @@
+"""Looking at a finished (or running) output: ``inspect`` (what is there), ``preview`` (a contact sheet of images with
+their masks), ``verify`` (is every shard complete and consistent with the index). All I/O goes through fsspec, so
+the same calls work on local disk, ``s3://`` and ``gs://``."""
+
+from __future__ import annotations
+
+import colorsys
+import io
+import json
+import math
+import posixpath
+import tarfile
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+from PIL import Image, ImageDraw, ImageFont
+
+from pipeline.readers import IMAGE_FIELDS, MASK_FIELD, raw_samples
+from pipeline.resume import read_committed_stats, read_run_json
+from schemas.config import RunConfig
+from schemas.records import (
+    DATASET_JSON,
+    PARQUET_SUFFIX,
+    RUN_JSON,
+    SIZES_JSON,
+    STATS_SUFFIX,
+    SUCCESS,
+    TAR_SUFFIX,
+    ShardStats,
+    shard_name,
+)
+from workers.encode import decode_mask
+from workers.shards import output_fs
+
+BACKGROUND, IGNORE = 0, 255  # mask values every dataset may hold besides its class ids
+REQUIRED_FIELDS = (MASK_FIELD, "cls", "txt", "json")  # plus one of IMAGE_FIELDS
+OVERLAY_ALPHA = 0.5
+
+
+# ---- shared: the run's config and files -------------------------------------------------------------------------
+
+
+def _run(out_url: str) -> tuple[dict[str, Any], RunConfig]:
+    """run.json and its config, with output_url pointing where the data is now (it may have moved)."""
+    record = read_run_json(out_url)
+    if record is None:
+        raise FileNotFoundError(f"{out_url.rstrip('/')}/{RUN_JSON}: missing; not a seediff output root")
+    config = RunConfig.model_validate({**record["config"], "output_url": out_url})
+    return record, config
+
+
+def _read_parquets(out_url: str, config: RunConfig, shard_ids: list[int]) -> dict[int, Any]:
+    """shard id -> its parquet table (class, status columns), for the given committed shards."""
+    fs, root = output_fs(out_url)
+    tables = {}
+    for shard_id in shard_ids:
+        path = f"{root}/{shard_name(config.shard_prefix, shard_id, config.shard_digits)}{PARQUET_SUFFIX}"
+        with fs.open(path, "rb") as f:
+            tables[shard_id] = pq.read_table(f, columns=["class_name", "class_id", "status"])
+    return tables
+
+
+# ---- inspect ------------------------------------------------------------------------------------------------------
+
+
+def inspect_dataset(out_url: str) -> dict[str, Any]:
+    """Counts and settings of an output root, from run.json, the shard stats and the shard parquets."""
+    record, config = _run(out_url)
+    stats = read_committed_stats(config)
+    tables = _read_parquets(out_url, config, sorted(stats))
+    per_class: dict[tuple[int, str], Counter] = {}
+    for table in tables.values():
+        for class_id, class_name, status in zip(
+            table["class_id"].to_pylist(), table["class_name"].to_pylist(), table["status"].to_pylist()
+        ):
+            per_class.setdefault((class_id, class_name), Counter())[status] += 1
+    failures_by_reason: Counter = Counter()
+    for s in stats.values():
+        failures_by_reason.update(s.failures_by_reason)
+    expected_shards = -(-record.get("num_samples", 0) // config.samples_per_shard)
+    tar_bytes = sum(s.tar_bytes for s in stats.values())
+    parquet_bytes = sum(s.parquet_bytes for s in stats.values())
+    return {
+        "out_url": out_url,
+        "model": config.model,
+        "revision": config.revision,
+        "planned_samples": record.get("num_samples"),
+        "samples": sum(s.successes for s in stats.values()),
+        "attempted": sum(s.count for s in stats.values()),
+        "failures": sum(s.failures for s in stats.values()),
+        "failures_by_reason": dict(sorted(failures_by_reason.items())),
+        "shards": len(stats),
+        "expected_shards": expected_shards,
+        "missing_shards": [i for i in range(expected_shards) if i not in stats],
+        "classes": [
+            {"class_id": cid, "class_name": name, "samples": c[SUCCESS], "failures": sum(c.values()) - c[SUCCESS]}
+            for (cid, name), c in sorted(per_class.items())
+        ],
+        "bytes": {"tar": tar_bytes, "parquet": parquet_bytes, "total": tar_bytes + parquet_bytes},
+        "settings": {k: v for k, v in config.model_dump(mode="json").items() if k != "output_url"},
+        "manifest": {k: record.get(k) for k in ("manifest_source", "manifest_sha256", "num_classes")},
+    }
+
+
+def format_inspection(info: dict[str, Any]) -> str:
+    """The inspect dict as a short human-readable report."""
+    lines = [
+        f"output     {info['out_url']}",
+        f"model      {info['model']}" + (f" @ {info['revision']}" if info["revision"] else ""),
+        f"samples    {info['samples']} written, {info['failures']} failed, {info['attempted']} attempted "
+        f"of {info['planned_samples']} planned",
+        f"shards     {info['shards']} of {info['expected_shards']} committed"
+        + (f" (missing: {_id_list(info['missing_shards'])})" if info["missing_shards"] else ""),
+        f"bytes      {_human_bytes(info['bytes']['total'])} (tar {_human_bytes(info['bytes']['tar'])}, "
+        f"parquet {_human_bytes(info['bytes']['parquet'])})",
+        f"manifest   {info['manifest']['manifest_source']} ({info['manifest']['num_classes']} classes)",
+    ]
+    if info["failures_by_reason"]:
+        lines.append("failures   " + ", ".join(f"{k}: {v}" for k, v in info["failures_by_reason"].items()))
+    lines.append("classes")
+    width = max((len(c["class_name"]) for c in info["classes"]), default=0)
+    for c in info["classes"]:
+        lines.append(f"  {c['class_id']:>3}  {c['class_name']:<{width}}  {c['samples']:>8}"
+                     + (f"  ({c['failures']} failed)" if c["failures"] else ""))
+    lines.append("settings")
+    for key, value in sorted(_flat(info["settings"]).items()):
+        lines.append(f"  {key} = {value}")
+    return "\n".join(lines)
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _id_list(ids: list[int], most: int = 20) -> str:
+    shown = ", ".join(str(i) for i in ids[:most])
+    return shown + (f", ... ({len(ids)} in all)" if len(ids) > most else "")
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+# ---- preview ------------------------------------------------------------------------------------------------------
+
+
+def preview_grid(out_url: str, path: str, n: int = 64, class_name: str | None = None, cell: int = 128) -> tuple[int, int]:
+    """Write a PNG contact sheet of the first ``n`` samples (of ``class_name`` when given) to ``path`` (any fsspec
+    URL): each cell is the image with its mask overlaid in the class colour and the class name. Returns the sheet's
+    (width, height): ``ceil(sqrt(k))`` columns of ``cell`` px for the ``k <= n`` samples found."""
+    if n < 1 or cell < 16:
+        raise ValueError(f"preview: n must be >= 1 and cell >= 16, got n={n}, cell={cell}")
+    cells = [_render_cell(sample, cell) for sample in _first_samples(out_url, n, class_name)]
+    if not cells:
+        which = f" of class {class_name!r}" if class_name else ""
+        raise ValueError(f"{out_url}: no samples{which} to preview")
+    cols = math.ceil(math.sqrt(len(cells)))
+    rows = math.ceil(len(cells) / cols)
+    sheet = Image.new("RGB", (cols * cell, rows * cell), "black")
+    for i, tile in enumerate(cells):
+        sheet.paste(tile, ((i % cols) * cell, (i // cols) * cell))
+    fs, fs_path = output_fs(path)
+    with fs.open(fs_path, "wb") as f:
+        sheet.save(f, format="PNG")
+    return sheet.size
+
+
+def _first_samples(out_url: str, n: int, class_name: str | None) -> Iterator[dict[str, Any]]:
+    taken = 0
+    for sample in raw_samples(out_url):
+        if class_name is not None and json.loads(sample["json"])["class_name"] != class_name:
+            continue
+        yield sample
+        taken += 1
+        if taken == n:
+            return
+
+
+def class_colour(class_id: int) -> tuple[int, int, int]:
+    """A distinct saturated colour per class id (golden-ratio hue steps), stable across runs."""
+    r, g, b = colorsys.hsv_to_rgb((class_id * 0.618033988749895) % 1.0, 0.9, 1.0)
+    return round(r * 255), round(g * 255), round(b * 255)
+
+
+def _render_cell(sample: dict[str, Any], cell: int) -> Image.Image:
+    image_field = next(f for f in IMAGE_FIELDS if f in sample)
+    with Image.open(io.BytesIO(sample[image_field])) as im:
+        rgb = np.asarray(im.convert("RGB").resize((cell, cell), Image.Resampling.BILINEAR), dtype=np.float32)
+    labels = np.asarray(Image.fromarray(decode_mask(sample[MASK_FIELD])).resize((cell, cell), Image.Resampling.NEAREST))
+    meta = json.loads(sample["json"])
+    overlay = rgb.copy()
+    for value in np.unique(labels):
+        if value == BACKGROUND:
+            continue
+        colour = (128, 128, 128) if value == IGNORE else class_colour(int(value))
+        overlay[labels == value] = np.asarray(colour, dtype=np.float32)
+    blended = np.where((labels != BACKGROUND)[..., None], (1 - OVERLAY_ALPHA) * rgb + OVERLAY_ALPHA * overlay, rgb)
+    tile = Image.fromarray(blended.round().astype(np.uint8))
+    _label(tile, meta["class_name"])
+    return tile
+
+
+def _label(tile: Image.Image, text: str) -> None:
+    draw = ImageDraw.Draw(tile)
+    font = ImageFont.load_default()
+    left, top, right, bottom = draw.textbbox((2, 2), text, font=font)
+    draw.rectangle((0, 0, right + 2, bottom + 2), fill=(0, 0, 0))
+    draw.text((2, 2), text, fill=(255, 255, 255), font=font)
+
+
+# ---- verify -------------------------------------------------------------------------------------------------------
+
+
+def verify_dataset(out_url: str) -> list[str]:
+    """Check every shard against sizes.json, dataset.json and its stats; returns the problems found (empty = OK).
+
+    Per shard: tar, parquet and stats present; tar readable to the end; each sample's fields contiguous and complete;
+    sample counts equal in tar, stats, parquet, sizes.json and dataset.json; tar size equal in stats and
+    dataset.json; mask values within the dataset's class ids plus 0 (background) and 255 (ignore). Per dataset: no
+    planned shard missing, no index entry outside the plan."""
+    return _Verifier(out_url).problems()
+
+
+class _Verifier:
+    """The output's listing, index and stats, read once; ``problems()`` checks each planned shard against them."""
+
+    def __init__(self, out_url: str):
+        record, self.config = _run(out_url)
+        self.fs, self.root = output_fs(out_url)
+        self.names = {posixpath.basename(p.rstrip("/")) for p in self.fs.ls(self.root, detail=False)}
+        self.index_problems: list[str] = []
+        self.sizes: dict[str, int] = self._load_index(SIZES_JSON)
+        shardlist = self._load_index(DATASET_JSON).get("shardlist", [])
+        # dataset.json entries by shard name (urls are relative to the root)
+        self.entries = {posixpath.basename(e["url"]).removesuffix(TAR_SUFFIX): e for e in shardlist}
+        self.indexed = {n.removesuffix(TAR_SUFFIX) for n in self.sizes if n.endswith(TAR_SUFFIX)} | set(self.entries)
+        self.stats = read_committed_stats(self.config)
+        self.planned = [self._name(i) for i in range(-(-record.get("num_samples", 0) // self.config.samples_per_shard))]
+        with_parquet = [i for i in sorted(self.stats) if self._name(i) + PARQUET_SUFFIX in self.names]
+        self.tables = _read_parquets(out_url, self.config, with_parquet)
+        class_ids = {cid for t in self.tables.values() for cid in t["class_id"].to_pylist()}
+        self.allowed_mask_values = class_ids | {BACKGROUND, IGNORE}
+
+    def _name(self, shard_id: int) -> str:
+        return shard_name(self.config.shard_prefix, shard_id, self.config.shard_digits)
+
+    def _load_index(self, name: str) -> dict[str, Any]:
+        if name not in self.names:
+            self.index_problems.append(f"{name}: missing (run `seediff generate` to completion to write the index)")
+            return {}
+        try:
+            data = json.loads(self.fs.cat_file(f"{self.root}/{name}"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            self.index_problems.append(f"{name}: not valid JSON: {e}")
+            return {}
+        if not isinstance(data, dict):
+            self.index_problems.append(f"{name}: expected a JSON object")
+            return {}
+        return data
+
+    def problems(self) -> list[str]:
+        problems = list(self.index_problems)
+        for shard_id, name in enumerate(self.planned):
+            problems += self._check_shard(shard_id, name)
+        for name in sorted(self.indexed - set(self.planned)):
+            problems.append(f"{name}: listed in the index but outside the run's {len(self.planned)} planned shards")
+        return problems
+
+    def _check_shard(self, shard_id: int, name: str) -> list[str]:
+        present = {suffix for suffix in (TAR_SUFFIX, PARQUET_SUFFIX, STATS_SUFFIX) if name + suffix in self.names}
+        if not present:
+            return [f"{name}: missing shard (no tar, parquet or stats file)"]
+        problems = [f"{name}{suffix}: missing" for suffix in (TAR_SUFFIX, PARQUET_SUFFIX) if suffix not in present]
+        stats = self.stats.get(shard_id)
+        if STATS_SUFFIX not in present:
+            problems.append(f"{name}{STATS_SUFFIX}: missing stats file (shard not committed)")
+        elif stats is None:
+            problems.append(f"{name}{STATS_SUFFIX}: does not parse as shard stats")
+        if name not in self.indexed:
+            problems.append(f"{name}: not listed in {SIZES_JSON}/{DATASET_JSON}")
+        if TAR_SUFFIX in present:
+            problems += self._check_tar(name, stats)
+        return problems
+
+    def _check_tar(self, name: str, stats: ShardStats | None) -> list[str]:
+        tar_path = f"{self.root}/{name}{TAR_SUFFIX}"
+        contents = _read_tar(self.fs, tar_path, self.allowed_mask_values)
+        problems = contents.problems
+        entry = self.entries.get(name, {})
+        table = self.tables.get(stats.shard_id) if stats else None
+        counts = {
+            "tar": contents.samples,
+            "stats": stats.successes if stats else None,
+            "parquet": table["status"].to_pylist().count(SUCCESS) if table is not None else None,
+            SIZES_JSON: self.sizes.get(name + TAR_SUFFIX),
+            DATASET_JSON: entry.get("nsamples"),
+        }
+        counts = {source: n for source, n in counts.items() if n is not None}
+        if len(set(counts.values())) > 1:
+            problems.append(f"{name}: sample count mismatch: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+        if stats is not None and table is not None and table.num_rows != stats.count:
+            problems.append(f"{name}: parquet has {table.num_rows} rows, stats count {stats.count} attempted")
+        tar_bytes = self.fs.size(tar_path)
+        for source, declared in (("stats", stats.tar_bytes if stats else None), (DATASET_JSON, entry.get("filesize"))):
+            if declared is not None and declared != tar_bytes:
+                problems.append(f"{name}{TAR_SUFFIX}: {tar_bytes} bytes, {source} says {declared}")
+        return problems
+
+
+@dataclass
+class _TarContents:
+    samples: int = 0
+    problems: list[str] = field(default_factory=list)
+
+
+def _read_tar(fs, path: str, allowed: set[int]) -> _TarContents:
+    """Stream the whole tar: readable to the end, fields of a key contiguous, required fields present, mask values
+    allowed."""
+    result = _TarContents()
+    seen: set[str] = set()
+    current: str | None = None
+    sample: dict[str, bytes] = {}
+
+    def finish() -> None:
+        if current is not None:
+            result.samples += 1
+            result.problems.extend(_check_sample(path, current, sample, allowed))
+
+    try:
+        with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                base = posixpath.basename(member.name)
+                key, _, ext = base.partition(".")
+                if key != current:
+                    finish()
+                    if key in seen:
+                        result.problems.append(f"{path}: fields of sample {key} are not contiguous")
+                    seen.add(key)
+                    current, sample = key, {}
+                sample[ext] = tar.extractfile(member).read()
+        finish()
+    except (tarfile.TarError, EOFError, OSError) as e:
+        result.problems.append(f"{path}: unreadable tar ({type(e).__name__}: {e}) after {result.samples} samples")
+    return result
+
+
+def _check_sample(path: str, key: str, sample: dict[str, bytes], allowed: set[int]) -> list[str]:
+    where = f"{path}: sample {key}"
+    missing = [f for f in REQUIRED_FIELDS if f not in sample]
+    if not any(f in sample for f in IMAGE_FIELDS):
+        missing.append("/".join(IMAGE_FIELDS))
+    if missing:
+        return [f"{where}: missing fields {', '.join(missing)}"]
+    try:
+        values = set(np.unique(decode_mask(sample[MASK_FIELD])).tolist())
+    except (ValueError, OSError) as e:
+        return [f"{where}: mask.png unreadable: {e}"]
+    bad = sorted(values - allowed)
+    return [f"{where}: mask values {bad} outside the class ids {sorted(allowed)}"] if bad else []
