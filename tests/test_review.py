@@ -8,6 +8,7 @@ import shutil
 import tarfile
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import pytest
 from PIL import Image
@@ -132,3 +133,13 @@ def _write_tar(tar: Path, members: list[tuple[tarfile.TarInfo, bytes]]) -> None:
         for info, data in members:
             info.size = len(data)
             out.addfile(info, io.BytesIO(data))
+
+
+def test_inspect_and_verify_read_an_s3_output(synthetic_dataset: dict, s3_output_url: str) -> None:  # noqa: F811
+    fs = fsspec.filesystem("s3")
+    for local in Path(synthetic_dataset["root"]).iterdir():
+        fs.put_file(str(local), f"{s3_output_url}/{local.name}")
+    assert inspect_dataset(s3_output_url)["samples"] == 11
+    assert verify_dataset(s3_output_url) == []
+    fs.rm(f"{s3_output_url}/{SHARD1}_stats.json")
+    assert f"{SHARD1}_stats.json: missing stats file (shard not committed)" in verify_dataset(s3_output_url)
