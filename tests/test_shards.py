@@ -183,3 +183,4 @@ def test_writer_refuses_out_of_order_and_incomplete_shards(tmp_path: Path) -> No
         with pytest.raises(ValueError, match="commit after 1 of 4 samples"):
             writer.commit({})
     assert list(tmp_path.iterdir()) == []
+

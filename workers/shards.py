@@ -2,7 +2,7 @@
 (the commit marker), written in that order through fsspec so that no reader or resume ever sees a half-written shard.
 
 Local disk: each file grows under a hidden temp name in the output directory and is renamed when complete.
-Object stores: an upload becomes visible only when it completes, so the file is staged on local disk and uploaded
+Object stores: an upload becomes visible only when it completes, so each file is staged on local disk and uploaded
 to its final key. Either way the stats file is published last, and only it says "done"."""
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import io
 import os
 import platform
 import posixpath
-import shutil
 import socket
 import tempfile
 import time
@@ -46,7 +45,6 @@ from schemas.records import (
 )
 
 TAR_MTIME = 0  # every tar member gets this mtime, so identical inputs give byte-identical tars
-_UPLOAD_CHUNK = 16 * 2**20
 
 
 def output_fs(output_url: str) -> tuple[AbstractFileSystem, str]:
@@ -61,38 +59,39 @@ def is_local(fs: AbstractFileSystem) -> bool:
 
 class StagedFile:
     """A file that appears under ``path`` only on ``publish()``; ``discard()`` (or leaving the ``with`` block
-    unpublished) removes what was written. ``file`` is the binary stream to write to."""
+    unpublished) removes what was written. ``file`` is the binary stream to write to.
+
+    Local disk: staged under a hidden temp name next to the final path, renamed on publish (atomic).
+    Object stores: staged in the local temp directory and uploaded with ``put_file``, which is one PUT or a
+    multipart upload that is aborted on error, so the final key appears only complete."""
 
     def __init__(self, fs: AbstractFileSystem, path: str):
         self.fs, self.path = fs, path
-        self.temp_path: str | None = None
-        self.file: IO[bytes]
-        if is_local(fs):
-            directory, base = posixpath.split(path)
-            os.makedirs(directory, exist_ok=True)
-            self.temp_path = posixpath.join(directory, temp_name(base, uuid.uuid4().hex))
-            self.file = open(self.temp_path, "wb")  # noqa: SIM115 - closed by publish/discard
-        else:
-            self.file = tempfile.TemporaryFile()  # noqa: SIM115 - closed by publish/discard
+        directory, base = posixpath.split(path)
+        staging_dir = directory if is_local(fs) else tempfile.gettempdir()
+        os.makedirs(staging_dir, exist_ok=True)
+        self.temp_path = os.path.join(staging_dir, temp_name(base, uuid.uuid4().hex))
+        self.file: IO[bytes] = open(self.temp_path, "wb")  # noqa: SIM115 - closed by publish/discard
 
     def publish(self) -> int:
         """Make the file visible under its final path; returns its size in bytes."""
         size = self.file.tell()
-        if self.temp_path is not None:
-            self.file.flush()
+        self.file.flush()
+        if is_local(self.fs):
             os.fsync(self.file.fileno())  # the rename must not expose a file whose data is still in flight
             self.file.close()
             os.replace(self.temp_path, self.path)
         else:
-            self.file.seek(0)
-            with self.fs.open(self.path, "wb") as out:
-                shutil.copyfileobj(self.file, out, _UPLOAD_CHUNK)
             self.file.close()
+            try:
+                self.fs.put_file(self.temp_path, self.path)
+            finally:
+                os.remove(self.temp_path)
         return size
 
     def discard(self) -> None:
         self.file.close()
-        if self.temp_path is not None and os.path.exists(self.temp_path):
+        if os.path.exists(self.temp_path):
             os.remove(self.temp_path)
 
     def __enter__(self) -> "StagedFile":
