@@ -1,0 +1,138 @@
+"""The dispatch loop on real local Ray with a small test-only actor: every shard exactly once, retries after actor
+death and task errors on another actor, timeouts measured from when a shard starts, giving up after max_attempts."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+import ray
+
+from pipeline.dispatch import DispatchError, Dispatcher
+from pipeline.plan import Plan
+from schemas.config import RuntimeOptions
+from schemas.manifest import ClassRow
+
+ROWS = (ClassRow("cat", 1, 7, "a cat", "", 1), ClassRow("dog", 2, 5, "a dog", "", 2))
+PLAN = Plan(ROWS, global_seed=0, samples_per_shard=2)  # 6 shards
+SHARDS = [PLAN.shard(i) for i in range(PLAN.num_shards)]
+
+
+class ScriptedActor:
+    """Returns a stats dict naming the shard and actor. ``fault`` on the first attempt of ``fault_shard``
+    (first attempt = the marker file does not exist yet): "exit" kills the process, "raise" raises, "sleep"
+    sleeps far past any timeout; "always_raise" raises on every attempt; ``work_s`` is each shard's run time before
+    any fault."""
+
+    def __init__(self, marker_dir: str, fault: str | None = None, fault_shard: int = 0, work_s: float = 0.0):
+        self.marker = Path(marker_dir) / f"fault-{fault_shard}"
+        self.fault, self.fault_shard, self.work_s = fault, fault_shard, work_s
+
+    def generate_shard(self, shard) -> dict:
+        actor_id = ray.get_runtime_context().get_actor_id()
+        time.sleep(self.work_s)  # before any fault, so the previous shard's reply has left a dying process
+        if shard.shard_id == self.fault_shard and self.fault == "always_raise":
+            raise ValueError(f"shard {shard.shard_id} is cursed")
+        if shard.shard_id == self.fault_shard and self.fault and not self.marker.exists():
+            self.marker.write_text(actor_id)
+            if self.fault == "exit":
+                os._exit(1)
+            if self.fault == "raise":
+                raise RuntimeError("first attempt fails")
+            if self.fault == "sleep":
+                time.sleep(3600)
+        return {"shard_id": shard.shard_id, "sample_ids": [s.sample_id for s in shard.samples], "actor": actor_id}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def run(tmp_path, num_actors=2, runtime=None, **actor_kwargs):
+    remote = ray.remote(ScriptedActor).options(num_cpus=1, max_restarts=0)
+    done = []
+    result = Dispatcher(
+        SHARDS,
+        lambda: remote.remote(str(tmp_path), **actor_kwargs),
+        num_actors,
+        runtime or RuntimeOptions(max_attempts=3, shard_timeout_s=60, shards_in_flight_per_actor=2),
+        on_shard_done=done.append,
+    ).run()
+    assert sorted(r.shard_id for r in done) == list(range(len(SHARDS)))  # each reported exactly once
+    return result
+
+
+def assert_all_completed(result):
+    assert not result.failed
+    assert sorted(result.shards) == list(range(len(SHARDS)))
+    ids = [i for r in sorted(result.completed, key=lambda r: r.shard_id) for i in r.stats["sample_ids"]]
+    assert ids == list(range(PLAN.num_samples))
+
+
+def test_every_shard_once_on_two_actors(tmp_path):
+    result = run(tmp_path)
+    assert_all_completed(result)
+    assert all(r.attempts == 1 for r in result.shards.values())
+    rates = result.images_per_s_by_actor()
+    assert set(rates) == {r.actor_id for r in result.completed}
+    assert all(v > 0 for v in rates.values())
+
+
+def test_actor_death_retries_only_the_running_shard(tmp_path):
+    result = run(tmp_path, fault="exit", fault_shard=1, work_s=0.3)
+    assert_all_completed(result)
+    dead_actor = (tmp_path / "fault-1").read_text()
+    assert result.shards[1].attempts == 2
+    assert result.shards[1].actor_id != dead_actor
+    # the shard queued behind the dying one on the same actor was requeued without being charged
+    assert all(r.attempts == 1 for r in result.shards.values() if r.shard_id != 1)
+
+
+def test_task_error_retries_on_another_actor(tmp_path):
+    result = run(tmp_path, fault="raise", fault_shard=2)
+    assert_all_completed(result)
+    assert result.shards[2].attempts == 2
+    assert result.shards[2].actor_id != (tmp_path / "fault-2").read_text()
+
+
+def test_shard_failing_every_attempt_is_reported(tmp_path):
+    runtime = RuntimeOptions(max_attempts=2, shard_timeout_s=60, shards_in_flight_per_actor=2)
+    result = run(tmp_path, runtime=runtime, fault="always_raise", fault_shard=3)
+    assert [r.shard_id for r in result.failed] == [3]
+    failed = result.shards[3]
+    assert failed.attempts == 2 and "ValueError: shard 3 is cursed" in failed.error
+    assert len(result.completed) == len(SHARDS) - 1
+
+
+def test_timeout_kills_actor_and_requeues(tmp_path):
+    runtime = RuntimeOptions(max_attempts=3, shard_timeout_s=2, shards_in_flight_per_actor=2)
+    result = run(tmp_path, runtime=runtime, fault="sleep", fault_shard=0)
+    assert_all_completed(result)
+    assert result.shards[0].attempts == 2
+    assert result.shards[0].actor_id != (tmp_path / "fault-0").read_text()
+
+
+def test_timeout_counts_from_start_not_submission(tmp_path):
+    # One actor, all 6 shards in flight at once: the last waits ~5 x 0.6 s in the actor's queue, far beyond the
+    # 1.5 s timeout, but each runs only 0.6 s, so nothing may time out.
+    runtime = RuntimeOptions(max_attempts=1, shard_timeout_s=1.5, shards_in_flight_per_actor=6)
+    result = run(tmp_path, num_actors=1, runtime=runtime, work_s=0.6)
+    assert_all_completed(result)
+
+
+def test_actors_that_cannot_start_stop_the_run(tmp_path):
+    class Broken:
+        def __init__(self):
+            raise OSError("no such model")
+
+        def generate_shard(self, shard):
+            return {}
+
+    remote = ray.remote(Broken).options(num_cpus=1, max_restarts=0)
+    with pytest.raises(DispatchError, match="no such model"):
+        Dispatcher(SHARDS, remote.remote, 2, RuntimeOptions(max_attempts=2)).run()
