@@ -1,0 +1,238 @@
+"""Memory per image of SeeDiff capture against the official code's store-all approach (issue 5; target: capture
+<= 80 MB per image at SD1.5 512², constant in the number of steps; store-all ~10 GiB).
+
+1. Computed from shapes, SD1.5 at 512²: the UNet is built on the meta device and workers/capture.py locates its
+   attention layers and plans SeeDiff's, so the shapes come from the real module structure.
+2. Measured on CPU: a small random UNet with three attention scales, SD1.5's 8 heads and small channels, at latent
+   32 (--latent 64 gives the captured maps exactly SD1.5's shapes); a DDIM loop with guidance, with and without
+   capture.
+3. --cuda: the SD1.5 UNet in fp16 with random weights on the GPU, the same loop, torch.cuda.max_memory_allocated.
+
+    python -m bench.bench_memory [--batch 2] [--steps 2 20] [--latent 32] [--query-chunk 1024]
+    python -m bench.bench_memory --cuda --batch 8 [--steps 2 5]
+
+How peak memory is measured. CUDA: torch.cuda.max_memory_allocated after reset_peak_memory_stats, minus the bytes
+allocated at the start (weights, inputs). CPU: torch's CPU allocator reports every allocation and free with its
+size to the profiler (profile_memory=True, the "[memory]" events); the running sum of those sizes is the bytes of
+live tensors, and its maximum over the run is the peak above the start -- the CPU analogue of
+max_memory_allocated. Process RSS would add allocator caching and the Python heap, and tracemalloc sees no torch
+storage, so neither is used.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+
+import torch
+from diffusers import DDIMScheduler, UNet2DConditionModel
+from diffusers.utils import logging as diffusers_logging
+
+from bench.sd15 import SD15_LATENT, SD15_TEXT_DIM, SD15_TEXT_TOKENS, build_sd15_unet
+from schemas.config import MaskConfig
+from workers.capture import AttentionLayer, SeeDiffCapture, locate_attention_layers, plan_seediff_layers
+from workers.models import TINY_UNET
+
+TARGET_BYTES = 80e6  # issue 5: capture memory per image at SD1.5 512²
+OFFICIAL_CALLS = 51  # the official code: PNDM with 50 steps repeats one timestep, 51 UNet calls
+CLASS_TOKEN = [2]  # a one-token class word; each extra sub-token adds one 16² column per cross layer (~5 KB)
+FP32 = 4
+
+# The tiny test UNet widened to SD1.5's 8 heads; with --latent 64 the captured layers have exactly SD1.5's shapes
+# (about 5 s per UNet call on 2 cores), the default latent 32 (256 px) keeps the CPU run near a minute.
+SMALL_UNET = {**TINY_UNET, "block_out_channels": (32, 32, 64, 64), "attention_head_dim": 8}
+
+
+def fmt(n: float) -> str:
+    return f"{n / 1e6:9.2f} MB ({n / 2**20:9.2f} MiB)"
+
+
+def fmt_gib(n: float) -> str:
+    return f"{n / 2**30:8.2f} GiB"
+
+
+# ---------------------------------------------------------------- 1. computed from shapes
+
+
+def fine_self_transient(unet: UNet2DConditionModel, latent: int, query_chunk: int) -> dict[str, int]:
+    """Peak extra bytes per image while workers/capture.py captures the fine (latent-side) self-attention layer,
+    counted from its code: the conditional half's queries and keys, one chunk's scores in the model dtype, their
+    fp32 softmax, and the fp32 head-summed blocks (two while chunking: the consumer still holds the previous chunk's while the next is
+    computed)."""
+    layer = plan_seediff_layers(locate_attention_layers(unet, latent), latent).self_attn["fine"]
+    inner_dim = unet.get_submodule(layer.key.removesuffix(".processor")).inner_dim
+    dtype_bytes = unet.dtype.itemsize
+    n, rows, heads = layer.side**2, min(query_chunk, layer.side**2), layer.heads
+    parts = {
+        "scores (rows x keys x heads x dtype)": rows * n * heads * dtype_bytes,
+        "fp32 softmax of the chunk": rows * n * heads * FP32,
+        "head-summed fp32 blocks (1 or 2)": (1 if rows == n else 2) * rows * n * FP32,
+        "queries + keys": 2 * n * inner_dim * dtype_bytes,
+    }
+    return parts
+
+
+def store_all_bytes_per_call(layers: list[AttentionLayer], text_tokens: int) -> int:
+    """Every layer's map, all heads, conditional half, fp32, one UNet call (what the official AttentionStore adds)."""
+    return FP32 * sum(l.heads * l.side**2 * (l.side**2 if l.kind == "self" else text_tokens) for l in layers)
+
+
+def computed_sd15(query_chunk: int) -> None:
+    unet = build_sd15_unet("meta")
+    layers = locate_attention_layers(unet, SD15_LATENT)
+    kinds = {k: sum(l.kind == k for l in layers) for k in ("self", "cross")}
+    print(f"== 1. computed from shapes: SD1.5 UNet on the meta device, latent {SD15_LATENT}, "
+          f"{kinds['self']} self + {kinds['cross']} cross layers, heads {sorted({l.heads for l in layers})}")
+
+    capture = SeeDiffCapture(unet, SD15_LATENT, [CLASS_TOKEN], query_chunk=query_chunk)  # meta: nothing allocated
+    print("accumulators per image (fp32, head-summed, running sums; shapes from the capture module's buffers):")
+    for scale, layer in capture.plan.self_attn.items():
+        buffer = capture.self_attn[scale].sum
+        print(f"  self {scale:6s} {layer.side:2d}²  {tuple(buffer.shape)!s:22s} {fmt(buffer.nbytes)}  {layer.key}")
+    cross_bytes = sum(p.sum.nbytes for p in capture.cross)
+    print(f"  cross x{len(capture.cross)} at {capture.plan.cross[0].side}², {len(CLASS_TOKEN)} class token"
+          f"{'':6s} {fmt(cross_bytes)}")
+    ours = capture.buffer_bytes()
+    print(f"  total                                {fmt(ours)}   target <= {TARGET_BYTES / 1e6:.0f} MB: "
+          f"{'met' if ours <= TARGET_BYTES else 'MISSED'}")
+
+    fine = capture.plan.self_attn["fine"]
+    fp16_unet = unet.to(torch.float16)  # meta: only the dtype changes
+    print(f"peak transient of the captured fine self layer ({fine.side}², {fine.side**2} keys, {fine.heads} heads), "
+          "per image, fp16 model:")
+    for chunk in sorted({256, 512, 1024, 4096, query_chunk}):
+        parts = fine_self_transient(fp16_unet, SD15_LATENT, chunk)
+        mark = "  <- configured query_chunk" if chunk == query_chunk else ""
+        print(f"  query_chunk {chunk:5d}: scores {fmt(next(iter(parts.values())))}, all parts {fmt(sum(parts.values()))}"
+              f"; accumulators + transient {fmt(ours + sum(parts.values()))}{mark}")
+    for name, size in fine_self_transient(fp16_unet, SD15_LATENT, query_chunk).items():
+        print(f"    {name:38s} {fmt(size)}")
+
+    per_call = store_all_bytes_per_call(layers, SD15_TEXT_TOKENS)
+    print("store-all baseline (official SeeDiff code: explicit softmax on all 32 layers, AttentionStore keeps them):")
+    print(f"  M = one UNet call, every layer, all heads, conditional half, fp32     {fmt_gib(per_call)}")
+    print(f"  stored slices attn[h//2:] are views: each keeps the [uncond+cond] buffer alive      x2 = "
+          f"{fmt_gib(2 * per_call)}")
+    print(f"  running sum: the first call's views, added to in place                             2M = "
+          f"{fmt_gib(2 * per_call)}")
+    print(f"  held at the end of every call: running sum 2M + this call's step store 2M          4M = "
+          f"{fmt_gib(4 * per_call)}  (the notes' ~10 GiB)")
+    explicit_64 = 2 * 2 * fine.heads * fine.side**4 * FP32  # scores and softmax, [2 * heads, 4096, 4096] fp32 each
+    print(f"  + while a 64² layer runs: scores and softmax of both CFG halves                    "
+          f"{fmt_gib(explicit_64)}")
+    print(f"  ratio store-all (4M) / ours: {4 * per_call / ours:.0f}x")
+    print("constant in steps? per image, by number of UNet calls:")
+    for calls in (2, 20, OFFICIAL_CALLS):
+        print(f"  {calls:3d} calls: ours {fmt(ours)} | store-all running {fmt_gib(4 * per_call)} "
+              f"| kept per step (calls x M) {fmt_gib(calls * per_call)}")
+
+
+# ---------------------------------------------------------------- 2./3. measured
+
+
+class CudaPeak(AbstractContextManager):
+    """Peak of torch.cuda.memory_allocated inside the block, above its value at entry."""
+
+    def __enter__(self):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        self.start = torch.cuda.memory_allocated()
+        return self
+
+    def __exit__(self, *exc):
+        torch.cuda.synchronize()
+        self.peak = torch.cuda.max_memory_allocated() - self.start
+
+
+class CpuPeak(AbstractContextManager):
+    """Peak of live torch CPU tensor bytes inside the block, above entry, from the allocator's profiler events."""
+
+    def __enter__(self):
+        self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
+        self.profiler.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.profiler.__exit__(*exc)
+        events = [e for e in self.profiler.profiler.kineto_results.events() if e.name() == "[memory]"]
+        live = self.peak = 0
+        for event in sorted(events, key=lambda e: e.start_ns()):
+            if event.device_type() == torch.autograd.DeviceType.CPU:
+                live += event.nbytes()
+                self.peak = max(self.peak, live)
+
+
+def generate(unet: UNet2DConditionModel, batch: int, steps: int, text_dim: int, captured: bool,
+             query_chunk: int) -> tuple[int, int]:
+    """A DDIM loop with classifier-free guidance over random latents and text embeddings (text encoder and VAE cost
+    the same with or without capture, so they are left out). Returns (accumulator bytes, UNet calls captured)."""
+    device, dtype = unet.device, unet.dtype
+    side = unet.config.sample_size
+    generator = torch.Generator(device).manual_seed(0)
+    latents = torch.randn(batch, 4, side, side, generator=generator, device=device, dtype=dtype)
+    context = torch.randn(2 * batch, SD15_TEXT_TOKENS, text_dim, generator=generator, device=device, dtype=dtype)
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    scheduler.set_timesteps(steps)
+    capture = SeeDiffCapture(unet, side, [CLASS_TOKEN] * batch, query_chunk=query_chunk) if captured else None
+    with torch.no_grad(), capture if captured else nullcontext():
+        for t in scheduler.timesteps:
+            uncond, cond = unet(torch.cat([latents] * 2), t, encoder_hidden_states=context).sample.chunk(2)
+            latents = scheduler.step(uncond + 7.0 * (cond - uncond), t, latents).prev_sample
+    if capture is None:
+        return 0, 0
+    maps = capture.result()  # the time averages SeeDiff reads: part of the cost, so inside the measured block
+    return capture.buffer_bytes(), maps.calls
+
+
+def measured(unet: UNet2DConditionModel, batch: int, steps_list: list[int], text_dim: int, query_chunk: int,
+             meter: Callable[[], CudaPeak | CpuPeak]) -> None:
+    generate(unet, batch, 1, text_dim, True, query_chunk)  # warm-up: lazy inits and kernel caches outside the meter
+    rows = {}
+    for steps in steps_list:
+        for captured in (False, True):
+            with meter() as peak:
+                accumulators, calls = generate(unet, batch, steps, text_dim, captured, query_chunk)
+            rows[steps, captured] = accumulators, calls, peak.peak
+    print(f"batch {batch} (x2 with guidance), query_chunk {query_chunk}; per image = / {batch}")
+    print(f"  {'steps':>5s} {'capture':>7s} {'calls':>5s} {'accumulators/image':>30s} {'peak above start/image':>30s}")
+    for (steps, captured), (acc, calls, peak) in rows.items():
+        print(f"  {steps:5d} {captured!s:>7s} {calls:5d} {fmt(acc / batch)} {fmt(peak / batch)}")
+    for steps in steps_list:
+        plain, ours = rows[steps, False][2], rows[steps, True][2]
+        print(f"  {steps:5d} steps: peak with capture - without, per image {fmt((ours - plain) / batch)}")
+    accumulators = {rows[s, True][0] for s in steps_list}
+    print(f"  accumulator bytes equal for steps {steps_list}: {len(accumulators) == 1}")
+    expected = sum(fine_self_transient(unet, unet.config.sample_size, query_chunk).values())
+    print(f"  computed for this UNet: accumulators {fmt(rows[steps_list[0], True][0] / batch)}, fine-layer "
+          f"transient ({unet.dtype}) {fmt(expected)}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=None, help="images per generation (CPU 2, CUDA 8)")
+    parser.add_argument("--steps", type=int, nargs="+", default=None, help="step counts (CPU 2 20, CUDA 2 5)")
+    parser.add_argument("--query-chunk", type=int, default=MaskConfig().query_chunk)
+    parser.add_argument("--latent", type=int, default=32, help="CPU only: latent side of the small UNet")
+    parser.add_argument("--cuda", action="store_true", help="measure the SD1.5 UNet in fp16 on the GPU")
+    args = parser.parse_args()
+    diffusers_logging.set_verbosity_error()  # .to(float16) warns about fp32-kept modules that SD1.5 does not have
+
+    computed_sd15(args.query_chunk)
+    if args.cuda:
+        batch, steps = args.batch or 8, args.steps or [2, 5]
+        print(f"\n== 3. measured on {torch.cuda.get_device_name()}: SD1.5 UNet, random weights, fp16, latent "
+              f"{SD15_LATENT}, torch.cuda.max_memory_allocated")
+        unet = build_sd15_unet("cuda", torch.float16)
+        measured(unet, batch, steps, SD15_TEXT_DIM, args.query_chunk, CudaPeak)
+    else:
+        batch, steps = args.batch or 2, args.steps or [2, 20]
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(**{**SMALL_UNET, "sample_size": args.latent}).eval()
+        print(f"\n== 2. measured on CPU: small random UNet (channels {SMALL_UNET['block_out_channels']}, "
+              f"{SMALL_UNET['attention_head_dim']} heads, latent {args.latent}), fp32, profiler allocator events")
+        measured(unet, batch, steps, SMALL_UNET["cross_attention_dim"], args.query_chunk, CpuPeak)
+
+
+if __name__ == "__main__":
+    main()
