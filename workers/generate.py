@@ -35,23 +35,11 @@ def generate_batch(
     size = config.resolution
     latent_size = size // pipe.vae_scale_factor
     positions = [class_token_positions(pipe.tokenizer, s.row.prompt, s.row.class_name, s) for s in samples]
-    generators = [torch.Generator("cpu").manual_seed(s.seed) for s in samples]
-    latents = initial_latents(generators, pipe.unet.config.in_channels, latent_size)
     capture = SeeDiffCapture(
         pipe.unet, latent_size, positions, window=config.mask.capture_steps, query_chunk=config.mask.query_chunk
     )
     with capture:
-        out = pipe(
-            prompt=[s.row.prompt for s in samples],
-            negative_prompt=[s.row.negative_prompt for s in samples],
-            height=size,
-            width=size,
-            num_inference_steps=config.steps,
-            guidance_scale=config.guidance_scale,
-            generator=generators,  # per-sample noise for stochastic schedulers too
-            latents=latents.to(pipe.unet.device, pipe.unet.dtype),
-            output_type="pt",
-        )
+        out = pipe(**pipeline_inputs(pipe, samples, config), output_type="pt")
     # Quantise once, the way diffusers makes PIL images, so masks are refined on exactly the stored pixels.
     pixels = (out.images.float() * 255).round().clamp(0, 255)
     masks = seediff.seeded_masks(attention_maps(capture.result()), (size, size), config.mask, images=pixels)
@@ -64,6 +52,22 @@ def generate_batch(
         else GeneratedSample(spec, images[i], final[i], {**masks.stats[i], "class_tokens": len(positions[i])})
         for i, spec in enumerate(samples)
     ]
+
+
+def pipeline_inputs(pipe: StableDiffusionPipeline, samples: Sequence[SampleSpec], config: RunConfig) -> dict:
+    """Keyword arguments of the pipeline call for a batch (all but output_type)."""
+    generators = [torch.Generator("cpu").manual_seed(s.seed) for s in samples]
+    latents = initial_latents(generators, pipe.unet.config.in_channels, config.resolution // pipe.vae_scale_factor)
+    return dict(
+        prompt=[s.row.prompt for s in samples],
+        negative_prompt=[s.row.negative_prompt for s in samples],
+        height=config.resolution,
+        width=config.resolution,
+        num_inference_steps=config.steps,
+        guidance_scale=config.guidance_scale,
+        generator=generators,  # per-sample noise for stochastic schedulers too
+        latents=latents.to(pipe.unet.device, pipe.unet.dtype),
+    )
 
 
 def attention_maps(captured: CapturedAttention) -> seediff.AttentionMaps:

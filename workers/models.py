@@ -100,10 +100,13 @@ def load_pipeline(config: RunConfig, device: torch.device) -> StableDiffusionPip
 
 
 def build_tiny_pipeline(
-    unet_overrides: dict[str, Any] | None = None, text_overrides: dict[str, Any] | None = None
+    unet_overrides: dict[str, Any] | None = None,
+    text_overrides: dict[str, Any] | None = None,
+    vae_overrides: dict[str, Any] | None = None,
 ) -> StableDiffusionPipeline:
-    """A deterministic random-weight SD pipeline (same weights on every call). Overrides change the UNet or text
-    encoder config, e.g. an SD2-style variant with other head counts and linear projections."""
+    """A deterministic random-weight SD pipeline (same weights on every call). Overrides change the UNet, text
+    encoder or VAE config, e.g. an SD2-style variant with other head counts and linear projections, or full-size
+    SD1.5 shapes for benchmarks."""
     text_cfg = {**TINY_TEXT, **(text_overrides or {})}
     unet_cfg = {**TINY_UNET, "cross_attention_dim": text_cfg["hidden_size"], **(unet_overrides or {})}
     tokenizer = offline_clip_tokenizer()
@@ -111,7 +114,7 @@ def build_tiny_pipeline(
         torch.manual_seed(0)
         unet = UNet2DConditionModel(**unet_cfg)
         torch.manual_seed(0)
-        vae = AutoencoderKL(**TINY_VAE)
+        vae = AutoencoderKL(**{**TINY_VAE, **(vae_overrides or {})})
         torch.manual_seed(0)
         text_encoder = CLIPTextModel(
             CLIPTextConfig(
