@@ -1,0 +1,90 @@
+"""Progress of a generation run in samples: a tqdm bar with images/s and ETA on a terminal, a plain periodic log line
+otherwise (Ray job logs, CI, ``nohup``), and the final run summary. Updated per finished shard."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, TextIO
+
+from tqdm import tqdm
+
+from pipeline.dispatch import DispatchResult, ShardRecord
+
+LOG_EVERY_S = 30.0
+
+
+class Progress:
+    """``total`` samples planned, ``done`` of them already committed by an earlier run."""
+
+    def __init__(self, total: int, done: int, stream: TextIO = sys.stderr, log_every_s: float = LOG_EVERY_S):
+        self.total, self.done, self.stream, self.log_every_s = total, done, stream, log_every_s
+        self.failed_shards = 0
+        self.started = self.last_log = time.monotonic()
+        self.new = 0  # samples finished in this run, for the rate
+        self.bar = (
+            tqdm(total=total, initial=done, unit="img", file=stream, dynamic_ncols=True, smoothing=0.1)
+            if stream.isatty()
+            else None
+        )
+
+    def shard_done(self, record: ShardRecord) -> None:
+        if not record.ok:
+            self.failed_shards += 1
+            return
+        self.done += record.num_samples
+        self.new += record.num_samples
+        if self.bar is not None:
+            self.bar.update(record.num_samples)
+            self.bar.set_postfix(failed_shards=self.failed_shards, refresh=False)
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        if self.bar is None and now - self.last_log >= self.log_every_s:
+            self.last_log = now
+            print(self.line(now), file=self.stream, flush=True)
+
+    def line(self, now: float) -> str:
+        elapsed = now - self.started
+        rate = self.new / elapsed if elapsed > 0 else 0.0
+        left = self.total - self.done
+        eta = tqdm.format_interval(left / rate) if rate > 0 else "?"
+        percent = 100.0 * self.done / self.total if self.total else 100.0
+        return (
+            f"progress: {self.done}/{self.total} samples ({percent:.1f}%), {rate:.2f} img/s, ETA {eta}, "
+            f"{self.failed_shards} failed shards"
+        )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def format_summary(result: DispatchResult, skipped_shards: int, index: dict[str, Any]) -> str:
+    """Samples written/failed, shards, bytes, wall time, images/s per actor; the failed shards with their errors."""
+    done = result.completed
+    stats = [r.stats for r in done]
+    written = sum(s["successes"] for s in stats)
+    failed_samples = sum(s["failures"] for s in stats)
+    size = sum(s["tar_bytes"] + s["parquet_bytes"] for s in stats)
+    attempted = sum(r.num_samples for r in done)
+    rate = attempted / result.wall_s if result.wall_s > 0 else 0.0
+    hosts = {r.actor_id: r.stats.get("host", "?") for r in done}
+    lines = [
+        f"summary: {written} samples written, {failed_samples} failed (recorded in the parquet), "
+        f"{len(done)} shards generated, {skipped_shards} already committed, {len(result.failed)} failed",
+        f"  {tqdm.format_sizeof(size, 'B', divisor=1000)} written in {tqdm.format_interval(result.wall_s)} "
+        f"({rate:.2f} img/s overall)",
+    ]
+    for actor_id, actor_rate in sorted(result.images_per_s_by_actor().items()):
+        lines.append(f"  actor {actor_id[:8]} on {hosts[actor_id]}: {actor_rate:.2f} img/s")
+    lines.append(
+        f"  dataset: {index['committed_shards']} committed shards, {index['num_samples']} samples "
+        f"({index['sizes_json']}, {index['dataset_json']})"
+    )
+    for r in sorted(result.failed, key=lambda r: r.shard_id):
+        lines.append(f"  FAILED shard {r.shard_id} after {r.attempts} attempts: {r.error}")
+    if result.failed:
+        lines.append("  rerun the same command to generate the failed shards; committed shards are kept")
+    return "\n".join(lines)
+

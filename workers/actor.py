@@ -1,0 +1,85 @@
+"""The shard worker: loads the diffusers pipeline once, then turns whole shards into committed shard files and
+returns only the small stats dict (no image bytes travel through Ray). A plain class, so it runs and tests without
+Ray; the driver wraps it with ``ray.remote`` (pipeline/cli.py). The only module in workers/ that touches Ray, and
+only to name itself in the stats."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import ray
+import torch
+
+from schemas.config import RunConfig, RuntimeOptions
+from schemas.records import SampleOutcome, SampleSpec, ShardSpec
+from workers.encode import encode_sample
+from workers.generate import GeneratedSample, generate_batch
+from workers.models import load_pipeline, resolve_device
+from workers.shards import ShardWriter
+
+
+class ShardActor:
+    """``ShardActor(config, runtime, torch_threads)``; ``generate_shard(shard)`` writes and commits one shard.
+    ``torch_threads`` caps intra-op threads so several CPU actors on one machine do not oversubscribe it."""
+
+    def __init__(self, config: RunConfig, runtime: RuntimeOptions, torch_threads: int | None = None):
+        self.config = config
+        self.device = resolve_device(runtime.device)
+        if torch_threads is not None:
+            torch.set_num_threads(torch_threads)
+        started = time.perf_counter()
+        self.pipe = load_pipeline(config, self.device)
+        self.load_s = time.perf_counter() - started
+        # Encoding (PIL/zlib release the GIL) of batch k runs here while batch k+1 is generated.
+        self.encoder = ThreadPoolExecutor(max_workers=runtime.encode_threads, thread_name_prefix="encode")
+        self.identity = _identity(self.device, torch.get_num_threads())
+
+    def generate_shard(self, shard: ShardSpec) -> dict[str, Any]:
+        started = time.perf_counter()
+        generate_s = drain_s = 0.0
+        with ShardWriter(self.config, shard) as writer:
+            encoding: list[Future[SampleOutcome]] = []
+            for batch in _batches(shard.samples, self.config.batch_size):
+                t0 = time.perf_counter()
+                generated = generate_batch(self.pipe, batch, self.config)
+                t1 = time.perf_counter()
+                for future in encoding:  # the previous batch, encoded while this one was generated
+                    writer.add(future.result())
+                generate_s, drain_s = generate_s + t1 - t0, drain_s + time.perf_counter() - t1
+                encoding = [self.encoder.submit(self._encode, sample) for sample in generated]
+            for future in encoding:
+                writer.add(future.result())
+            runtime_info = {
+                **self.identity,
+                "load_s": self.load_s,
+                "generate_s": generate_s,
+                "encode_wait_s": drain_s,
+                "shard_s": time.perf_counter() - started,
+            }
+            return writer.commit(runtime_info)
+
+    def _encode(self, sample: GeneratedSample) -> SampleOutcome:
+        return encode_sample(sample.spec, sample.image, sample.mask, sample.mask_stats, sample.error, self.config)
+
+
+def _batches(samples: tuple[SampleSpec, ...], size: int) -> Iterator[tuple[SampleSpec, ...]]:
+    for start in range(0, len(samples), size):
+        yield samples[start : start + size]
+
+
+def _identity(device: torch.device, threads: int) -> dict[str, Any]:
+    """Where this worker runs, for the stats file (never for the data files)."""
+    context = ray.get_runtime_context() if ray.is_initialized() else None
+    return {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "node_id": context.get_node_id() if context else None,
+        "actor_id": context.get_actor_id() if context else None,
+        "device": str(device),
+        "torch_threads": threads,
+    }
