@@ -3,12 +3,25 @@ non-root."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 
-DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+from pipeline.review import inspect_dataset, verify_dataset
+from tests.test_readers import DEMO_FLAGS, REPO
+
+DEPLOY = REPO / "deploy"
 
 
 def _load(name: str) -> dict:
@@ -98,3 +111,94 @@ def test_ray_version_matches_everywhere(dockerfile: list[str]) -> None:
     image_ray = arg.split("=", 1)[1]
     assert image_ray == _load("rayjob.yaml")["spec"]["rayClusterSpec"]["rayVersion"]
     assert image_ray == _load("raycluster.yaml")["spec"]["rayVersion"]
+
+
+# ---- a real `ray job submit` against a local head ----------------------------------------------------------------
+
+
+def _free_ports(n: int) -> list[int]:
+    """n distinct free TCP ports on 127.0.0.1 (held together while choosing, so they differ)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+@contextlib.contextmanager
+def local_ray_head() -> Iterator[str]:
+    """``ray start --head --block`` on 127.0.0.1 with every port chosen free and a private temp dir, so it never
+    meets another Ray session on this machine; yields the dashboard (job API) address. Stopped by signalling our
+    own ``ray start`` process, whose node then shuts down its raylet, GCS, dashboard and workers: ``ray stop`` is
+    not used because it stops every Ray process of the machine, other sessions included."""
+    temp_dir = tempfile.mkdtemp(prefix="rayt-", dir="/tmp")  # short: Ray's unix socket paths must stay < 108 chars
+    gcs, dashboard, client, agent_http, agent_grpc, metrics, runtime_env, node_manager, object_manager = _free_ports(9)
+    command = [
+        "ray", "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--num-cpus", "2", "--num-gpus", "0",
+        "--port", str(gcs), "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
+        "--dashboard-port", str(dashboard), "--ray-client-server-port", str(client),
+        "--dashboard-agent-listen-port", str(agent_http), "--dashboard-agent-grpc-port", str(agent_grpc),
+        "--metrics-export-port", str(metrics), "--runtime-env-agent-port", str(runtime_env),
+        "--node-manager-port", str(node_manager), "--object-manager-port", str(object_manager),
+        "--temp-dir", temp_dir, "--disable-usage-stats",
+    ]
+    env = _ray_env()
+    log = open(Path(temp_dir) / "ray-start.log", "wb")  # noqa: SIM115 - closed in finally
+    head = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        _wait_for_jobs_api(address, head, Path(temp_dir) / "ray-start.log")
+        yield address
+    finally:
+        head.terminate()
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            head.kill()
+            head.wait(timeout=30)
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _ray_env() -> dict[str, str]:
+    """Environment for our head and for `ray job submit`: no inherited cluster address; token authentication off
+    (Ray 2.60's `ray start` turns it on, its CLI clients default to off; this head listens on 127.0.0.1 only)."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_AUTH_MODE"] = "disabled"
+    return env
+
+
+def _wait_for_jobs_api(address: str, head: subprocess.Popen, log: Path, timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if head.poll() is not None:
+            raise RuntimeError(f"ray start exited with {head.returncode}:\n{log.read_text(errors='replace')[-4000:]}")
+        try:
+            urllib.request.urlopen(f"{address}/api/version", timeout=5).close()
+            return
+        except urllib.error.HTTPError:
+            return  # the dashboard answers, if only to refuse this request
+        except OSError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"Ray job API at {address} not up after {timeout_s}s:\n{log.read_text(errors='replace')[-4000:]}")
+
+
+def test_ray_job_submit_runs_the_demo_on_a_local_head(tmp_path: Path) -> None:
+    out = tmp_path / "demo-out"
+    with local_ray_head() as address:
+        submit = subprocess.run(
+            ["ray", "job", "submit", "--address", address, "--working-dir", str(REPO),
+             "--runtime-env", str(DEPLOY / "runtime_env.yaml"), "--",
+             "python", "-m", "pipeline.cli", "generate", "examples/demo.csv", "--out", str(out), *DEMO_FLAGS],
+            cwd=REPO, env=_ray_env(), capture_output=True, text=True, timeout=540,
+        )
+    assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-4000:]
+    assert "succeeded" in submit.stdout
+    assert verify_dataset(str(out)) == []
+    info = inspect_dataset(str(out))
+    assert info["shards"] == info["expected_shards"] == 2
+    assert info["samples"] + info["failures"] == info["attempted"] == 12
