@@ -96,8 +96,8 @@ def decode_sample(sample: dict[str, Any]) -> Sample:
         raise ValueError(f"sample {key}: expected an image ({'/'.join(IMAGE_FIELDS)}), mask.png and json fields, "
                          f"got {sorted(fields)}")
     with Image.open(io.BytesIO(_bytes(fields[image_field]))) as im:
-        rgb = np.asarray(im.convert("RGB"))
-    image = torch.from_numpy(rgb.copy()).permute(2, 0, 1).float().div_(255.0)
+        rgb = np.array(im.convert("RGB"))  # a writable copy, as torch.from_numpy wants
+    image = torch.from_numpy(rgb).permute(2, 0, 1).float().div_(255.0)
     mask = torch.from_numpy(decode_mask(_bytes(fields[MASK_FIELD]))).long()
     metadata = json.loads(_bytes(fields["json"]))
     return image, mask, metadata
