@@ -1,0 +1,171 @@
+"""End to end on one local Ray session (2 CPUs) with the tiny model: the CLI with 2 actors writes every planned
+sample exactly once; an actor killed mid-shard and a shard past its timeout are retried and the output is
+byte-identical to a clean run; a dry run loads no model and starts no Ray; a changed setting on resume is refused."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import ray
+
+from pipeline.cli import generate, main
+from schemas.config import RuntimeOptions
+from schemas.manifest import load_manifest
+from tests.e2e_support import (
+    REPO,
+    check_dataset,
+    cli_command,
+    cli_env,
+    digests,
+    reference_run,
+    run_config,
+    stats_files,
+    write_inputs,
+)
+from workers.actor import ShardActor
+from workers.shards import ShardWriter
+
+NUM_SAMPLES = 9
+FAULTY_SHARD = 1
+
+
+class DiesMidShard(ShardActor):
+    """Test-only: on the first attempt of FAULTY_SHARD (no marker file yet), the process exits after writing one
+    sample of it, like a machine or OOM kill in the middle of a shard."""
+
+    def generate_shard(self, shard):
+        marker = Path(self.config.output_url).parent / "died-once"
+        if shard.shard_id == FAULTY_SHARD and not marker.exists():
+            marker.write_text(str(os.getpid()))
+            add, written = ShardWriter.add, itertools.count(1)
+
+            def add_then_die(writer, outcome):
+                add(writer, outcome)
+                if next(written) == 1:
+                    os._exit(1)
+
+            ShardWriter.add = add_then_die  # this actor process only
+        return super().generate_shard(shard)
+
+
+class StallsOnce(ShardActor):
+    """Test-only: the first attempt of FAULTY_SHARD hangs (a stuck GPU, a dead NFS mount)."""
+
+    def generate_shard(self, shard):
+        marker = Path(self.config.output_url).parent / "stalled-once"
+        if shard.shard_id == FAULTY_SHARD and not marker.exists():
+            marker.write_text(str(os.getpid()))
+            time.sleep(3600)
+        return super().generate_shard(shard)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    return write_inputs(tmp_path_factory.mktemp("inputs"))
+
+
+@pytest.fixture(scope="module")
+def reference(inputs, tmp_path_factory):
+    """Digests of a clean run (plain actor, no Ray)."""
+    manifest, _ = inputs
+    return reference_run(manifest, str(tmp_path_factory.mktemp("reference") / "out"))
+
+
+def test_cli_two_actors_every_sample_once(inputs, reference, tmp_path, capsys):
+    manifest, config = inputs
+    out = tmp_path / "out"
+    rc = main(["generate", str(manifest), "--out", str(out), "--config", str(config), "--num-actors", "2"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "meaningless" in captured.err  # the tiny model says what it is
+    assert "9 samples written" in captured.out
+    check_dataset(out, NUM_SAMPLES)
+    assert digests(out) == reference
+    assert len({s["runtime"]["actor_id"] for s in stats_files(out).values()}) == 2
+    assert main(["verify", str(out)]) == 0
+
+
+def test_actor_killed_mid_shard_is_retried_byte_identical(inputs, reference, tmp_path):
+    manifest, _ = inputs
+    out = tmp_path / "out"
+    runtime = RuntimeOptions(num_actors=2, device="cpu")
+    outcome = generate(load_manifest(manifest), run_config(str(out)), runtime, actor_class=DiesMidShard)
+    assert (tmp_path / "died-once").exists()
+    assert outcome.ok and outcome.result.shards[FAULTY_SHARD].attempts == 2
+    check_dataset(out, NUM_SAMPLES)
+    assert digests(out) == reference
+
+
+def test_shard_past_timeout_is_requeued_and_completes(inputs, reference, tmp_path):
+    manifest, _ = inputs
+    out = tmp_path / "out"
+    runtime = RuntimeOptions(num_actors=2, device="cpu", shard_timeout_s=5)
+    outcome = generate(load_manifest(manifest), run_config(str(out)), runtime, actor_class=StallsOnce)
+    assert (tmp_path / "stalled-once").exists()
+    record = outcome.result.shards[FAULTY_SHARD]
+    assert outcome.ok and record.attempts >= 2
+    check_dataset(out, NUM_SAMPLES)
+    assert digests(out) == reference
+
+
+def test_changed_setting_on_resume_is_refused(inputs, tmp_path, capsys):
+    manifest, config = inputs
+    out = tmp_path / "out"
+    base = ["generate", str(manifest), "--out", str(out), "--config", str(config), "--num-actors", "2"]
+    assert main(base) == 0
+    before = digests(out)
+    capsys.readouterr()
+    assert main([*base, "--steps", "3", "--resolution", "128"]) == 2
+    err = capsys.readouterr().err
+    assert "differing fields: resolution, steps" in err
+    assert err.count("\n") <= 2  # the tiny-model note and one error line, no traceback
+    assert digests(out) == before
+    # runtime options are not output settings: a resume with other actors/retries is accepted
+    assert main([*base, "--num-actors", "1", "--max-attempts", "5"]) == 0
+    assert digests(out) == before
+
+
+def test_dry_run_loads_no_model_and_starts_no_ray(inputs, tmp_path):
+    manifest, config = inputs
+    out = tmp_path / "out"
+    probe = (
+        "import sys; from pipeline.cli import main; "
+        f"rc = main(['generate', {str(manifest)!r}, '--out', {str(out)!r}, '--config', {str(config)!r}, '--dry-run']); "
+        "loaded = [m for m in ('workers.models', 'diffusers', 'ray') if m in sys.modules]; "
+        "print('LOADED', loaded); sys.exit(rc)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert "LOADED []" in done.stdout
+    assert "9 samples in 5 shards" in done.stdout
+    assert "to generate: 5 shards, 9 samples" in done.stdout
+    assert "key 000000000000" in done.stdout and "seed " in done.stdout and "estimated output" in done.stdout
+    assert not out.exists()  # a dry run writes nothing
+
+
+def test_bad_manifest_exits_2_with_file_line_field(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("class_name,num_samples\ncat,3\ndog,lots\n")
+    done = subprocess.run(
+        cli_command("generate", str(bad), "--out", str(tmp_path / "out"), "--model", "tiny"),
+        cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 2
+    error_lines = [ln for ln in done.stderr.splitlines() if ln.startswith("seediff: error:")]
+    assert len(error_lines) == 1 and "bad.csv:3" in error_lines[0] and "num_samples" in error_lines[0]
+    assert "Traceback" not in done.stderr
