@@ -253,7 +253,7 @@ def test_variance_gate_downweights_a_near_flat_layer():
 def official_style_pamr(image, mask, iterations):
     """PAMR written with the official shift kernels: conv2d with +1 centre / -1 neighbour, 9 one-hot kernels for
     the local std, and 8 one-hot copy kernels applied each iteration."""
-    one_hot = torch.eye(9).view(9, 1, 3, 3)
+    one_hot = torch.eye(9, device=image.device).view(9, 1, 3, 3)
     copy = one_hot[[0, 1, 2, 3, 5, 6, 7, 8]]
     diff = -copy.clone()
     diff[:, 0, 1, 1] = 1
