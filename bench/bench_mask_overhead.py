@@ -54,6 +54,8 @@ def main() -> None:
         mask=MaskConfig(pamr_iterations=args.pamr_iterations),
     )
     pipe = sd15_pipeline(device, config) if args.sd15 else load_pipeline(config, device)
+    if args.channels_last:
+        pipe.unet.to(memory_format=torch.channels_last)
     specs = [
         SampleSpec(i, i, 0, 1000 + i, ClassRow(c, i + 1, 1, config.prompt_template.format(class_name=c), "", i + 1))
         for i, c in enumerate(CLASSES[i % len(CLASSES)] for i in range(args.batch_size))
@@ -118,6 +120,7 @@ def report(args, config, device, times, peaks) -> None:
         f"{'SD1.5-shaped' if args.sd15 else 'tiny'} random-weight UNet, {where}, {config.dtype}, "
         f"{config.resolution}px, batch {args.batch_size}, {args.steps} steps, CFG {config.guidance_scale}, "
         f"PAMR {args.pamr_iterations} iterations, median of {args.repeats}"
+        f"{', channels_last' if args.channels_last else ''}"
     )
     median = {name: statistics.median(t) for name, t in times.items()}
     for name, seconds in median.items():
@@ -136,6 +139,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--resolution", type=int, default=None, help="default 256 (CPU) / 512 (--sd15)")
     parser.add_argument("--pamr-iterations", type=int, default=MaskConfig().pamr_iterations)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--channels-last", action="store_true", help="UNet weights and activations in NHWC")
     return parser.parse_args()
 
 

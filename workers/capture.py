@@ -16,6 +16,11 @@ from dataclasses import dataclass
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
+try:  # the fused kernel needs Triton (CUDA builds of torch ship it); elsewhere the chunked torch path runs
+    from workers.attention_kernels import add_head_summed_probabilities
+except ImportError:
+    add_head_summed_probabilities = None
+
 SCALE_DEPTHS = {"fine": 0, "middle": 1, "coarse": 2}  # SeeDiff's scales as downsampling depth below the latent
 _BLOCK_RANK = {"down": 0, "mid": 1, "up": 2}  # forward order of the UNet's block groups
 
@@ -115,12 +120,12 @@ class _ConditionalCapture:
             context = None if encoder_hidden_states is None else encoder_hidden_states[cond]
             with torch.no_grad():
                 query, key = _query_key(attn, hidden_states[cond], context)
-                self.accumulate(_head_summed_probabilities(attn, query, key, self.query_chunk))
+                self.add(attn, query, key)
             self.captured += 1
         self.calls += 1
         return out
 
-    def accumulate(self, chunks: Iterator[tuple[slice, torch.Tensor]]) -> None:
+    def add(self, attn: Attention, query: torch.Tensor, key: torch.Tensor) -> None:
         raise NotImplementedError
 
     def average(self) -> torch.Tensor:
@@ -135,8 +140,13 @@ class SelfAttentionSum(_ConditionalCapture):
         n = layer.side**2
         self.sum = torch.zeros(n_samples, n, n, dtype=torch.float32, device=device)
 
-    def accumulate(self, chunks):
-        for rows, probs in chunks:
+    def add(self, attn, query, key):
+        if query.is_cuda and add_head_summed_probabilities is not None:
+            if attn.upcast_attention:
+                query, key = query.float(), key.float()
+            add_head_summed_probabilities(query, key, attn.scale, self.sum)
+            return
+        for rows, probs in _head_summed_probabilities(attn, query, key, self.query_chunk):
             self.sum[:, rows] += probs
 
 
@@ -152,8 +162,9 @@ class CrossTokenSum(_ConditionalCapture):
         self.columns = torch.tensor(padded, dtype=torch.long, device=device)  # [B, T_max]
         self.sum = torch.zeros(len(padded), width, layer.side**2, dtype=torch.float32, device=device)
 
-    def accumulate(self, chunks):
-        for rows, probs in chunks:  # probs [B, rows, n_tokens]
+    def add(self, attn, query, key):
+        # 77 keys: the transient is small, and only class columns are kept, so plain torch ops suffice
+        for rows, probs in _head_summed_probabilities(attn, query, key, self.query_chunk):  # [B, rows, n_tokens]
             index = self.columns[:, None, :].expand(-1, probs.shape[1], -1)
             self.sum[:, :, rows] += probs.gather(2, index).transpose(1, 2)
 
