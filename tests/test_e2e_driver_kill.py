@@ -1,0 +1,69 @@
+"""The driver SIGKILLed after at least one committed shard, then the same command again: only the missing shards are
+generated, committed shards are left untouched, and the output is byte-identical to an uninterrupted run."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import time
+
+import psutil
+
+from tests.e2e_support import (
+    REPO,
+    SETTINGS,
+    check_dataset,
+    cli_command,
+    cli_env,
+    digests,
+    reference_run,
+    run_cli,
+    write_inputs,
+)
+
+SETTINGS_ONE_PER_SHARD = {**SETTINGS, "samples_per_shard": 1}  # 9 shards: many chances to be killed mid-run
+NUM_SHARDS = 9
+
+
+def kill_after_first_commit(command: list[str], out) -> None:
+    """Start the CLI, SIGKILL the driver as soon as a shard is committed, then SIGKILL every process it had started
+    (the local Ray instance and its actors, which Ray would stop only later), so nothing keeps writing behind the
+    rerun's back."""
+    proc = subprocess.Popen(command, cwd=REPO, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    driver = psutil.Process(proc.pid)
+    started: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 240
+        while not list(out.glob("*_stats.json")):
+            assert proc.poll() is None, "the run ended before committing a shard"
+            assert time.monotonic() < deadline, "no shard committed in time"
+            time.sleep(0.02)
+    finally:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            started = driver.children(recursive=True)  # taken before the kill, while the tree is intact
+            driver.kill()
+        proc.wait()
+        for child in started:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
+        psutil.wait_procs(started, timeout=30)
+
+
+def test_driver_killed_then_rerun_is_byte_identical(tmp_path):
+    manifest, config = write_inputs(tmp_path / "inputs", SETTINGS_ONE_PER_SHARD)
+    reference = reference_run(manifest, str(tmp_path / "reference" / "out"), SETTINGS_ONE_PER_SHARD)
+    out = tmp_path / "out"
+    args = ("generate", str(manifest), "--out", str(out), "--config", str(config), "--num-actors", "2")
+
+    kill_after_first_commit(cli_command(*args), out)
+    survivors = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.glob("*_stats.json")}
+    assert 1 <= len(survivors) < NUM_SHARDS
+
+    done = run_cli(*args)
+    assert done.returncode == 0, done.stderr
+    assert f"{NUM_SHARDS - len(survivors)} shards generated, {len(survivors)} already committed, 0 failed" in done.stdout
+    for name, (content, mtime) in survivors.items():  # committed shards were not regenerated
+        assert (out / name).read_bytes() == content and (out / name).stat().st_mtime_ns == mtime
+    check_dataset(out, 9)
+    assert digests(out) == reference
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files left
