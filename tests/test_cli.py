@@ -1,0 +1,78 @@
+"""The CLI's settings (config file + flags), its input errors (exit 2, one line naming the source), the progress
+log line and the run summary. No Ray, no model: everything here runs before or after dispatch."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+
+from pipeline.cli import build_parser, main, settings
+from pipeline.dispatch import DispatchResult, ShardRecord
+from pipeline.progress import Progress, format_summary
+from tests.e2e_support import REPO, cli_env
+
+
+def parse(*argv: str):
+    return build_parser().parse_args(["generate", "m.csv", *argv])
+
+
+def test_flags_override_config_file_and_split_runtime_options(tmp_path):
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text("model: tiny\nsteps: 7\nseed: 3\nmask: {pamr_iterations: 9}\nmax_attempts: 5\nnum_actors: 4\n")
+    config, runtime, per_class = settings(
+        parse("--out", "rel/out", "--config", str(config_file), "--steps", "2", "--num-actors", "2", "--samples-per-class", "6")
+    )
+    assert (config.model, config.steps, config.seed, config.mask.pamr_iterations) == ("tiny", 2, 3, 9)
+    assert (runtime.max_attempts, runtime.num_actors) == (5, 2)
+    assert per_class == 6
+    assert config.output_url == os.path.abspath("rel/out")  # Ray workers do not share the driver's cwd
+    config, _, _ = settings(parse("--out", "s3://bucket/out"))
+    assert config.output_url == "s3://bucket/out"
+
+
+def test_unknown_config_key_exits_2_naming_file_and_key(tmp_path, capsys):
+    (tmp_path / "m.csv").write_text("class_name,num_samples\ncat,2\n")
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text("model: tiny\nstepz: 3\n")
+    rc = main(["generate", str(tmp_path / "m.csv"), "--out", str(tmp_path / "o"), "--config", str(config_file)])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert f"{config_file}: stepz" in err and "Traceback" not in err
+
+
+def test_bad_flag_value_exits_2(tmp_path, capsys):
+    (tmp_path / "m.csv").write_text("class_name,num_samples\ncat,2\n")
+    assert main(["generate", str(tmp_path / "m.csv"), "--out", str(tmp_path / "o"), "--resolution", "65"]) == 2
+    assert "command line: resolution" in capsys.readouterr().err
+
+
+def test_progress_log_line_when_not_a_terminal():
+    stream = io.StringIO()
+    progress = Progress(total=10, done=4, stream=stream, log_every_s=0)
+    progress.shard_done(ShardRecord(shard_id=2, num_samples=3, attempts=1, stats={}, actor_id="a", run_s=1.0))
+    progress.shard_done(ShardRecord(shard_id=3, num_samples=3, attempts=3, error="boom"))
+    progress.tick()
+    assert stream.getvalue().startswith("progress: 7/10 samples (70.0%)")
+    assert "1 failed shards" in stream.getvalue()
+
+
+def test_summary_lists_actors_and_failed_shards():
+    stats = {"successes": 3, "failures": 1, "tar_bytes": 1000, "parquet_bytes": 500, "host": "node-a"}
+    ok = ShardRecord(0, 4, attempts=1, stats=stats, actor_id="abcdef0123", run_s=2.0)
+    bad = ShardRecord(1, 4, attempts=3, error="actor died: oom")
+    index = {"committed_shards": 3, "num_samples": 9, "sizes_json": "o/sizes.json", "dataset_json": "o/dataset.json"}
+    text = format_summary(DispatchResult({0: ok, 1: bad}, wall_s=4.0), skipped_shards=2, index=index)
+    assert "3 samples written, 1 failed" in text
+    assert "1 shards generated, 2 already committed, 1 failed" in text
+    assert "actor abcdef01 on node-a: 2.00 img/s" in text
+    assert "FAILED shard 1 after 3 attempts: actor died: oom" in text
+
+
+def test_module_entrypoint_for_ray_job_submit():
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "generate", "--help"], cwd=REPO, env=cli_env(), capture_output=True,
+        text=True, timeout=60,
+    )
+    assert done.returncode == 0 and "--dry-run" in done.stdout and "--address" in done.stdout
