@@ -55,20 +55,25 @@ def fmt_gib(n: float) -> str:
 # ---------------------------------------------------------------- 1. computed from shapes
 
 
-def fine_self_transient(unet: UNet2DConditionModel, latent: int, query_chunk: int) -> dict[str, int]:
+def fine_self_transient(unet: UNet2DConditionModel, latent: int, query_chunk: int | None) -> dict[str, int]:
     """Peak extra bytes per image while workers/capture.py captures the fine (latent-side) self-attention layer,
-    counted from its code: the conditional half's queries and keys, one chunk's scores in the model dtype, their
-    fp32 softmax, and the fp32 head-summed blocks (two while chunking: the consumer still holds the previous one
-    while the next is computed)."""
+    counted from its code. Chunked torch path (CPU; CUDA without Triton), ``query_chunk`` rows at a time: the
+    conditional half's queries and keys, one chunk's scores in the model dtype, their fp32 softmax, and the fp32
+    head-summed blocks (two while chunking: the consumer still holds the previous one while the next is computed).
+    Fused Triton path (CUDA, ``query_chunk`` None): queries, keys and the per-head row log-sum-exp in fp32."""
     layer = plan_seediff_layers(locate_attention_layers(unet, latent), latent).self_attn["fine"]
     inner_dim = unet.get_submodule(layer.key.removesuffix(".processor")).inner_dim
     dtype_bytes = unet.dtype.itemsize
-    n, rows, heads = layer.side**2, min(query_chunk, layer.side**2), layer.heads
+    n, heads = layer.side**2, layer.heads
+    queries_keys = {"queries + keys": 2 * n * inner_dim * dtype_bytes}
+    if query_chunk is None:
+        return {"row log-sum-exp (heads x queries, fp32)": heads * n * FP32, **queries_keys}
+    rows = min(query_chunk, n)
     return {
         "scores (rows x keys x heads x dtype)": rows * n * heads * dtype_bytes,
         "fp32 softmax of the chunk": rows * n * heads * FP32,
         "head-summed fp32 blocks (1 or 2)": (1 if rows == n else 2) * rows * n * FP32,
-        "queries + keys": 2 * n * inner_dim * dtype_bytes,
+        **queries_keys,
     }
 
 
@@ -99,7 +104,7 @@ def computed_sd15(query_chunk: int) -> None:
     fine = capture.plan.self_attn["fine"]
     fp16_unet = unet.to(torch.float16)  # meta: only the dtype changes
     print(f"peak transient of the captured fine self layer ({fine.side}², {fine.side**2} keys, {fine.heads} heads), "
-          "per image, fp16 model:")
+          "per image, fp16 model, chunked torch path (CPU; CUDA without Triton):")
     for chunk in sorted({256, 512, 1024, 4096, query_chunk}):
         parts = fine_self_transient(fp16_unet, SD15_LATENT, chunk)
         scores, transient = next(iter(parts.values())), sum(parts.values())
@@ -108,7 +113,9 @@ def computed_sd15(query_chunk: int) -> None:
               f"; accumulators + transient {fmt(ours + transient)}{mark}")
     for name, size in fine_self_transient(fp16_unet, SD15_LATENT, query_chunk).items():
         print(f"    {name:38s} {fmt(size)}")
-    print("  the transient raises the peak only where it exceeds the UNet's own activation peak (measured below)")
+    fused = sum(fine_self_transient(fp16_unet, SD15_LATENT, None).values())
+    print(f"  fused Triton path (CUDA): queries, keys and row log-sum-exp only  {fmt(fused)}")
+    print("  a transient raises the peak only where it exceeds the UNet's own activation peak (measured below)")
 
     per_call = store_all_bytes_per_call(layers, SD15_TEXT_TOKENS)
     print("store-all baseline (official SeeDiff code: explicit softmax on all 32 layers, AttentionStore keeps them):")
@@ -205,9 +212,9 @@ def measured(unet: UNet2DConditionModel, batch: int, steps_list: list[int], text
         print(f"  {steps:5d} steps: peak with capture - without, per image {fmt(extra)}{verdict if judge else ''}")
     accumulators = {rows[s, True][0] for s in steps_list}
     print(f"  accumulator bytes equal for steps {steps_list}: {len(accumulators) == 1}")
-    expected = sum(fine_self_transient(unet, unet.config.sample_size, query_chunk).values())
+    chunked = sum(fine_self_transient(unet, unet.config.sample_size, query_chunk).values())
     print(f"  computed for this UNet: accumulators {fmt(rows[steps_list[0], True][0] / batch)}, fine-layer "
-          f"transient ({unet.dtype}) {fmt(expected)}")
+          f"transient ({unet.dtype}), chunked path {fmt(chunked)}")
 
 
 def main() -> None:
