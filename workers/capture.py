@@ -141,9 +141,7 @@ class SelfAttentionSum(_ConditionalCapture):
         self.sum = torch.zeros(n_samples, n, n, dtype=torch.float32, device=device)
 
     def add(self, attn, query, key):
-        if query.is_cuda and add_head_summed_probabilities is not None:
-            if attn.upcast_attention:
-                query, key = query.float(), key.float()
+        if query.is_cuda and add_head_summed_probabilities is not None and not attn.upcast_attention:
             add_head_summed_probabilities(query, key, attn.scale, self.sum)
             return
         for rows, probs in _head_summed_probabilities(attn, query, key, self.query_chunk):

@@ -1,0 +1,61 @@
+"""Where capture time goes on a GPU: torch.profiler over one SD1.5-shaped fp16 generation with and without capture.
+
+Run on a CUDA machine: python bench/profile_capture.py [--batch-size 8] [--steps 5]
+Prints the wall time of each mode and the top CUDA kernels and CPU ops of the capture run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.bench_mask_overhead import CLASSES, run_with_capture, sd15_pipeline  # noqa: E402
+from schemas.config import RunConfig  # noqa: E402
+from schemas.manifest import ClassRow  # noqa: E402
+from schemas.records import SampleSpec  # noqa: E402
+from workers.generate import pipeline_inputs  # noqa: E402
+from workers.models import TINY_MODEL  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=5)
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    config = RunConfig(model=TINY_MODEL, resolution=512, steps=args.steps, batch_size=args.batch_size, dtype="float16")
+    pipe = sd15_pipeline(device, config)
+    specs = [
+        SampleSpec(i, i, 0, 1000 + i, ClassRow(c, i + 1, 1, config.prompt_template.format(class_name=c), "", i + 1))
+        for i, c in enumerate(CLASSES[i % len(CLASSES)] for i in range(args.batch_size))
+    ]
+    modes = {
+        "plain": lambda: pipe(**pipeline_inputs(pipe, specs, config), output_type="pt"),
+        "capture": lambda: run_with_capture(pipe, specs, config),
+    }
+    for name, run in modes.items():
+        run()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        run()
+        torch.cuda.synchronize()
+        print(f"{name}: {time.perf_counter() - start:.3f} s")
+    for name, run in modes.items():
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            run()
+            torch.cuda.synchronize()
+        print(f"--- {name}: top CUDA time")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+    print("--- capture: top CPU time")
+    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=15, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()
