@@ -303,8 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     pre = sub.add_parser("preview", help="write a PNG contact sheet of images with their masks")
     pre.set_defaults(func=cmd_preview)
     pre.add_argument("url")
-    pre.add_argument("--out", required=True, help="PNG path or URL to write")
-    pre.add_argument("-n", type=int, default=64, help="number of samples")
+    pre.add_argument("-o", "--out", required=True, help="PNG path or URL to write")
+    pre.add_argument("-n", "--n", type=int, default=64, help="number of samples")
     pre.add_argument("--class", dest="class_name", help="only this class")
     pre.add_argument("--cell", type=int, default=128, help="cell size in pixels")
 

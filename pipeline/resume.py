@@ -5,6 +5,7 @@ Call these before dispatching work, never while writers are running: leftovers a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import posixpath
 import re
@@ -20,6 +21,7 @@ from workers.shards import output_fs, write_file
 # RunConfig fields that may differ on resume: the same root can be reached by another URL (a mount, file://, ...).
 LOCATION_FIELDS = frozenset({"output_url"})
 MANIFEST_FIELD = "manifest_sha256"
+CLASSES_FIELD = "classes_sha256"  # the resolved classes, counts and prompts
 
 
 class RunConfigMismatch(ValueError):
@@ -93,7 +95,15 @@ def run_record(config: RunConfig, manifest: Manifest) -> dict[str, Any]:
         "manifest_source": manifest.source,
         "num_classes": len(manifest.rows),
         "num_samples": manifest.num_samples,
+        CLASSES_FIELD: classes_sha256(manifest),
     }
+
+
+def classes_sha256(manifest: Manifest) -> str:
+    """Fingerprint of the resolved class rows. The manifest's bytes alone miss flags that change the plan
+    (``--samples-per-class`` filling counts, the prompt template), which would silently shift sample ids."""
+    rows = [[r.class_name, r.class_id, r.num_samples, r.prompt, r.negative_prompt] for r in manifest.rows]
+    return hashlib.sha256(json.dumps(rows, ensure_ascii=False).encode()).hexdigest()
 
 
 def read_run_json(output_url: str) -> dict[str, Any] | None:
@@ -119,6 +129,8 @@ def run_differences(record: dict[str, Any], config: RunConfig, manifest: Manifes
     fields = [f for f in config.differences(stored) if f not in LOCATION_FIELDS]
     if record.get(MANIFEST_FIELD) != manifest.sha256:
         fields.append(MANIFEST_FIELD)
+    if record.get(CLASSES_FIELD) != classes_sha256(manifest):
+        fields.append(CLASSES_FIELD)
     return fields
 
 

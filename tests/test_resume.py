@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from dataclasses import replace
 import sys
 from pathlib import Path
 
@@ -87,6 +88,14 @@ def test_resume_with_other_settings_is_refused_naming_the_fields(storage_url: st
     expected = r"run\.json: .*differing fields: mask\.threshold, steps, manifest_sha256\."
     with pytest.raises(RunConfigMismatch, match=expected):
         prepare_output(changed, other_manifest, overwrite=False)
+
+
+def test_same_manifest_bytes_with_other_resolved_counts_is_refused(tmp_path: Path) -> None:
+    # a text manifest resumed with another --samples-per-class: same bytes, different plan
+    prepare_output(make_config(str(tmp_path)), MANIFEST, overwrite=False)
+    recounted = Manifest("classes.csv", tuple(replace(r, num_samples=r.num_samples + 1) for r in ROWS), MANIFEST.sha256)
+    with pytest.raises(RunConfigMismatch, match=r"differing fields: classes_sha256\."):
+        prepare_output(make_config(str(tmp_path)), recounted, overwrite=False)
 
 
 def test_the_same_root_under_another_url_resumes(tmp_path: Path) -> None:
