@@ -56,10 +56,7 @@ def main() -> None:
     pipe = sd15_pipeline(device, config) if args.sd15 else load_pipeline(config, device)
     if args.channels_last:
         pipe.unet.to(memory_format=torch.channels_last)
-    specs = [
-        SampleSpec(i, i, 0, 1000 + i, ClassRow(c, i + 1, 1, config.prompt_template.format(class_name=c), "", i + 1))
-        for i, c in enumerate(CLASSES[i % len(CLASSES)] for i in range(args.batch_size))
-    ]
+    specs = bench_specs(config, args.batch_size)
     modes = {
         "plain": lambda: pipe(**pipeline_inputs(pipe, specs, config), output_type="pt"),
         "capture": lambda: run_with_capture(pipe, specs, config),
@@ -76,6 +73,14 @@ def main() -> None:
             times[name].append(seconds)
             peaks[name] = max(peaks.get(name, 0), peak)
     report(args, config, device, times, peaks)
+
+
+def bench_specs(config: RunConfig, batch_size: int) -> list[SampleSpec]:
+    """One sample per class in CLASSES (cycled), fixed seeds, so every mode generates the same batch."""
+    return [
+        SampleSpec(i, i, 0, 1000 + i, ClassRow(c, i + 1, 1, config.prompt_template.format(class_name=c), "", i + 1))
+        for i, c in enumerate(CLASSES[i % len(CLASSES)] for i in range(batch_size))
+    ]
 
 
 def run_with_capture(pipe, specs, config):

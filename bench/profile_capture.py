@@ -16,10 +16,8 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.bench_mask_overhead import CLASSES, run_with_capture, sd15_pipeline  # noqa: E402
+from bench.bench_mask_overhead import bench_specs, run_with_capture, sd15_pipeline  # noqa: E402
 from schemas.config import RunConfig  # noqa: E402
-from schemas.manifest import ClassRow  # noqa: E402
-from schemas.records import SampleSpec  # noqa: E402
 from workers.generate import pipeline_inputs  # noqa: E402
 from workers.models import TINY_MODEL  # noqa: E402
 
@@ -32,10 +30,7 @@ def main() -> None:
     device = torch.device("cuda")
     config = RunConfig(model=TINY_MODEL, resolution=512, steps=args.steps, batch_size=args.batch_size, dtype="float16")
     pipe = sd15_pipeline(device, config)
-    specs = [
-        SampleSpec(i, i, 0, 1000 + i, ClassRow(c, i + 1, 1, config.prompt_template.format(class_name=c), "", i + 1))
-        for i, c in enumerate(CLASSES[i % len(CLASSES)] for i in range(args.batch_size))
-    ]
+    specs = bench_specs(config, args.batch_size)
     modes = {
         "plain": lambda: pipe(**pipeline_inputs(pipe, specs, config), output_type="pt"),
         "capture": lambda: run_with_capture(pipe, specs, config),
