@@ -88,7 +88,9 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 def load_pipeline(config: RunConfig, device: torch.device) -> StableDiffusionPipeline:
     dtype = resolve_dtype(config.dtype, device)
     if config.model == TINY_MODEL:
-        pipe = build_tiny_pipeline().to(dtype=dtype)
+        pipe = build_tiny_pipeline()  # built in fp32; casting to the same dtype only makes diffusers warn
+        if dtype != torch.float32:
+            pipe = pipe.to(dtype=dtype)
     else:
         # The safety checker stays as the model ships it; flagged samples become failures in generate.py.
         pipe = StableDiffusionPipeline.from_pretrained(config.model, revision=config.revision, torch_dtype=dtype)
