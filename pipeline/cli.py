@@ -185,7 +185,7 @@ def generate(
 
 def _actor_factory(actor_class: type | None, config: RunConfig, runtime: RuntimeOptions) -> tuple[Callable[[], Any], int]:
     """One GPU actor per GPU in the cluster by default; without GPUs (or with --device cpu) ``num_actors`` CPU
-    actors (default 1), each with its share of the cluster's CPUs as torch threads."""
+    actors (default 1), each with one torch thread."""
     import ray
 
     from workers.actor import ShardActor
@@ -200,7 +200,9 @@ def _actor_factory(actor_class: type | None, config: RunConfig, runtime: Runtime
     if not use_gpu and num_actors > cpus:
         log.warning("%d CPU actors requested but the cluster has %d CPUs; the rest wait for resources", num_actors, cpus)
     actor_runtime = runtime.model_copy(update={"device": "cuda" if use_gpu else "cpu"})
-    torch_threads = None if use_gpu else max(1, cpus // num_actors)
+    # CPU float results depend on the intra-op thread count; one thread per CPU actor keeps the bytes independent
+    # of how many actors run (a runtime option), and CPU throughput scales with --num-actors instead.
+    torch_threads = None if use_gpu else 1
     remote = ray.remote(actor_class or ShardActor).options(
         num_gpus=1 if use_gpu else 0, num_cpus=1, max_restarts=0, max_task_retries=0
     )
