@@ -1,7 +1,8 @@
 """Where capture time goes on a GPU: torch.profiler over one SD1.5-shaped fp16 generation with and without capture.
 
 Run on a CUDA machine: python bench/profile_capture.py [--batch-size 8] [--steps 5]
-Prints the wall time of each mode and the top CUDA kernels and CPU ops of the capture run.
+Prints the wall time of each mode (plain, capture, capture + masks without PAMR), the top CUDA kernels of each, and
+the top CPU ops of the masks run.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.bench_mask_overhead import bench_specs, run_with_capture, sd15_pipeline  # noqa: E402
+from bench.bench_mask_overhead import bench_specs, run_with_capture, sd15_pipeline, with_refine  # noqa: E402
 from schemas.config import RunConfig  # noqa: E402
-from workers.generate import pipeline_inputs  # noqa: E402
+from workers.generate import generate_batch, pipeline_inputs  # noqa: E402
 from workers.models import TINY_MODEL  # noqa: E402
 
 
@@ -34,6 +35,7 @@ def main() -> None:
     modes = {
         "plain": lambda: pipe(**pipeline_inputs(pipe, specs, config), output_type="pt"),
         "capture": lambda: run_with_capture(pipe, specs, config),
+        "masks": lambda: generate_batch(pipe, specs, with_refine(config, "none")),
     }
     for name, run in modes.items():
         run()
@@ -48,7 +50,7 @@ def main() -> None:
             torch.cuda.synchronize()
         print(f"--- {name}: top CUDA time")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
-    print("--- capture: top CPU time")
+    print("--- masks: top CPU time")
     print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=15, max_name_column_width=60))
 
 
