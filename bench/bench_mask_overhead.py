@@ -6,6 +6,8 @@ Modes (each timed end to end, latents to decoded images):
   masks      + seeded masks without PAMR (generate_batch with refine='none')
   pamr       + PAMR boundary refinement (generate_batch with refine='pamr')
 Run: python bench/bench_mask_overhead.py [--sd15] [--batch-size N] [--steps N]
+--steps defaults to the product default, RunConfig().steps (30): capture costs the same fraction of every UNet call,
+but the mask algorithm is a fixed cost per image, so fewer steps than a real run overstate its share.
 Prints median seconds per batch, peak CUDA memory on a GPU, and (plain + capture + masks) / plain. Target <= 1.10.
 
 CPU (default): the tiny random-weight SD (attention at latent, latent/2, latent/4) at 256 px.
@@ -140,7 +142,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sd15", action="store_true", help="SD1.5-shaped random UNet, fp16 on CUDA, 512 px")
     parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=RunConfig().steps, help="default: RunConfig's (%(default)s)")
     parser.add_argument("--resolution", type=int, default=None, help="default 256 (CPU) / 512 (--sd15)")
     parser.add_argument("--pamr-iterations", type=int, default=MaskConfig().pamr_iterations)
     parser.add_argument("--repeats", type=int, default=3)

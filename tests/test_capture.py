@@ -96,7 +96,10 @@ def test_capture_leaves_generation_unchanged(tiny_pipe):
     plain = run(tiny_pipe, prompts, output_type="latent").images
     with SeeDiffCapture(tiny_pipe.unet, LATENT, [[5], [7, 8]]):
         captured = run(tiny_pipe, prompts, output_type="latent").images
-    torch.testing.assert_close(captured, plain, rtol=0, atol=1e-6)
+    # Off CUDA the conditional half's attention is computed explicitly (probs @ V), not by fused SDPA: equal up to
+    # fp32 rounding. For scale: diffusers' own explicit AttnProcessor on the same layers differs by 9e-6 here
+    # (latents up to 6.3).
+    torch.testing.assert_close(captured, plain, rtol=0, atol=2e-5)
 
 
 @pytest.mark.parametrize("guidance", [6.0, 1.0], ids=["cfg", "no-guidance"])

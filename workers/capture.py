@@ -2,9 +2,10 @@
 
 Locate every attention layer from the UNet's module structure, choose SeeDiff's layers (every cross-attention layer at
 latent/4 and the first decoder self-attention at latent/4, latent/2 and latent), install capture processors on those
-layers only, and restore the previous processors on exit. A capture processor returns the layer's normal fused-SDPA
-output for the whole batch and, for the conditional half only, adds the head-summed softmax probabilities to a
-preallocated fp32 running sum. Knows nothing of masks."""
+layers only, and restore the previous processors on exit. A capture processor returns the layer's normal output and,
+for the conditional half only, adds the head-summed softmax probabilities to a preallocated fp32 running sum. On CUDA
+the whole batch keeps fused SDPA and a fused kernel adds the probabilities; elsewhere the conditional half's output is
+computed from the explicit probabilities, so no attention product is computed twice. Knows nothing of masks."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 try:  # the fused kernel needs Triton (CUDA builds of torch ship it); elsewhere the chunked torch path runs
@@ -23,6 +25,9 @@ except ImportError:
 
 SCALE_DEPTHS = {"fine": 0, "middle": 1, "coarse": 2}  # SeeDiff's scales as downsampling depth below the latent
 _BLOCK_RANK = {"down": 0, "mid": 1, "up": 2}  # forward order of the UNet's block groups
+# Off the GPU, explicit attention is memory-bound: a [B, heads, rows, keys] block that fits in cache is several times
+# faster per row than one that does not (2-core dev machine: 4 MiB blocks ran 3.7x faster than 16 MiB ones).
+CPU_BLOCK_BYTES = 4 * 2**20
 
 
 class UnsupportedUNetError(ValueError):
@@ -99,9 +104,9 @@ def plan_seediff_layers(layers: Sequence[AttentionLayer], latent_size: int) -> C
 
 
 class _ConditionalCapture:
-    """Base capture processor: the fused SDPA output for the whole batch, plus head-summed probabilities of the
-    conditional half (the second half under classifier-free guidance, else the whole batch) added to ``sum``
-    for UNet calls inside ``window``."""
+    """Base capture processor: the layer's normal output, plus head-summed probabilities of the conditional half
+    (the second half under classifier-free guidance, else the whole batch) added to ``sum`` for UNet calls inside
+    ``window``. Outside the window, fused SDPA for the whole batch."""
 
     def __init__(self, n_samples: int, window: tuple[int, int] | None, query_chunk: int):
         self.n_samples = n_samples
@@ -112,20 +117,44 @@ class _ConditionalCapture:
         self.captured = 0  # calls added to the sum
 
     def __call__(self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
-        out = self.fused(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
-        if self.window is None or self.window[0] <= self.calls < self.window[1]:
-            if attention_mask is not None:
-                raise NotImplementedError("capturing a layer called with an attention mask is not supported")
+        capturing = self.window is None or self.window[0] <= self.calls < self.window[1]
+        if not capturing:
+            out = self.fused(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        elif attention_mask is not None:
+            raise NotImplementedError("capturing a layer called with an attention mask is not supported")
+        elif hidden_states.is_cuda:
+            # GPU: fused SDPA for the whole batch, then the fused capture kernel on the conditional half's Q, K
+            out = self.fused(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
             cond = _conditional_half(hidden_states.shape[0], self.n_samples)
             context = None if encoder_hidden_states is None else encoder_hidden_states[cond]
             with torch.no_grad():
-                query, key = _query_key(attn, hidden_states[cond], context)
+                query, key, _ = _projections(attn, hidden_states[cond], context, value=False)
                 self.add(attn, query, key)
-            self.captured += 1
+        else:
+            out = _attention_output(attn, hidden_states, encoder_hidden_states, temb, self._attend_capturing)
+        self.captured += capturing
         self.calls += 1
         return out
 
+    def _attend_capturing(self, attn: Attention, query, key, value) -> torch.Tensor:
+        """Off the GPU: fused SDPA on the unconditional half only; the conditional half's output comes from the
+        explicit probabilities the capture needs anyway (probs @ V per query chunk), so no Q Kᵀ is computed twice."""
+        cond = _conditional_half(query.shape[0], self.n_samples)
+        out = torch.empty_like(query[cond])
+        for rows, probs in _probabilities(attn, query[cond], key[cond], self.query_chunk):
+            out[:, :, rows] = probs.to(value.dtype) @ value[cond]
+            self.add_rows(rows, probs.sum(dim=1))
+        if cond.start is None:
+            return out
+        uncond = slice(None, cond.start)
+        return torch.cat([F.scaled_dot_product_attention(query[uncond], key[uncond], value[uncond]), out])
+
     def add(self, attn: Attention, query: torch.Tensor, key: torch.Tensor) -> None:
+        for rows, probs in _probabilities(attn, query, key, self.query_chunk):
+            self.add_rows(rows, probs.sum(dim=1))
+
+    def add_rows(self, rows: slice, probs: torch.Tensor) -> None:
+        """Add head-summed probabilities [B, rows, n_keys] of query rows ``rows`` to the running sum."""
         raise NotImplementedError
 
     def average(self) -> torch.Tensor:
@@ -143,9 +172,11 @@ class SelfAttentionSum(_ConditionalCapture):
     def add(self, attn, query, key):
         if query.is_cuda and add_head_summed_probabilities is not None and not attn.upcast_attention:
             add_head_summed_probabilities(query, key, attn.scale, self.sum)
-            return
-        for rows, probs in _head_summed_probabilities(attn, query, key, self.query_chunk):
-            self.sum[:, rows] += probs
+        else:
+            super().add(attn, query, key)
+
+    def add_rows(self, rows, probs):
+        self.sum[:, rows] += probs
 
 
 class CrossTokenSum(_ConditionalCapture):
@@ -160,11 +191,10 @@ class CrossTokenSum(_ConditionalCapture):
         self.columns = torch.tensor(padded, dtype=torch.long, device=device)  # [B, T_max]
         self.sum = torch.zeros(len(padded), width, layer.side**2, dtype=torch.float32, device=device)
 
-    def add(self, attn, query, key):
-        # 77 keys: the transient is small, and only class columns are kept, so plain torch ops suffice
-        for rows, probs in _head_summed_probabilities(attn, query, key, self.query_chunk):  # [B, rows, n_tokens]
-            index = self.columns[:, None, :].expand(-1, probs.shape[1], -1)
-            self.sum[:, :, rows] += probs.gather(2, index).transpose(1, 2)
+    def add_rows(self, rows, probs):
+        # 77 keys: the transient is small, and only class columns are kept, so plain torch ops suffice (also on CUDA)
+        index = self.columns[:, None, :].expand(-1, probs.shape[1], -1)
+        self.sum[:, :, rows] += probs.gather(2, index).transpose(1, 2)
 
     def per_sample(self) -> list[torch.Tensor]:
         average = self.average()
@@ -282,8 +312,29 @@ def _conditional_half(batch: int, n_samples: int) -> slice:
     raise ValueError(f"attention batch {batch} is neither {n_samples} samples nor {2 * n_samples} with guidance")
 
 
-def _query_key(attn: Attention, hidden_states: torch.Tensor, context: torch.Tensor | None):
-    """Queries and keys [B, heads, L, head_dim] exactly as the fused processor forms them."""
+def _attention_output(attn: Attention, hidden_states, encoder_hidden_states, temb, attend) -> torch.Tensor:
+    """AttnProcessor2_0's computation without an attention mask, with the attention product itself delegated to
+    ``attend(attn, query, key, value) -> [B, heads, L, head_dim]``."""
+    residual = hidden_states
+    if attn.spatial_norm is not None:
+        hidden_states = attn.spatial_norm(hidden_states, temb)
+    input_ndim = hidden_states.ndim
+    if input_ndim == 4:
+        batch, channel, height, width = hidden_states.shape
+        hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+    query, key, value = _projections(attn, hidden_states, encoder_hidden_states)
+    out = attend(attn, query, key, value)
+    out = out.transpose(1, 2).reshape(out.shape[0], -1, attn.heads * out.shape[-1]).to(query.dtype)
+    out = attn.to_out[1](attn.to_out[0](out))  # linear projection, dropout
+    if input_ndim == 4:
+        out = out.transpose(-1, -2).reshape(batch, channel, height, width)
+    if attn.residual_connection:
+        out = out + residual
+    return out / attn.rescale_output_factor
+
+
+def _projections(attn: Attention, hidden_states: torch.Tensor, context: torch.Tensor | None, value: bool = True):
+    """Queries, keys and (if ``value``) values [B, heads, L, head_dim] exactly as the fused processor forms them."""
     if hidden_states.ndim == 4:
         hidden_states = hidden_states.flatten(2).transpose(1, 2)
     if attn.group_norm is not None:
@@ -300,18 +351,23 @@ def _query_key(attn: Attention, hidden_states: torch.Tensor, context: torch.Tens
         query = attn.norm_q(query)
     if attn.norm_k is not None:
         key = attn.norm_k(key)
-    return query, key
+    if not value:
+        return query, key, None
+    return query, key, attn.to_v(context).view(batch, -1, attn.heads, head_dim).transpose(1, 2)
 
 
-def _head_summed_probabilities(
+def _probabilities(
     attn: Attention, query: torch.Tensor, key: torch.Tensor, chunk: int
 ) -> Iterator[tuple[slice, torch.Tensor]]:
-    """softmax(Q Kᵀ · scale) summed over heads, in fp32, one block of query rows at a time so the transient stays
-    [B, heads, chunk, n_keys]."""
+    """softmax(Q Kᵀ · scale) per head in fp32, one block of query rows at a time so the transient stays
+    [B, heads, rows, n_keys]. Off the GPU the block is also kept within CPU_BLOCK_BYTES."""
     if attn.upcast_attention:
         query, key = query.float(), key.float()
+    if not query.is_cuda:
+        row_bytes = query.shape[0] * query.shape[1] * key.shape[2] * 4
+        chunk = max(1, min(chunk, CPU_BLOCK_BYTES // row_bytes))
     key_t = key.transpose(-1, -2)
     for start in range(0, query.shape[2], chunk):
         rows = slice(start, start + chunk)
         scores = (query[:, :, rows] * attn.scale) @ key_t
-        yield rows, torch.softmax(scores, dim=-1, dtype=torch.float32).sum(dim=1)
+        yield rows, torch.softmax(scores, dim=-1, dtype=torch.float32)
