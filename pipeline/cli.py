@@ -167,30 +167,43 @@ def generate(
     todo = [plan.shard(i) for i in range(plan.num_shards) if i not in committed]
     log.info("%d of %d shards already committed; generating %d", len(committed), plan.num_shards, len(todo))
 
-    from pipeline.dispatch import DispatchResult, Dispatcher  # Ray only from here on
+    from pipeline.dispatch import DispatchResult, Dispatcher, ShardRecord  # Ray only from here on
     from pipeline.index import write_index
-    from pipeline.progress import Progress
+    from pipeline.progress import PartialCounts, Progress
 
     if todo:
-        make_actor, num_actors = _actor_factory(actor_class, config, runtime)
+        import ray
+
+        _connect_ray(runtime)
+        counts = ray.remote(PartialCounts).options(num_cpus=0).remote()
+        make_actor, num_actors = _actor_factory(actor_class, config, runtime, counts)
         progress = Progress(plan.num_samples, plan.num_samples - sum(len(s) for s in todo), stream)
+
+        def shard_done(record: ShardRecord) -> None:
+            counts.close.remote(record.shard_id)  # ordered before the next tick's total()
+            progress.shard_done(record)
+
         try:
-            result = Dispatcher(todo, make_actor, num_actors, runtime, progress.shard_done, progress.tick).run()
+            result = Dispatcher(
+                todo, make_actor, num_actors, runtime, shard_done, lambda: progress.tick(ray.get(counts.total.remote()))
+            ).run()
         finally:
             progress.close()
+            ray.kill(counts)
     else:
         result = DispatchResult({}, 0.0)
     return GenerateOutcome(result, write_index(config, plan.num_shards), len(committed))
 
 
-def _actor_factory(actor_class: type | None, config: RunConfig, runtime: RuntimeOptions) -> tuple[Callable[[], Any], int]:
+def _actor_factory(
+    actor_class: type | None, config: RunConfig, runtime: RuntimeOptions, progress: Any
+) -> tuple[Callable[[], Any], int]:
     """One GPU actor per GPU in the cluster by default; without GPUs (or with --device cpu) ``num_actors`` CPU
     actors (default 1), each with one torch thread."""
     import ray
 
     from workers.actor import ShardActor
 
-    _connect_ray(runtime)
     resources = ray.cluster_resources()
     gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
     use_gpu = runtime.device == "cuda" or (runtime.device == "auto" and gpus > 0)
@@ -207,7 +220,7 @@ def _actor_factory(actor_class: type | None, config: RunConfig, runtime: Runtime
         num_gpus=1 if use_gpu else 0, num_cpus=1, max_restarts=0, max_task_retries=0
     )
     log.info("%d %s actors (ray %s)", num_actors, "GPU" if use_gpu else "CPU", ray.get_runtime_context().gcs_address)
-    return (lambda: remote.remote(config, actor_runtime, torch_threads)), num_actors
+    return (lambda: remote.remote(config, actor_runtime, torch_threads, progress)), num_actors
 
 
 def _connect_ray(runtime: RuntimeOptions) -> None:

@@ -1,5 +1,6 @@
 """Progress of a generation run in samples: a tqdm bar with images/s and ETA on a terminal, a plain periodic log line
-otherwise (Ray job logs, CI, ``nohup``), and the final run summary. Updated per finished shard."""
+otherwise (Ray job logs, CI, ``nohup``), and the final run summary. Committed shards count in full; shards still
+running count with the samples their actors have reported so far (``PartialCounts``)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,28 @@ from pipeline.dispatch import DispatchResult, ShardRecord
 LOG_EVERY_S = 30.0
 
 
+class PartialCounts:
+    """Samples written so far by each running shard, reported by the shard actors after every batch. Runs as a small
+    Ray actor on the driver's side: a 1000-sample shard takes minutes, and the bar should move meanwhile.
+    A shard's count is replaced, not added to, so a retried shard restarts from its new attempt's count; once the
+    driver closes a shard (committed or finally failed), late reports for it are ignored."""
+
+    def __init__(self) -> None:
+        self.counts: dict[int, int] = {}
+        self.closed: set[int] = set()
+
+    def report(self, shard_id: int, written: int) -> None:
+        if shard_id not in self.closed:
+            self.counts[shard_id] = written
+
+    def close(self, shard_id: int) -> None:
+        self.closed.add(shard_id)
+        self.counts.pop(shard_id, None)
+
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
 class Progress:
     """``total`` samples planned, ``done`` of them already committed by an earlier run."""
 
@@ -21,7 +44,8 @@ class Progress:
         self.total, self.done, self.stream, self.log_every_s = total, done, stream, log_every_s
         self.failed_shards = 0
         self.started = self.last_log = time.monotonic()
-        self.new = 0  # samples finished in this run, for the rate
+        self.new = 0  # samples committed in this run, for the rate
+        self.partial = 0  # samples written by shards still running
         self.bar = (
             tqdm(total=total, initial=done, unit="img", file=stream, dynamic_ncols=True, smoothing=0.1)
             if stream.isatty()
@@ -32,26 +56,32 @@ class Progress:
         if not record.ok:
             self.failed_shards += 1
             return
+        # Shown at the next tick, whose partial count no longer includes this shard.
         self.done += record.num_samples
         self.new += record.num_samples
-        if self.bar is not None:
-            self.bar.update(record.num_samples)
-            self.bar.set_postfix(failed_shards=self.failed_shards, refresh=False)
 
-    def tick(self) -> None:
+    def tick(self, partial: int = 0) -> None:
+        """``partial``: samples written so far by the shards still running."""
+        self.partial = partial
+        self._show()
         now = time.monotonic()
         if self.bar is None and now - self.last_log >= self.log_every_s:
             self.last_log = now
             print(self.line(now), file=self.stream, flush=True)
 
+    def _show(self) -> None:
+        if self.bar is not None:
+            self.bar.update(self.done + self.partial - self.bar.n)
+            self.bar.set_postfix(failed_shards=self.failed_shards, refresh=False)
+
     def line(self, now: float) -> str:
         elapsed = now - self.started
-        rate = self.new / elapsed if elapsed > 0 else 0.0
-        left = self.total - self.done
-        eta = tqdm.format_interval(left / rate) if rate > 0 else "?"
-        percent = 100.0 * self.done / self.total if self.total else 100.0
+        shown = self.done + self.partial
+        rate = (self.new + self.partial) / elapsed if elapsed > 0 else 0.0
+        eta = tqdm.format_interval((self.total - shown) / rate) if rate > 0 else "?"
+        percent = 100.0 * shown / self.total if self.total else 100.0
         return (
-            f"progress: {self.done}/{self.total} samples ({percent:.1f}%), {rate:.2f} img/s, ETA {eta}, "
+            f"progress: {shown}/{self.total} samples ({percent:.1f}%), {rate:.2f} img/s, ETA {eta}, "
             f"{self.failed_shards} failed shards"
         )
 

@@ -24,11 +24,16 @@ from workers.shards import ShardWriter
 
 
 class ShardActor:
-    """``ShardActor(config, runtime, torch_threads)``; ``generate_shard(shard)`` writes and commits one shard.
-    ``torch_threads`` caps intra-op threads so several CPU actors on one machine do not oversubscribe it."""
+    """``ShardActor(config, runtime, torch_threads, progress)``; ``generate_shard(shard)`` writes and commits one
+    shard. ``torch_threads`` caps intra-op threads so several CPU actors on one machine do not oversubscribe it.
+    ``progress``: a Ray actor handle of ``pipeline.progress.PartialCounts`` told the samples written after every
+    batch (fire-and-forget), so the driver's bar moves between shard commits."""
 
-    def __init__(self, config: RunConfig, runtime: RuntimeOptions, torch_threads: int | None = None):
+    def __init__(
+        self, config: RunConfig, runtime: RuntimeOptions, torch_threads: int | None = None, progress: Any = None
+    ):
         self.config = config
+        self.progress = progress
         self.device = resolve_device(runtime.device)
         if torch_threads is not None:
             torch.set_num_threads(torch_threads)
@@ -48,12 +53,10 @@ class ShardActor:
                 t0 = time.perf_counter()
                 generated = generate_batch(self.pipe, batch, self.config)
                 t1 = time.perf_counter()
-                for future in encoding:  # the previous batch, encoded while this one was generated
-                    writer.add(future.result())
+                self._drain(writer, encoding, shard.shard_id)  # the previous batch, encoded meanwhile
                 generate_s, drain_s = generate_s + t1 - t0, drain_s + time.perf_counter() - t1
                 encoding = [self.encoder.submit(self._encode, sample) for sample in generated]
-            for future in encoding:
-                writer.add(future.result())
+            self._drain(writer, encoding, shard.shard_id)
             runtime_info = {
                 **self.identity,
                 "load_s": self.load_s,
@@ -62,6 +65,12 @@ class ShardActor:
                 "shard_s": time.perf_counter() - started,
             }
             return writer.commit(runtime_info)
+
+    def _drain(self, writer: ShardWriter, encoding: list[Future[SampleOutcome]], shard_id: int) -> None:
+        for future in encoding:
+            writer.add(future.result())
+        if encoding and self.progress is not None:
+            self.progress.report.remote(shard_id, writer.added)
 
     def _encode(self, sample: GeneratedSample) -> SampleOutcome:
         return encode_sample(sample.spec, sample.image, sample.mask, sample.mask_stats, sample.error, self.config)

@@ -130,6 +130,11 @@ class ShardWriter:
     def path(self, suffix: str) -> str:
         return f"{self.root}/{self.name}{suffix}"
 
+    @property
+    def added(self) -> int:
+        """Samples added so far (successes and failures)."""
+        return self._next_id - self.shard.start
+
     def add(self, outcome: SampleOutcome) -> None:
         if self._closed:
             raise RuntimeError(f"shard {self.name}: add after commit/abort")

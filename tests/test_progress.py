@@ -1,0 +1,57 @@
+"""Progress between shard commits: actors report samples written after every batch; the driver's count adds the
+running shards' reports to the committed shards, without double counting retried or finished shards."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from pipeline.dispatch import ShardRecord
+from pipeline.progress import PartialCounts, Progress
+from schemas.config import RuntimeOptions
+from schemas.manifest import load_manifest
+from tests.e2e_support import plan_of, run_config, write_inputs
+from workers.actor import ShardActor
+
+
+def test_partial_counts_replace_per_shard_and_ignore_reports_after_close() -> None:
+    counts = PartialCounts()
+    counts.report(0, 2)
+    counts.report(1, 4)
+    counts.report(0, 4)  # the same shard's later batch: replaces
+    assert counts.total() == 8
+    counts.report(1, 2)  # a retried shard restarts from its new attempt's count
+    assert counts.total() == 6
+    counts.close(0)
+    counts.report(0, 6)  # a late report of a shard the driver already closed
+    assert counts.total() == 2
+
+
+def test_log_line_counts_running_shards_and_committed_ones_once() -> None:
+    stream = io.StringIO()  # not a terminal: plain log lines
+    progress = Progress(total=100, done=10, stream=stream, log_every_s=0.0)
+    progress.started -= 10.0  # ten seconds into the run
+    progress.tick(partial=30)
+    assert "progress: 40/100 samples (40.0%), 3.00 img/s" in stream.getvalue()
+    progress.shard_done(ShardRecord(shard_id=0, num_samples=30, attempts=1, stats={"successes": 30}))
+    progress.tick(partial=0)  # the shard's reports are closed once it is done
+    assert stream.getvalue().splitlines()[-1].startswith("progress: 40/100 samples")
+
+
+def test_actor_reports_samples_written_after_every_batch(tmp_path: Path) -> None:
+    manifest_path, _ = write_inputs(tmp_path / "inputs")
+    config = run_config(str(tmp_path / "out"), {"model": "tiny", "resolution": 64, "steps": 2, "batch_size": 2,
+                                                 "samples_per_shard": 5, "mask": {"refine": "none"}})
+    plan = plan_of(load_manifest(manifest_path), config)
+    reports: list[tuple[int, int]] = []
+    handle = SimpleNamespace(report=SimpleNamespace(remote=lambda shard_id, n: reports.append((shard_id, n))))
+    threads = torch.get_num_threads()
+    try:
+        actor = ShardActor(config, RuntimeOptions(device="cpu"), torch_threads=1, progress=handle)
+        actor.generate_shard(plan.shard(0))  # 5 samples in batches of 2
+    finally:
+        torch.set_num_threads(threads)
+    assert reports == [(0, 2), (0, 4), (0, 5)]
