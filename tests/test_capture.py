@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
@@ -8,6 +9,7 @@ from workers.capture import (
     SeeDiffCapture,
     SelfAttentionSum,
     UnsupportedUNetError,
+    _attention_output,
     installed_processors,
     locate_attention_layers,
     plan_seediff_layers,
@@ -102,6 +104,25 @@ def test_capture_leaves_generation_unchanged(tiny_pipe):
     torch.testing.assert_close(captured, plain, rtol=0, atol=2e-5)
 
 
+class FusedThroughCaptureOutput:
+    """The capture processors' output path (projections, attention product, output projection) with fused SDPA as
+    the product: what a captured layer computes on a GPU, where the whole batch keeps fused SDPA."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
+        return _attention_output(
+            attn, hidden_states, encoder_hidden_states, temb, lambda a, q, k, v: F.scaled_dot_product_attention(q, k, v)
+        )
+
+
+def test_capture_output_path_with_fused_attention_is_the_fused_processor(tiny_pipe):
+    prompts = ["a photograph of a dog", "a long shot of a potted plant"]
+    plain = run(tiny_pipe, prompts, output_type="latent").images
+    everywhere = {key: FusedThroughCaptureOutput() for key in tiny_pipe.unet.attn_processors}
+    with installed_processors(tiny_pipe.unet, everywhere):
+        rebuilt = run(tiny_pipe, prompts, output_type="latent").images
+    assert torch.equal(rebuilt, plain)
+
+
 @pytest.mark.parametrize("guidance", [6.0, 1.0], ids=["cfg", "no-guidance"])
 def test_captured_sums_equal_naive_reference(tiny_pipe, guidance):
     prompts = ["a photograph of a dog", "a long shot of a potted plant"]
@@ -145,19 +166,41 @@ def test_window_past_the_last_call_is_an_error(tiny_pipe):
         capture.result()
 
 
+def retained_tensor_bytes(capture: SeeDiffCapture) -> int:
+    """Bytes of every distinct tensor the capture's processors hold (sums, workspaces, lists, dicts)."""
+    seen: dict[int, int] = {}
+
+    def visit(value):
+        if isinstance(value, torch.Tensor):
+            storage = value.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+        elif isinstance(value, dict):
+            for item in value.values():
+                visit(item)
+        elif isinstance(value, (list, tuple, set)):
+            for item in value:
+                visit(item)
+        elif hasattr(value, "__dict__") and not isinstance(value, type):
+            visit(vars(value))
+
+    for processor in capture.processors().values():
+        visit(vars(processor))
+    return sum(seen.values())
+
+
 def test_accumulator_memory_does_not_grow_with_steps(tiny_pipe):
-    sizes = []
+    sums, retained = [], []
     for steps in (2, 20):
         capture = SeeDiffCapture(tiny_pipe.unet, LATENT, [[5], [6]])
-        allocated = capture.buffer_bytes()
         with capture:
             run(tiny_pipe, ["a dog", "a cat"], steps=steps, output_type="latent")
         assert capture.result().calls == steps
-        assert capture.buffer_bytes() == allocated
-        sizes.append(allocated)
-    assert sizes[0] == sizes[1]
+        sums.append(capture.buffer_bytes())
+        retained.append(retained_tensor_bytes(capture))
     # fp32 [B, N, N] for the three scales and [B, T, N] per coarse cross layer
-    assert sizes[0] == 4 * 2 * (64**2 + 16**2 + 4**2 + 3 * 1 * 4)
+    assert sums[0] == sums[1] == 4 * 2 * (64**2 + 16**2 + 4**2 + 3 * 1 * 4)
+    # nothing else the processors keep (workspaces, per-call state) grows with the number of UNet calls either
+    assert retained[0] == retained[1]
 
 
 def test_batch_maps_equal_single_runs(tiny_pipe):

@@ -61,10 +61,7 @@ class CapturedAttention:
 def locate_attention_layers(unet: torch.nn.Module, latent_size: int) -> list[AttentionLayer]:
     """Every Attention module of the UNet's down, mid and up blocks, in forward order. The side comes from the
     block's downsampling depth (stride-2 convs give ceil(n / 2)), not from module names."""
-    sides = [latent_size]
     depth_of = _block_depths(unet)
-    while len(sides) <= max(depth_of.values(), default=0):
-        sides.append(math.ceil(sides[-1] / 2))
     found = []
     for name, module in unet.named_modules():
         if not isinstance(module, Attention):
@@ -78,7 +75,9 @@ def locate_attention_layers(unet: torch.nn.Module, latent_size: int) -> list[Att
         found.append((name, kind, block, index, module.heads))
     found.sort(key=lambda f: (_BLOCK_RANK[f[2]], f[3]))  # stable: module order within a block is forward order
     return [
-        AttentionLayer(f"{name}.processor", kind, block, index, order, sides[depth_of[(block, index)]], heads)
+        AttentionLayer(
+            f"{name}.processor", kind, block, index, order, _side_at_depth(latent_size, depth_of[(block, index)]), heads
+        )
         for order, (name, kind, block, index, heads) in enumerate(found)
     ]
 
@@ -119,28 +118,24 @@ class _ConditionalCapture:
 
     def __call__(self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
         capturing = self.window is None or self.window[0] <= self.calls < self.window[1]
-        if not capturing:
-            out = self.fused(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
-        elif attention_mask is not None:
-            raise NotImplementedError("capturing a layer called with an attention mask is not supported")
-        elif hidden_states.is_cuda:
-            # GPU: fused SDPA for the whole batch, then the fused capture kernel on the conditional half's Q, K
-            out = self.fused(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
-            cond = _conditional_half(hidden_states.shape[0], self.n_samples)
-            context = None if encoder_hidden_states is None else encoder_hidden_states[cond]
-            with torch.no_grad():
-                query, key, _ = _projections(attn, hidden_states[cond], context, value=False)
-                self.add(attn, query, key)
-        else:
-            out = _attention_output(attn, hidden_states, encoder_hidden_states, temb, self._attend_capturing)
-        self.captured += capturing
         self.calls += 1
-        return out
+        if not capturing:
+            return self.fused(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        if attention_mask is not None:
+            raise NotImplementedError("capturing a layer called with an attention mask is not supported")
+        self.captured += 1
+        return _attention_output(attn, hidden_states, encoder_hidden_states, temb, self._attend)
 
-    def _attend_capturing(self, attn: Attention, query, key, value) -> torch.Tensor:
-        """Off the GPU: fused SDPA on the unconditional half only; the conditional half's output comes from the
-        explicit probabilities the capture needs anyway (probs @ V per query chunk), so no Q Kᵀ is computed twice."""
+    def _attend(self, attn: Attention, query, key, value) -> torch.Tensor:
+        """The attention product of a captured call; the capture reuses the layer's own Q, K (and V) projections.
+        GPU: fused SDPA for the whole batch, and ``add`` (the fused kernel for self layers) on the conditional half.
+        Elsewhere: fused SDPA on the unconditional half only; the conditional half's output comes from the explicit
+        probabilities the capture needs anyway (probs @ V per query block), so no Q Kᵀ is computed twice."""
         cond = _conditional_half(query.shape[0], self.n_samples)
+        if query.is_cuda:
+            out = F.scaled_dot_product_attention(query, key, value)
+            self.add(attn, query[cond], key[cond])
+            return out
         out = torch.empty_like(query[cond])
         for rows, probs in _probabilities(attn, query[cond], key[cond], self.query_chunk, self.workspace):
             out[:, :, rows] = probs.to(value.dtype) @ value[cond]
@@ -335,27 +330,23 @@ def _attention_output(attn: Attention, hidden_states, encoder_hidden_states, tem
     return out / attn.rescale_output_factor
 
 
-def _projections(attn: Attention, hidden_states: torch.Tensor, context: torch.Tensor | None, value: bool = True):
-    """Queries, keys and (if ``value``) values [B, heads, L, head_dim] exactly as the fused processor forms them."""
-    if hidden_states.ndim == 4:
-        hidden_states = hidden_states.flatten(2).transpose(1, 2)
+def _projections(attn: Attention, hidden_states: torch.Tensor, context: torch.Tensor | None):
+    """Queries, keys and values [B, heads, L, head_dim] of [B, L, C] states, exactly as the fused processor forms
+    them."""
     if attn.group_norm is not None:
         hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
     if context is None:
         context = hidden_states
     elif attn.norm_cross:
         context = attn.norm_encoder_hidden_states(context)
-    query, key = attn.to_q(hidden_states), attn.to_k(context)
+    query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
     batch, head_dim = query.shape[0], key.shape[-1] // attn.heads
-    query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-    key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+    query, key, value = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
     if attn.norm_q is not None:
         query = attn.norm_q(query)
     if attn.norm_k is not None:
         key = attn.norm_k(key)
-    if not value:
-        return query, key, None
-    return query, key, attn.to_v(context).view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+    return query, key, value
 
 
 def _probabilities(
