@@ -24,18 +24,16 @@ from pipeline.resume import (
     clean_leftovers,
     prepare_output,
     read_committed_stats,
+    check_resume,
     read_run_json,
-    run_differences,
 )
-from schemas.config import ConfigError, RunConfig, RuntimeOptions, load_config_file, merge_settings
+from schemas.config import TINY_MODEL, ConfigError, RunConfig, RuntimeOptions, load_config_file, merge_settings
 from schemas.manifest import Manifest, ManifestError, load_manifest
 from schemas.records import RUN_JSON, shard_name
 
 log = logging.getLogger("seediff")
 
 EXIT_OK, EXIT_FAILED, EXIT_INPUT = 0, 1, 2
-# Same value as workers.models.TINY_MODEL, spelled out so that validation and dry runs never import model code.
-TINY_MODEL = "tiny"
 TINY_NOTE = (
     "note: --model tiny is a miniature Stable Diffusion with random weights: its images and masks are meaningless "
     "and only exercise the pipeline"
@@ -92,12 +90,7 @@ def format_plan(plan: Plan, config: RunConfig, manifest: Manifest, overwrite: bo
     committed = {} if overwrite else read_committed_stats(config)
     record = None if overwrite else read_run_json(config.output_url)
     if record is not None:
-        fields = run_differences(record, config, manifest, RUN_JSON)
-        if fields:
-            raise RunConfigMismatch(
-                f"{config.output_url}/{RUN_JSON}: started with different settings; differing fields: "
-                f"{', '.join(fields)} (a real run would be refused)"
-            )
+        check_resume(record, config, manifest, f"{config.output_url}/{RUN_JSON}")
     todo = [i for i in range(plan.num_shards) if i not in committed]
     todo_samples = sum(len(plan.shard_range(i)) for i in todo)
     first, last = shard_name(config.shard_prefix, 0, config.shard_digits), shard_name(
@@ -160,10 +153,10 @@ def generate(
     connected), write sizes.json/dataset.json. ``actor_class`` defaults to workers.actor.ShardActor."""
     plan = Plan(manifest.rows, config.seed, config.samples_per_shard)
     prepare_output(config, manifest, overwrite)
-    removed = clean_leftovers(config)
+    committed = read_committed_stats(config)
+    removed = clean_leftovers(config, committed)
     if removed:
         log.info("removed %d leftover files of interrupted shards", len(removed))
-    committed = read_committed_stats(config)
     todo = [plan.shard(i) for i in range(plan.num_shards) if i not in committed]
     log.info("%d of %d shards already committed; generating %d", len(committed), plan.num_shards, len(todo))
 

@@ -9,6 +9,7 @@ import hashlib
 import json
 import posixpath
 import re
+from collections.abc import Collection
 from typing import Any
 
 from fsspec import AbstractFileSystem
@@ -43,45 +44,36 @@ def _shard_files(fs: AbstractFileSystem, root: str, prefix: str, digits: int) ->
     return [(path, m) for name, path in sorted(_list_names(fs, root).items()) if (m := pattern.match(name))]
 
 
-def _parse_stats(files: list[tuple[str, re.Match[str]]], fs: AbstractFileSystem) -> dict[str, ShardStats | None]:
-    """stats path -> parsed stats, or None when unreadable, unparsable or naming another shard."""
-    paths = [p for p, m in files if m["suffix"] == STATS_SUFFIX and not m["temp"]]
-    contents = fs.cat(paths, on_error="return") if paths else {}  # concurrent GETs on object stores
-    ids = {p: int(m["shard"]) for p, m in files}
-    parsed: dict[str, ShardStats | None] = {}
-    for path in paths:
-        data = contents.get(path)
-        try:
-            stats = None if isinstance(data, Exception) or data is None else ShardStats.from_json(data, path)
-        except ValueError:
-            stats = None
-        parsed[path] = stats if stats is not None and stats.shard_id == ids[path] else None
-    return parsed
-
-
 def read_committed_stats(config: RunConfig) -> dict[int, ShardStats]:
-    """shard id -> stats of every committed shard under config.output_url."""
+    """shard id -> stats of every committed shard under config.output_url: its stats file parses and names it."""
     fs, root = output_fs(config.output_url)
     files = _shard_files(fs, root, config.shard_prefix, config.shard_digits)
-    return {s.shard_id: s for s in _parse_stats(files, fs).values() if s is not None}
+    ids = {path: int(m["shard"]) for path, m in files if m["suffix"] == STATS_SUFFIX and not m["temp"]}
+    contents = fs.cat(list(ids), on_error="return") if ids else {}  # concurrent GETs on object stores
+    committed = {}
+    for path, shard_id in ids.items():
+        data = contents.get(path)
+        if data is None or isinstance(data, Exception):
+            continue
+        try:
+            stats = ShardStats.from_json(data, path)
+        except ValueError:
+            continue
+        if stats.shard_id == shard_id:
+            committed[shard_id] = stats
+    return committed
 
 
 def committed_shards(config: RunConfig) -> set[int]:
     return set(read_committed_stats(config))
 
 
-def clean_leftovers(config: RunConfig) -> list[str]:
-    """Delete temp files, tar/parquet files of uncommitted shards and stats files that do not parse.
-    Returns the removed paths."""
+def clean_leftovers(config: RunConfig, committed: Collection[int]) -> list[str]:
+    """Delete temp files and every file of a shard not in ``committed`` (from ``read_committed_stats``), which
+    includes stats files that do not parse. Returns the removed paths."""
     fs, root = output_fs(config.output_url)
     files = _shard_files(fs, root, config.shard_prefix, config.shard_digits)
-    stats = _parse_stats(files, fs)
-    committed = {s.shard_id for s in stats.values() if s is not None}
-    doomed = [
-        path
-        for path, m in files
-        if m["temp"] or (path in stats and stats[path] is None) or int(m["shard"]) not in committed
-    ]
+    doomed = [path for path, m in files if m["temp"] or int(m["shard"]) not in committed]
     if doomed:
         fs.rm(doomed)
     return doomed
@@ -123,15 +115,20 @@ def read_run_json(output_url: str) -> dict[str, Any] | None:
     return record
 
 
-def run_differences(record: dict[str, Any], config: RunConfig, manifest: Manifest, source: str) -> list[str]:
-    """Output-changing fields in which ``config``/``manifest`` differ from a stored run record."""
+def check_resume(record: dict[str, Any], config: RunConfig, manifest: Manifest, source: str) -> None:
+    """Raise RunConfigMismatch naming the output-changing fields in which ``config``/``manifest`` differ from the
+    stored run record ``source``."""
     stored = RunConfig.from_json(json.dumps(record["config"]), source=source)
     fields = [f for f in config.differences(stored) if f not in LOCATION_FIELDS]
     if record.get(MANIFEST_FIELD) != manifest.sha256:
         fields.append(MANIFEST_FIELD)
     if record.get(CLASSES_FIELD) != classes_sha256(manifest):
         fields.append(CLASSES_FIELD)
-    return fields
+    if fields:
+        raise RunConfigMismatch(
+            f"{source}: this output was started with different settings; differing fields: {', '.join(fields)}. "
+            "Resume with the same settings and manifest, pass overwrite (--overwrite), or choose another output"
+        )
 
 
 def prepare_output(config: RunConfig, manifest: Manifest, overwrite: bool) -> None:
@@ -150,12 +147,7 @@ def prepare_output(config: RunConfig, manifest: Manifest, overwrite: bool) -> No
             )
         write_file(fs, path, (json.dumps(run_record(config, manifest), indent=2, sort_keys=True) + "\n").encode())
         return
-    fields = run_differences(record, config, manifest, path)
-    if fields:
-        raise RunConfigMismatch(
-            f"{path}: this output was started with different settings; differing fields: {', '.join(fields)}. "
-            "Resume with the same settings and manifest, pass overwrite (--overwrite), or choose another output"
-        )
+    check_resume(record, config, manifest, path)
 
 
 def _wipe(fs: AbstractFileSystem, root: str, config: RunConfig) -> None:

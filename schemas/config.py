@@ -15,6 +15,9 @@ from schemas import __version__ as CODE_VERSION
 
 DEFAULT_PROMPT_TEMPLATE = "a photograph of a {class_name}"
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+# The offline miniature random-weight SD (workers/models.py builds it); named here so that validating a config and
+# dry runs need no model code.
+TINY_MODEL = "tiny"
 
 
 class ConfigError(ValueError):

@@ -49,7 +49,7 @@ def test_only_parsable_stats_for_the_right_shard_count_and_the_rest_is_cleaned(s
     put(storage_url, "notes.txt", b"user file")
 
     assert committed_shards(config) == {0}
-    removed = sorted(p.rsplit("/", 1)[-1] for p in clean_leftovers(config))
+    removed = sorted(p.rsplit("/", 1)[-1] for p in clean_leftovers(config, committed_shards(config)))
     assert removed == [
         "seediff-000001.tar",
         "seediff-000001_stats.json",
@@ -64,12 +64,12 @@ def test_only_parsable_stats_for_the_right_shard_count_and_the_rest_is_cleaned(s
         "other-000004_stats.json",
         "notes.txt",
     }
-    assert clean_leftovers(config) == []
+    assert clean_leftovers(config, committed_shards(config)) == []
 
 
 def test_nothing_to_resume_in_a_missing_root(tmp_path: Path) -> None:
     config = make_config(str(tmp_path / "absent"))
-    assert committed_shards(config) == set() and clean_leftovers(config) == []
+    assert committed_shards(config) == set() and clean_leftovers(config, set()) == []
 
 
 def test_first_start_writes_run_json_and_same_settings_resume(storage_url: str) -> None:

@@ -145,7 +145,7 @@ def test_crash_before_stats_leaves_a_shard_resume_redoes(
     expected_left = {"seediff-000001.tar"} | ({"seediff-000001.parquet"} if crash_in == "_publish_stats" else set())
     assert left == expected_left  # published before the crash, and nothing else (no temp files)
     assert committed_shards(config) == {0}
-    assert sorted(p.rsplit("/", 1)[-1] for p in clean_leftovers(config)) == sorted(expected_left)
+    assert sorted(p.rsplit("/", 1)[-1] for p in clean_leftovers(config, committed_shards(config))) == sorted(expected_left)
     assert sorted(fs.ls(root, detail=False)) == committed_files
     assert write_shard(config, 1)["count"] == 2 and committed_shards(config) == {0, 1}
 
@@ -158,7 +158,7 @@ def test_killed_writer_leaves_only_a_temp_file_that_resume_removes(tmp_path: Pat
     (temp,) = [p.name for p in tmp_path.iterdir()]
     assert temp.startswith(".seediff-000000.tar.tmp-")
     assert committed_shards(config) == set()
-    assert [Path(p).name for p in clean_leftovers(config)] == [temp]
+    assert [Path(p).name for p in clean_leftovers(config, committed_shards(config))] == [temp]
     assert list(tmp_path.iterdir()) == []
 
 

@@ -22,9 +22,7 @@ from diffusers import (
 from tokenizers import pre_tokenizers
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from schemas.config import RunConfig
-
-TINY_MODEL = "tiny"
+from schemas.config import TINY_MODEL, RunConfig
 
 SCHEDULERS = {
     "ddim": DDIMScheduler,
