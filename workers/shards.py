@@ -118,9 +118,7 @@ class ShardWriter:
         self.fs, self.root = output_fs(config.output_url)
         self.name = shard_name(config.shard_prefix, shard.shard_id, config.shard_digits)
         self.start_time = time.time()
-        self._rows: list[dict[str, Any]] = []
-        self._errors: list[str] = []
-        self._next_id = shard.start
+        self._rows: list[dict[str, Any]] = []  # parquet rows, one per added sample, in sample-id order
         self._closed = False  # no more add(): commit started or aborted
         self._committed = False
         self._tar_file = StagedFile(self.fs, self.path(TAR_SUFFIX))
@@ -133,19 +131,17 @@ class ShardWriter:
     @property
     def added(self) -> int:
         """Samples added so far (successes and failures)."""
-        return self._next_id - self.shard.start
+        return len(self._rows)
 
     def add(self, outcome: SampleOutcome) -> None:
         if self._closed:
             raise RuntimeError(f"shard {self.name}: add after commit/abort")
-        if outcome.spec.sample_id != self._next_id:
-            raise ValueError(f"shard {self.name}: expected sample {self._next_id}, got {outcome.spec.sample_id}")
+        expected = self.shard.start + self.added
+        if outcome.spec.sample_id != expected:
+            raise ValueError(f"shard {self.name}: expected sample {expected}, got {outcome.spec.sample_id}")
         if outcome.status == SUCCESS:
             self._tar.write(self._tar_sample(outcome))
-        else:
-            self._errors.append(outcome.error or "unknown")
         self._rows.append(parquet_row(outcome, self.shard.shard_id))
-        self._next_id += 1
 
     def _tar_sample(self, outcome: SampleOutcome) -> dict[str, Any]:
         row = outcome.spec.row
@@ -160,10 +156,8 @@ class ShardWriter:
 
     def commit(self, runtime_info: dict[str, Any]) -> dict[str, Any]:
         """Publish tar, then parquet, then stats (the commit marker). Returns the stats as a dict."""
-        if self._next_id != self.shard.stop:
-            raise ValueError(
-                f"shard {self.name}: commit after {self._next_id - self.shard.start} of {len(self.shard)} samples"
-            )
+        if self.added != len(self.shard):
+            raise ValueError(f"shard {self.name}: commit after {self.added} of {len(self.shard)} samples")
         self._closed = True
         tar_bytes = self._publish_tar()
         parquet_bytes = self._publish_parquet()
@@ -201,13 +195,14 @@ class ShardWriter:
 
     def _stats(self, tar_bytes: int, parquet_bytes: int, runtime_info: dict[str, Any]) -> ShardStats:
         end = time.time()
+        errors = [row["error"] or "unknown" for row in self._rows if row["status"] != SUCCESS]
         return ShardStats(
             shard_id=self.shard.shard_id,
             shard=self.name,
             count=len(self._rows),
-            successes=len(self._rows) - len(self._errors),
-            failures=len(self._errors),
-            failures_by_reason=failure_histogram(self._errors),
+            successes=len(self._rows) - len(errors),
+            failures=len(errors),
+            failures_by_reason=failure_histogram(errors),
             tar_bytes=tar_bytes,
             parquet_bytes=parquet_bytes,
             start_time=self.start_time,
