@@ -20,6 +20,10 @@ def sample_seed(global_seed: int, sample_id: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
+def shard_count(num_samples: int, samples_per_shard: int) -> int:
+    return -(-num_samples // samples_per_shard)
+
+
 class Plan:
     def __init__(self, rows: tuple[ClassRow, ...] | list[ClassRow], global_seed: int, samples_per_shard: int):
         if samples_per_shard < 1:
@@ -30,7 +34,7 @@ class Plan:
         # ends[i] = one past the last sample id of class i
         self._ends = list(accumulate(r.num_samples for r in self.rows))
         self.num_samples = self._ends[-1] if self._ends else 0
-        self.num_shards = -(-self.num_samples // samples_per_shard)
+        self.num_shards = shard_count(self.num_samples, samples_per_shard)
 
     def sample(self, sample_id: int) -> SampleSpec:
         if not 0 <= sample_id < self.num_samples:

@@ -19,9 +19,10 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont
 
+from pipeline.plan import shard_count
 from pipeline.readers import IMAGE_FIELDS, MASK_FIELD, raw_samples
 from pipeline.resume import read_committed_stats, read_run_json
-from schemas.config import RunConfig
+from schemas.config import RunConfig, flatten_settings
 from schemas.records import (
     DATASET_JSON,
     PARQUET_SUFFIX,
@@ -81,7 +82,7 @@ def inspect_dataset(out_url: str) -> dict[str, Any]:
     failures_by_reason: Counter = Counter()
     for s in stats.values():
         failures_by_reason.update(s.failures_by_reason)
-    expected_shards = -(-record.get("num_samples", 0) // config.samples_per_shard)
+    expected_shards = shard_count(record.get("num_samples", 0), config.samples_per_shard)
     tar_bytes = sum(s.tar_bytes for s in stats.values())
     parquet_bytes = sum(s.parquet_bytes for s in stats.values())
     return {
@@ -127,16 +128,9 @@ def format_inspection(info: dict[str, Any]) -> str:
         lines.append(f"  {c['class_id']:>3}  {c['class_name']:<{width}}  {c['samples']:>8}"
                      + (f"  ({c['failures']} failed)" if c["failures"] else ""))
     lines.append("settings")
-    for key, value in sorted(_flat(info["settings"]).items()):
+    for key, value in sorted(flatten_settings(info["settings"]).items()):
         lines.append(f"  {key} = {value}")
     return "\n".join(lines)
-
-
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
 
 
 def _id_list(ids: list[int], most: int = 20) -> str:
@@ -246,7 +240,8 @@ class _Verifier:
         self.entries = {posixpath.basename(e["url"]).removesuffix(TAR_SUFFIX): e for e in shardlist}
         self.indexed = {n.removesuffix(TAR_SUFFIX) for n in self.sizes if n.endswith(TAR_SUFFIX)} | set(self.entries)
         self.stats = read_committed_stats(self.config)
-        self.planned = [self._name(i) for i in range(-(-record.get("num_samples", 0) // self.config.samples_per_shard))]
+        planned_shards = shard_count(record.get("num_samples", 0), self.config.samples_per_shard)
+        self.planned = [self._name(i) for i in range(planned_shards)]
         with_parquet = [i for i in sorted(self.stats) if self._name(i) + PARQUET_SUFFIX in self.names]
         self.tables = _read_parquets(out_url, self.config, with_parquet)
         class_ids = {cid for t in self.tables.values() for cid in t["class_id"].to_pylist()}

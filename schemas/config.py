@@ -100,7 +100,7 @@ class RunConfig(_Strict):
 
     def differences(self, other: "RunConfig") -> list[str]:
         """Dotted names of the fields whose values differ (nested mask settings as ``mask.<field>``)."""
-        a, b = _flatten(self.model_dump(mode="json")), _flatten(other.model_dump(mode="json"))
+        a, b = flatten_settings(self.model_dump(mode="json")), flatten_settings(other.model_dump(mode="json"))
         return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
 
 
@@ -140,11 +140,12 @@ def merge_settings(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
     return merged
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten_settings(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested settings as dotted names: {"mask": {"refine": "pamr"}} -> {"mask.refine": "pamr"}."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten_settings(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
