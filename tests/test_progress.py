@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from types import SimpleNamespace
-
+import ray
 import torch
 
 from pipeline.dispatch import ShardRecord
@@ -41,17 +40,37 @@ def test_log_line_counts_running_shards_and_committed_ones_once() -> None:
     assert stream.getvalue().splitlines()[-1].startswith("progress: 40/100 samples")
 
 
-def test_actor_reports_samples_written_after_every_batch(tmp_path: Path) -> None:
+class RecordingCounts(PartialCounts):
+    """The real counter, also keeping every report it received, in order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.history: list[tuple[int, int]] = []
+
+    def report(self, shard_id: int, written: int) -> None:
+        self.history.append((shard_id, written))
+        super().report(shard_id, written)
+
+    def reports(self) -> list[tuple[int, int]]:
+        return self.history
+
+
+def test_actor_reports_samples_written_after_every_batch_to_the_ray_counter(tmp_path: Path) -> None:
     manifest_path, _ = write_inputs(tmp_path / "inputs")
     config = run_config(str(tmp_path / "out"), {"model": "tiny", "resolution": 64, "steps": 2, "batch_size": 2,
                                                  "samples_per_shard": 5, "mask": {"refine": "none"}})
     plan = plan_of(load_manifest(manifest_path), config)
-    reports: list[tuple[int, int]] = []
-    handle = SimpleNamespace(report=SimpleNamespace(remote=lambda shard_id, n: reports.append((shard_id, n))))
     threads = torch.get_num_threads()
+    ray.init(num_cpus=1, include_dashboard=False)
     try:
-        actor = ShardActor(config, RuntimeOptions(device="cpu"), torch_threads=1, progress=handle)
+        counts = ray.remote(RecordingCounts).remote()
+        actor = ShardActor(config, RuntimeOptions(device="cpu"), torch_threads=1, progress=counts)
         actor.generate_shard(plan.shard(0))  # 5 samples in batches of 2
+        # reports from one caller arrive in order, before this later call
+        assert ray.get(counts.reports.remote()) == [(0, 2), (0, 4), (0, 5)]
+        assert ray.get(counts.total.remote()) == 5
+        counts.close.remote(0)
+        assert ray.get(counts.total.remote()) == 0
     finally:
+        ray.shutdown()
         torch.set_num_threads(threads)
-    assert reports == [(0, 2), (0, 4), (0, 5)]
