@@ -32,8 +32,7 @@ from bench.sd15 import SD15_UNET  # noqa: E402
 from schemas.config import MaskConfig, RunConfig  # noqa: E402
 from schemas.manifest import ClassRow  # noqa: E402
 from schemas.records import SampleSpec  # noqa: E402
-from workers.capture import SeeDiffCapture  # noqa: E402
-from workers.generate import class_token_positions, generate_batch, pipeline_inputs  # noqa: E402
+from workers.generate import generate_batch, generate_with_capture, pipeline_inputs  # noqa: E402
 from workers.models import TINY_MODEL, build_tiny_pipeline, load_pipeline, resolve_dtype  # noqa: E402
 
 SD_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, sample_size=512)
@@ -61,7 +60,7 @@ def main() -> None:
     specs = bench_specs(config, args.batch_size)
     modes = {
         "plain": lambda: pipe(**pipeline_inputs(pipe, specs, config), output_type="pt"),
-        "capture": lambda: run_with_capture(pipe, specs, config),
+        "capture": lambda: generate_with_capture(pipe, specs, config),
         "masks": lambda: generate_batch(pipe, specs, with_refine(config, "none")),
         "pamr": lambda: generate_batch(pipe, specs, with_refine(config, "pamr")),
     }
@@ -83,16 +82,6 @@ def bench_specs(config: RunConfig, batch_size: int) -> list[SampleSpec]:
         SampleSpec(i, i, 0, 1000 + i, ClassRow(c, i + 1, 1, config.prompt_template.format(class_name=c), "", i + 1))
         for i, c in enumerate(CLASSES[i % len(CLASSES)] for i in range(batch_size))
     ]
-
-
-def run_with_capture(pipe, specs, config):
-    latent = config.resolution // pipe.vae_scale_factor
-    positions = [class_token_positions(pipe.tokenizer, s.row.prompt, s.row.class_name) for s in specs]
-    capture = SeeDiffCapture(pipe.unet, latent, positions, config.mask.capture_steps, config.mask.query_chunk)
-    with capture:
-        out = pipe(**pipeline_inputs(pipe, specs, config), output_type="pt")
-    capture.result()
-    return out
 
 
 def with_refine(config: RunConfig, refine: str) -> RunConfig:

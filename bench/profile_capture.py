@@ -17,9 +17,9 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.bench_mask_overhead import bench_specs, run_with_capture, sd15_pipeline, with_refine  # noqa: E402
+from bench.bench_mask_overhead import bench_specs, sd15_pipeline, with_refine  # noqa: E402
 from schemas.config import RunConfig  # noqa: E402
-from workers.generate import generate_batch, pipeline_inputs  # noqa: E402
+from workers.generate import generate_batch, generate_with_capture, pipeline_inputs  # noqa: E402
 from workers.models import TINY_MODEL  # noqa: E402
 
 
@@ -34,7 +34,7 @@ def main() -> None:
     specs = bench_specs(config, args.batch_size)
     modes = {
         "plain": lambda: pipe(**pipeline_inputs(pipe, specs, config), output_type="pt"),
-        "capture": lambda: run_with_capture(pipe, specs, config),
+        "capture": lambda: generate_with_capture(pipe, specs, config),
         "masks": lambda: generate_batch(pipe, specs, with_refine(config, "none")),
     }
     for name, run in modes.items():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,16 +34,10 @@ def generate_batch(
     if not samples:
         return []
     size = config.resolution
-    latent_size = size // pipe.vae_scale_factor
-    positions = [class_token_positions(pipe.tokenizer, s.row.prompt, s.row.class_name, s) for s in samples]
-    capture = SeeDiffCapture(
-        pipe.unet, latent_size, positions, window=config.mask.capture_steps, query_chunk=config.mask.query_chunk
-    )
-    with capture:
-        out = pipe(**pipeline_inputs(pipe, samples, config), output_type="pt")
+    out, captured, positions = generate_with_capture(pipe, samples, config)
     # Quantise once, the way diffusers makes PIL images, so masks are refined on exactly the stored pixels.
     pixels = (out.images.float() * 255).round().clamp(0, 255)
-    masks = seediff.seeded_masks(attention_maps(capture.result()), (size, size), config.mask, images=pixels)
+    masks = seediff.seeded_masks(attention_maps(captured), (size, size), config.mask, images=pixels)
     images = pixels.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     final = masks.mask.cpu().numpy()
     nsfw = out.nsfw_content_detected or [False] * len(samples)
@@ -52,6 +47,21 @@ def generate_batch(
         else GeneratedSample(spec, images[i], final[i], {**masks.stats[i], "class_tokens": len(positions[i])})
         for i, spec in enumerate(samples)
     ]
+
+
+def generate_with_capture(
+    pipe: StableDiffusionPipeline, samples: Sequence[SampleSpec], config: RunConfig
+) -> tuple[Any, CapturedAttention, list[list[int]]]:
+    """Run the pipeline on a batch with SeeDiff's attention capture installed: (pipeline output with images as
+    tensors, the captured maps, each sample's class token positions)."""
+    latent_size = config.resolution // pipe.vae_scale_factor
+    positions = [class_token_positions(pipe.tokenizer, s.row.prompt, s.row.class_name, s) for s in samples]
+    capture = SeeDiffCapture(
+        pipe.unet, latent_size, positions, window=config.mask.capture_steps, query_chunk=config.mask.query_chunk
+    )
+    with capture:
+        out = pipe(**pipeline_inputs(pipe, samples, config), output_type="pt")
+    return out, capture.result(), positions
 
 
 def pipeline_inputs(pipe: StableDiffusionPipeline, samples: Sequence[SampleSpec], config: RunConfig) -> dict:
