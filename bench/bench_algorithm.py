@@ -1,4 +1,4 @@
-"""Speed of workers.seediff on one device, measured in one run.
+"""Speed of seediff.workers.seediff on one device, measured in one run.
 
 Prints, for a batch of random attention at SD-like sizes (coarse 16, middle 32, fine 64, image 512):
 - seeded_masks without PAMR, and PAMR alone (config iterations), in ms per batch;
@@ -21,9 +21,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from schemas.config import MaskConfig  # noqa: E402
+from seediff.schemas.config import MaskConfig  # noqa: E402
 from tests.test_seediff import official_style_pamr  # noqa: E402  (the official PAMR formulation, kept in one place)
-from workers.seediff import AttentionMaps, pamr, seed_affinity, seeded_masks  # noqa: E402
+from seediff.workers.seediff import AttentionMaps, pamr, seed_affinity, seeded_masks  # noqa: E402
 
 
 def random_batch(batch: int, side: int, image: int, device: torch.device, seed: int = 0):

@@ -29,11 +29,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.sd15 import SD15_UNET  # noqa: E402
-from schemas.config import MaskConfig, RunConfig  # noqa: E402
-from schemas.manifest import ClassRow  # noqa: E402
-from schemas.records import SampleSpec  # noqa: E402
-from workers.generate import generate_batch, generate_with_capture, pipeline_inputs  # noqa: E402
-from workers.models import TINY_MODEL, build_tiny_pipeline, load_pipeline, resolve_dtype  # noqa: E402
+from seediff.schemas.config import MaskConfig, RunConfig  # noqa: E402
+from seediff.schemas.manifest import ClassRow  # noqa: E402
+from seediff.schemas.records import SampleSpec  # noqa: E402
+from seediff.workers.generate import generate_batch, generate_with_capture, diffusion_inputs  # noqa: E402
+from seediff.workers.models import TINY_MODEL, build_tiny_model, load_model, resolve_dtype  # noqa: E402
 
 SD_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, sample_size=512)
 # CLIP ViT-L/14's text tower (SD1.x's text encoder); the context length stays TINY_TEXT's 77.
@@ -54,12 +54,12 @@ def main() -> None:
         dtype="float16" if args.sd15 else "float32",
         mask=MaskConfig(pamr_iterations=args.pamr_iterations),
     )
-    pipe = sd15_pipeline(device, config) if args.sd15 else load_pipeline(config, device)
+    pipe = sd15_pipeline(device, config) if args.sd15 else load_model(config, device)
     if args.channels_last:
         pipe.unet.to(memory_format=torch.channels_last)
     specs = bench_specs(config, args.batch_size)
     modes = {
-        "plain": lambda: pipe(**pipeline_inputs(pipe, specs, config), output_type="pt"),
+        "plain": lambda: pipe(**diffusion_inputs(pipe, specs, config), output_type="pt"),
         "capture": lambda: generate_with_capture(pipe, specs, config),
         "masks": lambda: generate_batch(pipe, specs, with_refine(config, "none")),
         "pamr": lambda: generate_batch(pipe, specs, with_refine(config, "pamr")),
@@ -92,7 +92,7 @@ def sd15_pipeline(device: torch.device, config: RunConfig):
     if device.type != "cuda" or not torch.cuda.is_available():
         raise SystemExit("--sd15 needs a CUDA GPU")
     with torch.device(device):  # initialise the 860M-parameter UNet directly on the GPU
-        pipe = build_tiny_pipeline(unet_overrides=SD15_UNET, text_overrides=CLIP_L_TEXT, vae_overrides=SD_VAE)
+        pipe = build_tiny_model(unet_overrides=SD15_UNET, text_overrides=CLIP_L_TEXT, vae_overrides=SD_VAE)
     pipe = pipe.to(device=device, dtype=resolve_dtype(config.dtype, device))
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -30,9 +30,9 @@ from diffusers import DDIMScheduler, UNet2DConditionModel
 from diffusers.utils import logging as diffusers_logging
 
 from bench.sd15 import SD15_LATENT, SD15_TEXT_DIM, SD15_TEXT_TOKENS, build_sd15_unet
-from schemas.config import MaskConfig
-from workers.capture import AttentionLayer, SeeDiffCapture, locate_attention_layers, plan_seediff_layers
-from workers.models import TINY_UNET
+from seediff.schemas.config import MaskConfig
+from seediff.workers.capture import AttentionLayer, SeeDiffCapture, locate_attention_layers, plan_seediff_layers
+from seediff.workers.models import TINY_UNET
 
 TARGET_BYTES = 80e6  # issue 5: capture memory per image at SD1.5 512²
 OFFICIAL_CALLS = 51  # the official code: PNDM with 50 steps repeats one timestep, 51 UNet calls

@@ -15,8 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.plan import Plan  # noqa: E402
-from schemas.manifest import ClassRow  # noqa: E402
+from seediff.pipeline.plan import Plan  # noqa: E402
+from seediff.schemas.manifest import ClassRow  # noqa: E402
 
 CLASSES = 1000
 LOOKUPS = 10**5

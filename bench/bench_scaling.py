@@ -14,9 +14,9 @@ import ray
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.cli import generate  # noqa: E402
-from schemas.config import MaskConfig, RunConfig, RuntimeOptions  # noqa: E402
-from schemas.manifest import load_manifest  # noqa: E402
+from seediff.pipeline.cli import generate  # noqa: E402
+from seediff.schemas.config import MaskConfig, RunConfig, RuntimeOptions  # noqa: E402
+from seediff.schemas.manifest import load_manifest  # noqa: E402
 
 
 def images_per_s(manifest_path: Path, config: RunConfig, actors: int) -> tuple[float, dict[str, float]]:

@@ -15,12 +15,12 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from pipeline.plan import Plan
-from schemas.config import RunConfig
-from schemas.manifest import ClassRow
-from schemas.records import SampleOutcome, SampleSpec, ShardSpec
-from workers.encode import encode_sample
-from workers.shards import ShardWriter
+from seediff.pipeline.plan import Plan
+from seediff.schemas.config import RunConfig
+from seediff.schemas.manifest import ClassRow
+from seediff.schemas.records import SampleOutcome, SampleSpec, ShardSpec
+from seediff.workers.encode import encode_sample
+from seediff.workers.shards import ShardWriter
 
 
 def photo_like(spec: SampleSpec, size: int) -> tuple[np.ndarray, np.ndarray]:

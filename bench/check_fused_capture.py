@@ -14,7 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from workers.attention_kernels import add_head_summed_probabilities  # noqa: E402
+from seediff.workers.attention_kernels import add_head_summed_probabilities  # noqa: E402
 
 
 def reference(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:

@@ -18,9 +18,9 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_mask_overhead import bench_specs, sd15_pipeline, with_refine  # noqa: E402
-from schemas.config import RunConfig  # noqa: E402
-from workers.generate import generate_batch, generate_with_capture, pipeline_inputs  # noqa: E402
-from workers.models import TINY_MODEL  # noqa: E402
+from seediff.schemas.config import RunConfig  # noqa: E402
+from seediff.workers.generate import generate_batch, generate_with_capture, diffusion_inputs  # noqa: E402
+from seediff.workers.models import TINY_MODEL  # noqa: E402
 
 
 def main() -> None:
@@ -33,7 +33,7 @@ def main() -> None:
     pipe = sd15_pipeline(device, config)
     specs = bench_specs(config, args.batch_size)
     modes = {
-        "plain": lambda: pipe(**pipeline_inputs(pipe, specs, config), output_type="pt"),
+        "plain": lambda: pipe(**diffusion_inputs(pipe, specs, config), output_type="pt"),
         "capture": lambda: generate_with_capture(pipe, specs, config),
         "masks": lambda: generate_batch(pipe, specs, with_refine(config, "none")),
     }

@@ -1,6 +1,6 @@
 """The ``seediff`` command line: ``generate`` (validate, plan, resume, dispatch on Ray, index, summary) and the
 read-only ``inspect`` / ``preview`` / ``verify`` (pipeline/review.py). Also the entrypoint of ``ray job submit``
-(``python -m pipeline.cli generate ...``).
+(``python -m seediff generate ...``).
 
 Input is checked before anything heavy: a bad manifest, config file or resume setting exits 2 with one message,
 without loading a model or starting Ray; ``--dry-run`` stops after printing the plan. Ray and the model code are
@@ -18,8 +18,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from pipeline.plan import Plan
-from pipeline.resume import (
+from seediff.pipeline.plan import Plan
+from seediff.pipeline.resume import (
     RunConfigMismatch,
     clean_leftovers,
     prepare_output,
@@ -27,9 +27,9 @@ from pipeline.resume import (
     check_resume,
     read_run_json,
 )
-from schemas.config import TINY_MODEL, ConfigError, RunConfig, RuntimeOptions, load_config_file, merge_settings
-from schemas.manifest import Manifest, ManifestError, load_manifest
-from schemas.records import RUN_JSON, shard_name
+from seediff.schemas.config import TINY_MODEL, ConfigError, RunConfig, RuntimeOptions, load_config_file, merge_settings
+from seediff.schemas.manifest import Manifest, ManifestError, load_manifest
+from seediff.schemas.records import RUN_JSON, shard_name
 
 log = logging.getLogger("seediff")
 
@@ -131,7 +131,7 @@ def _bytes_per_sample(config: RunConfig, committed: Any) -> tuple[float, str]:
 
 @dataclass
 class GenerateOutcome:
-    result: Any  # pipeline.dispatch.DispatchResult
+    result: Any  # seediff.pipeline.dispatch.DispatchResult
     index: dict[str, Any]
     skipped_shards: int
 
@@ -150,7 +150,7 @@ def generate(
     stream: TextIO = sys.stderr,
 ) -> GenerateOutcome:
     """Write or check run.json, remove leftovers, generate the uncommitted shards on Ray (connecting if not yet
-    connected), write sizes.json/dataset.json. ``actor_class`` defaults to workers.actor.ShardActor."""
+    connected), write sizes.json/dataset.json. ``actor_class`` defaults to seediff.workers.actor.ShardActor."""
     plan = Plan(manifest.rows, config.seed, config.samples_per_shard)
     prepare_output(config, manifest, overwrite)
     committed = read_committed_stats(config)
@@ -160,9 +160,9 @@ def generate(
     todo = [plan.shard(i) for i in range(plan.num_shards) if i not in committed]
     log.info("%d of %d shards already committed; generating %d", len(committed), plan.num_shards, len(todo))
 
-    from pipeline.dispatch import DispatchResult, Dispatcher, ShardRecord  # Ray only from here on
-    from pipeline.index import write_index
-    from pipeline.progress import PartialCounts, Progress
+    from seediff.pipeline.dispatch import DispatchResult, Dispatcher, ShardRecord  # Ray only from here on
+    from seediff.pipeline.index import write_index
+    from seediff.pipeline.progress import PartialCounts, Progress
 
     if todo:
         import ray
@@ -195,7 +195,7 @@ def _actor_factory(
     actors (default 1), each with one torch thread."""
     import ray
 
-    from workers.actor import ShardActor
+    from seediff.workers.actor import ShardActor
 
     resources = ray.cluster_resources()
     gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
@@ -233,8 +233,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         plan = Plan(manifest.rows, config.seed, config.samples_per_shard)
         print(format_plan(plan, config, manifest, args.overwrite))
         return EXIT_OK
-    from pipeline.dispatch import DispatchError
-    from pipeline.progress import format_summary
+    from seediff.pipeline.dispatch import DispatchError
+    from seediff.pipeline.progress import format_summary
 
     try:
         outcome = generate(manifest, config, runtime, overwrite=args.overwrite)
@@ -249,7 +249,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from pipeline.review import format_inspection, inspect_dataset
+    from seediff.pipeline.review import format_inspection, inspect_dataset
 
     info = inspect_dataset(args.url)
     print(json.dumps(info, indent=2, sort_keys=True, default=str) if args.json else format_inspection(info))
@@ -257,7 +257,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_preview(args: argparse.Namespace) -> int:
-    from pipeline.review import preview_grid
+    from seediff.pipeline.review import preview_grid
 
     width, height = preview_grid(args.url, args.out, n=args.n, class_name=args.class_name, cell=args.cell)
     print(f"wrote {args.out} ({width}x{height})")
@@ -265,7 +265,7 @@ def cmd_preview(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from pipeline.review import verify_dataset
+    from seediff.pipeline.review import verify_dataset
 
     problems = verify_dataset(args.url)
     for problem in problems:

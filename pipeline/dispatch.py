@@ -20,8 +20,8 @@ from typing import Any
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
-from schemas.config import RuntimeOptions
-from schemas.records import ShardSpec
+from seediff.schemas.config import RuntimeOptions
+from seediff.schemas.records import ShardSpec
 
 log = logging.getLogger(__name__)
 

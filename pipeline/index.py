@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pipeline.resume import read_committed_stats
-from schemas.config import RunConfig
-from schemas.records import DATASET_JSON, SIZES_JSON, TAR_SUFFIX
-from workers.shards import output_fs, write_file
+from seediff.pipeline.resume import read_committed_stats
+from seediff.schemas.config import RunConfig
+from seediff.schemas.records import DATASET_JSON, SIZES_JSON, TAR_SUFFIX
+from seediff.storage import output_fs, write_file
 
 
 def _json_bytes(data: dict[str, Any]) -> bytes:

@@ -8,8 +8,8 @@ import bisect
 import hashlib
 from itertools import accumulate
 
-from schemas.manifest import ClassRow
-from schemas.records import SampleSpec, ShardSpec
+from seediff.schemas.manifest import ClassRow
+from seediff.schemas.records import SampleSpec, ShardSpec
 
 
 def sample_seed(global_seed: int, sample_id: int) -> int:

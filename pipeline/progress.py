@@ -10,7 +10,7 @@ from typing import Any, TextIO
 
 from tqdm import tqdm
 
-from pipeline.dispatch import DispatchResult, ShardRecord
+from seediff.pipeline.dispatch import DispatchResult, ShardRecord
 
 LOG_EVERY_S = 30.0
 

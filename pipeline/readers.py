@@ -25,8 +25,8 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from schemas.records import DATASET_JSON, SIZES_JSON, TAR_SUFFIX
-from workers.encode import decode_mask
+from seediff.schemas.records import DATASET_JSON, SIZES_JSON, TAR_SUFFIX
+from seediff.schemas.records import decode_mask
 
 IMAGE_FIELDS = ("jpg", "png", "webp")  # config.image_format values; exactly one is present per sample
 MASK_FIELD = "mask.png"
@@ -184,8 +184,8 @@ def segmentation_dataset(
     if shuffle_buffer > 0:
         stages.append(wds.shuffle(shuffle_buffer))
     stages.append(wds.map(decode_sample, handler=handler))
-    pipeline = wds.DataPipeline(*stages)
-    return pipeline.with_epoch(epoch_length) if epoch_length is not None else pipeline
+    dataset = wds.DataPipeline(*stages)
+    return dataset.with_epoch(epoch_length) if epoch_length is not None else dataset
 
 
 # ---- indexed (wids) ---------------------------------------------------------------------------------------------

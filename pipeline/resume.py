@@ -14,10 +14,10 @@ from typing import Any
 
 from fsspec import AbstractFileSystem
 
-from schemas.config import ConfigError, RunConfig
-from schemas.manifest import Manifest
-from schemas.records import DATASET_JSON, RUN_JSON, SIZES_JSON, STATS_SUFFIX, ShardStats, shard_file_pattern
-from workers.shards import output_fs, write_file
+from seediff.schemas.config import ConfigError, RunConfig
+from seediff.schemas.manifest import Manifest
+from seediff.schemas.records import DATASET_JSON, RUN_JSON, SIZES_JSON, STATS_SUFFIX, ShardStats, shard_file_pattern
+from seediff.storage import output_fs, write_file
 
 # RunConfig fields that may differ on resume: the same root can be reached by another URL (a mount, file://, ...).
 LOCATION_FIELDS = frozenset({"output_url"})

@@ -19,11 +19,11 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont
 
-from pipeline.plan import shard_count
-from pipeline.readers import IMAGE_FIELDS, MASK_FIELD, raw_samples
-from pipeline.resume import read_committed_stats, read_run_json
-from schemas.config import RunConfig, flatten_settings
-from schemas.records import (
+from seediff.pipeline.plan import shard_count
+from seediff.pipeline.readers import IMAGE_FIELDS, MASK_FIELD, raw_samples
+from seediff.pipeline.resume import read_committed_stats, read_run_json
+from seediff.schemas.config import RunConfig, flatten_settings
+from seediff.schemas.records import (
     DATASET_JSON,
     PARQUET_SUFFIX,
     RUN_JSON,
@@ -34,8 +34,8 @@ from schemas.records import (
     ShardStats,
     shard_name,
 )
-from workers.encode import decode_mask
-from workers.shards import output_fs
+from seediff.schemas.records import decode_mask
+from seediff.storage import output_fs
 
 BACKGROUND, IGNORE = 0, 255  # mask values every dataset may hold besides its class ids
 REQUIRED_FIELDS = (MASK_FIELD, "cls", "txt", "json")  # plus one of IMAGE_FIELDS

@@ -1,3 +1,1 @@
 """What the data looks like: manifest, run config, records. No torch, no I/O beyond parsing."""
-
-__version__ = "0.1.0"

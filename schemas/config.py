@@ -11,7 +11,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from schemas import __version__ as CODE_VERSION
+from seediff import __version__ as CODE_VERSION
 
 DEFAULT_PROMPT_TEMPLATE = "a photograph of a {class_name}"
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"

@@ -37,7 +37,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from schemas.config import DEFAULT_PROMPT_TEMPLATE
+from seediff.schemas.config import DEFAULT_PROMPT_TEMPLATE
 
 MAX_SAMPLES_PER_CLASS = 10**9
 MAX_CLASS_ID = 254  # mask values are 8-bit: 0 = background, 255 = ignore

@@ -4,6 +4,7 @@ metadata, the per-shard parquet schema and shard stats. No torch."""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import re
@@ -11,10 +12,12 @@ from collections import Counter
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+from PIL import Image
 
-from schemas.config import RunConfig
-from schemas.manifest import ClassRow
+from seediff.schemas.config import RunConfig
+from seediff.schemas.manifest import ClassRow
 
 KEY_DIGITS = 12  # 254 classes x 10^9 samples fit in 12 digits
 
@@ -45,6 +48,17 @@ class ShardSpec:
 
     def __len__(self) -> int:
         return self.stop - self.start
+
+
+# ---- the mask.png field ------------------------------------------------------------------------------------------
+
+
+def decode_mask(data: bytes) -> np.ndarray:
+    """``mask.png`` bytes -> H x W uint8 label map, exactly the written values."""
+    with Image.open(io.BytesIO(data)) as im:
+        if im.mode != "L":
+            raise ValueError(f"mask.png: expected an 8-bit single-channel (L) image, got mode {im.mode}")
+        return np.asarray(im, dtype=np.uint8).copy()
 
 
 # ---- shard file names -------------------------------------------------------------------------------------------

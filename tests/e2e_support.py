@@ -14,12 +14,12 @@ import torch
 import webdataset as wds
 import yaml
 
-from pipeline.index import write_index
-from pipeline.plan import Plan
-from pipeline.resume import prepare_output
-from schemas.config import RunConfig, RuntimeOptions
-from schemas.manifest import Manifest, load_manifest
-from workers.actor import ShardActor
+from seediff.pipeline.index import write_index
+from seediff.pipeline.plan import Plan
+from seediff.pipeline.resume import prepare_output
+from seediff.schemas.config import RunConfig, RuntimeOptions
+from seediff.schemas.manifest import Manifest, load_manifest
+from seediff.workers.actor import ShardActor
 
 REPO = Path(__file__).resolve().parents[1]
 # 64 px, 2 steps, short PAMR, 2-sample shards: 9 samples -> 5 shards, the last one partial.
@@ -102,7 +102,7 @@ def check_dataset(out: Path, num_samples: int) -> None:
 
 
 def cli_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "pipeline.cli", *args]
+    return [sys.executable, "-m", "seediff", *args]
 
 
 def cli_env(**extra: str) -> dict[str, str]:

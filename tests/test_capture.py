@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
-from workers.capture import (
+from seediff.workers.capture import (
     CrossTokenSum,
     SeeDiffCapture,
     SelfAttentionSum,

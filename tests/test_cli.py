@@ -8,9 +8,9 @@ import os
 import subprocess
 import sys
 
-from pipeline.cli import build_parser, main, settings
-from pipeline.dispatch import DispatchResult, ShardRecord
-from pipeline.progress import Progress, format_summary
+from seediff.pipeline.cli import build_parser, main, settings
+from seediff.pipeline.dispatch import DispatchResult, ShardRecord
+from seediff.pipeline.progress import Progress, format_summary
 from tests.e2e_support import REPO, cli_env
 
 
@@ -72,7 +72,7 @@ def test_summary_lists_actors_and_failed_shards():
 
 def test_module_entrypoint_for_ray_job_submit():
     done = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "generate", "--help"], cwd=REPO, env=cli_env(), capture_output=True,
+        [sys.executable, "-m", "seediff", "generate", "--help"], cwd=REPO, env=cli_env(), capture_output=True,
         text=True, timeout=60,
     )
     assert done.returncode == 0 and "--dry-run" in done.stdout and "--address" in done.stdout

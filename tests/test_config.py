@@ -5,7 +5,7 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from schemas.config import (
+from seediff.schemas.config import (
     ConfigError,
     MaskConfig,
     RunConfig,

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.review import inspect_dataset, verify_dataset
+from seediff.pipeline.review import inspect_dataset, verify_dataset
 from tests.test_readers import DEMO_FLAGS, REPO
 
 DEPLOY = REPO / "deploy"
@@ -64,7 +64,7 @@ def test_rayjob_runs_the_cli_and_cleans_up() -> None:
     job = _load("rayjob.yaml")
     assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
     spec = job["spec"]
-    assert spec["entrypoint"].startswith("python -m pipeline.cli generate ")
+    assert spec["entrypoint"].startswith("python -m seediff generate ")
     assert spec["shutdownAfterJobFinishes"] is True
     assert spec["ttlSecondsAfterFinished"] >= 0
     assert isinstance(yaml.safe_load(spec["runtimeEnvYAML"]), dict)
@@ -193,7 +193,7 @@ def test_ray_job_submit_runs_the_demo_on_a_local_head(tmp_path: Path) -> None:
         submit = subprocess.run(
             ["ray", "job", "submit", "--address", address, "--working-dir", str(REPO),
              "--runtime-env", str(DEPLOY / "runtime_env.yaml"), "--",
-             "python", "-m", "pipeline.cli", "generate", "examples/demo.csv", "--out", str(out), *DEMO_FLAGS],
+             "python", "-m", "seediff", "generate", "examples/demo.csv", "--out", str(out), *DEMO_FLAGS],
             cwd=REPO, env=_ray_env(), capture_output=True, text=True, timeout=540,
         )
     assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-4000:]

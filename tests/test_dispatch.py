@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import ray
 
-from pipeline.dispatch import DispatchError, Dispatcher
-from pipeline.plan import Plan
-from schemas.config import RuntimeOptions
-from schemas.manifest import ClassRow
+from seediff.pipeline.dispatch import DispatchError, Dispatcher
+from seediff.pipeline.plan import Plan
+from seediff.schemas.config import RuntimeOptions
+from seediff.schemas.manifest import ClassRow
 
 ROWS = (ClassRow("cat", 1, 7, "a cat", "", 1), ClassRow("dog", 2, 5, "a dog", "", 2))
 PLAN = Plan(ROWS, global_seed=0, samples_per_shard=2)  # 6 shards

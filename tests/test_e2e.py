@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import ray
 
-from pipeline.cli import generate, main
-from schemas.config import RuntimeOptions
-from schemas.manifest import load_manifest
+from seediff.pipeline.cli import generate, main
+from seediff.schemas.config import RuntimeOptions
+from seediff.schemas.manifest import load_manifest
 from tests.e2e_support import (
     REPO,
     check_dataset,
@@ -28,8 +28,8 @@ from tests.e2e_support import (
     stats_files,
     write_inputs,
 )
-from workers.actor import ShardActor
-from workers.shards import ShardWriter
+from seediff.workers.actor import ShardActor
+from seediff.workers.shards import ShardWriter
 
 NUM_SAMPLES = 9
 FAULTY_SHARD = 1
@@ -142,9 +142,9 @@ def test_dry_run_loads_no_model_and_starts_no_ray(inputs, tmp_path):
     manifest, config = inputs
     out = tmp_path / "out"
     probe = (
-        "import sys; from pipeline.cli import main; "
+        "import sys; from seediff.pipeline.cli import main; "
         f"rc = main(['generate', {str(manifest)!r}, '--out', {str(out)!r}, '--config', {str(config)!r}, '--dry-run']); "
-        "loaded = [m for m in ('workers.models', 'diffusers', 'ray') if m in sys.modules]; "
+        "loaded = [m for m in ('seediff.workers.models', 'diffusers', 'ray') if m in sys.modules]; "
         "print('LOADED', loaded); sys.exit(rc)"
     )
     done = subprocess.run(

@@ -8,7 +8,7 @@ import fsspec
 import pytest
 import ray
 
-from pipeline.cli import main
+from seediff.pipeline.cli import main
 from tests.e2e_support import check_dataset, digests, reference_run, write_inputs
 
 

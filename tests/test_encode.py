@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.plan import Plan
-from schemas.records import metadata_json
+from seediff.pipeline.plan import Plan
+from seediff.schemas.records import metadata_json
 from tests.test_shards import ROWS, make_config, synthetic
-from workers.encode import decode_mask, encode_image, encode_mask, encode_sample
+from seediff.schemas.records import decode_mask
+from seediff.workers.encode import encode_image, encode_mask, encode_sample
 
 SPEC = Plan(ROWS, 0, 4).sample(4)  # a "dog" sample (class id 7)
 

@@ -5,7 +5,7 @@ from diffusers import StableDiffusionPipeline
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from transformers import CLIPConfig, CLIPImageProcessor
 
-from workers.generate import NSFW_ERROR, class_token_positions, generate_batch
+from seediff.workers.generate import NSFW_ERROR, class_token_positions, generate_batch
 
 PROMPTS = [
     ("dog", "a photograph of a dog"),

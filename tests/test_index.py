@@ -9,9 +9,9 @@ import fsspec
 import pytest
 import wids
 
-from pipeline.index import write_index
+from seediff.pipeline.index import write_index
 from tests.test_shards import make_config, write_shard
-from workers.shards import ShardWriter
+from seediff.workers.shards import ShardWriter
 
 
 def read_json(url: str, name: str) -> dict:

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from schemas.manifest import COLUMNS, ClassRow, ManifestError, load_manifest
+from seediff.schemas.manifest import COLUMNS, ClassRow, ManifestError, load_manifest
 
 
 def write(tmp_path, name: str, content: str | bytes) -> str:

@@ -2,12 +2,12 @@ import pytest
 import torch
 from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionPipeline
 
-from schemas.config import RunConfig
-from workers.models import (
+from seediff.schemas.config import RunConfig
+from seediff.workers.models import (
     SCHEDULERS,
     TINY_MODEL,
-    build_tiny_pipeline,
-    load_pipeline,
+    build_tiny_model,
+    load_model,
     offline_clip_tokenizer,
     resolve_device,
     resolve_dtype,
@@ -37,7 +37,7 @@ def test_tiny_pipeline_is_deterministic_and_leaves_global_rng_alone():
     torch.manual_seed(123)
     expected_next = torch.rand(1)
     torch.manual_seed(123)
-    a, b = build_tiny_pipeline(), build_tiny_pipeline()
+    a, b = build_tiny_model(), build_tiny_model()
     assert torch.equal(torch.rand(1), expected_next)
     for (name, p), q in zip(a.unet.state_dict().items(), b.unet.state_dict().values()):
         assert torch.equal(p, q), name
@@ -47,14 +47,14 @@ def test_tiny_pipeline_is_deterministic_and_leaves_global_rng_alone():
 
 @pytest.mark.parametrize("name", sorted(SCHEDULERS))
 def test_scheduler_choice_maps_to_diffusers_scheduler(name):
-    pipe = load_pipeline(RunConfig(model=TINY_MODEL, scheduler=name), CPU)
+    pipe = load_model(RunConfig(model=TINY_MODEL, scheduler=name), CPU)
     assert type(pipe.scheduler) is SCHEDULERS[name]
 
 
 def test_load_pipeline_from_saved_directory(tmp_path, tiny_pipe):
     tiny_pipe.save_pretrained(tmp_path)
     config = RunConfig(model=str(tmp_path), scheduler="euler_a", dtype="float32")
-    loaded = load_pipeline(config, CPU)
+    loaded = load_model(config, CPU)
     assert isinstance(loaded, StableDiffusionPipeline)
     assert isinstance(loaded.scheduler, EulerAncestralDiscreteScheduler)
     assert loaded.unet.dtype == torch.float32 and loaded.safety_checker is None

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.plan import Plan, sample_seed
-from schemas.manifest import ClassRow
+from seediff.pipeline.plan import Plan, sample_seed
+from seediff.schemas.manifest import ClassRow
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,7 +31,7 @@ def test_known_seeds_never_change():
 def test_seeds_are_equal_in_another_process_with_another_hash_seed():
     ids = [0, 1, 2, 999, 1000, 123_456_789]
     code = (
-        "import json; from pipeline.plan import Plan; from tests.test_plan import rows; "
+        "import json; from seediff.pipeline.plan import Plan; from tests.test_plan import rows; "
         f"plan = Plan(rows(1000, 10**9), 42, 7); print(json.dumps([plan.sample(i).seed for i in {ids}]))"
     )
     env = {**os.environ, "PYTHONHASHSEED": "12345", "PYTHONPATH": str(REPO)}

@@ -8,12 +8,12 @@ from pathlib import Path
 import ray
 import torch
 
-from pipeline.dispatch import ShardRecord
-from pipeline.progress import PartialCounts, Progress
-from schemas.config import RuntimeOptions
-from schemas.manifest import load_manifest
+from seediff.pipeline.dispatch import ShardRecord
+from seediff.pipeline.progress import PartialCounts, Progress
+from seediff.schemas.config import RuntimeOptions
+from seediff.schemas.manifest import load_manifest
 from tests.e2e_support import plan_of, run_config, write_inputs
-from workers.actor import ShardActor
+from seediff.workers.actor import ShardActor
 
 
 def test_partial_counts_replace_per_shard_and_ignore_reports_after_close() -> None:

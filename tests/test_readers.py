@@ -20,15 +20,15 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from pipeline.index import write_index
-from pipeline.plan import Plan
-from pipeline.readers import raw_samples, segmentation_dataset, shard_urls, wids_dataset
-from pipeline.resume import prepare_output
-from pipeline.review import verify_dataset
-from schemas.config import RunConfig
-from schemas.manifest import ClassRow, Manifest
-from workers.encode import encode_sample
-from workers.shards import ShardWriter
+from seediff.pipeline.index import write_index
+from seediff.pipeline.plan import Plan
+from seediff.pipeline.readers import raw_samples, segmentation_dataset, shard_urls, wids_dataset
+from seediff.pipeline.resume import prepare_output
+from seediff.pipeline.review import verify_dataset
+from seediff.schemas.config import RunConfig
+from seediff.schemas.manifest import ClassRow, Manifest
+from seediff.workers.encode import encode_sample
+from seediff.workers.shards import ShardWriter
 
 SIZE = 32
 CLASSES = ((1, "cat", 5), (2, "dog", 4), (7, "tree", 3))  # (class id, name, samples): 12 samples, 3 shards of 4
@@ -235,7 +235,7 @@ def generated_dataset(tmp_path_factory: pytest.TempPathFactory) -> str:
     """`seediff generate examples/demo.csv --model tiny` in a child process (its local Ray ends with it)."""
     out = str(tmp_path_factory.mktemp("generated") / "out")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    run = subprocess.run([sys.executable, "-m", "pipeline.cli", "generate", "examples/demo.csv", "--out", out,
+    run = subprocess.run([sys.executable, "-m", "seediff", "generate", "examples/demo.csv", "--out", out,
                           *DEMO_FLAGS], cwd=REPO, env=env, capture_output=True, text=True, timeout=540)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     return out

@@ -11,15 +11,15 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from pipeline.resume import (
+from seediff.pipeline.resume import (
     RunConfigMismatch,
     clean_leftovers,
     committed_shards,
     prepare_output,
     read_run_json,
 )
-from schemas.config import ConfigError
-from schemas.manifest import Manifest
+from seediff.schemas.config import ConfigError
+from seediff.schemas.manifest import Manifest
 from tests.test_shards import ROWS, make_config, write_shard
 
 MANIFEST = Manifest("classes.csv", ROWS, "ab" * 32)
@@ -133,7 +133,7 @@ def test_a_child_process_reaches_the_same_s3_server(s3_output_url: str) -> None:
     config = make_config(s3_output_url)
     write_shard(config, 0)
     code = (
-        "import sys; from pipeline.resume import committed_shards; from schemas.config import RunConfig; "
+        "import sys; from seediff.pipeline.resume import committed_shards; from seediff.schemas.config import RunConfig; "
         "print(sorted(committed_shards(RunConfig.model_validate_json(sys.argv[1]))))"
     )
     out = subprocess.run(

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.review import format_inspection, inspect_dataset, preview_grid, verify_dataset
+from seediff.pipeline.review import format_inspection, inspect_dataset, preview_grid, verify_dataset
 from tests.test_readers import synthetic_dataset  # noqa: F401 - fixture
 
 SHARD0, SHARD1 = "seediff-000000", "seediff-000001"

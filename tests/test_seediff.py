@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from schemas.config import MaskConfig
-from workers.seediff import (
+from seediff.schemas.config import MaskConfig
+from seediff.workers.seediff import (
     AttentionMaps,
     bicubic,
     coarse_seed_map,

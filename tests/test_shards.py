@@ -14,13 +14,14 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
-from pipeline.plan import Plan
-from pipeline.resume import clean_leftovers, committed_shards
-from schemas.config import RunConfig
-from schemas.manifest import ClassRow
-from schemas.records import SampleSpec, ShardSpec, shard_name
-from workers.encode import decode_mask, encode_sample
-from workers.shards import ShardWriter
+from seediff.pipeline.plan import Plan
+from seediff.pipeline.resume import clean_leftovers, committed_shards
+from seediff.schemas.config import RunConfig
+from seediff.schemas.manifest import ClassRow
+from seediff.schemas.records import SampleSpec, ShardSpec, shard_name
+from seediff.schemas.records import decode_mask
+from seediff.workers.encode import encode_sample
+from seediff.workers.shards import ShardWriter
 
 SIZE = 64
 ROWS = (

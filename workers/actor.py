@@ -15,18 +15,18 @@ from typing import Any
 import ray
 import torch
 
-from schemas.config import RunConfig, RuntimeOptions
-from schemas.records import SampleOutcome, SampleSpec, ShardSpec
-from workers.encode import encode_sample
-from workers.generate import GeneratedSample, generate_batch
-from workers.models import load_pipeline, resolve_device
-from workers.shards import ShardWriter
+from seediff.schemas.config import RunConfig, RuntimeOptions
+from seediff.schemas.records import SampleOutcome, SampleSpec, ShardSpec
+from seediff.workers.encode import encode_sample
+from seediff.workers.generate import GeneratedSample, generate_batch
+from seediff.workers.models import load_model, resolve_device
+from seediff.workers.shards import ShardWriter
 
 
 class ShardActor:
     """``ShardActor(config, runtime, torch_threads, progress)``; ``generate_shard(shard)`` writes and commits one
     shard. ``torch_threads`` caps intra-op threads so several CPU actors on one machine do not oversubscribe it.
-    ``progress``: a Ray actor handle of ``pipeline.progress.PartialCounts`` told the samples written after every
+    ``progress``: a Ray actor handle of ``seediff.pipeline.progress.PartialCounts`` told the samples written after every
     batch (fire-and-forget), so the driver's bar moves between shard commits."""
 
     def __init__(
@@ -38,7 +38,7 @@ class ShardActor:
         if torch_threads is not None:
             torch.set_num_threads(torch_threads)
         started = time.perf_counter()
-        self.pipe = load_pipeline(config, self.device)
+        self.pipe = load_model(config, self.device)
         self.load_s = time.perf_counter() - started
         # Encoding (PIL/zlib release the GIL) of batch k runs here while batch k+1 is generated.
         self.encoder = ThreadPoolExecutor(max_workers=runtime.encode_threads, thread_name_prefix="encode")

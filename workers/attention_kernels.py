@@ -7,7 +7,7 @@ online max/sum), pass 2 recomputes each [query block x key block] tile for every
 with exp2(s - lse) and adds the head sum to the accumulator tile once. Traffic per image and call is about one
 read+write of the fp32 accumulator; the extra matmuls are a few GFLOP.
 
-Only used on CUDA when Triton is importable; ``workers.capture`` falls back to chunked torch ops elsewhere.
+Only used on CUDA when Triton is importable; ``seediff.workers.capture`` falls back to chunked torch ops elsewhere.
 """
 
 from __future__ import annotations

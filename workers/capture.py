@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 try:  # the fused kernel needs Triton (CUDA builds of torch ship it); elsewhere the chunked torch path runs
-    from workers.attention_kernels import add_head_summed_probabilities
+    from seediff.workers.attention_kernels import add_head_summed_probabilities
 except ImportError:
     add_head_summed_probabilities = None
 

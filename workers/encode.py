@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from schemas.config import RunConfig
-from schemas.records import FAILED, SUCCESS, SampleOutcome, SampleSpec, sample_metadata
+from seediff.schemas.config import RunConfig
+from seediff.schemas.records import FAILED, SUCCESS, SampleOutcome, SampleSpec, sample_metadata
 
 # Pillow format names and save options per config.image_format; nothing here depends on time or the machine.
 _IMAGE_FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
@@ -31,14 +31,6 @@ def encode_mask(mask: np.ndarray, class_id: int) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(labels).save(buf, format="PNG")
     return buf.getvalue()
-
-
-def decode_mask(data: bytes) -> np.ndarray:
-    """``mask.png`` bytes -> H x W uint8 label map, exactly the written values."""
-    with Image.open(io.BytesIO(data)) as im:
-        if im.mode != "L":
-            raise ValueError(f"mask.png: expected an 8-bit single-channel (L) image, got mode {im.mode}")
-        return np.asarray(im, dtype=np.uint8).copy()
 
 
 def encode_sample(

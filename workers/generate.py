@@ -11,10 +11,10 @@ import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline
 
-from schemas.config import RunConfig
-from schemas.records import SampleSpec
-from workers import seediff
-from workers.capture import CapturedAttention, SeeDiffCapture
+from seediff.schemas.config import RunConfig
+from seediff.schemas.records import SampleSpec
+from seediff.workers import seediff
+from seediff.workers.capture import CapturedAttention, SeeDiffCapture
 
 NSFW_ERROR = "nsfw: blanked by the safety checker"
 
@@ -60,11 +60,11 @@ def generate_with_capture(
         pipe.unet, latent_size, positions, window=config.mask.capture_steps, query_chunk=config.mask.query_chunk
     )
     with capture:
-        out = pipe(**pipeline_inputs(pipe, samples, config), output_type="pt")
+        out = pipe(**diffusion_inputs(pipe, samples, config), output_type="pt")
     return out, capture.result(), positions
 
 
-def pipeline_inputs(pipe: StableDiffusionPipeline, samples: Sequence[SampleSpec], config: RunConfig) -> dict:
+def diffusion_inputs(pipe: StableDiffusionPipeline, samples: Sequence[SampleSpec], config: RunConfig) -> dict:
     """Keyword arguments of the pipeline call for a batch (all but output_type)."""
     generators = [torch.Generator("cpu").manual_seed(s.seed) for s in samples]
     latents = initial_latents(generators, pipe.unet.config.in_channels, config.resolution // pipe.vae_scale_factor)

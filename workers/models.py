@@ -22,7 +22,7 @@ from diffusers import (
 from tokenizers import pre_tokenizers
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from schemas.config import TINY_MODEL, RunConfig
+from seediff.schemas.config import TINY_MODEL, RunConfig
 
 SCHEDULERS = {
     "ddim": DDIMScheduler,
@@ -83,10 +83,10 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def load_pipeline(config: RunConfig, device: torch.device) -> StableDiffusionPipeline:
+def load_model(config: RunConfig, device: torch.device) -> StableDiffusionPipeline:
     dtype = resolve_dtype(config.dtype, device)
     if config.model == TINY_MODEL:
-        pipe = build_tiny_pipeline()  # built in fp32; casting to the same dtype only makes diffusers warn
+        pipe = build_tiny_model()  # built in fp32; casting to the same dtype only makes diffusers warn
         if dtype != torch.float32:
             pipe = pipe.to(dtype=dtype)
     else:
@@ -99,7 +99,7 @@ def load_pipeline(config: RunConfig, device: torch.device) -> StableDiffusionPip
     return pipe
 
 
-def build_tiny_pipeline(
+def build_tiny_model(
     unet_overrides: dict[str, Any] | None = None,
     text_overrides: dict[str, Any] | None = None,
     vae_overrides: dict[str, Any] | None = None,

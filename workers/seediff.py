@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from schemas.config import MaskConfig
+from seediff.schemas.config import MaskConfig
 
 # The official per-layer gate: maps whose unbiased variance is not above this are scaled by GATE_WEIGHT.
 VARIANCE_GATE = 1e-4

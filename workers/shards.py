@@ -1,34 +1,25 @@
 """Shard writer: one shard's ``.tar`` (WebDataset), ``.parquet`` (one row per attempted sample) and ``_stats.json``
 (the commit marker), written in that order through fsspec so that no reader or resume ever sees a half-written shard.
 
-Local disk: each file grows under a hidden temp name in the output directory and is renamed when complete.
-Object stores: an upload becomes visible only when it completes, so each file is staged on local disk and uploaded
-to its final key. Either way the stats file is published last, and only it says "done"."""
+Each file is published whole (``seediff.storage``); the stats file is published last, and only it says "done"."""
 
 from __future__ import annotations
 
 import io
-import os
 import platform
-import posixpath
 import socket
-import tempfile
 import time
-import uuid
 from dataclasses import asdict
 from importlib import metadata as dist_metadata
-from typing import IO, Any
+from typing import Any
 
-import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import webdataset as wds
-from fsspec import AbstractFileSystem
-from fsspec.implementations.local import LocalFileSystem
 
-from schemas import __version__ as SEEDIFF_VERSION
-from schemas.config import RunConfig
-from schemas.records import (
+from seediff import __version__ as SEEDIFF_VERSION
+from seediff.schemas.config import RunConfig
+from seediff.schemas.records import (
     PARQUET_SCHEMA,
     PARQUET_SUFFIX,
     STATS_SUFFIX,
@@ -41,72 +32,10 @@ from schemas.records import (
     metadata_json,
     parquet_row,
     shard_name,
-    temp_name,
 )
+from seediff.storage import StagedFile, output_fs, write_file
 
 TAR_MTIME = 0  # every tar member gets this mtime, so identical inputs give byte-identical tars
-
-
-def output_fs(output_url: str) -> tuple[AbstractFileSystem, str]:
-    """The filesystem and root path (no trailing slash) of an output URL."""
-    fs, root = fsspec.core.url_to_fs(output_url)
-    return fs, root.rstrip("/") or root
-
-
-def is_local(fs: AbstractFileSystem) -> bool:
-    return isinstance(fs, LocalFileSystem)
-
-
-class StagedFile:
-    """A file that appears under ``path`` only on ``publish()``; ``discard()`` (or leaving the ``with`` block
-    unpublished) removes what was written. ``file`` is the binary stream to write to.
-
-    Local disk: staged under a hidden temp name next to the final path, renamed on publish (atomic).
-    Object stores: staged in the local temp directory and uploaded with ``put_file``, which is one PUT or a
-    multipart upload that is aborted on error, so the final key appears only complete."""
-
-    def __init__(self, fs: AbstractFileSystem, path: str):
-        self.fs, self.path = fs, path
-        directory, base = posixpath.split(path)
-        staging_dir = directory if is_local(fs) else tempfile.gettempdir()
-        os.makedirs(staging_dir, exist_ok=True)
-        self.temp_path = os.path.join(staging_dir, temp_name(base, uuid.uuid4().hex))
-        self.file: IO[bytes] = open(self.temp_path, "wb")  # noqa: SIM115 - closed by publish/discard
-
-    def publish(self) -> int:
-        """Make the file visible under its final path; returns its size in bytes."""
-        size = self.file.tell()
-        self.file.flush()
-        if is_local(self.fs):
-            os.fsync(self.file.fileno())  # the rename must not expose a file whose data is still in flight
-            self.file.close()
-            os.replace(self.temp_path, self.path)
-        else:
-            self.file.close()
-            try:
-                self.fs.put_file(self.temp_path, self.path)
-            finally:
-                os.remove(self.temp_path)
-        return size
-
-    def discard(self) -> None:
-        self.file.close()
-        if os.path.exists(self.temp_path):
-            os.remove(self.temp_path)
-
-    def __enter__(self) -> "StagedFile":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if not self.file.closed:
-            self.discard()
-
-
-def write_file(fs: AbstractFileSystem, path: str, data: bytes) -> int:
-    """Publish a whole small file with the same visibility rules as the shard files."""
-    with StagedFile(fs, path) as staged:
-        staged.file.write(data)
-        return staged.publish()
 
 
 class ShardWriter:

@@ -9,10 +9,10 @@ from collections.abc import Callable, Sequence
 import pytest
 import torch
 
-from schemas.config import MaskConfig, RunConfig
-from schemas.manifest import ClassRow
-from schemas.records import SampleSpec
-from workers.models import TINY_MODEL, build_tiny_pipeline, load_pipeline
+from seediff.schemas.config import MaskConfig, RunConfig
+from seediff.schemas.manifest import ClassRow
+from seediff.schemas.records import SampleSpec
+from seediff.workers.models import TINY_MODEL, build_tiny_model, load_model
 
 # SD2-base differs from SD1.x in per-level head counts, linear in/out projections and its text width.
 SD2_STYLE_UNET = dict(attention_head_dim=(2, 4, 4, 4), use_linear_projection=True, upcast_attention=True)
@@ -34,12 +34,12 @@ def tiny_run_config() -> RunConfig:
 
 @pytest.fixture(scope="session")
 def tiny_pipe(tiny_run_config):
-    return load_pipeline(tiny_run_config, torch.device("cpu"))
+    return load_model(tiny_run_config, torch.device("cpu"))
 
 
 @pytest.fixture(scope="session")
 def tiny_sd2_pipe():
-    pipe = build_tiny_pipeline(unet_overrides=SD2_STYLE_UNET, text_overrides=SD2_STYLE_TEXT)
+    pipe = build_tiny_model(unet_overrides=SD2_STYLE_UNET, text_overrides=SD2_STYLE_TEXT)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

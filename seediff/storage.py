@@ -1,0 +1,81 @@
+"""Storage both sides use: the filesystem of an output URL and publishing a file so that it appears only complete.
+
+Local disk: a file grows under a hidden temp name next to its final path and is renamed when complete (atomic).
+Object stores: an upload becomes visible only when it completes, so a file is staged on local disk and uploaded to its
+final key."""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import tempfile
+import uuid
+from typing import IO
+
+import fsspec
+from fsspec import AbstractFileSystem
+from fsspec.implementations.local import LocalFileSystem
+
+from seediff.schemas.records import temp_name
+
+
+def output_fs(output_url: str) -> tuple[AbstractFileSystem, str]:
+    """The filesystem and root path (no trailing slash) of an output URL."""
+    fs, root = fsspec.core.url_to_fs(output_url)
+    return fs, root.rstrip("/") or root
+
+
+def is_local(fs: AbstractFileSystem) -> bool:
+    return isinstance(fs, LocalFileSystem)
+
+
+class StagedFile:
+    """A file that appears under ``path`` only on ``publish()``; ``discard()`` (or leaving the ``with`` block
+    unpublished) removes what was written. ``file`` is the binary stream to write to.
+
+    Local disk: staged under a hidden temp name next to the final path, renamed on publish (atomic).
+    Object stores: staged in the local temp directory and uploaded with ``put_file``, which is one PUT or a
+    multipart upload that is aborted on error, so the final key appears only complete."""
+
+    def __init__(self, fs: AbstractFileSystem, path: str):
+        self.fs, self.path = fs, path
+        directory, base = posixpath.split(path)
+        staging_dir = directory if is_local(fs) else tempfile.gettempdir()
+        os.makedirs(staging_dir, exist_ok=True)
+        self.temp_path = os.path.join(staging_dir, temp_name(base, uuid.uuid4().hex))
+        self.file: IO[bytes] = open(self.temp_path, "wb")  # noqa: SIM115 - closed by publish/discard
+
+    def publish(self) -> int:
+        """Make the file visible under its final path; returns its size in bytes."""
+        size = self.file.tell()
+        self.file.flush()
+        if is_local(self.fs):
+            os.fsync(self.file.fileno())  # the rename must not expose a file whose data is still in flight
+            self.file.close()
+            os.replace(self.temp_path, self.path)
+        else:
+            self.file.close()
+            try:
+                self.fs.put_file(self.temp_path, self.path)
+            finally:
+                os.remove(self.temp_path)
+        return size
+
+    def discard(self) -> None:
+        self.file.close()
+        if os.path.exists(self.temp_path):
+            os.remove(self.temp_path)
+
+    def __enter__(self) -> "StagedFile":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.file.closed:
+            self.discard()
+
+
+def write_file(fs: AbstractFileSystem, path: str, data: bytes) -> int:
+    """Publish a whole small file with the same visibility rules as the shard files."""
+    with StagedFile(fs, path) as staged:
+        staged.file.write(data)
+        return staged.publish()
