@@ -274,6 +274,27 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return EXIT_FAILED if problems else EXIT_OK
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from seediff.pipeline.layouts import export_voc
+
+    summary = export_voc(args.url, args.directory, split=args.split)
+    print(f"wrote {summary['images']} images in the {args.layout} layout to {args.directory} "
+          f"({len(summary['classes'])} classes, image set {args.split})")
+    return EXIT_OK
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from seediff.pipeline.evaluate import format_report, score_predictions, write_report
+    from seediff.pipeline.layouts import open_labelled_dataset
+
+    dataset = open_labelled_dataset(args.root, args.layout, split=args.split, classes_file=args.classes_file)
+    report = score_predictions(dataset, args.predictions)
+    path = write_report(report, _absolute_if_local(args.out))
+    print(format_report(report))
+    print(f"wrote {path}")
+    return EXIT_OK
+
+
 # ---- parser -------------------------------------------------------------------------------------------------------
 
 
@@ -320,6 +341,22 @@ def build_parser() -> argparse.ArgumentParser:
     ver = sub.add_parser("verify", help="check every shard against its stats, parquet and the index")
     ver.set_defaults(func=cmd_verify)
     ver.add_argument("url")
+
+    exp = sub.add_parser("export", help="write an output root as a folder layout segmentation trainers read")
+    exp.set_defaults(func=cmd_export)
+    exp.add_argument("url", metavar="OUT_ROOT", help="output root of generate or annotate")
+    exp.add_argument("directory", metavar="DIR", help="folder (or URL) to write")
+    exp.add_argument("--layout", choices=["voc"], required=True, help="voc: JPEGImages, SegmentationClass, ...")
+    exp.add_argument("--split", default="train", help="name of the image-set list (default train)")
+
+    ev = sub.add_parser("eval", help="score label maps on a labelled dataset: mIoU, pixel accuracy, ...")
+    ev.set_defaults(func=cmd_eval)
+    ev.add_argument("root", metavar="ROOT", help="labelled dataset folder or URL")
+    ev.add_argument("--layout", choices=["voc", "labels"], required=True)
+    ev.add_argument("--out", required=True, help="folder (or URL) for metrics.json")
+    ev.add_argument("--split", help="VOC image set (default: val, or the only list)")
+    ev.add_argument("--classes-file", help="class list, one name per line (line number = label value)")
+    ev.add_argument("--predictions", required=True, help="output root whose sample keys are the image ids")
     return parser
 
 
