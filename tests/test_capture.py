@@ -5,9 +5,8 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
 from seediff.workers.capture import (
-    CrossTokenSum,
+    AttentionSum,
     SeeDiffCapture,
-    SelfAttentionSum,
     UnsupportedUNetError,
     _attention_output,
     installed_processors,
@@ -53,6 +52,14 @@ def run(pipe, prompts, steps=2, guidance=6.0, seed=0, **kwargs):
     )
 
 
+def captured_run(pipe, prompts, positions, steps=2, guidance=6.0, seed=0, window=None, **capture_options):
+    """One batch under a capture installed for it: (latents, the capture)."""
+    capture = SeeDiffCapture(pipe.unet, LATENT, len(prompts), guided=guidance > 1, **capture_options)
+    with capture.begin(positions, window):
+        latents = run(pipe, prompts, steps, guidance, seed, output_type="latent", callback_on_step_end=capture.step_end)
+    return latents.images, capture
+
+
 def test_locate_layers_from_structure(tiny_pipe):
     layers = locate_attention_layers(tiny_pipe.unet, LATENT)
     assert len(layers) == len(tiny_pipe.unet.attn_processors) == 20
@@ -80,14 +87,11 @@ def test_plan_picks_coarse_cross_and_first_up_self_layers(tiny_pipe):
 
 def test_only_planned_layers_are_captured_and_restored(tiny_pipe):
     before = dict(tiny_pipe.unet.attn_processors)
-    capture = SeeDiffCapture(tiny_pipe.unet, LATENT, [[5]])
+    capture = SeeDiffCapture(tiny_pipe.unet, LATENT, 1)
     planned = {l.key for l in capture.plan.cross} | {l.key for l in capture.plan.self_attn.values()}
     with capture:
         inside = tiny_pipe.unet.attn_processors
-        assert {k for k, p in inside.items() if isinstance(p, CrossTokenSum)} == {l.key for l in capture.plan.cross}
-        assert {k for k, p in inside.items() if isinstance(p, SelfAttentionSum)} == {
-            l.key for l in capture.plan.self_attn.values()
-        }
+        assert {k for k, p in inside.items() if isinstance(p, AttentionSum)} == planned
         assert all(type(p) is AttnProcessor2_0 for k, p in inside.items() if k not in planned)
     after = tiny_pipe.unet.attn_processors
     assert all(after[k] is before[k] for k in before)
@@ -96,8 +100,7 @@ def test_only_planned_layers_are_captured_and_restored(tiny_pipe):
 def test_capture_leaves_generation_unchanged(tiny_pipe):
     prompts = ["a photograph of a dog", "a long shot of a potted plant"]
     plain = run(tiny_pipe, prompts, output_type="latent").images
-    with SeeDiffCapture(tiny_pipe.unet, LATENT, [[5], [7, 8]]):
-        captured = run(tiny_pipe, prompts, output_type="latent").images
+    captured, _ = captured_run(tiny_pipe, prompts, [[5], [7, 8]])
     # Off CUDA the conditional half's attention is computed explicitly (probs @ V), not by fused SDPA: equal up to
     # fp32 rounding. For scale: diffusers' own explicit AttnProcessor on the same layers differs by 9e-6 here
     # (latents up to 6.3).
@@ -127,9 +130,8 @@ def test_capture_output_path_with_fused_attention_is_the_fused_processor(tiny_pi
 def test_captured_sums_equal_naive_reference(tiny_pipe, guidance):
     prompts = ["a photograph of a dog", "a long shot of a potted plant"]
     positions = [[18], [17, 18, 19, 20]]  # differ per sample; several sub-tokens for the second
-    capture = SeeDiffCapture(tiny_pipe.unet, LATENT, positions, query_chunk=16)  # 64-row fine layer: 4 chunks
-    with capture:
-        run(tiny_pipe, prompts, steps=3, guidance=guidance, output_type="latent")
+    # 64-row fine layer: 4 chunks
+    _, capture = captured_run(tiny_pipe, prompts, positions, steps=3, guidance=guidance, query_chunk=16)
     got = capture.result()
     assert got.calls == 3
 
@@ -147,10 +149,8 @@ def test_captured_sums_equal_naive_reference(tiny_pipe, guidance):
 
 
 def test_capture_window_averages_only_chosen_calls(tiny_pipe):
-    capture = SeeDiffCapture(tiny_pipe.unet, LATENT, [[5]], window=(1, 3))
+    _, capture = captured_run(tiny_pipe, ["a dog"], [[5]], steps=4, window=(1, 3))
     layer = capture.plan.self_attn["fine"]
-    with capture:
-        run(tiny_pipe, ["a dog"], steps=4, output_type="latent")
     reference = RecordingAttnProcessor(1)
     with installed_processors(tiny_pipe.unet, {layer.key: reference}):
         run(tiny_pipe, ["a dog"], steps=4, output_type="latent")
@@ -159,9 +159,7 @@ def test_capture_window_averages_only_chosen_calls(tiny_pipe):
 
 
 def test_window_past_the_last_call_is_an_error(tiny_pipe):
-    capture = SeeDiffCapture(tiny_pipe.unet, LATENT, [[5]], window=(5, 9))
-    with capture:
-        run(tiny_pipe, ["a dog"], steps=2, output_type="latent")
+    _, capture = captured_run(tiny_pipe, ["a dog"], [[5]], steps=2, window=(5, 9))
     with pytest.raises(RuntimeError, match=r"capture window \(5, 9\)"):
         capture.result()
 
@@ -191,14 +189,12 @@ def retained_tensor_bytes(capture: SeeDiffCapture) -> int:
 def test_accumulator_memory_does_not_grow_with_steps(tiny_pipe):
     sums, retained = [], []
     for steps in (2, 20):
-        capture = SeeDiffCapture(tiny_pipe.unet, LATENT, [[5], [6]])
-        with capture:
-            run(tiny_pipe, ["a dog", "a cat"], steps=steps, output_type="latent")
+        _, capture = captured_run(tiny_pipe, ["a dog", "a cat"], [[5], [6]], steps=steps)
         assert capture.result().calls == steps
         sums.append(capture.buffer_bytes())
         retained.append(retained_tensor_bytes(capture))
-    # fp32 [B, N, N] for the three scales and [B, T, N] per coarse cross layer
-    assert sums[0] == sums[1] == 4 * 2 * (64**2 + 16**2 + 4**2 + 3 * 1 * 4)
+    # fp32 [B, N, N] for the three scales and [B, N, 77 text tokens] per coarse cross layer
+    assert sums[0] == sums[1] == 4 * 2 * (64**2 + 16**2 + 4**2 + 3 * 4 * 77)
     # nothing else the processors keep (workspaces, per-call state) grows with the number of UNet calls either
     assert retained[0] == retained[1]
 
@@ -206,16 +202,44 @@ def test_accumulator_memory_does_not_grow_with_steps(tiny_pipe):
 def test_batch_maps_equal_single_runs(tiny_pipe):
     prompts = ["a photograph of a dog", "cat on a sofa", "a long shot of a potted plant"]
     positions = [[18], [1, 2, 3], [17, 18, 19, 20, 21, 22]]
-    batch = SeeDiffCapture(tiny_pipe.unet, LATENT, positions)
-    with batch:
-        run(tiny_pipe, prompts, output_type="latent")
+    _, batch = captured_run(tiny_pipe, prompts, positions)
     for i, (prompt, cols) in enumerate(zip(prompts, positions)):
-        single = SeeDiffCapture(tiny_pipe.unet, LATENT, [cols])
-        with single:
-            run(tiny_pipe, [prompt], seed=i, output_type="latent")
+        _, single = captured_run(tiny_pipe, [prompt], [cols], seed=i)
         torch.testing.assert_close(batch.result().cross[i], single.result().cross[0], rtol=1e-4, atol=1e-5)
         for scale, maps in batch.result().self_attn.items():
             torch.testing.assert_close(maps[i], single.result().self_attn[scale][0], rtol=1e-4, atol=1e-5)
+
+
+def test_processors_keep_no_python_state(tiny_pipe):
+    """Every attribute of every processor is the same object after a run: only tensor contents change, so a
+    compiled UNet's guards on them hold from call to call."""
+    capture = SeeDiffCapture(tiny_pipe.unet, LATENT, 1)
+    before = {key: dict(vars(p)) for key, p in capture.processors().items()}
+    with capture.begin([[5]]):
+        run(tiny_pipe, ["a dog"], steps=3, output_type="latent", callback_on_step_end=capture.step_end)
+    after = {key: vars(p) for key, p in capture.processors().items()}
+    assert all(after[key][name] is value for key, attrs in before.items() for name, value in attrs.items())
+    assert capture.result().calls == 3
+
+
+def test_one_capture_serves_successive_batches_up_to_its_size(tiny_pipe):
+    """What a compiled actor does: one capture stays installed; each batch (a shard's last one smaller) begins anew."""
+    prompts = ["a photograph of a dog", "cat on a sofa", "a long shot of a potted plant"]
+    positions = [[18], [1, 2, 3], [17, 18, 19, 20, 21, 22]]
+    fresh = [captured_run(tiny_pipe, prompts[:n], positions[:n], seed=n)[1].result() for n in (3, 1)]
+    capture = SeeDiffCapture(tiny_pipe.unet, LATENT, 3)
+    with capture:
+        for n, expected in zip((3, 1), fresh):
+            capture.begin(positions[:n])
+            run(tiny_pipe, prompts[:n], seed=n, output_type="latent", callback_on_step_end=capture.step_end)
+            got = capture.result()
+            assert len(got.cross) == n and all(m.shape[0] == n for m in got.self_attn.values())
+            for a, b in zip(got.cross, expected.cross):
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+            for scale, maps in got.self_attn.items():
+                torch.testing.assert_close(maps, expected.self_attn[scale], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="batch of 4 samples exceeds the capture's 3"):
+        capture.begin(positions + [[5]])
 
 
 def test_processors_restored_after_exception_in_generation(tiny_pipe):
@@ -225,18 +249,16 @@ def test_processors_restored_after_exception_in_generation(tiny_pipe):
         raise RuntimeError("boom at step")
 
     with pytest.raises(RuntimeError, match="boom at step"):
-        with SeeDiffCapture(tiny_pipe.unet, LATENT, [[5]]):
+        with SeeDiffCapture(tiny_pipe.unet, LATENT, 1).begin([[5]]):
             run(tiny_pipe, ["a dog"], callback_on_step_end=fail)
     after = tiny_pipe.unet.attn_processors
     assert all(after[k] is before[k] for k in before)
 
 
 def test_sd2_style_unet_is_captured(tiny_sd2_pipe):
-    capture = SeeDiffCapture(tiny_sd2_pipe.unet, LATENT, [[5]])
     assert {l.heads for l in locate_attention_layers(tiny_sd2_pipe.unet, LATENT)} == {2, 4}
+    _, capture = captured_run(tiny_sd2_pipe, ["a dog"], [[5]])
     fine = capture.plan.self_attn["fine"]
-    with capture:
-        run(tiny_sd2_pipe, ["a dog"], output_type="latent")
     reference = RecordingAttnProcessor(1)
     with installed_processors(tiny_sd2_pipe.unet, {fine.key: reference}):
         run(tiny_sd2_pipe, ["a dog"], output_type="latent")
@@ -258,4 +280,4 @@ def test_unet_without_the_three_scales_fails_clearly():
         norm_num_groups=2,
     )
     with pytest.raises(UnsupportedUNetError, match=r"cross-attention at coarse \(8x8\).*self-attention at fine"):
-        SeeDiffCapture(unet, 32, [[1]])
+        SeeDiffCapture(unet, 32, 1)

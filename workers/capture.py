@@ -3,9 +3,11 @@
 Locate every attention layer from the UNet's module structure, choose SeeDiff's layers (every cross-attention layer at
 latent/4 and the first decoder self-attention at latent/4, latent/2 and latent), install capture processors on those
 layers only, and restore the previous processors on exit. A capture processor returns the layer's normal output and,
-for the conditional half only, adds the head-summed softmax probabilities to a preallocated fp32 running sum. On CUDA
-the whole batch keeps fused SDPA and a fused kernel adds the probabilities; elsewhere the conditional half's output is
-computed from the explicit probabilities, so no attention product is computed twice. Knows nothing of masks."""
+for the conditional half only, adds the head-summed softmax probabilities, times a per-call weight tensor set
+between UNet calls, to a preallocated fp32 running sum: it keeps no Python state, so a compiled UNet traces it into
+one graph. Two paths compute it: "fused" (fused SDPA for the whole batch, a Triton kernel adds the probabilities;
+CUDA, or the CPU under Triton's interpreter) and "explicit" (the conditional half's output computed from the
+explicit probabilities, so no attention product is computed twice). Knows nothing of masks."""
 
 from __future__ import annotations
 
@@ -16,13 +18,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from diffusers.models.attention_processor import Attention
 
-try:  # the fused kernel needs Triton (CUDA builds of torch ship it); elsewhere the chunked torch path runs
+try:  # the fused path needs Triton (CUDA builds of torch ship it; on the CPU it runs under TRITON_INTERPRET=1)
     from seediff.workers.attention_kernels import add_head_summed_probabilities
 except ImportError:
     add_head_summed_probabilities = None
 
+CAPTURE_PATHS = ("fused", "explicit")
 SCALE_DEPTHS = {"fine": 0, "middle": 1, "coarse": 2}  # SeeDiff's scales as downsampling depth below the latent
 _BLOCK_RANK = {"down": 0, "mid": 1, "up": 2}  # forward order of the UNet's block groups
 # Off the GPU, explicit attention is memory-bound: a [B, heads, rows, keys] block that fits in cache is several times
@@ -102,135 +105,155 @@ def plan_seediff_layers(layers: Sequence[AttentionLayer], latent_size: int) -> C
     return CapturePlan(cross, self_attn)
 
 
-class _ConditionalCapture:
-    """Base capture processor: the layer's normal output, plus head-summed probabilities of the conditional half
-    (the second half under classifier-free guidance, else the whole batch) added to ``sum`` for UNet calls inside
-    ``window``. Outside the window, fused SDPA for the whole batch."""
+class AttentionSum:
+    """Capture processor of one layer, stateless: returns the layer's normal output and adds ``weight`` times the
+    head-summed softmax probabilities of the conditional half (the second half under classifier-free guidance, else
+    the whole batch) to the preallocated fp32 running sum ``sum`` [max_samples, queries, keys]. ``weight`` is a 0-d
+    tensor shared by the processors of a capture and set between UNet calls (``SeeDiffCapture.step_end``): a captured
+    layer runs the same tensor program on every call and changes no Python state, so torch.compile traces it into
+    the UNet's graph without breaks and CUDA graphs can replay it.
 
-    def __init__(self, n_samples: int, window: tuple[int, int] | None, query_chunk: int):
-        self.n_samples = n_samples
-        self.window = window
-        self.query_chunk = query_chunk
-        self.fused = AttnProcessor2_0()
-        self.workspace = _Workspace()
-        self.calls = 0  # UNet calls seen (one per call: each layer runs once per UNet forward)
-        self.captured = 0  # calls added to the sum
+    ``path`` "fused": fused SDPA for the whole batch, and the Triton kernel adds the probabilities without
+    materialising them. "explicit": softmax probabilities per block of query rows; the conditional half's output is
+    computed from them (probs @ V), so no Q Kᵀ is computed twice, and fused SDPA runs on the unconditional half."""
+
+    def __init__(
+        self, layer: AttentionLayer, n_keys: int, max_samples: int, guided: bool, weight: torch.Tensor, path: str,
+        query_chunk: int, scores_dtype: torch.dtype,
+    ):
+        self.guided = guided
+        self.weight = weight
+        self.path = path
+        device = weight.device
+        n_queries = layer.side**2
+        self.sum = torch.zeros(max_samples, n_queries, n_keys, dtype=torch.float32, device=device)
+        self.query_chunk = min(query_chunk, n_queries)
+        self.workspace = None
+        if device.type == "cpu":  # off the GPU: blocks of at most CPU_BLOCK_BYTES in reused buffers (see _Workspace)
+            row_bytes = max_samples * layer.heads * n_keys * 4
+            self.query_chunk = max(1, min(self.query_chunk, CPU_BLOCK_BYTES // row_bytes))
+            self.workspace = _Workspace((max_samples, layer.heads, self.query_chunk, n_keys), scores_dtype, device)
 
     def __call__(self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
-        capturing = self.window is None or self.window[0] <= self.calls < self.window[1]
-        self.calls += 1
-        if not capturing:
-            return self.fused(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         if attention_mask is not None:
             raise NotImplementedError("capturing a layer called with an attention mask is not supported")
-        self.captured += 1
         return _attention_output(attn, hidden_states, encoder_hidden_states, temb, self._attend)
 
     def _attend(self, attn: Attention, query, key, value) -> torch.Tensor:
-        """The attention product of a captured call; the capture reuses the layer's own Q, K (and V) projections.
-        GPU: fused SDPA for the whole batch, and ``add`` (the fused kernel for self layers) on the conditional half.
-        Elsewhere: fused SDPA on the unconditional half only; the conditional half's output comes from the explicit
-        probabilities the capture needs anyway (probs @ V per query block), so no Q Kᵀ is computed twice."""
-        cond = _conditional_half(query.shape[0], self.n_samples)
-        if query.is_cuda:
+        """The attention product of a captured call; the capture reuses the layer's own Q, K (and V) projections."""
+        cond = _conditional_half(query.shape[0], self.guided)
+        sums = self._sums(query.shape[0] - (cond.start or 0))
+        if self.path == "fused":
             out = F.scaled_dot_product_attention(query, key, value)
-            self.add(attn, query[cond], key[cond])
+            q, k = (query[cond].float(), key[cond].float()) if attn.upcast_attention else (query[cond], key[cond])
+            add_head_summed_probabilities(q, k, attn.scale, self.weight, sums)
             return out
         out = torch.empty_like(query[cond])
         for rows, probs in _probabilities(attn, query[cond], key[cond], self.query_chunk, self.workspace):
             out[:, :, rows] = probs.to(value.dtype) @ value[cond]
-            head_sum = self.workspace.get("head_sum", _drop(probs.shape, 1), probs.dtype, probs.device)
-            self.add_rows(rows, torch.sum(probs, dim=1, out=head_sum))
+            head_sum = None if self.workspace is None else self.workspace.view("head_sum", _drop(probs.shape, 1))
+            sums[:, rows].addcmul_(torch.sum(probs, dim=1, out=head_sum), self.weight)
         if cond.start is None:
             return out
         uncond = slice(None, cond.start)
         return torch.cat([F.scaled_dot_product_attention(query[uncond], key[uncond], value[uncond]), out])
 
-    def add(self, attn: Attention, query: torch.Tensor, key: torch.Tensor) -> None:
-        for rows, probs in _probabilities(attn, query, key, self.query_chunk, self.workspace):
-            self.add_rows(rows, probs.sum(dim=1))
-
-    def add_rows(self, rows: slice, probs: torch.Tensor) -> None:
-        """Add head-summed probabilities [B, rows, n_keys] of query rows ``rows`` to the running sum."""
-        raise NotImplementedError
-
-    def average(self) -> torch.Tensor:
-        return self.sum / self.captured
-
-
-class SelfAttentionSum(_ConditionalCapture):
-    """Running sum of the full head-summed self-attention matrix, [B, N, N]."""
-
-    def __init__(self, layer: AttentionLayer, n_samples, window, query_chunk, device):
-        super().__init__(n_samples, window, query_chunk)
-        n = layer.side**2
-        self.sum = torch.zeros(n_samples, n, n, dtype=torch.float32, device=device)
-
-    def add(self, attn, query, key):
-        if query.is_cuda and add_head_summed_probabilities is not None and not attn.upcast_attention:
-            add_head_summed_probabilities(query, key, attn.scale, self.sum)
-        else:
-            super().add(attn, query, key)
-
-    def add_rows(self, rows, probs):
-        self.sum[:, rows].add_(probs)
-
-
-class CrossTokenSum(_ConditionalCapture):
-    """Running sum of the class sub-token columns of head-summed cross-attention, [B, T_max, N]; each sample's
-    token positions are padded to T_max by repeating its first one (the padding is dropped in ``per_sample``)."""
-
-    def __init__(self, layer: AttentionLayer, token_positions: Sequence[Sequence[int]], window, query_chunk, device):
-        super().__init__(len(token_positions), window, query_chunk)
-        self.counts = [len(p) for p in token_positions]
-        width = max(self.counts)
-        padded = [list(p) + [p[0]] * (width - len(p)) for p in token_positions]
-        self.columns = torch.tensor(padded, dtype=torch.long, device=device)  # [B, T_max]
-        self.sum = torch.zeros(len(padded), width, layer.side**2, dtype=torch.float32, device=device)
-
-    def add_rows(self, rows, probs):
-        # 77 keys: the transient is small, and only class columns are kept, so plain torch ops suffice (also on CUDA)
-        index = self.columns[:, None, :].expand(-1, probs.shape[1], -1)
-        self.sum[:, :, rows].add_(probs.gather(2, index).transpose(1, 2))
-
-    def per_sample(self) -> list[torch.Tensor]:
-        average = self.average()
-        return [average[i, : self.counts[i]] for i in range(len(self.counts))]
+    def _sums(self, n_samples: int) -> torch.Tensor:
+        """The running sums of a batch of ``n_samples`` (at most the capture's size: a shard's last batch is
+        smaller)."""
+        if n_samples > self.sum.shape[0]:
+            raise ValueError(f"a batch of {n_samples} samples exceeds the capture's {self.sum.shape[0]}")
+        return self.sum[:n_samples]
 
 
 class SeeDiffCapture:
-    """Context manager: installs capture processors on the planned layers of ``unet`` for one batch of
-    ``len(token_positions)`` samples and restores the previous processors on exit (also on exceptions).
-    ``token_positions[i]`` are sample i's class sub-token positions in its tokenized prompt."""
+    """Capture processors on the planned layers of ``unet`` for batches of up to ``max_samples`` samples. A context
+    manager: installs them on entry and restores the previous processors on exit (also on exceptions); a compiled
+    UNet keeps them installed for good (see workers/generate.py), since its code is specialised to them.
+
+    Per batch: ``begin(token_positions, window)`` zeroes the sums; run the pipeline with
+    ``callback_on_step_end=capture.step_end``, which sets the next UNet call's weight (1 inside ``window``, else 0);
+    ``result()`` divides by the weights' total. ``token_positions[i]`` are sample i's class sub-token positions in
+    its tokenized prompt; ``guided``: the UNet runs classifier-free guidance (batch = [unconditional,
+    conditional]). ``path``: "fused" (SDPA + Triton kernel; default on CUDA when Triton imports) or "explicit"."""
 
     def __init__(
         self,
         unet: torch.nn.Module,
         latent_size: int,
-        token_positions: Sequence[Sequence[int]],
-        window: tuple[int, int] | None = None,
+        max_samples: int,
+        *,
+        guided: bool = True,
+        text_tokens: int = 77,
+        path: str | None = None,
         query_chunk: int = 1024,
     ):
-        if not token_positions or any(len(p) == 0 for p in token_positions):
-            raise ValueError("every sample needs at least one class token position")
         self.unet = unet
         self.latent_size = latent_size
+        self.guided = guided
         self.plan = plan_seediff_layers(locate_attention_layers(unet, latent_size), latent_size)
         device = unet.device
-        self.cross = [CrossTokenSum(l, token_positions, window, query_chunk, device) for l in self.plan.cross]
-        self.self_attn = {
-            scale: SelfAttentionSum(l, len(token_positions), window, query_chunk, device)
-            for scale, l in self.plan.self_attn.items()
-        }
+        self.path = path or default_path(device)
+        if self.path not in CAPTURE_PATHS:
+            raise ValueError(f"capture path must be one of {CAPTURE_PATHS}, got {self.path!r}")
+        if self.path == "fused" and add_head_summed_probabilities is None:
+            raise ValueError("the fused capture path needs Triton (pip install triton; TRITON_INTERPRET=1 off CUDA)")
+        self.weight = torch.zeros((), dtype=torch.float32, device=device)  # the running UNet call's weight
+
+        def processor(layer: AttentionLayer, n_keys: int) -> AttentionSum:
+            upcast = unet.get_submodule(layer.key.removesuffix(".processor")).upcast_attention
+            scores_dtype = torch.float32 if upcast else unet.dtype
+            return AttentionSum(layer, n_keys, max_samples, guided, self.weight, self.path, query_chunk, scores_dtype)
+
+        # Full [queries, 77] rows of the coarse cross layers (0.08 MB per image and layer at SD1.5): which columns
+        # are class tokens changes per batch, and is applied in result(), outside the UNet.
+        self.cross = [processor(l, text_tokens) for l in self.plan.cross]
+        self.self_attn = {scale: processor(l, l.side**2) for scale, l in self.plan.self_attn.items()}
+        self.token_positions: list[list[int]] = []
+        self.window: tuple[int, int] | None = None
+        self.calls = 0  # UNet calls of this batch reported by step_end
         self._restore = ExitStack()
 
-    def processors(self) -> dict[str, _ConditionalCapture]:
+    def processors(self) -> dict[str, AttentionSum]:
         out = {l.key: p for l, p in zip(self.plan.cross, self.cross)}
         out.update({self.plan.self_attn[s].key: p for s, p in self.self_attn.items()})
         return out
 
     def buffer_bytes(self) -> int:
         return sum(p.sum.numel() * p.sum.element_size() for p in self.processors().values())
+
+    def begin(self, token_positions: Sequence[Sequence[int]], window: tuple[int, int] | None = None) -> "SeeDiffCapture":
+        """Start a batch: zero the sums and weight the first UNet call. ``window``: [start, stop) UNet call indices
+        averaged into the maps; None: every call."""
+        max_samples = self.cross[0].sum.shape[0]
+        if not token_positions or any(len(p) == 0 for p in token_positions):
+            raise ValueError("every sample needs at least one class token position")
+        if len(token_positions) > max_samples:
+            raise ValueError(f"a batch of {len(token_positions)} samples exceeds the capture's {max_samples}")
+        for p in self.processors().values():
+            p.sum.zero_()
+        self.token_positions = [list(p) for p in token_positions]
+        self.window = window
+        self.calls = 0
+        self.weight.fill_(self._weight_of(0))
+        return self
+
+    def step_end(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
+        """diffusers' ``callback_on_step_end`` (a step is one UNet call): ``advance``, nothing changed."""
+        if pipe.do_classifier_free_guidance != self.guided:
+            raise RuntimeError(
+                f"capture built for guided={self.guided}, the pipeline runs guided={pipe.do_classifier_free_guidance}"
+            )
+        self.advance()
+        return {}
+
+    def advance(self) -> None:
+        """One UNet call has run: weight the next one (a device-side fill, no host sync)."""
+        self.calls += 1
+        self.weight.fill_(self._weight_of(self.calls))
+
+    def _weight_of(self, call: int) -> float:
+        return 1.0 if self.window is None or self.window[0] <= call < self.window[1] else 0.0
 
     def __enter__(self) -> "SeeDiffCapture":
         self._restore.enter_context(installed_processors(self.unet, self.processors()))
@@ -240,21 +263,31 @@ class SeeDiffCapture:
         self._restore.close()
 
     def result(self) -> CapturedAttention:
-        processors = list(self.processors().values())
-        captured = {p.captured for p in processors}
-        if captured != {processors[0].captured} or not processors[0].captured:
+        """The time-averaged maps of the batch begun last (fresh tensors: the sums are reused by the next batch)."""
+        weights = [self._weight_of(call) for call in range(self.calls)]
+        total = sum(weights)
+        if not total:
             raise RuntimeError(
-                f"capture window {processors[0].window} averaged {sorted(captured)} UNet calls "
-                f"of {processors[0].calls} run; it must cover at least one call"
+                f"capture window {self.window} averaged none of the {self.calls} UNet calls reported by step_end; "
+                "it must cover at least one call"
             )
+        n = len(self.token_positions)
         side = _side_at_depth(self.latent_size, SCALE_DEPTHS["coarse"])
-        per_layer = [p.per_sample() for p in self.cross]  # [layer][sample] -> [T_i, N]
-        cross = [torch.cat([layer[i] for layer in per_layer]).view(-1, side, side) for i in range(len(per_layer[0]))]
+        averages = [p.sum[:n] / total for p in self.cross]  # [layer] -> [n, N, text tokens]
+        cross = [
+            torch.cat([a[i][:, columns].T for a in averages]).view(-1, side, side)
+            for i, columns in enumerate(self.token_positions)
+        ]
         return CapturedAttention(
             cross=cross,
-            self_attn={scale: p.average() for scale, p in self.self_attn.items()},
-            calls=processors[0].captured,
+            self_attn={scale: p.sum[:n] / total for scale, p in self.self_attn.items()},
+            calls=sum(w > 0 for w in weights),
         )
+
+
+def default_path(device: torch.device) -> str:
+    """The fused path where it is fast (CUDA with Triton); elsewhere the explicit one."""
+    return "fused" if device.type == "cuda" and add_head_summed_probabilities is not None else "explicit"
 
 
 @contextmanager
@@ -300,13 +333,13 @@ def _side_at_depth(latent_size: int, depth: int) -> int:
     return side
 
 
-def _conditional_half(batch: int, n_samples: int) -> slice:
+def _conditional_half(batch: int, guided: bool) -> slice:
     """diffusers stacks [unconditional, conditional] under classifier-free guidance."""
-    if batch == 2 * n_samples:
-        return slice(n_samples, None)
-    if batch == n_samples:
+    if not guided:
         return slice(None)
-    raise ValueError(f"attention batch {batch} is neither {n_samples} samples nor {2 * n_samples} with guidance")
+    if batch % 2:
+        raise ValueError(f"attention batch {batch} is odd, but the capture expects classifier-free guidance")
+    return slice(batch // 2, None)
 
 
 def _attention_output(attn: Attention, hidden_states, encoder_hidden_states, temb, attend) -> torch.Tensor:
@@ -350,45 +383,42 @@ def _projections(attn: Attention, hidden_states: torch.Tensor, context: torch.Te
 
 
 def _probabilities(
-    attn: Attention, query: torch.Tensor, key: torch.Tensor, chunk: int, workspace: "_Workspace"
+    attn: Attention, query: torch.Tensor, key: torch.Tensor, chunk: int, workspace: "_Workspace | None"
 ) -> Iterator[tuple[slice, torch.Tensor]]:
-    """softmax(Q Kᵀ · scale) per head in fp32, one block of query rows at a time so the transient stays
-    [B, heads, rows, n_keys]. Off the GPU the block is also kept within CPU_BLOCK_BYTES, and scores and
-    probabilities go into ``workspace`` buffers (valid until the next block)."""
+    """softmax(Q Kᵀ · scale) per head in fp32, one block of ``chunk`` query rows at a time so the transient stays
+    [B, heads, rows, n_keys]. With a ``workspace`` (off the GPU) scores and probabilities go into its buffers (valid
+    until the next block); on CUDA the caching allocator recycles the transients."""
     if attn.upcast_attention:
         query, key = query.float(), key.float()
     key_t = key.transpose(-1, -2)
-    if query.is_cuda:  # the caching allocator recycles the transients
-        for start in range(0, query.shape[2], chunk):
-            rows = slice(start, start + chunk)
-            scores = (query[:, :, rows] * attn.scale) @ key_t
-            yield rows, torch.softmax(scores, dim=-1, dtype=torch.float32)
-        return
-    row_bytes = query.shape[0] * query.shape[1] * key.shape[2] * 4
-    chunk = max(1, min(chunk, CPU_BLOCK_BYTES // row_bytes))
     for start in range(0, query.shape[2], chunk):
         rows = slice(start, start + chunk)
         block = query[:, :, rows] * attn.scale
         shape = (*block.shape[:3], key.shape[2])
-        scores = torch.matmul(block, key_t, out=workspace.get("scores", shape, block.dtype, block.device))
-        yield rows, torch.softmax(scores, dim=-1, dtype=torch.float32, out=workspace.get("probs", shape, torch.float32, block.device))
+        if workspace is None:
+            yield rows, torch.softmax(block @ key_t, dim=-1, dtype=torch.float32)
+            continue
+        scores = torch.matmul(block, key_t, out=workspace.view("scores", shape))
+        yield rows, torch.softmax(scores, dim=-1, dtype=torch.float32, out=workspace.view("probs", shape))
 
 
 class _Workspace:
-    """Reused CPU buffers for the per-block transients. Fresh multi-MiB tensors every block are returned to the OS
-    and page-faulted back in by glibc malloc: 140k faults per 30-step batch on the 2-core dev machine, most of the
-    capture overhead."""
+    """Buffers for the per-block transients, allocated once per processor for its largest block. Fresh multi-MiB
+    tensors every block are returned to the OS and page-faulted back in by glibc malloc: 140k faults per 30-step
+    batch on the 2-core dev machine, most of the capture overhead. Preallocated, they are also plain inputs of a
+    compiled graph."""
 
-    def __init__(self):
-        self.buffers: dict[str, torch.Tensor] = {}
+    def __init__(self, block: Sequence[int], dtype: torch.dtype, device: torch.device):
+        size = math.prod(block)
+        self.buffers = {
+            "scores": torch.empty(size, dtype=dtype, device=device),  # the dtype Q Kᵀ is computed in
+            "probs": torch.empty(size, dtype=torch.float32, device=device),
+            "head_sum": torch.empty(size // block[1], dtype=torch.float32, device=device),
+        }
 
-    def get(self, name: str, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """A contiguous tensor of ``shape``; its contents are whatever the last user left."""
-        size = math.prod(shape)
-        buffer = self.buffers.get(name)
-        if buffer is None or buffer.numel() < size or buffer.dtype != dtype or buffer.device != device:
-            buffer = self.buffers[name] = torch.empty(size, dtype=dtype, device=device)
-        return buffer[:size].view(shape)
+    def view(self, name: str, shape: Sequence[int]) -> torch.Tensor:
+        """A contiguous view of ``shape`` (at most the block's size); its contents are whatever the last user left."""
+        return self.buffers[name][: math.prod(shape)].view(shape)
 
 
 def _drop(shape: Sequence[int], dim: int) -> tuple[int, ...]:

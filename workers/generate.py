@@ -4,6 +4,7 @@ torch.Generator seeded with spec.seed, so a sample's image does not depend on it
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,18 +51,33 @@ def generate_batch(
 
 
 def generate_with_capture(
-    pipe: StableDiffusionPipeline, samples: Sequence[SampleSpec], config: RunConfig
+    pipe: StableDiffusionPipeline,
+    samples: Sequence[SampleSpec],
+    config: RunConfig,
+    capture: SeeDiffCapture | None = None,
 ) -> tuple[Any, CapturedAttention, list[list[int]]]:
     """Run the pipeline on a batch with SeeDiff's attention capture installed: (pipeline output with images as
-    tensors, the captured maps, each sample's class token positions)."""
-    latent_size = config.resolution // pipe.vae_scale_factor
+    tensors, the captured maps, each sample's class token positions). ``capture``: one kept installed on
+    ``pipe.unet`` (a compiled UNet's, see ``compile_with_capture``); None installs one for this batch only."""
     positions = [class_token_positions(pipe.tokenizer, s.row.prompt, s.row.class_name, s) for s in samples]
-    capture = SeeDiffCapture(
-        pipe.unet, latent_size, positions, window=config.mask.capture_steps, query_chunk=config.mask.query_chunk
+    with ExitStack() as installed:
+        if capture is None:
+            capture = installed.enter_context(new_capture(pipe, config, len(samples)))
+        capture.begin(positions, config.mask.capture_steps)
+        out = pipe(**diffusion_inputs(pipe, samples, config), output_type="pt", callback_on_step_end=capture.step_end)
+        return out, capture.result(), positions
+
+
+def new_capture(pipe: StableDiffusionPipeline, config: RunConfig, max_samples: int) -> SeeDiffCapture:
+    """Capture processors for ``pipe``'s UNet sized for batches of up to ``max_samples`` under ``config``."""
+    return SeeDiffCapture(
+        pipe.unet,
+        config.resolution // pipe.vae_scale_factor,
+        max_samples,
+        guided=config.guidance_scale > 1,  # diffusers' do_classifier_free_guidance for SD UNets
+        text_tokens=pipe.tokenizer.model_max_length,
+        query_chunk=config.mask.query_chunk,
     )
-    with capture:
-        out = pipe(**diffusion_inputs(pipe, samples, config), output_type="pt")
-    return out, capture.result(), positions
 
 
 def diffusion_inputs(pipe: StableDiffusionPipeline, samples: Sequence[SampleSpec], config: RunConfig) -> dict:
