@@ -14,7 +14,7 @@ import ray
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from seediff.pipeline.cli import generate  # noqa: E402
+from seediff.pipeline.run import run_generation  # noqa: E402
 from seediff.schemas.config import MaskConfig, RunConfig, RuntimeOptions  # noqa: E402
 from seediff.schemas.manifest import load_manifest  # noqa: E402
 
@@ -22,13 +22,12 @@ from seediff.schemas.manifest import load_manifest  # noqa: E402
 def images_per_s(manifest_path: Path, config: RunConfig, actors: int) -> tuple[float, dict[str, float]]:
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     try:
-        outcome = generate(load_manifest(manifest_path), config, RuntimeOptions(num_actors=actors, device="cpu"))
+        summary = run_generation(load_manifest(manifest_path), config, RuntimeOptions(num_actors=actors, device="cpu"))
     finally:
         ray.shutdown()
-    result = outcome.result
-    assert not result.failed, result.failed
+    assert summary.ok, summary.failed_shards
     # Wall time of dispatch includes actor start-up (model load); report both views.
-    return sum(r.num_samples for r in result.completed) / result.wall_s, result.images_per_s_by_actor()
+    return summary.images_per_s, {actor: rate.images_per_s for actor, rate in summary.actors.items()}
 
 
 def main() -> None:

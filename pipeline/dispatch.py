@@ -62,15 +62,6 @@ class DispatchResult:
     def failed(self) -> list[ShardRecord]:
         return [r for r in self.shards.values() if not r.ok]
 
-    def images_per_s_by_actor(self) -> dict[str, float]:
-        """Samples per second of busy time, per actor that completed at least one shard."""
-        samples: dict[str, int] = {}
-        busy: dict[str, float] = {}
-        for r in self.completed:
-            samples[r.actor_id] = samples.get(r.actor_id, 0) + r.num_samples
-            busy[r.actor_id] = busy.get(r.actor_id, 0.0) + r.run_s
-        return {a: samples[a] / busy[a] if busy[a] > 0 else 0.0 for a in samples}
-
 
 @dataclass
 class _Task:
@@ -154,6 +145,11 @@ class Dispatcher:
                 ray.kill(slot.handle, no_restart=True)
             self.slots.clear()
         return DispatchResult(self.records, time.monotonic() - t0)
+
+    @property
+    def ready_actors(self) -> int:
+        """Live actors whose constructor (model loading) has finished."""
+        return sum(slot.ready for slot in self.slots)
 
     # -- actors -------------------------------------------------------------------------------------------------
 

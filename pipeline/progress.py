@@ -1,18 +1,21 @@
-"""Progress of a generation run in samples: a tqdm bar with images/s and ETA on a terminal, a plain periodic log line
-otherwise (Ray job logs, CI, ``nohup``), and the final run summary. Committed shards count in full; shards still
-running count with the samples their actors have reported so far (``PartialCounts``)."""
+"""Progress of a generation run: its phase, then samples with a recent rate and ETA; a tqdm bar on a terminal, plain
+lines otherwise (Ray job logs, CI, ``nohup``). Committed shards count in full; shards still running count with the
+samples their actors have reported so far (``PartialCounts``)."""
 
 from __future__ import annotations
 
 import sys
 import time
-from typing import Any, TextIO
+from collections import deque
+from typing import TextIO
 
 from tqdm import tqdm
 
-from seediff.pipeline.dispatch import DispatchResult, ShardRecord
+from seediff.pipeline.dispatch import ShardRecord
 
 LOG_EVERY_S = 30.0
+RATE_WINDOW_S = 30.0
+BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}, {postfix}]"
 
 
 class PartialCounts:
@@ -38,19 +41,33 @@ class PartialCounts:
 
 
 class Progress:
-    """``total`` samples planned, ``done`` of them already committed by an earlier run."""
+    """``total`` samples planned, ``done`` of them already committed by an earlier run. Shows the run's phase
+    (``phase``) and, while generating, the samples, the rate over the last ``RATE_WINDOW_S`` seconds (a rate since
+    the start would include Ray start-up and model loading) and the ETA at that rate."""
 
     def __init__(self, total: int, done: int, stream: TextIO = sys.stderr, log_every_s: float = LOG_EVERY_S):
         self.total, self.done, self.stream, self.log_every_s = total, done, stream, log_every_s
         self.failed_shards = 0
         self.started = self.last_log = time.monotonic()
-        self.new = 0  # samples committed in this run, for the rate
         self.partial = 0  # samples written by shards still running
+        self.current_phase = ""
+        self.history: deque[tuple[float, int]] = deque([(self.started, done)])  # (time, samples shown)
         self.bar = (
-            tqdm(total=total, initial=done, unit="img", file=stream, dynamic_ncols=True, smoothing=0.1)
+            tqdm(total=total, initial=done, unit="img", file=stream, dynamic_ncols=True, bar_format=BAR_FORMAT)
             if stream.isatty()
             else None
         )
+
+    def phase(self, name: str) -> None:
+        """Starting Ray, loading the model on N actors, generating, writing the index: one line each off a
+        terminal, the bar's label on one."""
+        if name == self.current_phase:
+            return
+        self.current_phase = name
+        if self.bar is not None:
+            self.bar.set_description_str(name)
+        else:
+            print(f"phase: {name}", file=self.stream, flush=True)
 
     def shard_done(self, record: ShardRecord) -> None:
         if not record.ok:
@@ -58,63 +75,38 @@ class Progress:
             return
         # Shown at the next tick, whose partial count no longer includes this shard.
         self.done += record.num_samples
-        self.new += record.num_samples
 
-    def tick(self, partial: int = 0) -> None:
+    def tick(self, partial: int = 0, now: float | None = None) -> None:
         """``partial``: samples written so far by the shards still running."""
+        now = time.monotonic() if now is None else now
         self.partial = partial
-        self._show()
-        now = time.monotonic()
-        if self.bar is None and now - self.last_log >= self.log_every_s:
+        self.history.append((now, self.done + partial))
+        while len(self.history) > 2 and self.history[1][0] <= now - RATE_WINDOW_S:
+            self.history.popleft()  # keep one point at or before the window's start
+        if self.bar is not None:
+            self.bar.n = self.done + self.partial
+            self.bar.set_postfix_str(self._rate_text(now), refresh=True)
+        elif now - self.last_log >= self.log_every_s:
             self.last_log = now
             print(self.line(now), file=self.stream, flush=True)
 
-    def _show(self) -> None:
-        if self.bar is not None:
-            self.bar.update(self.done + self.partial - self.bar.n)
-            self.bar.set_postfix(failed_shards=self.failed_shards, refresh=False)
+    def rate(self, now: float) -> float:
+        """Samples per second over the last RATE_WINDOW_S seconds (since the start, if shorter)."""
+        then, shown_then = self.history[0]
+        return (self.done + self.partial - shown_then) / (now - then) if now > then else 0.0
+
+    def _rate_text(self, now: float) -> str:
+        rate = self.rate(now)
+        remaining = self.total - self.done - self.partial
+        eta = tqdm.format_interval(remaining / rate) if rate > 0 else "?"
+        window = min(RATE_WINDOW_S, now - self.history[0][0])
+        return f"{rate:.2f} img/s over the last {window:.0f} s, ETA {eta}, {self.failed_shards} failed shards"
 
     def line(self, now: float) -> str:
-        elapsed = now - self.started
         shown = self.done + self.partial
-        rate = (self.new + self.partial) / elapsed if elapsed > 0 else 0.0
-        eta = tqdm.format_interval((self.total - shown) / rate) if rate > 0 else "?"
         percent = 100.0 * shown / self.total if self.total else 100.0
-        return (
-            f"progress: {shown}/{self.total} samples ({percent:.1f}%), {rate:.2f} img/s, ETA {eta}, "
-            f"{self.failed_shards} failed shards"
-        )
+        return f"progress: {shown}/{self.total} samples ({percent:.1f}%), {self._rate_text(now)}"
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-
-
-def format_summary(result: DispatchResult, skipped_shards: int, index: dict[str, Any]) -> str:
-    """Samples written/failed, shards, bytes, wall time, images/s per actor; the failed shards with their errors."""
-    done = result.completed
-    stats = [r.stats for r in done]
-    written = sum(s["successes"] for s in stats)
-    failed_samples = sum(s["failures"] for s in stats)
-    size = sum(s["tar_bytes"] + s["parquet_bytes"] for s in stats)
-    attempted = sum(r.num_samples for r in done)
-    rate = attempted / result.wall_s if result.wall_s > 0 else 0.0
-    hosts = {r.actor_id: r.stats.get("host", "?") for r in done}
-    lines = [
-        f"summary: {written} samples written, {failed_samples} failed (recorded in the parquet), "
-        f"{len(done)} shards generated, {skipped_shards} already committed, {len(result.failed)} failed",
-        f"  {tqdm.format_sizeof(size, 'B', divisor=1000)} written in {tqdm.format_interval(result.wall_s)} "
-        f"({rate:.2f} img/s overall)",
-    ]
-    for actor_id, actor_rate in sorted(result.images_per_s_by_actor().items()):
-        lines.append(f"  actor {actor_id[:8]} on {hosts[actor_id]}: {actor_rate:.2f} img/s")
-    lines.append(
-        f"  dataset: {index['committed_shards']} committed shards, {index['num_samples']} samples "
-        f"({index['sizes_json']}, {index['dataset_json']})"
-    )
-    for r in sorted(result.failed, key=lambda r: r.shard_id):
-        lines.append(f"  FAILED shard {r.shard_id} after {r.attempts} attempts: {r.error}")
-    if result.failed:
-        lines.append("  rerun the same command to generate the failed shards; committed shards are kept")
-    return "\n".join(lines)
-

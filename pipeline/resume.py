@@ -14,7 +14,7 @@ from typing import Any
 
 from fsspec import AbstractFileSystem
 
-from seediff.schemas.config import ConfigError, RunConfig
+from seediff.schemas.config import ConfigError, InputError, RunConfig
 from seediff.schemas.manifest import Manifest
 from seediff.schemas.records import DATASET_JSON, RUN_JSON, SIZES_JSON, STATS_SUFFIX, ShardStats, shard_file_pattern
 from seediff.storage import output_fs, write_file
@@ -25,7 +25,7 @@ MANIFEST_FIELD = "manifest_sha256"
 CLASSES_FIELD = "classes_sha256"  # the resolved classes, counts and prompts
 
 
-class RunConfigMismatch(ValueError):
+class RunConfigMismatch(InputError):
     """The output root holds a run with other output-changing settings; the message names the fields."""
 
 
@@ -85,6 +85,7 @@ def run_record(config: RunConfig, manifest: Manifest) -> dict[str, Any]:
         "config": config.model_dump(mode="json"),
         MANIFEST_FIELD: manifest.sha256,
         "manifest_source": manifest.source,
+        "samples_per_class": manifest.samples_per_class,
         "num_classes": len(manifest.rows),
         "num_samples": manifest.num_samples,
         CLASSES_FIELD: classes_sha256(manifest),

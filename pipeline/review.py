@@ -22,6 +22,7 @@ from PIL import Image, ImageDraw, ImageFont
 from seediff.pipeline.plan import shard_count
 from seediff.pipeline.readers import IMAGE_FIELDS, MASK_FIELD, raw_samples
 from seediff.pipeline.resume import read_committed_stats, read_run_json
+from seediff.pipeline.summary import human_bytes
 from seediff.schemas.config import RunConfig, flatten_settings
 from seediff.schemas.records import (
     DATASET_JSON,
@@ -116,8 +117,8 @@ def format_inspection(info: dict[str, Any]) -> str:
         f"of {info['planned_samples']} planned",
         f"shards     {info['shards']} of {info['expected_shards']} committed"
         + (f" (missing: {_id_list(info['missing_shards'])})" if info["missing_shards"] else ""),
-        f"bytes      {_human_bytes(info['bytes']['total'])} (tar {_human_bytes(info['bytes']['tar'])}, "
-        f"parquet {_human_bytes(info['bytes']['parquet'])})",
+        f"bytes      {human_bytes(info['bytes']['total'])} (tar {human_bytes(info['bytes']['tar'])}, "
+        f"parquet {human_bytes(info['bytes']['parquet'])})",
         f"manifest   {info['manifest']['manifest_source']} ({info['manifest']['num_classes']} classes)",
     ]
     if info["failures_by_reason"]:
@@ -136,14 +137,6 @@ def format_inspection(info: dict[str, Any]) -> str:
 def _id_list(ids: list[int], most: int = 20) -> str:
     shown = ", ".join(str(i) for i in ids[:most])
     return shown + (f", ... ({len(ids)} in all)" if len(ids) > most else "")
-
-
-def _human_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
 
 
 # ---- preview ------------------------------------------------------------------------------------------------------

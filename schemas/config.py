@@ -18,9 +18,16 @@ DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 # The offline miniature random-weight SD (workers/models.py builds it); named here so that validating a config and
 # dry runs need no model code.
 TINY_MODEL = "tiny"
+# A field that the run records but nobody sets (its ``json_schema_extra["flag"]``): it gets no command-line flag.
+RECORDED = ""
 
 
-class ConfigError(ValueError):
+class InputError(ValueError):
+    """Bad input to a run (manifest, settings, output root), found before any model loads or Ray starts; the
+    message names the file and line, the field or the flag. The command line exits 2 on it."""
+
+
+class ConfigError(InputError):
     """A config file or flag value that cannot be used; the message names the source and the field."""
 
 
@@ -28,26 +35,33 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     @classmethod
-    def from_mapping(cls, data: Any, source: str) -> Any:
-        """Validate plain data (a parsed file merged with flags); ``ConfigError`` names ``source`` and each field."""
+    def from_mapping(cls, data: Any, source: str, written_as: dict[str, str] | None = None) -> Any:
+        """Validate plain data (a parsed file merged with flags); ``ConfigError`` names each field as the user wrote
+        it: ``written_as`` maps a dotted field name to its flag or ``file:line: key``, other fields get ``source``."""
         try:
             return cls.model_validate(data)
         except ValidationError as e:
-            raise ConfigError(validation_message(e, source)) from e
+            raise ConfigError(validation_message(e, source, written_as)) from e
 
 
 class MaskConfig(_Strict):
     """SeeDiff mask settings (defaults: the official demo's recipe with fewer PAMR iterations)."""
 
-    threshold: float = Field(0.5, gt=0, lt=1, description="tau on the full-resolution soft map when refine='none'")
-    refine: Literal["pamr", "none"] = "pamr"
-    pamr_input_threshold: float = Field(0.3, gt=0, lt=1)
-    pamr_iterations: int = Field(500, ge=1, le=100_000)
-    pamr_output_threshold: float = Field(0.8, gt=0, lt=1)
-    # Which UNet calls are averaged into the maps, as [start, stop) call indices; None = every call (official code).
-    capture_steps: tuple[int, int] | None = None
-    # Query rows per chunk when computing captured self-attention; bounds the transient (64^2 layer: 4096 rows).
-    query_chunk: int = Field(1024, ge=16)
+    threshold: float = Field(
+        0.5, gt=0, lt=1, description="threshold on the full-resolution soft map when refine is 'none'"
+    )
+    refine: Literal["pamr", "none"] = Field("pamr", description="boundary refinement: PAMR on the image, or none")
+    pamr_input_threshold: float = Field(0.3, gt=0, lt=1, description="soft-map level that seeds PAMR")
+    pamr_iterations: int = Field(500, ge=1, le=100_000, description="PAMR iterations")
+    pamr_output_threshold: float = Field(0.8, gt=0, lt=1, description="PAMR output level kept as the object")
+    capture_steps: tuple[int, int] | None = Field(
+        None,
+        description="UNet calls averaged into the attention maps, as [start, stop) call indices; "
+        "unset: every call (the official recipe)",
+    )
+    query_chunk: int = Field(
+        1024, ge=16, description="query rows per chunk of captured self-attention; bounds the transient memory"
+    )
 
     @field_validator("capture_steps")
     @classmethod
@@ -61,24 +75,32 @@ class RunConfig(_Strict):
     """Every setting that changes the bytes of the output. Two runs with equal RunConfig and manifest write
     byte-identical tars and parquets."""
 
-    model: str = DEFAULT_MODEL
-    revision: str | None = None
-    dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"  # auto: fp16 on CUDA, fp32 on CPU
-    resolution: int = Field(512, ge=64, le=4096, multiple_of=8)
-    scheduler: Literal["default", "ddim", "pndm", "euler", "euler_a", "dpm++"] = "default"
-    steps: int = Field(30, ge=1, le=1000)
-    guidance_scale: float = Field(7.5, ge=0, le=50)
-    seed: int = Field(0, ge=0, lt=2**63)
-    samples_per_shard: int = Field(1000, ge=1, le=10_000_000)
-    batch_size: int = Field(8, ge=1, le=1024)
-    image_format: Literal["jpg", "png", "webp"] = "jpg"
-    image_quality: int = Field(95, ge=1, le=100)
-    prompt_template: str = DEFAULT_PROMPT_TEMPLATE
-    mask: MaskConfig = MaskConfig()
-    output_url: str = ""
-    shard_prefix: str = Field("seediff", pattern=r"^[A-Za-z0-9_]+$")
-    shard_digits: int = Field(6, ge=1, le=12)
-    code_version: str = CODE_VERSION
+    model: str = Field(DEFAULT_MODEL, description="hub id, local path, or 'tiny' (offline random-weight demo model)")
+    revision: str | None = Field(None, description="model revision (branch, tag or commit); unset: the default")
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
+        "auto", description="weights and activations; auto: float16 on CUDA, float32 on the CPU"
+    )
+    resolution: int = Field(512, ge=64, le=4096, multiple_of=8, description="image side in pixels")
+    scheduler: Literal["default", "ddim", "pndm", "euler", "euler_a", "dpm++"] = Field(
+        "default", description="noise scheduler; default: the model's own"
+    )
+    steps: int = Field(30, ge=1, le=1000, description="denoising steps per image")
+    guidance_scale: float = Field(7.5, ge=0, le=50, description="classifier-free guidance scale")
+    seed: int = Field(0, ge=0, lt=2**63, description="global seed; each sample's seed is a hash of it and the sample id")
+    samples_per_shard: int = Field(1000, ge=1, le=10_000_000, description="samples per tar shard")
+    batch_size: int = Field(8, ge=1, le=1024, description="images generated together on one actor")
+    image_format: Literal["jpg", "png", "webp"] = Field("jpg", description="encoding of the image field")
+    image_quality: int = Field(95, ge=1, le=100, description="jpg/webp quality")
+    prompt_template: str = Field(
+        DEFAULT_PROMPT_TEMPLATE, description="prompt for manifest rows without one; must contain {class_name}"
+    )
+    mask: MaskConfig = Field(MaskConfig(), description="SeeDiff mask settings")
+    output_url: str = Field("", description="output root: local path, s3://..., gs://...", json_schema_extra={"flag": "--out"})
+    shard_prefix: str = Field("seediff", pattern=r"^[A-Za-z0-9_]+$", description="shard file name prefix")
+    shard_digits: int = Field(6, ge=1, le=12, description="digits of the shard number in file names")
+    code_version: str = Field(
+        CODE_VERSION, description="seediff version that wrote the output", json_schema_extra={"flag": RECORDED}
+    )
 
     @field_validator("prompt_template")
     @classmethod
@@ -107,22 +129,33 @@ class RunConfig(_Strict):
 class RuntimeOptions(_Strict):
     """How the run executes; may change between a run and its resume without changing any output byte."""
 
-    num_actors: int | None = Field(None, ge=1)  # None: one per GPU, else 1 CPU actor
-    device: Literal["auto", "cuda", "cpu"] = "auto"
-    address: str | None = None  # Ray cluster address; None: RAY_ADDRESS or a local cluster
-    max_attempts: int = Field(3, ge=1)  # per shard, across actors
-    shard_timeout_s: float = Field(3600.0, gt=0)
-    shards_in_flight_per_actor: int = Field(2, ge=1)
-    encode_threads: int = Field(2, ge=1)
+    num_actors: int | None = Field(
+        None, ge=1, description="actors to run; unset: one per GPU, or 1 CPU actor without GPUs"
+    )
+    device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto: GPUs when the cluster has them")
+    address: str | None = Field(
+        None, description="Ray cluster address; unset: RAY_ADDRESS, else a new local cluster"
+    )
+    max_attempts: int = Field(3, ge=1, description="attempts per shard, across actors")
+    shard_timeout_s: float = Field(
+        3600.0, gt=0, description="seconds a shard may run on its actor before the actor is replaced",
+        json_schema_extra={"flag": "--shard-timeout"},
+    )
+    shards_in_flight_per_actor: int = Field(
+        2, ge=1, description="shards queued per actor", json_schema_extra={"flag": "--shards-in-flight"}
+    )
+    encode_threads: int = Field(2, ge=1, description="image encoding threads per actor")
 
 
-def validation_message(error: ValidationError, source: str) -> str:
-    """One line per problem, ``<source>: <dotted.field>: <problem>``, like the manifest's messages."""
+def validation_message(error: ValidationError, source: str, written_as: dict[str, str] | None = None) -> str:
+    """One line per problem, ``<source>: <dotted.field>: <problem>`` like the manifest's messages, or
+    ``<flag>: <problem>`` / ``<file>:<line>: <key>: <problem>`` for a field found in ``written_as``."""
     lines = []
     for problem in error.errors():
         field = ".".join(str(part) for part in problem["loc"]) or "<top level>"
         got = "" if problem["type"] == "missing" else f" (got {problem['input']!r})"
-        lines.append(f"{source}: {field}: {problem['msg']}{got}")
+        where = (written_as or {}).get(field) or f"{source}: {field}"
+        lines.append(f"{where}: {problem['msg']}{got}")
     return "\n".join(lines)
 
 
@@ -165,3 +198,25 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: top level must be a mapping of setting names to values")
     return data
+
+
+def config_file_keys(path: str | Path) -> dict[str, str]:
+    """Dotted key -> ``<file>:<line>: <key>`` for every key of a YAML/JSON config file, so that an error names the
+    key where the user wrote it (``load_config_file`` has already reported files that do not parse)."""
+    p = Path(path)
+    try:
+        root = yaml.compose(p.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return {}
+    found: dict[str, str] = {}
+
+    def walk(node: yaml.Node, prefix: str) -> None:
+        if not isinstance(node, yaml.MappingNode):
+            return
+        for key, value in node.value:
+            name = f"{prefix}{key.value}"
+            found[name] = f"{p}:{key.start_mark.line + 1}: {name}"
+            walk(value, f"{name}.")
+
+    walk(root, "")
+    return found

@@ -37,7 +37,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from seediff.schemas.config import DEFAULT_PROMPT_TEMPLATE
+from seediff.schemas.config import DEFAULT_PROMPT_TEMPLATE, InputError
 
 MAX_SAMPLES_PER_CLASS = 10**9
 MAX_CLASS_ID = 254  # mask values are 8-bit: 0 = background, 255 = ignore
@@ -48,7 +48,7 @@ FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", 
 _INTEGER = re.compile(r"[+-]?[0-9]+")
 
 
-class ManifestError(ValueError):
+class ManifestError(InputError):
     """Bad manifest input. The message starts with ``<file>:<line>: <field>:`` where a line applies."""
 
 
@@ -67,6 +67,7 @@ class Manifest:
     source: str  # path or URL as given
     rows: tuple[ClassRow, ...]
     sha256: str  # of the source bytes, recorded in dataset metadata
+    samples_per_class: int | None = None  # the count given for rows without num_samples, recorded for resume
 
     @property
     def num_samples(self) -> int:
@@ -92,7 +93,7 @@ def load_manifest(
     rows = tuple(builder.build(position, line, record) for position, (line, record) in enumerate(records, 1))
     if not rows:
         raise ManifestError(f"{source}: class_name: empty manifest, no class rows")
-    return Manifest(source, rows, hashlib.sha256(raw).hexdigest())
+    return Manifest(source, rows, hashlib.sha256(raw).hexdigest(), samples_per_class)
 
 
 def _format_of(source: str) -> str:

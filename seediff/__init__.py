@@ -29,6 +29,20 @@ _EXPORTS = {
     "RunConfig": "seediff.schemas.config",
     "MaskConfig": "seediff.schemas.config",
     "RuntimeOptions": "seediff.schemas.config",
+    "generate": "seediff.api",
+    "dry_run": "seediff.api",
+    "resume": "seediff.api",
+    "inspect": "seediff.api",
+    "verify": "seediff.api",
+    "preview": "seediff.api",
+    "export": "seediff.api",
+    "evaluate": "seediff.api",
+    "RunSummary": "seediff.api",
+    "InputError": "seediff.api",
+    "ManifestError": "seediff.api",
+    "ConfigError": "seediff.api",
+    "RunConfigMismatch": "seediff.api",
+    "NotAnOutputError": "seediff.api",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -10,7 +10,8 @@ import sys
 
 from seediff.pipeline.cli import build_parser, main, settings
 from seediff.pipeline.dispatch import DispatchResult, ShardRecord
-from seediff.pipeline.progress import Progress, format_summary
+from seediff.pipeline.progress import Progress
+from seediff.pipeline.summary import RunSummary
 from tests.e2e_support import REPO, cli_env
 
 
@@ -39,13 +40,13 @@ def test_unknown_config_key_exits_2_naming_file_and_key(tmp_path, capsys):
     rc = main(["generate", str(tmp_path / "m.csv"), "--out", str(tmp_path / "o"), "--config", str(config_file)])
     assert rc == 2
     err = capsys.readouterr().err
-    assert f"{config_file}: stepz" in err and "Traceback" not in err
+    assert f"{config_file}:2: stepz" in err and "Traceback" not in err
 
 
 def test_bad_flag_value_exits_2(tmp_path, capsys):
     (tmp_path / "m.csv").write_text("class_name,num_samples\ncat,2\n")
     assert main(["generate", str(tmp_path / "m.csv"), "--out", str(tmp_path / "o"), "--resolution", "65"]) == 2
-    assert "command line: resolution" in capsys.readouterr().err
+    assert "--resolution: Input should be a multiple of 8 (got 65)" in capsys.readouterr().err
 
 
 def test_progress_log_line_when_not_a_terminal():
@@ -63,10 +64,14 @@ def test_summary_lists_actors_and_failed_shards():
     ok = ShardRecord(0, 4, attempts=1, stats=stats, actor_id="abcdef0123", run_s=2.0)
     bad = ShardRecord(1, 4, attempts=3, error="actor died: oom")
     index = {"committed_shards": 3, "num_samples": 9, "sizes_json": "o/sizes.json", "dataset_json": "o/dataset.json"}
-    text = format_summary(DispatchResult({0: ok, 1: bad}, wall_s=4.0), skipped_shards=2, index=index)
+    summary = RunSummary.from_dispatch("o", DispatchResult({0: ok, 1: bad}, wall_s=4.0), 2, index, {})
+    assert (summary.samples_written, summary.samples_failed, summary.bytes_written, summary.ok) == (3, 1, 1500, False)
+    text = summary.format()
     assert "3 samples written, 1 failed" in text
     assert "1 shards generated, 2 already committed, 1 failed" in text
-    assert "actor abcdef01 on node-a: 2.00 img/s" in text
+    assert "1.5 KiB written" in text  # the binary units of `inspect`
+    assert "1.00 img/s overall" in text and "includes starting the actors" in text
+    assert "actor abcdef01 on node-a: 2.00 img/s (4 samples in 2.0 s)" in text
     assert "FAILED shard 1 after 3 attempts: actor died: oom" in text
 
 

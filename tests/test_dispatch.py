@@ -78,9 +78,7 @@ def test_every_shard_once_on_two_actors(tmp_path):
     result = run(tmp_path)
     assert_all_completed(result)
     assert all(r.attempts == 1 for r in result.shards.values())
-    rates = result.images_per_s_by_actor()
-    assert set(rates) == {r.actor_id for r in result.completed}
-    assert all(v > 0 for v in rates.values())
+    assert all(r.actor_id and r.run_s > 0 for r in result.completed)  # what the summary's per-actor rates use
 
 
 def test_actor_death_retries_only_the_running_shard(tmp_path):

@@ -4,6 +4,7 @@ byte-identical to a clean run; a dry run loads no model and starts no Ray; a cha
 
 from __future__ import annotations
 
+import io
 import itertools
 import os
 import subprocess
@@ -14,11 +15,14 @@ from pathlib import Path
 import pytest
 import ray
 
-from seediff.pipeline.cli import generate, main
-from seediff.schemas.config import RuntimeOptions
+import seediff
+from seediff.pipeline.cli import main
+from seediff.pipeline.run import run_generation
+from seediff.schemas.config import RunConfig, RuntimeOptions
 from seediff.schemas.manifest import load_manifest
 from tests.e2e_support import (
     REPO,
+    SETTINGS,
     check_dataset,
     cli_command,
     cli_env,
@@ -98,13 +102,38 @@ def test_cli_two_actors_every_sample_once(inputs, reference, tmp_path, capsys):
     assert main(["verify", str(out)]) == 0
 
 
+def test_python_api_summary_matches_the_files(inputs, reference, tmp_path):
+    manifest, _ = inputs
+    out = tmp_path / "out"
+    summary = seediff.generate(
+        str(manifest), out, config=RunConfig(**SETTINGS), runtime=RuntimeOptions(num_actors=2, device="cpu"),
+        progress=io.StringIO(),
+    )
+    assert isinstance(summary, seediff.RunSummary) and summary.ok
+    assert digests(out) == reference
+    stats = stats_files(out)
+    assert summary.samples_written == summary.dataset_samples == NUM_SAMPLES
+    assert summary.samples_failed == sum(s["failures"] for s in stats.values()) == 0
+    assert (summary.shards_generated, summary.shards_skipped, summary.failed_shards) == (5, 0, ())
+    assert summary.tar_bytes == sum(p.stat().st_size for p in out.glob("*.tar"))
+    assert summary.parquet_bytes == sum(p.stat().st_size for p in out.glob("*.parquet"))
+    assert summary.paths["dataset_json"] == str(out / "dataset.json")
+    assert summary.paths["run_json"] == str(out / "run.json")
+    assert sum(a.samples for a in summary.actors.values()) == NUM_SAMPLES
+    assert seediff.verify(out) == []
+    assert seediff.inspect(out)["samples"] == NUM_SAMPLES
+    again = seediff.resume(out, progress=io.StringIO())  # nothing left to do: every shard is kept
+    assert (again.shards_generated, again.shards_skipped, again.dataset_samples) == (0, 5, NUM_SAMPLES)
+    assert digests(out) == reference
+
+
 def test_actor_killed_mid_shard_is_retried_byte_identical(inputs, reference, tmp_path):
     manifest, _ = inputs
     out = tmp_path / "out"
     runtime = RuntimeOptions(num_actors=2, device="cpu")
-    outcome = generate(load_manifest(manifest), run_config(str(out)), runtime, actor_class=DiesMidShard)
+    outcome = run_generation(load_manifest(manifest), run_config(str(out)), runtime, actor_class=DiesMidShard)
     assert (tmp_path / "died-once").exists()
-    assert outcome.ok and outcome.result.shards[FAULTY_SHARD].attempts == 2
+    assert outcome.ok and outcome.retried_shards == {FAULTY_SHARD: 2}
     check_dataset(out, NUM_SAMPLES)
     assert digests(out) == reference
 
@@ -113,10 +142,9 @@ def test_shard_past_timeout_is_requeued_and_completes(inputs, reference, tmp_pat
     manifest, _ = inputs
     out = tmp_path / "out"
     runtime = RuntimeOptions(num_actors=2, device="cpu", shard_timeout_s=5)
-    outcome = generate(load_manifest(manifest), run_config(str(out)), runtime, actor_class=StallsOnce)
+    outcome = run_generation(load_manifest(manifest), run_config(str(out)), runtime, actor_class=StallsOnce)
     assert (tmp_path / "stalled-once").exists()
-    record = outcome.result.shards[FAULTY_SHARD]
-    assert outcome.ok and record.attempts >= 2
+    assert outcome.ok and outcome.retried_shards.get(FAULTY_SHARD, 0) >= 2
     check_dataset(out, NUM_SAMPLES)
     assert digests(out) == reference
 

@@ -1,5 +1,6 @@
-"""The driver SIGKILLed after at least one committed shard, then the same command again: only the missing shards are
-generated, committed shards are left untouched, and the output is byte-identical to an uninterrupted run."""
+"""The driver SIGKILLed after at least one committed shard, then the same command again (or ``seediff resume OUT``,
+which repeats no flag): only the missing shards are generated, committed shards are left untouched, and the output is
+byte-identical to an uninterrupted run."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import subprocess
 import time
 
 import psutil
+import pytest
 
 from tests.e2e_support import (
     REPO,
@@ -49,9 +51,17 @@ def kill_after_first_commit(command: list[str], out) -> None:
         psutil.wait_procs(started, timeout=30)
 
 
-def test_driver_killed_then_rerun_is_byte_identical(tmp_path):
-    manifest, config = write_inputs(tmp_path / "inputs", SETTINGS_ONE_PER_SHARD)
-    reference = reference_run(manifest, str(tmp_path / "reference" / "out"), SETTINGS_ONE_PER_SHARD)
+@pytest.fixture(scope="module")
+def inputs_and_reference(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("driver-kill")
+    manifest, config = write_inputs(directory / "inputs", SETTINGS_ONE_PER_SHARD)
+    reference = reference_run(manifest, str(directory / "reference" / "out"), SETTINGS_ONE_PER_SHARD)
+    return manifest, config, reference
+
+
+@pytest.mark.parametrize("rerun", ["same command", "resume"])
+def test_driver_killed_then_rerun_is_byte_identical(inputs_and_reference, tmp_path, rerun):
+    manifest, config, reference = inputs_and_reference
     out = tmp_path / "out"
     args = ("generate", str(manifest), "--out", str(out), "--config", str(config), "--num-actors", "2")
 
@@ -59,7 +69,8 @@ def test_driver_killed_then_rerun_is_byte_identical(tmp_path):
     survivors = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.glob("*_stats.json")}
     assert 1 <= len(survivors) < NUM_SHARDS
 
-    done = run_cli(*args)
+    # resume: the manifest and settings come from run.json; only a runtime option is given
+    done = run_cli(*args) if rerun == "same command" else run_cli("resume", str(out), "--num-actors", "2")
     assert done.returncode == 0, done.stderr
     assert f"{NUM_SHARDS - len(survivors)} shards generated, {len(survivors)} already committed, 0 failed" in done.stdout
     for name, (content, mtime) in survivors.items():  # committed shards were not regenerated

@@ -32,12 +32,24 @@ def test_partial_counts_replace_per_shard_and_ignore_reports_after_close() -> No
 def test_log_line_counts_running_shards_and_committed_ones_once() -> None:
     stream = io.StringIO()  # not a terminal: plain log lines
     progress = Progress(total=100, done=10, stream=stream, log_every_s=0.0)
-    progress.started -= 10.0  # ten seconds into the run
-    progress.tick(partial=30)
-    assert "progress: 40/100 samples (40.0%), 3.00 img/s" in stream.getvalue()
+    start = progress.started
+    progress.tick(partial=30, now=start + 10)  # ten seconds into the run
+    assert "progress: 40/100 samples (40.0%), 3.00 img/s over the last 10 s" in stream.getvalue()
     progress.shard_done(ShardRecord(shard_id=0, num_samples=30, attempts=1, stats={"successes": 30}))
-    progress.tick(partial=0)  # the shard's reports are closed once it is done
+    progress.tick(partial=0, now=start + 11)  # the shard's reports are closed once it is done
     assert stream.getvalue().splitlines()[-1].startswith("progress: 40/100 samples")
+
+
+def test_rate_is_over_the_recent_window_not_since_the_start() -> None:
+    stream = io.StringIO()
+    progress = Progress(total=1000, done=0, stream=stream, log_every_s=0.0)
+    start = progress.started
+    progress.phase("loading the model on 2 actors")
+    for second in range(0, 121, 5):  # 60 s of model loading, then 4 samples/s
+        progress.tick(partial=max(0, second - 60) * 4, now=start + second)
+    last = stream.getvalue().splitlines()[-1]
+    assert "240/1000 samples" in last and "4.00 img/s over the last 30 s" in last and "ETA 03:10" in last
+    assert stream.getvalue().splitlines()[0] == "phase: loading the model on 2 actors"
 
 
 class RecordingCounts(PartialCounts):

@@ -1,6 +1,6 @@
 """The shard worker: loads the diffusers pipeline once, then turns whole shards into committed shard files and
 returns only the small stats dict (no image bytes travel through Ray). A plain class, so it runs and tests without
-Ray; the driver wraps it with ``ray.remote`` (pipeline/cli.py). The only module in workers/ that touches Ray, and
+Ray; the driver wraps it with ``ray.remote`` (pipeline/run.py). The only module in workers/ that touches Ray, and
 only to name itself in the stats."""
 
 from __future__ import annotations

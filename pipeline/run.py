@@ -1,0 +1,174 @@
+"""A generation run on the driver, after its inputs are valid: write or check ``run.json``, remove what interrupted
+shards left, start (or connect to) Ray, run the uncommitted shards on actors, write the index, summarise; and the
+dry run's plan description. Ray and the model code are imported only once a real run starts."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any, TextIO
+
+from seediff.pipeline.plan import Plan
+from seediff.pipeline.resume import check_resume, clean_leftovers, prepare_output, read_committed_stats, read_run_json
+from seediff.pipeline.summary import RunSummary, human_bytes
+from seediff.schemas.config import ConfigError, RunConfig, RuntimeOptions
+from seediff.schemas.manifest import Manifest
+from seediff.schemas.records import RUN_JSON, shard_name
+
+log = logging.getLogger("seediff")
+
+# Rough encoded bytes per pixel, for the dry-run size estimate when nothing is committed yet.
+IMAGE_BYTES_PER_PIXEL = {"jpg": 0.35, "png": 1.6, "webp": 0.25}
+MASK_BYTES_PER_PIXEL = 0.03
+TAR_BYTES_PER_SAMPLE = 5 * 768  # five members, each a 512-byte header plus half a block of padding on average
+
+
+def plan_of(manifest: Manifest, config: RunConfig) -> Plan:
+    return Plan(manifest.rows, config.seed, config.samples_per_shard)
+
+
+# ---- dry run ------------------------------------------------------------------------------------------------------
+
+
+def format_plan(manifest: Manifest, config: RunConfig, overwrite: bool) -> str:
+    """What a run would do, read-only: shards, samples, done/todo, example keys and seeds, estimated bytes.
+    Raises RunConfigMismatch exactly when the real run would be refused."""
+    plan = plan_of(manifest, config)
+    committed = {} if overwrite else read_committed_stats(config)
+    record = None if overwrite else read_run_json(config.output_url)
+    if record is not None:
+        check_resume(record, config, manifest, f"{config.output_url}/{RUN_JSON}")
+    todo = [i for i in range(plan.num_shards) if i not in committed]
+    todo_samples = sum(len(plan.shard_range(i)) for i in todo)
+    first, last = shard_name(config.shard_prefix, 0, config.shard_digits), shard_name(
+        config.shard_prefix, max(plan.num_shards - 1, 0), config.shard_digits
+    )
+    lines = [
+        f"manifest: {manifest.source} ({len(manifest.rows)} classes, sha256 {manifest.sha256[:12]})",
+        f"plan: {plan.num_samples} samples in {plan.num_shards} shards of up to {config.samples_per_shard} "
+        f"({first}.tar .. {last}.tar)",
+        f"output: {config.output_url} ({'overwrite' if overwrite else 'resume' if record else 'new'})",
+        f"done: {len(committed)} shards committed; to generate: {len(todo)} shards, {todo_samples} samples",
+        "examples:",
+    ]
+    examples = sorted({0, 1, 2, plan.num_samples - 1} & set(range(plan.num_samples)))
+    for sample_id in examples:
+        spec = plan.sample(sample_id)
+        lines.append(
+            f"  key {spec.key}  shard {sample_id // config.samples_per_shard}  class {spec.row.class_name!r}  "
+            f"seed {spec.seed}  prompt {spec.row.prompt!r}"
+        )
+    per_sample, basis = _bytes_per_sample(config, committed.values())
+    lines.append(
+        f"estimated output: {human_bytes(per_sample * plan.num_samples)} ({human_bytes(per_sample)} per sample, {basis})"
+    )
+    return "\n".join(lines)
+
+
+def _bytes_per_sample(config: RunConfig, committed: Any) -> tuple[float, str]:
+    stats = list(committed)
+    count = sum(s.count for s in stats)
+    if count:
+        return sum(s.tar_bytes + s.parquet_bytes for s in stats) / count, "measured on the committed shards"
+    pixels = config.resolution**2
+    guess = pixels * (IMAGE_BYTES_PER_PIXEL[config.image_format] + MASK_BYTES_PER_PIXEL) + TAR_BYTES_PER_SAMPLE
+    return guess, f"rough guess for {config.image_format} at {config.resolution}px"
+
+
+# ---- the run ------------------------------------------------------------------------------------------------------
+
+
+def run_generation(
+    manifest: Manifest,
+    config: RunConfig,
+    runtime: RuntimeOptions,
+    *,
+    overwrite: bool = False,
+    actor_class: type | None = None,
+    stream: TextIO = sys.stderr,
+) -> RunSummary:
+    """Write or check run.json, remove leftovers, generate the uncommitted shards on Ray (connecting if not yet
+    connected), write sizes.json/dataset.json. ``actor_class`` defaults to seediff.workers.actor.ShardActor."""
+    plan = plan_of(manifest, config)
+    prepare_output(config, manifest, overwrite)
+    committed = read_committed_stats(config)
+    removed = clean_leftovers(config, committed)
+    if removed:
+        log.info("removed %d leftover files of interrupted shards", len(removed))
+    todo = [plan.shard(i) for i in range(plan.num_shards) if i not in committed]
+    log.info("%d of %d shards already committed; generating %d", len(committed), plan.num_shards, len(todo))
+
+    from seediff.pipeline.dispatch import DispatchResult, Dispatcher, ShardRecord  # Ray only from here on
+    from seediff.pipeline.index import write_index
+    from seediff.pipeline.progress import PartialCounts, Progress
+
+    progress = Progress(plan.num_samples, plan.num_samples - sum(len(s) for s in todo), stream)
+    try:
+        if todo:
+            import ray
+
+            progress.phase("starting Ray")
+            _connect_ray(runtime)
+            counts = ray.remote(PartialCounts).options(num_cpus=0).remote()
+            make_actor, num_actors = _actor_factory(actor_class, config, runtime, counts)
+            loading = f"loading the model on {num_actors} actor{'s' if num_actors > 1 else ''}"
+            progress.phase(loading)
+
+            def shard_done(record: ShardRecord) -> None:
+                counts.close.remote(record.shard_id)  # ordered before the next tick's total()
+                progress.shard_done(record)
+
+            def tick() -> None:
+                progress.phase("generating" if dispatcher.ready_actors else loading)
+                progress.tick(ray.get(counts.total.remote()))
+
+            dispatcher = Dispatcher(todo, make_actor, num_actors, runtime, shard_done, tick)
+            try:
+                result = dispatcher.run()
+            finally:
+                ray.kill(counts)
+        else:
+            result = DispatchResult({}, 0.0)
+        progress.phase("writing the index")
+        index = write_index(config, plan.num_shards)
+    finally:
+        progress.close()
+    run_json = f"{config.output_url.rstrip('/')}/{RUN_JSON}"
+    return RunSummary.from_dispatch(config.output_url, result, len(committed), index, {"run_json": run_json})
+
+
+def _actor_factory(
+    actor_class: type | None, config: RunConfig, runtime: RuntimeOptions, progress: Any
+) -> tuple[Callable[[], Any], int]:
+    """One GPU actor per GPU in the cluster by default; without GPUs (or with --device cpu) ``num_actors`` CPU
+    actors (default 1), each with one torch thread."""
+    import ray
+
+    from seediff.workers.actor import ShardActor
+
+    resources = ray.cluster_resources()
+    gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
+    use_gpu = runtime.device == "cuda" or (runtime.device == "auto" and gpus > 0)
+    if use_gpu and gpus == 0:
+        raise ConfigError("device: cuda requested, but the Ray cluster has no GPUs")
+    num_actors = runtime.num_actors or (gpus if use_gpu else 1)
+    if not use_gpu and num_actors > cpus:
+        log.warning("%d CPU actors requested but the cluster has %d CPUs; the rest wait for resources", num_actors, cpus)
+    actor_runtime = runtime.model_copy(update={"device": "cuda" if use_gpu else "cpu"})
+    # CPU float results depend on the intra-op thread count; one thread per CPU actor keeps the bytes independent
+    # of how many actors run (a runtime option), and CPU throughput scales with --num-actors instead.
+    torch_threads = None if use_gpu else 1
+    remote = ray.remote(actor_class or ShardActor).options(
+        num_gpus=1 if use_gpu else 0, num_cpus=1, max_restarts=0, max_task_retries=0
+    )
+    log.info("%d %s actors (ray %s)", num_actors, "GPU" if use_gpu else "CPU", ray.get_runtime_context().gcs_address)
+    return (lambda: remote.remote(config, actor_runtime, torch_threads, progress)), num_actors
+
+
+def _connect_ray(runtime: RuntimeOptions) -> None:
+    """--address / RAY_ADDRESS (ray.init reads the variable itself) or a new local cluster; reused if connected."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=runtime.address)

@@ -1,0 +1,136 @@
+"""What a finished generation run reports: ``RunSummary`` (counts, failures, bytes, rates, paths), returned by
+``seediff.generate`` and printed by the command line, and the byte units it shares with ``inspect`` (binary: KiB,
+MiB). No Ray here: the summary is built from the dispatcher's plain records."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from tqdm import tqdm
+
+
+def human_bytes(n: float) -> str:
+    """Binary units, as ``inspect`` and ``report`` show sizes: ``512 B``, ``1.5 KiB``, ``2.0 GiB``."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+@dataclass(frozen=True)
+class FailedShard:
+    shard_id: int
+    attempts: int
+    error: str
+
+
+@dataclass(frozen=True)
+class ActorRate:
+    """Samples an actor finished and the time it spent on them (from each shard's start on the actor to its end)."""
+
+    host: str
+    samples: int
+    busy_s: float
+
+    @property
+    def images_per_s(self) -> float:
+        return self.samples / self.busy_s if self.busy_s > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """One ``generate`` (or ``resume``) call. Counts, bytes and rates are of the shards this call generated; the
+    ``dataset_*`` fields describe the whole output after it (earlier runs' shards included)."""
+
+    out: str
+    samples_written: int  # in the tars
+    samples_failed: int  # attempted, recorded as failed in the parquets (e.g. blanked by the safety checker)
+    shards_generated: int
+    shards_skipped: int  # already committed by an earlier run
+    failed_shards: tuple[FailedShard, ...]  # still failed after their retries; a rerun generates them
+    retried_shards: dict[int, int]  # shard id -> attempts, for shards that committed after more than one
+    tar_bytes: int
+    parquet_bytes: int
+    wall_s: float  # the dispatch, from the first actor's start to the last shard's end
+    actors: dict[str, ActorRate]  # actor id -> its rate
+    dataset_samples: int
+    dataset_shards: int
+    paths: dict[str, str] = field(default_factory=dict)  # run_json, sizes_json, dataset_json
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed_shards
+
+    @property
+    def bytes_written(self) -> int:
+        return self.tar_bytes + self.parquet_bytes
+
+    @property
+    def images_per_s(self) -> float:
+        """Samples attempted in this run per second of wall time, actor start-up and model loading included."""
+        attempted = self.samples_written + self.samples_failed
+        return attempted / self.wall_s if self.wall_s > 0 else 0.0
+
+    @classmethod
+    def from_dispatch(cls, out: str, result: Any, skipped_shards: int, index: dict[str, Any],
+                      paths: dict[str, str]) -> "RunSummary":
+        """From a ``DispatchResult`` (seediff.pipeline.dispatch) and the index that ``write_index`` returned."""
+        done = result.completed
+        actors: dict[str, ActorRate] = {}
+        for r in done:
+            prior = actors.get(r.actor_id, ActorRate(r.stats.get("host", "?"), 0, 0.0))
+            actors[r.actor_id] = ActorRate(prior.host, prior.samples + r.num_samples, prior.busy_s + (r.run_s or 0.0))
+        return cls(
+            out=out,
+            samples_written=sum(r.stats["successes"] for r in done),
+            samples_failed=sum(r.stats["failures"] for r in done),
+            shards_generated=len(done),
+            shards_skipped=skipped_shards,
+            failed_shards=tuple(
+                FailedShard(r.shard_id, r.attempts, r.error or "") for r in sorted(result.failed, key=lambda r: r.shard_id)
+            ),
+            retried_shards={r.shard_id: r.attempts for r in sorted(done, key=lambda r: r.shard_id) if r.attempts > 1},
+            tar_bytes=sum(r.stats["tar_bytes"] for r in done),
+            parquet_bytes=sum(r.stats["parquet_bytes"] for r in done),
+            wall_s=result.wall_s,
+            actors=actors,
+            dataset_samples=index["num_samples"],
+            dataset_shards=index["committed_shards"],
+            paths={"sizes_json": index["sizes_json"], "dataset_json": index["dataset_json"], **paths},
+        )
+
+    def format(self) -> str:
+        """The summary the command line prints: what was written, the two rates and what each one measures."""
+        lines = [
+            f"summary: {self.samples_written} samples written, {self.samples_failed} failed (recorded in the parquet), "
+            f"{self.shards_generated} shards generated, {self.shards_skipped} already committed, "
+            f"{len(self.failed_shards)} failed",
+            f"  {human_bytes(self.bytes_written)} written (tar {human_bytes(self.tar_bytes)}, parquet "
+            f"{human_bytes(self.parquet_bytes)}) in {tqdm.format_interval(self.wall_s)}",
+        ]
+        if self.actors:
+            lines.append(
+                f"  {self.images_per_s:.2f} img/s overall: samples / wall time, which includes starting the actors "
+                f"and loading the model on each of the {len(self.actors)}"
+            )
+            lines.append("  per actor: samples / time spent generating its shards (what one more actor would add)")
+        for actor_id, rate in sorted(self.actors.items()):
+            lines.append(
+                f"    actor {actor_id[:8]} on {rate.host}: {rate.images_per_s:.2f} img/s "
+                f"({rate.samples} samples in {rate.busy_s:.1f} s)"
+            )
+        lines.append(
+            f"  dataset: {self.dataset_shards} committed shards, {self.dataset_samples} samples "
+            f"({self.paths['sizes_json']}, {self.paths['dataset_json']})"
+        )
+        if self.retried_shards:
+            retried = ", ".join(f"shard {i} ({n} attempts)" for i, n in self.retried_shards.items())
+            lines.append(f"  retried and committed: {retried}")
+        for failed in self.failed_shards:
+            lines.append(f"  FAILED shard {failed.shard_id} after {failed.attempts} attempts: {failed.error}")
+        if self.failed_shards:
+            lines.append("  rerun the same command (or `seediff resume OUT`) to generate the failed shards; "
+                         "committed shards are kept")
+        return "\n".join(lines)

@@ -1,0 +1,201 @@
+"""The Python API: every command of the ``seediff`` command line as a function, for notebooks, training scripts and
+Ray jobs (the command line is a thin layer over these).
+
+Bad input raises a subclass of ``InputError`` (``ManifestError`` naming ``file:line: field``, ``ConfigError``,
+``RunConfigMismatch``, ``NotAnOutputError``) before any model loads or Ray starts. ``generate`` connects to the Ray
+cluster the process is already connected to, else ``runtime.address`` / ``RAY_ADDRESS``, else starts a local one.
+
+    import seediff
+    summary = seediff.generate("classes.csv", "s3://bucket/run-001",
+                               config=seediff.RunConfig(steps=30, resolution=512),
+                               runtime=seediff.RuntimeOptions(num_actors=8))
+    print(summary.samples_written, summary.bytes_written, summary.paths["dataset_json"])
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from typing import Any, TextIO
+
+from seediff.pipeline.resume import RunConfigMismatch, read_run_json
+from seediff.pipeline.summary import RunSummary
+from seediff.schemas.config import ConfigError, InputError, RunConfig, RuntimeOptions
+from seediff.schemas.manifest import Manifest, ManifestError, load_manifest
+from seediff.schemas.records import RUN_JSON
+
+__all__ = [
+    "generate", "dry_run", "resume", "inspect", "verify", "preview", "export", "evaluate",
+    "InputError", "ManifestError", "ConfigError", "RunConfigMismatch", "NotAnOutputError", "RunSummary",
+]
+
+
+class NotAnOutputError(InputError, FileNotFoundError):
+    """The URL holds no seediff output (no ``run.json``)."""
+
+
+def generate(
+    manifest: str | os.PathLike[str] | Manifest,
+    out: str | os.PathLike[str],
+    config: RunConfig | Mapping[str, Any] | None = None,
+    runtime: RuntimeOptions | Mapping[str, Any] | None = None,
+    *,
+    samples_per_class: int | None = None,
+    overwrite: bool = False,
+    progress: TextIO = sys.stderr,
+) -> RunSummary:
+    """Generate (or resume) the dataset of ``manifest`` (a path/URL of a .csv/.tsv/.jsonl/.parquet/.txt, or a
+    loaded ``Manifest``) under ``out`` (local path or fsspec URL). ``samples_per_class`` fills rows without a
+    ``num_samples``; ``overwrite`` deletes this output's seediff files first. Progress goes to ``progress``.
+    Returns the run's ``RunSummary``; shards that still failed after their retries are in ``failed_shards``."""
+    run_config, manifest_ = _inputs(manifest, out, config, samples_per_class)
+    from seediff.pipeline.run import run_generation
+
+    return run_generation(manifest_, run_config, _runtime(runtime), overwrite=overwrite, stream=progress)
+
+
+def dry_run(
+    manifest: str | os.PathLike[str] | Manifest,
+    out: str | os.PathLike[str],
+    config: RunConfig | Mapping[str, Any] | None = None,
+    *,
+    samples_per_class: int | None = None,
+    overwrite: bool = False,
+) -> str:
+    """What ``generate`` would do, as text (shards, samples, done/to do, example keys and seeds, estimated bytes);
+    loads no model, starts no Ray, writes nothing. Raises ``RunConfigMismatch`` when ``generate`` would refuse."""
+    from seediff.pipeline.run import format_plan
+
+    run_config, manifest_ = _inputs(manifest, out, config, samples_per_class)
+    return format_plan(manifest_, run_config, overwrite)
+
+
+def resume(
+    out: str | os.PathLike[str],
+    runtime: RuntimeOptions | Mapping[str, Any] | None = None,
+    *,
+    progress: TextIO = sys.stderr,
+) -> RunSummary:
+    """Continue the run recorded in ``out``'s ``run.json``: the same manifest (its recorded URL, checked against
+    the recorded hash) and settings; only the runtime options may differ. Generates exactly the shards that are
+    not committed, so a killed run resumed this way writes the same bytes as an uninterrupted one."""
+    run_config, manifest_ = recorded_inputs(out)
+    from seediff.pipeline.run import run_generation
+
+    return run_generation(manifest_, run_config, _runtime(runtime), stream=progress)
+
+
+def recorded_inputs(out: str | os.PathLike[str]) -> tuple[RunConfig, Manifest]:
+    """The run config and manifest recorded in ``out``'s ``run.json``."""
+    url = absolute_url(out)
+    record = read_run_json(url)
+    source = f"{url}/{RUN_JSON}"
+    if record is None:
+        raise NotAnOutputError(f"{source}: missing; not a seediff output root")
+    if not record.get("manifest_source"):
+        raise ConfigError(f"{source}: manifest_source: not recorded")
+    config = RunConfig.from_mapping({**record["config"], "output_url": url}, source)
+    manifest = load_manifest(
+        record["manifest_source"],
+        samples_per_class=record.get("samples_per_class"),
+        prompt_template=config.prompt_template,
+    )
+    return config, manifest
+
+
+def inspect(out: str | os.PathLike[str]) -> dict[str, Any]:
+    """Counts, failures by reason, bytes, classes and settings of an output (what ``seediff inspect --json``
+    prints)."""
+    from seediff.pipeline.review import inspect_dataset
+
+    return inspect_dataset(_existing_output(out))
+
+
+def verify(out: str | os.PathLike[str]) -> list[str]:
+    """Check every shard against its stats, parquet and the index; returns the problems (empty: all good)."""
+    from seediff.pipeline.review import verify_dataset
+
+    return verify_dataset(_existing_output(out))
+
+
+def preview(
+    out: str | os.PathLike[str], path: str | os.PathLike[str], *, n: int = 64, class_name: str | None = None,
+    cell: int = 128,
+) -> tuple[int, int]:
+    """Write a PNG contact sheet of the first ``n`` samples (of ``class_name``) with their masks overlaid to
+    ``path``; returns its (width, height)."""
+    from seediff.pipeline.review import preview_grid
+
+    return preview_grid(_existing_output(out), os.fspath(path), n=n, class_name=class_name, cell=cell)
+
+
+def export(out: str | os.PathLike[str], directory: str | os.PathLike[str], *, layout: str = "voc",
+           split: str = "train") -> dict[str, Any]:
+    """Write the output as a folder layout segmentation trainers read (``voc``: JPEGImages, SegmentationClass,
+    ImageSets/Segmentation/<split>.txt, labelmap.txt); returns what was written."""
+    from seediff.pipeline.layouts import export_voc
+
+    if layout != "voc":
+        raise ConfigError(f"layout: {layout!r} is not one of: voc")
+    return export_voc(os.fspath(out), os.fspath(directory), split=split)
+
+
+def evaluate(
+    root: str | os.PathLike[str], predictions: str | os.PathLike[str], out: str | os.PathLike[str], *,
+    layout: str, split: str | None = None, classes_file: str | None = None,
+) -> tuple[dict[str, Any], str]:
+    """Score the label maps of the output ``predictions`` against the labelled dataset at ``root`` (``voc`` or
+    ``labels`` layout): mIoU, pixel accuracy, per-class IoU. Writes ``metrics.json`` under ``out``; returns the
+    metrics and its path."""
+    from seediff.pipeline.evaluate import score_predictions, write_report
+    from seediff.pipeline.layouts import open_labelled_dataset
+
+    dataset = open_labelled_dataset(os.fspath(root), layout, split=split, classes_file=classes_file)
+    metrics = score_predictions(dataset, os.fspath(predictions))
+    return metrics, write_report(metrics, absolute_url(out))
+
+
+# ---- inputs -------------------------------------------------------------------------------------------------------
+
+
+def absolute_url(url: str | os.PathLike[str]) -> str:
+    """Ray workers do not share the driver's working directory, and ``run.json`` must name the manifest so that a
+    resume from anywhere finds it: a relative local path is made absolute."""
+    url = os.fspath(url)
+    return url if "://" in url else os.path.abspath(url)
+
+
+def _inputs(
+    manifest: str | os.PathLike[str] | Manifest,
+    out: str | os.PathLike[str],
+    config: RunConfig | Mapping[str, Any] | None,
+    samples_per_class: int | None,
+) -> tuple[RunConfig, Manifest]:
+    run_config = _validated(RunConfig, config, "config").model_copy(update={"output_url": absolute_url(out)})
+    if not isinstance(manifest, Manifest):
+        manifest = load_manifest(
+            absolute_url(manifest), samples_per_class=samples_per_class, prompt_template=run_config.prompt_template
+        )
+    return run_config, manifest
+
+
+def _runtime(runtime: RuntimeOptions | Mapping[str, Any] | None) -> RuntimeOptions:
+    return _validated(RuntimeOptions, runtime, "runtime")
+
+
+def _validated(model: type, value: Any, source: str) -> Any:
+    if value is None:
+        return model()
+    if isinstance(value, model):
+        return value
+    if isinstance(value, Mapping):
+        return model.from_mapping(dict(value), source)
+    raise ConfigError(f"{source}: expected {model.__name__} or a mapping, got {type(value).__name__}")
+
+
+def _existing_output(out: str | os.PathLike[str]) -> str:
+    url = os.fspath(out)
+    if read_run_json(url) is None:
+        raise NotAnOutputError(f"{url.rstrip('/')}/{RUN_JSON}: missing; not a seediff output root")
+    return url

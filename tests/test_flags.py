@@ -1,0 +1,87 @@
+"""Flags generated from the settings models: every field of RunConfig, MaskConfig and RuntimeOptions has a
+description and a flag, ``--help`` shows each default, flag values reach the models typed, and errors name the flag
+or the config-file key (with its line) that the user wrote."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import BaseModel
+
+from seediff.pipeline.cli import build_parser, main, settings
+from seediff.pipeline.flags import flag_name
+from seediff.schemas.config import MaskConfig, RunConfig, RuntimeOptions
+
+MODELS = {"": RunConfig, "mask.": MaskConfig, "runtime:": RuntimeOptions}
+
+
+def fields():
+    """(dotted name, FieldInfo) of every setting, nested models flattened."""
+    for prefix, model in MODELS.items():
+        for name, info in model.model_fields.items():
+            if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
+                continue  # its fields are listed under their own prefix
+            yield f"{prefix.replace('runtime:', '')}{name}", info
+
+
+def help_text(command: str, capsys) -> str:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([command, "--help"])
+    return " ".join(capsys.readouterr().out.split())  # argparse wraps lines; compare with single spaces
+
+
+def test_every_field_has_a_description_and_a_flag_with_its_default_in_help(capsys):
+    text = help_text("generate", capsys)
+    checked = 0
+    for field, info in fields():
+        assert info.description, f"{field} has no description"
+        flag = flag_name(field, info)
+        if flag is None:  # recorded in run.json, not a setting (code_version)
+            continue
+        if flag == "--out":  # the output root: required, it has no default
+            assert f"--out OUT {info.description} (required)" in text
+            continue
+        default = info.get_default()
+        shown = "unset" if default is None else " ".join(map(str, default)) if isinstance(default, tuple) else default
+        assert f"{flag} " in text, f"no flag for {field}"
+        assert f"{info.description} (default: {shown})" in text, f"{flag}: help lacks description or default"
+        checked += 1
+    assert checked == len(list(fields())) - 2  # every field but --out and the recorded code_version
+
+
+def test_resume_takes_only_runtime_options(capsys):
+    text = help_text("resume", capsys)
+    for name, info in RuntimeOptions.model_fields.items():
+        assert flag_name(name, info) in text
+    assert "--steps" not in text and "--mask-refine" not in text
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["resume", "out", "--steps", "3"])
+    assert exit_info.value.code == 2
+
+
+def test_flag_values_reach_the_models_typed(tmp_path):
+    args = build_parser().parse_args([
+        "generate", "m.csv", "--out", "s3://b/o", "--guidance-scale", "3.5", "--scheduler", "ddim",
+        "--dtype", "float32", "--image-format", "png", "--mask-capture-steps", "1", "4", "--mask-refine", "none",
+        "--shard-timeout", "60", "--shards-in-flight", "3", "--prompt-template", "a {class_name} at 100%",
+    ])
+    config, runtime, _ = settings(args)
+    assert (config.guidance_scale, config.scheduler, config.dtype, config.image_format) == (3.5, "ddim", "float32", "png")
+    assert (config.mask.capture_steps, config.mask.refine) == ((1, 4), "none")
+    assert (runtime.shard_timeout_s, runtime.shards_in_flight_per_actor) == (60.0, 3)
+    assert config.prompt_template == "a {class_name} at 100%"
+    assert config.mask.pamr_iterations == MaskConfig().pamr_iterations  # untouched fields keep their defaults
+
+
+def test_errors_name_the_flag_or_the_file_line_and_key(tmp_path, capsys):
+    (tmp_path / "m.csv").write_text("class_name,num_samples\ncat,2\n")
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text("model: tiny\nmask:\n  refine: pamr\n  pamr_iterations: 0\nshard_timeout_s: -1\n")
+    base = ["generate", str(tmp_path / "m.csv"), "--out", str(tmp_path / "o")]
+    assert main([*base, "--config", str(config_file)]) == 2
+    err = capsys.readouterr().err
+    assert f"{config_file}:4: mask.pamr_iterations: Input should be greater than or equal to 1" in err
+    assert f"{config_file}:5: shard_timeout_s: Input should be greater than 0" in err
+    assert main([*base, "--config", str(config_file), "--mask-pamr-iterations", "5", "--shard-timeout", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--shard-timeout: Input should be greater than 0 (got 0.0)" in err and "pamr_iterations" not in err
+    assert not (tmp_path / "o").exists()  # refused before anything was written
