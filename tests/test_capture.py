@@ -4,11 +4,13 @@ import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
+from seediff.workers.attention_kernels import add_head_summed_probabilities
 from seediff.workers.capture import (
     AttentionSum,
     SeeDiffCapture,
     UnsupportedUNetError,
     _attention_output,
+    default_path,
     installed_processors,
     locate_attention_layers,
     plan_seediff_layers,
@@ -146,6 +148,35 @@ def test_captured_sums_equal_naive_reference(tiny_pipe, guidance):
     for i, cols in enumerate(positions):
         expected = torch.cat([reference[l.key].average()[i][:, cols].T for l in capture.plan.cross])
         torch.testing.assert_close(got.cross[i], expected.view(-1, side, side), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("pipe_name", ["tiny_pipe", "tiny_sd2_pipe"])
+def test_fused_path_gives_the_explicit_paths_maps_and_outputs(request, pipe_name):
+    """The path production runs on CUDA (fused SDPA for the layer output, the Triton kernel for the head-summed
+    probabilities), here on the CPU under Triton's interpreter (tests/conftest.py); SD2-style: upcast attention."""
+    pipe = request.getfixturevalue(pipe_name)
+    prompts = ["a photograph of a dog", "a long shot of a potted plant"]
+    positions = [[18], [17, 18, 19, 20]]
+    assert default_path(pipe.unet.device) == "explicit"
+    explicit_latents, explicit = captured_run(pipe, prompts, positions, path="explicit")
+    fused_latents, fused = captured_run(pipe, prompts, positions, path="fused")
+    got, expected = fused.result(), explicit.result()
+    for a, b in zip(got.cross, expected.cross):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    for scale, maps in got.self_attn.items():
+        torch.testing.assert_close(maps, expected.self_attn[scale], rtol=0, atol=1e-5)
+    torch.testing.assert_close(fused_latents, explicit_latents, rtol=0, atol=2e-5)
+
+
+# bf16 is checked on a GPU (bench/check_fused_capture.py): the interpreter computes through numpy, which has no bf16
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_fused_kernel_matches_fp64_reference(dtype):
+    torch.manual_seed(0)
+    query, key = torch.randn(2, 3, 80, 16, dtype=dtype), torch.randn(2, 3, 77, 16, dtype=dtype)  # ragged tiles
+    acc = torch.ones(2, 80, 77)
+    add_head_summed_probabilities(query, key, 0.25, torch.tensor(0.5), acc)
+    reference = torch.softmax(query.double() @ key.double().transpose(-1, -2) * 0.25, dim=-1).sum(1)
+    torch.testing.assert_close(acc.double(), 1 + 0.5 * reference, rtol=0, atol=1e-6)
 
 
 def test_capture_window_averages_only_chosen_calls(tiny_pipe):
