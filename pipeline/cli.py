@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import signal
 import sys
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TextIO
 
 from seediff import api
 from seediff.pipeline.flags import HelpFormatter, add_flags, given
+from seediff.pipeline.summary import RunSummary, human_bytes
+from seediff.pipeline.terminal import default_log_path, run_terminal
 from seediff.schemas.config import (
     TINY_MODEL,
     ConfigError,
@@ -31,7 +32,6 @@ from seediff.schemas.config import (
     merge_settings,
 )
 
-log = logging.getLogger("seediff")
 
 EXIT_OK, EXIT_FAILED, EXIT_INPUT = 0, 1, 2
 TINY_NOTE = (
@@ -88,30 +88,43 @@ def runtime_settings(args: argparse.Namespace) -> RuntimeOptions:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     config, runtime, samples_per_class = settings(args)
-    if config.model == TINY_MODEL:
-        print(TINY_NOTE, file=sys.stderr)
     if args.dry_run:
+        if config.model == TINY_MODEL:
+            print(TINY_NOTE, file=sys.stderr)
         print(api.dry_run(args.manifest, args.out, config, samples_per_class=samples_per_class, overwrite=args.overwrite))
         return EXIT_OK
-    return _finish(lambda: api.generate(
-        args.manifest, args.out, config, runtime, samples_per_class=samples_per_class, overwrite=args.overwrite
-    ))
+    return _run(args, lambda terminal: api.generate(
+        args.manifest, args.out, config, runtime, samples_per_class=samples_per_class, overwrite=args.overwrite,
+        progress=terminal,
+    ), tiny=config.model == TINY_MODEL)
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
     runtime = runtime_settings(args)
-    return _finish(lambda: api.resume(args.out, runtime))
+    config, _ = api.recorded_inputs(args.out)  # a bad OUT is reported before Ray starts
+    return _run(args, lambda terminal: api.resume(args.out, runtime, progress=terminal), tiny=config.model == TINY_MODEL)
 
 
-def _finish(run: Any) -> int:
+def _run(args: argparse.Namespace, run: Callable[[TextIO], RunSummary], tiny: bool) -> int:
+    """A run with library output in the log file (pipeline/terminal.py). A local Ray started for this command is
+    shut down before the summary, so the command ends right after it."""
     from seediff.pipeline.dispatch import DispatchError
 
-    try:
-        summary = run()
-    except DispatchError as e:
-        print(f"seediff: error: {e}", file=sys.stderr)
-        return EXIT_FAILED
+    with run_terminal(args.verbose, args.log_file or default_log_path(args.command)) as terminal:
+        if tiny:
+            print(TINY_NOTE, file=terminal.stream)
+        connected_before = "ray" in sys.modules and sys.modules["ray"].is_initialized()
+        try:
+            summary = run(terminal.stream)
+        except DispatchError as e:
+            print(f"seediff: error: {e}", file=terminal.stream)
+            return EXIT_FAILED
+        finally:
+            if not connected_before and "ray" in sys.modules:
+                sys.modules["ray"].shutdown()
     print(summary.format())
+    if terminal.log_path:
+        print(f"  log (library messages, Ray, actors' stderr): {terminal.log_path}")
     return EXIT_OK if summary.ok else EXIT_FAILED
 
 
@@ -154,6 +167,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                 classes_file=args.classes_file)
     print(format_report(report))
     print(f"wrote {path}")
+def cmd_report(args: argparse.Namespace) -> int:
+    covered = api.report(args.url, args.out)
+    print(f"wrote {args.out} ({covered['classes']} classes, {covered['samples']} samples, "
+          f"{human_bytes(covered['bytes'])})")
     return EXIT_OK
 
 
@@ -177,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="samples of each manifest row without a num_samples value (default: unset)")
     gen.add_argument("--overwrite", action="store_true", help="delete this output's seediff files and start over")
     gen.add_argument("--dry-run", action="store_true", help="validate and print the plan; no model, no Ray")
+    _add_output_flags(gen)
     flags = add_flags(gen.add_argument_group(RUN_GROUP), RunConfig, skip=frozenset({"output_url", "mask"}))
     flags += add_flags(gen.add_argument_group(MASK_GROUP), MaskConfig, prefix="mask.")
     flags += add_flags(gen.add_argument_group(RUNTIME_GROUP), RuntimeOptions)
@@ -191,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     res.set_defaults(func=cmd_resume)
     res.add_argument("out", help="output root of an earlier generate: local path, s3://..., gs://...")
     res.add_argument("--config", help="YAML/JSON file with runtime options; flags override it")
+    _add_output_flags(res)
     res.set_defaults(flags=add_flags(res.add_argument_group(RUNTIME_GROUP), RuntimeOptions))
 
     ins = sub.add_parser("inspect", help="summarise an output: classes, failures, bytes, settings")
@@ -205,6 +224,11 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("-n", "--n", type=int, default=64, help="number of samples")
     pre.add_argument("--class", dest="class_name", help="only this class")
     pre.add_argument("--cell", type=int, default=128, help="cell size in pixels")
+
+    rep = sub.add_parser("report", help="write a self-contained HTML QA page: per-class counts, distributions, samples")
+    rep.set_defaults(func=cmd_report)
+    rep.add_argument("url")
+    rep.add_argument("-o", "--out", required=True, help="HTML path or URL to write")
 
     ver = sub.add_parser("verify", help="check every shard against its stats, parquet and the index")
     ver.set_defaults(func=cmd_verify)
@@ -228,11 +252,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_output_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show library warnings, Ray's messages and seediff's INFO lines on the terminal")
+    parser.add_argument("--log-file", metavar="PATH",
+                        help="where library warnings and Ray's messages go (default: a new file under "
+                             f"{default_log_path('COMMAND').rsplit('/', 1)[0]}/)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if hasattr(signal, "SIGPIPE"):  # `seediff inspect out | head` ends quietly, like other Unix tools
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         return args.func(args)
     except (InputError, FileNotFoundError) as e:

@@ -15,7 +15,7 @@ from seediff.pipeline.dispatch import ShardRecord
 
 LOG_EVERY_S = 30.0
 RATE_WINDOW_S = 30.0
-BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}, {postfix}]"
+BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]"  # postfix: ", ..."
 
 
 class PartialCounts:
@@ -85,7 +85,8 @@ class Progress:
             self.history.popleft()  # keep one point at or before the window's start
         if self.bar is not None:
             self.bar.n = self.done + self.partial
-            self.bar.set_postfix_str(self._rate_text(now), refresh=True)
+            # Before the first sample, a rate would only measure the model loading.
+            self.bar.set_postfix_str(self._rate_text(now) if self.bar.n > self.bar.initial else "", refresh=True)
         elif now - self.last_log >= self.log_every_s:
             self.last_log = now
             print(self.line(now), file=self.stream, flush=True)

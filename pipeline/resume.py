@@ -64,10 +64,6 @@ def read_committed_stats(config: RunConfig) -> dict[int, ShardStats]:
     return committed
 
 
-def committed_shards(config: RunConfig) -> set[int]:
-    return set(read_committed_stats(config))
-
-
 def clean_leftovers(config: RunConfig, committed: Collection[int]) -> list[str]:
     """Delete temp files and every file of a shard not in ``committed`` (from ``read_committed_stats``), which
     includes stats files that do not parse. Returns the removed paths."""

@@ -17,8 +17,9 @@ from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
+from seediff.pipeline import fonts
 from seediff.pipeline.plan import shard_count
 from seediff.pipeline.readers import IMAGE_FIELDS, MASK_FIELD, raw_samples
 from seediff.pipeline.resume import read_committed_stats, read_run_json
@@ -46,7 +47,7 @@ OVERLAY_ALPHA = 0.5
 # ---- shared: the run's config and files -------------------------------------------------------------------------
 
 
-def _run(out_url: str) -> tuple[dict[str, Any], RunConfig]:
+def read_run(out_url: str) -> tuple[dict[str, Any], RunConfig]:
     """run.json and its config, with output_url pointing where the data is now (it may have moved)."""
     record = read_run_json(out_url)
     if record is None:
@@ -71,7 +72,7 @@ def _read_parquets(out_url: str, config: RunConfig, shard_ids: list[int]) -> dic
 
 def inspect_dataset(out_url: str) -> dict[str, Any]:
     """Counts and settings of an output root, from run.json, the shard stats and the shard parquets."""
-    record, config = _run(out_url)
+    record, config = read_run(out_url)
     stats = read_committed_stats(config)
     tables = _read_parquets(out_url, config, sorted(stats))
     per_class: dict[tuple[int, str], Counter] = {}
@@ -148,7 +149,7 @@ def preview_grid(out_url: str, path: str, n: int = 64, class_name: str | None = 
     (width, height): ``ceil(sqrt(k))`` columns of ``cell`` px for the ``k <= n`` samples found."""
     if n < 1 or cell < 16:
         raise ValueError(f"preview: n must be >= 1 and cell >= 16, got n={n}, cell={cell}")
-    cells = [_render_cell(sample, cell) for sample in _first_samples(out_url, n, class_name)]
+    cells = [render_overlay(sample, cell) for sample in _first_samples(out_url, n, class_name)]
     if not cells:
         which = f" of class {class_name!r}" if class_name else ""
         raise ValueError(f"{out_url}: no samples{which} to preview")
@@ -180,7 +181,7 @@ def class_colour(class_id: int) -> tuple[int, int, int]:
     return round(r * 255), round(g * 255), round(b * 255)
 
 
-def _render_cell(sample: dict[str, Any], cell: int) -> Image.Image:
+def render_overlay(sample: dict[str, Any], cell: int) -> Image.Image:
     image_field = next(f for f in IMAGE_FIELDS if f in sample)
     with Image.open(io.BytesIO(sample[image_field])) as im:
         rgb = np.asarray(im.convert("RGB").resize((cell, cell), Image.Resampling.BILINEAR), dtype=np.float32)
@@ -199,11 +200,12 @@ def _render_cell(sample: dict[str, Any], cell: int) -> Image.Image:
 
 
 def _label(tile: Image.Image, text: str) -> None:
+    """The class name on a black band, in fonts that have its script's glyphs (pipeline/fonts.py)."""
     draw = ImageDraw.Draw(tile)
-    font = ImageFont.load_default()
-    left, top, right, bottom = draw.textbbox((2, 2), text, font=font)
-    draw.rectangle((0, 0, right + 2, bottom + 2), fill=(0, 0, 0))
-    draw.text((2, 2), text, fill=(255, 255, 255), font=font)
+    size = max(10, tile.height // 12)
+    width, height = fonts.label_size(text, size)
+    draw.rectangle((0, 0, width + 4, height + 4), fill=(0, 0, 0))
+    fonts.draw_label(draw, (2, 2), text, size)
 
 
 # ---- verify -------------------------------------------------------------------------------------------------------
@@ -223,7 +225,7 @@ class _Verifier:
     """The output's listing, index and stats, read once; ``problems()`` checks each planned shard against them."""
 
     def __init__(self, out_url: str):
-        record, self.config = _run(out_url)
+        record, self.config = read_run(out_url)
         self.fs, self.root = output_fs(out_url)
         self.names = {posixpath.basename(p.rstrip("/")) for p in self.fs.ls(self.root, detail=False)}
         self.index_problems: list[str] = []

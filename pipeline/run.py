@@ -89,7 +89,8 @@ def run_generation(
     stream: TextIO = sys.stderr,
 ) -> RunSummary:
     """Write or check run.json, remove leftovers, generate the uncommitted shards on Ray (connecting if not yet
-    connected), write sizes.json/dataset.json. ``actor_class`` defaults to seediff.workers.actor.ShardActor."""
+    connected), write sizes.json/dataset.json. ``actor_class`` (a ShardActor subclass) defaults to ShardActor, built
+    in the actor process (``ModelFreeShardActor``)."""
     plan = plan_of(manifest, config)
     prepare_output(config, manifest, overwrite)
     committed = read_committed_stats(config)
@@ -145,8 +146,6 @@ def _actor_factory(
     actors (default 1), each with one torch thread."""
     import ray
 
-    from seediff.workers.actor import ShardActor
-
     resources = ray.cluster_resources()
     gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
     use_gpu = runtime.device == "cuda" or (runtime.device == "auto" and gpus > 0)
@@ -159,11 +158,26 @@ def _actor_factory(
     # CPU float results depend on the intra-op thread count; one thread per CPU actor keeps the bytes independent
     # of how many actors run (a runtime option), and CPU throughput scales with --num-actors instead.
     torch_threads = None if use_gpu else 1
-    remote = ray.remote(actor_class or ShardActor).options(
+    remote = ray.remote(actor_class or ModelFreeShardActor).options(
         num_gpus=1 if use_gpu else 0, num_cpus=1, max_restarts=0, max_task_retries=0
     )
     log.info("%d %s actors (ray %s)", num_actors, "GPU" if use_gpu else "CPU", ray.get_runtime_context().gcs_address)
     return (lambda: remote.remote(config, actor_runtime, torch_threads, progress)), num_actors
+
+
+class ModelFreeShardActor:
+    """The class the driver hands to ``ray.remote``: it builds seediff.workers.actor.ShardActor inside the actor
+    process. Naming ShardActor itself would import torch, diffusers and transformers into the driver, which needs
+    none of them: their import printed library warnings on the driver and their teardown at interpreter exit kept
+    the command alive for seconds after the summary."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        from seediff.workers.actor import ShardActor
+
+        self.actor = ShardActor(*args, **kwargs)
+
+    def generate_shard(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return self.actor.generate_shard(*args, **kwargs)
 
 
 def _connect_ray(runtime: RuntimeOptions) -> None:

@@ -37,6 +37,7 @@ _EXPORTS = {
     "preview": "seediff.api",
     "export": "seediff.api",
     "evaluate": "seediff.api",
+    "report": "seediff.api",
     "RunSummary": "seediff.api",
     "InputError": "seediff.api",
     "ManifestError": "seediff.api",

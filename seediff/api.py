@@ -26,7 +26,7 @@ from seediff.schemas.manifest import Manifest, ManifestError, load_manifest
 from seediff.schemas.records import RUN_JSON
 
 __all__ = [
-    "generate", "dry_run", "resume", "inspect", "verify", "preview", "export", "evaluate",
+    "generate", "dry_run", "resume", "inspect", "verify", "preview", "report", "export", "evaluate",
     "InputError", "ManifestError", "ConfigError", "RunConfigMismatch", "NotAnOutputError", "RunSummary",
 ]
 
@@ -154,6 +154,13 @@ def evaluate(
     dataset = open_labelled_dataset(os.fspath(root), layout, split=split, classes_file=classes_file)
     metrics = score_predictions(dataset, os.fspath(predictions))
     return metrics, write_report(metrics, absolute_url(out))
+def report(out: str | os.PathLike[str], path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Write one self-contained HTML page about the output to ``path``: per-class counts and failure reasons,
+    distributions of mask area, seeds, ignore fraction and confidence, the weakest and strongest samples of each
+    class, the run settings. Returns what it covered (classes, samples, failures, bytes)."""
+    from seediff.pipeline.report import write_report_page
+
+    return write_report_page(_existing_output(out), os.fspath(path))
 
 
 # ---- inputs -------------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import pytest
 from seediff.pipeline.resume import (
     RunConfigMismatch,
     clean_leftovers,
-    committed_shards,
+    read_committed_stats,
     prepare_output,
     read_run_json,
 )
@@ -48,8 +48,8 @@ def test_only_parsable_stats_for_the_right_shard_count_and_the_rest_is_cleaned(s
     put(storage_url, "other-000004_stats.json", json.dumps(stats0 | {"shard_id": 4}).encode())  # another prefix
     put(storage_url, "notes.txt", b"user file")
 
-    assert committed_shards(config) == {0}
-    removed = sorted(p.rsplit("/", 1)[-1] for p in clean_leftovers(config, committed_shards(config)))
+    assert set(read_committed_stats(config)) == {0}
+    removed = sorted(p.rsplit("/", 1)[-1] for p in clean_leftovers(config, set(read_committed_stats(config))))
     assert removed == [
         "seediff-000001.tar",
         "seediff-000001_stats.json",
@@ -64,12 +64,12 @@ def test_only_parsable_stats_for_the_right_shard_count_and_the_rest_is_cleaned(s
         "other-000004_stats.json",
         "notes.txt",
     }
-    assert clean_leftovers(config, committed_shards(config)) == []
+    assert clean_leftovers(config, set(read_committed_stats(config))) == []
 
 
 def test_nothing_to_resume_in_a_missing_root(tmp_path: Path) -> None:
     config = make_config(str(tmp_path / "absent"))
-    assert committed_shards(config) == set() and clean_leftovers(config, set()) == []
+    assert set(read_committed_stats(config)) == set() and clean_leftovers(config, set()) == []
 
 
 def test_first_start_writes_run_json_and_same_settings_resume(storage_url: str) -> None:
@@ -133,8 +133,8 @@ def test_a_child_process_reaches_the_same_s3_server(s3_output_url: str) -> None:
     config = make_config(s3_output_url)
     write_shard(config, 0)
     code = (
-        "import sys; from seediff.pipeline.resume import committed_shards; from seediff.schemas.config import RunConfig; "
-        "print(sorted(committed_shards(RunConfig.model_validate_json(sys.argv[1]))))"
+        "import sys; from seediff.pipeline.resume import read_committed_stats; from seediff.schemas.config import RunConfig; "
+        "print(sorted(read_committed_stats(RunConfig.model_validate_json(sys.argv[1]))))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code, config.model_dump_json()],

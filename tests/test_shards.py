@@ -15,7 +15,7 @@ import pytest
 import webdataset as wds
 
 from seediff.pipeline.plan import Plan
-from seediff.pipeline.resume import clean_leftovers, committed_shards
+from seediff.pipeline.resume import clean_leftovers, read_committed_stats
 from seediff.schemas.config import RunConfig
 from seediff.schemas.manifest import ClassRow
 from seediff.schemas.records import SampleSpec, ShardSpec, shard_name
@@ -102,7 +102,7 @@ def test_shard_reads_back_with_webdataset(storage_url: str, tmp_path: Path) -> N
     assert stats["parquet_bytes"] == len(shard_bytes(config, 0, ".parquet"))
     assert stats["runtime"] == {"actor": "test"} and stats["host"]
     assert json.loads(shard_bytes(config, 0, "_stats.json")) == stats
-    assert committed_shards(config) == {0}
+    assert set(read_committed_stats(config)) == {0}
 
 
 def test_last_shard_is_short_and_tar_is_ustar_with_fixed_mtime(tmp_path: Path) -> None:
@@ -145,10 +145,10 @@ def test_crash_before_stats_leaves_a_shard_resume_redoes(
     left = {p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)} - {p.rsplit("/", 1)[-1] for p in committed_files}
     expected_left = {"seediff-000001.tar"} | ({"seediff-000001.parquet"} if crash_in == "_publish_stats" else set())
     assert left == expected_left  # published before the crash, and nothing else (no temp files)
-    assert committed_shards(config) == {0}
-    assert sorted(p.rsplit("/", 1)[-1] for p in clean_leftovers(config, committed_shards(config))) == sorted(expected_left)
+    assert set(read_committed_stats(config)) == {0}
+    assert sorted(p.rsplit("/", 1)[-1] for p in clean_leftovers(config, set(read_committed_stats(config)))) == sorted(expected_left)
     assert sorted(fs.ls(root, detail=False)) == committed_files
-    assert write_shard(config, 1)["count"] == 2 and committed_shards(config) == {0, 1}
+    assert write_shard(config, 1)["count"] == 2 and set(read_committed_stats(config)) == {0, 1}
 
 
 def test_killed_writer_leaves_only_a_temp_file_that_resume_removes(tmp_path: Path) -> None:
@@ -158,8 +158,8 @@ def test_killed_writer_leaves_only_a_temp_file_that_resume_removes(tmp_path: Pat
     writer.add(next(outcomes(shard, config)))
     (temp,) = [p.name for p in tmp_path.iterdir()]
     assert temp.startswith(".seediff-000000.tar.tmp-")
-    assert committed_shards(config) == set()
-    assert [Path(p).name for p in clean_leftovers(config, committed_shards(config))] == [temp]
+    assert set(read_committed_stats(config)) == set()
+    assert [Path(p).name for p in clean_leftovers(config, set(read_committed_stats(config)))] == [temp]
     assert list(tmp_path.iterdir()) == []
 
 

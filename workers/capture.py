@@ -29,7 +29,7 @@ CAPTURE_PATHS = ("fused", "explicit")
 SCALE_DEPTHS = {"fine": 0, "middle": 1, "coarse": 2}  # SeeDiff's scales as downsampling depth below the latent
 _BLOCK_RANK = {"down": 0, "mid": 1, "up": 2}  # forward order of the UNet's block groups
 # Off the GPU, explicit attention is memory-bound: a [B, heads, rows, keys] block that fits in cache is several times
-# faster per row than one that does not (2-core dev machine: 4 MiB blocks ran 3.7x faster than 16 MiB ones).
+# faster per row than one that does not (bench/RESULTS.md has the measurement).
 CPU_BLOCK_BYTES = 4 * 2**20
 
 

@@ -1,7 +1,7 @@
 """SeeDiff seeded mask expansion: pure, batched tensor maths on whatever device the inputs live on.
 
-Reproduces the arithmetic of the official SeeDiff code (BAIKLAB-Admin/SeeDiff, see
-docs/seediff-method.md sections 1 and 6), vectorised over the batch:
+Reproduces the arithmetic of the official SeeDiff code (BAIKLAB-Admin/SeeDiff) and its paper, vectorised over the
+batch:
 
 1. coarse seed map C from the class-token cross-attention maps (variance-gated minmax, summed, minmax);
 2. foreground seeds = floor(255 C^2) strictly above OpenCV's Otsu threshold;
