@@ -54,19 +54,20 @@ def main() -> None:
             output_url=out, resolution=args.resolution, image_quality=args.quality, samples_per_shard=args.samples
         )
         rows = (ClassRow("cat", 1, args.samples, "a photograph of a cat", "", 1),)
-        shard = Plan(rows, config.seed, config.samples_per_shard).shard(0)
-        arrays = [photo_like(spec, args.resolution) for spec in shard.samples]
+        plan = Plan(rows, config.seed, config.samples_per_shard)
+        shard, samples = plan.shard(0), plan.samples(plan.shard(0))
+        arrays = [photo_like(spec, args.resolution) for spec in samples]
         stats = {"foreground_fraction": 0.2, "num_seeds": 3}
 
         # Warm-up on a one-sample shard: one-off lazy imports (pyarrow pulls in pandas) are not throughput.
-        first = shard.samples[0]
-        write_shard(config, ShardSpec(0, 0, 1, (first,)), [encode_sample(first, *arrays[0], stats, None, config)])
+        first = samples[0]
+        write_shard(config, ShardSpec(0, 0, 1), [encode_sample(first, *arrays[0], stats, None, config)])
         t0 = time.perf_counter()
-        outcomes = [encode_sample(s, img, m, stats, None, config) for s, (img, m) in zip(shard.samples, arrays)]
+        outcomes = [encode_sample(s, img, m, stats, None, config) for s, (img, m) in zip(samples, arrays)]
         t1 = time.perf_counter()
         written = write_shard(config, shard, outcomes)
         t2 = time.perf_counter()
-        encoded = (encode_sample(s, img, m, stats, None, config) for s, (img, m) in zip(shard.samples, arrays))
+        encoded = (encode_sample(s, img, m, stats, None, config) for s, (img, m) in zip(samples, arrays))
         write_shard(config, shard, encoded)  # encodes lazily, sample by sample, as the actor does
         t3 = time.perf_counter()
 

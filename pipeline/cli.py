@@ -33,7 +33,7 @@ from seediff.schemas.config import (
 )
 
 
-EXIT_OK, EXIT_FAILED, EXIT_INPUT = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 TINY_NOTE = (
     "note: --model tiny is a miniature Stable Diffusion with random weights: its images and masks are meaningless "
     "and only exercise the pipeline"
@@ -119,6 +119,9 @@ def _run(args: argparse.Namespace, run: Callable[[TextIO], RunSummary], tiny: bo
         except DispatchError as e:
             print(f"seediff: error: {e}", file=terminal.stream)
             return EXIT_FAILED
+        except KeyboardInterrupt as e:  # the actors are already stopped; committed shards are kept
+            print(str(e) or "interrupted", file=terminal.stream)
+            return EXIT_INTERRUPTED
         finally:
             if not connected_before and "ray" in sys.modules:
                 sys.modules["ray"].shutdown()
@@ -146,10 +149,13 @@ def cmd_preview(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    problems = api.verify(args.url)
+    problems, damaged = api.repair(args.url) if args.repair else (api.verify(args.url), [])
     for problem in problems:
         print(problem)
     print(f"{len(problems)} problems" if problems else "OK: every shard is complete and matches the index")
+    if damaged:
+        print(f"repair: un-committed {len(damaged)} shards ({', '.join(map(str, damaged))}); "
+              "run the same generate command (or seediff resume) to regenerate them")
     return EXIT_FAILED if problems else EXIT_OK
 
 
@@ -233,6 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
     ver = sub.add_parser("verify", help="check every shard against its stats, parquet and the index")
     ver.set_defaults(func=cmd_verify)
     ver.add_argument("url")
+    ver.add_argument(
+        "--repair", action="store_true",
+        help="un-commit the damaged shards (delete their stats) so that the next generate run regenerates them",
+    )
 
     exp = sub.add_parser("export", help="write an output root as a folder layout segmentation trainers read")
     exp.set_defaults(func=cmd_export)

@@ -1,16 +1,19 @@
-"""Driver loop that runs shards on a pool of Ray actors: a bounded number of shards in flight per actor, retries on
-another actor, per-shard timeouts and actor replacement. Generic over any actor with
-``generate_shard(shard: ShardSpec) -> dict``; the only module that uses Ray on the driver.
+"""Driver loop that runs shards on an elastic pool of Ray actors: shards go only to ready actors, a bounded number in
+flight per actor, retries on another actor, per-shard and start-up timeouts, actor replacement, a pool size that
+follows the cluster, and failures handled by kind (transient: backoff; run-level: stop). Generic over any actor with
+``generate_shard(shard, attempt) -> dict``; the only module that uses Ray on the driver.
 
 Timing model: a synchronous actor (max_concurrency=1) runs its tasks one at a time in submission order, so the
-head of an actor's queue is the shard that is running; a shard's clock starts when it becomes the head of a
-ready actor (constructor finished, seen through the built-in ``__ray_ready__``), not when it is submitted.
-Only a shard that had started is charged an attempt when its actor dies; shards queued behind it are requeued
-for free."""
+head of an actor's queue is the shard that is running. Shards are submitted only to actors whose constructor has
+finished (seen through the built-in ``__ray_ready__``), so a shard's clock starts at submission to an idle actor or
+when the shard ahead of it finishes. An actor that is not ready within the start-up timeout (a node that never comes,
+a stalled model download) is killed and replaced; it never holds shards. Only a shard that had started is charged an
+attempt when its actor dies; shards queued behind it are requeued for free."""
 
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -21,15 +24,22 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from seediff.schemas.config import RuntimeOptions
-from seediff.schemas.records import ShardSpec
+from seediff.storage import RUN_LEVEL, TRANSIENT, failure_kind
 
 log = logging.getLogger(__name__)
 
 POLL_S = 1.0  # upper bound between timeout checks and progress ticks
+POOL_CHECK_S = 5.0  # how often the pool size is re-read from the cluster
+BACKOFF_BASE_S, BACKOFF_CAP_S = 1.0, 60.0  # transient errors: full-jitter exponential backoff
+# Without --shard-timeout: a shard may run this long before any shard has completed (model warm-up, slow cards),
+# afterwards ADAPTIVE_FACTOR times the slowest completed shard, never less than the floor.
+INITIAL_SHARD_TIMEOUT_S = 4 * 3600.0
+ADAPTIVE_FACTOR, ADAPTIVE_FLOOR_S = 4.0, 600.0
 
 
 class DispatchError(RuntimeError):
-    """The run cannot proceed at all, e.g. every new actor dies in its constructor."""
+    """The run cannot proceed at all: actors cannot start, or a run-level error (disk full, permission denied,
+    missing credentials) makes every further shard fail the same way."""
 
 
 @dataclass
@@ -43,6 +53,7 @@ class ShardRecord:
     error: str | None = None
     actor_id: str | None = None  # the actor that completed it
     run_s: float | None = None  # driver-observed time from start on the actor to completion
+    transient_failures: int = 0  # retried after a backoff, not charged as attempts
 
     @property
     def ok(self) -> bool:
@@ -65,9 +76,9 @@ class DispatchResult:
 
 @dataclass
 class _Task:
-    shard: ShardSpec
+    shard: Any  # a ShardSpec: shard_id and len()
     ref: ray.ObjectRef
-    started_at: float | None = None  # None while queued behind another shard or waiting for the constructor
+    started_at: float | None = None  # None while queued behind another shard
 
 
 @dataclass
@@ -76,6 +87,7 @@ class _Slot:
 
     handle: Any
     ready_ref: ray.ObjectRef | None
+    created_at: float
     queue: deque[_Task] = field(default_factory=deque)
 
     @property
@@ -87,7 +99,7 @@ class _Slot:
         return self.ready_ref is None
 
     def start_head(self, now: float) -> None:
-        if self.ready and self.queue and self.queue[0].started_at is None:
+        if self.queue and self.queue[0].started_at is None:
             self.queue[0].started_at = now
 
 
@@ -101,33 +113,45 @@ def _short(error: BaseException) -> str:
     return lines[-1].strip() if has_traceback else lines[0].strip()
 
 
+def backoff_s(failures: int, rng: random.Random) -> float:
+    """Full-jitter exponential backoff: uniform in [0, min(cap, base * 2^(failures-1))], at least 10% of it."""
+    ceiling = min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** (failures - 1))
+    return ceiling * rng.uniform(0.1, 1.0)
+
+
 class Dispatcher:
-    """Runs every shard on ``num_actors`` actors made by ``make_actor`` (a no-argument callable returning a Ray
-    actor handle with ``generate_shard``). ``on_shard_done`` is called once per shard when it completes or finally
-    fails; ``on_tick`` at least every ``POLL_S`` seconds. ``run`` raises DispatchError when actors cannot start."""
+    """Runs every shard on actors made by ``make_actor`` (a no-argument callable returning a Ray actor handle with
+    ``generate_shard``). ``pool_size`` is the number of actors to keep: an int, or a callable re-read every
+    ``POOL_CHECK_S`` seconds (the pool grows when GPUs join the cluster and shrinks, idle actors first, when they go).
+    ``on_shard_done`` is called once per shard when it completes or finally fails; ``on_tick`` at least every
+    ``POLL_S`` seconds. ``run`` raises DispatchError when actors cannot start or a run-level error occurs; the actors
+    are killed on every way out, Ctrl-C included."""
 
     def __init__(
         self,
-        shards: Sequence[ShardSpec],
+        shards: Sequence[Any],
         make_actor: Callable[[], Any],
-        num_actors: int,
+        pool_size: int | Callable[[], int],
         runtime: RuntimeOptions,
         on_shard_done: Callable[[ShardRecord], None] | None = None,
         on_tick: Callable[[], None] | None = None,
     ):
-        if num_actors < 1:
-            raise ValueError("num_actors must be >= 1")
+        self.pool_size = pool_size if callable(pool_size) else (lambda: pool_size)
+        self.target = self._read_pool_size()
         self.make_actor = make_actor
-        self.num_actors = num_actors
         self.runtime = runtime
         self.on_shard_done = on_shard_done or (lambda record: None)
         self.on_tick = on_tick or (lambda: None)
         self.specs = {s.shard_id: s for s in shards}
         self.records = {s.shard_id: ShardRecord(s.shard_id, len(s)) for s in shards}
         self.pending: deque[int] = deque(s.shard_id for s in shards)
+        self.not_before: dict[int, float] = {}  # shard -> monotonic time its backoff ends
         self.avoid: dict[int, set[str]] = {}  # shard -> actors on which it raised
         self.slots: list[_Slot] = []
-        self.startup_failures = 0  # consecutive actors that died before becoming ready
+        self.startup_failures = 0  # consecutive actors that died or timed out before becoming ready
+        self.slowest_s = 0.0  # longest completed shard, for the adaptive timeout
+        self.rng = random.Random()
+        self.pool_checked = time.monotonic()
 
     # -- public -------------------------------------------------------------------------------------------------
 
@@ -135,7 +159,7 @@ class Dispatcher:
         t0 = time.monotonic()
         try:
             while self.pending or any(s.queue for s in self.slots):
-                self._top_up_actors()
+                self._resize_pool()
                 self._fill_queues()
                 self._wait_and_handle()
                 self._enforce_timeouts()
@@ -153,10 +177,27 @@ class Dispatcher:
 
     # -- actors -------------------------------------------------------------------------------------------------
 
-    def _top_up_actors(self) -> None:
-        while len(self.slots) < self.num_actors:
+    def _read_pool_size(self) -> int:
+        size = int(self.pool_size())
+        if size < 1:
+            raise ValueError("the actor pool size must be >= 1")
+        return size
+
+    def _resize_pool(self) -> None:
+        now = time.monotonic()
+        if now - self.pool_checked >= POOL_CHECK_S:
+            self.pool_checked = now
+            target = self._read_pool_size()
+            if target != self.target:
+                log.info("actor pool: %d -> %d actors (cluster resources changed)", self.target, target)
+                self.target = target
+        surplus = len(self.slots) - self.target
+        # Shrink through actors that hold no shards, those still starting first; busy actors finish their shards.
+        for slot in sorted((s for s in self.slots if not s.queue), key=lambda s: s.ready)[: max(surplus, 0)]:
+            self._retire(slot, "pool shrank")
+        while len(self.slots) < self.target:
             handle = self.make_actor()
-            self.slots.append(_Slot(handle, handle.__ray_ready__.remote()))
+            self.slots.append(_Slot(handle, handle.__ray_ready__.remote(), now))
 
     def _retire(self, slot: _Slot, reason: str) -> None:
         """Kill an actor and settle everything submitted to it: results already finished are kept, the shard that
@@ -185,22 +226,27 @@ class Dispatcher:
     def _fill_queues(self) -> None:
         now = time.monotonic()
         for slot in self.slots:
+            if not slot.ready:
+                continue
             while len(slot.queue) < self.runtime.shards_in_flight_per_actor:
-                shard_id = self._next_shard_for(slot)
+                shard_id = self._next_shard_for(slot, now)
                 if shard_id is None:
                     break
-                spec = self.specs[shard_id]
-                slot.queue.append(_Task(spec, slot.handle.generate_shard.remote(spec)))
+                spec, attempt = self.specs[shard_id], self.records[shard_id].attempts + 1
+                slot.queue.append(_Task(spec, slot.handle.generate_shard.remote(spec, attempt)))
                 slot.start_head(now)
 
-    def _next_shard_for(self, slot: _Slot) -> int | None:
-        """First pending shard that has not raised on this actor; a shard that raised on every live actor may go
-        back to one of them rather than wait forever."""
+    def _next_shard_for(self, slot: _Slot, now: float) -> int | None:
+        """First pending shard past its backoff that has not raised on this actor; a shard that raised on every live
+        actor may go back to one of them rather than wait forever."""
         live = {s.id for s in self.slots}
         for shard_id in self.pending:
-            avoid = self.avoid.get(shard_id, set())
+            if self.not_before.get(shard_id, 0.0) > now:
+                continue
+            avoid = self.avoid.get(shard_id, ())
             if slot.id not in avoid or live <= avoid:
                 self.pending.remove(shard_id)
+                self.not_before.pop(shard_id, None)
                 return shard_id
         return None
 
@@ -214,6 +260,7 @@ class Dispatcher:
             for task in slot.queue:
                 owners[task.ref] = (slot, task)
         if not owners:
+            time.sleep(self._wait_timeout())
             return
         done, _ = ray.wait(list(owners), num_returns=1, timeout=self._wait_timeout())
         if done:  # collect everything else that is already finished too
@@ -230,24 +277,40 @@ class Dispatcher:
             value = ray.get(ref)
         except RayActorError as e:
             if not slot.ready:
-                self._startup_failed(e)
+                self._startup_failed(_short(e), e)
             log.warning("actor %s died: %s", slot.id[:8], _short(e))
             self._retire(slot, f"actor died: {_short(e)}")
             return
         except RayTaskError as e:
             assert task is not None  # __ray_ready__ cannot raise a task error
             slot.queue.remove(task)
-            self.avoid.setdefault(task.shard.shard_id, set()).add(slot.id)
-            self._charge(task.shard.shard_id, _short(e))
             slot.start_head(now)
+            self._task_failed(slot, task, e, now)
             return
         if task is None:
             slot.ready_ref = None
             self.startup_failures = 0
-            slot.start_head(now)
         else:
             self._succeeded(slot, task, value, now)
             slot.start_head(now)
+
+    def _task_failed(self, slot: _Slot, task: _Task, error: RayTaskError, now: float) -> None:
+        shard_id, message = task.shard.shard_id, _short(error)
+        kind = failure_kind(error.cause if error.cause is not None else error)
+        if kind == RUN_LEVEL:
+            raise DispatchError(f"run stopped: shard {shard_id}: {message}") from error
+        if kind == TRANSIENT:
+            record = self.records[shard_id]
+            record.transient_failures += 1
+            record.error = message
+            if record.transient_failures <= self.runtime.transient_retries:
+                delay = backoff_s(record.transient_failures, self.rng)
+                log.warning("shard %d: transient error (%s); retrying in %.1fs", shard_id, message, delay)
+                self.not_before[shard_id] = now + delay
+                self.pending.appendleft(shard_id)
+                return
+        self.avoid.setdefault(shard_id, set()).add(slot.id)
+        self._charge(shard_id, message)
 
     def _succeeded(self, slot: _Slot, task: _Task, stats: dict[str, Any], now: float) -> None:
         if task in slot.queue:
@@ -256,6 +319,7 @@ class Dispatcher:
         record.attempts += 1
         record.stats, record.error, record.actor_id = stats, None, slot.id
         record.run_s = now - task.started_at if task.started_at is not None else 0.0
+        self.slowest_s = max(self.slowest_s, record.run_s)
         self.on_shard_done(record)
 
     def _charge(self, shard_id: int, error: str) -> None:
@@ -270,29 +334,110 @@ class Dispatcher:
             log.error("shard %d failed after %d attempts: %s", shard_id, record.attempts, error)
             self.on_shard_done(record)
 
-    def _startup_failed(self, error: BaseException) -> None:
+    def _startup_failed(self, reason: str, error: BaseException | None = None) -> None:
         self.startup_failures += 1
-        if self.startup_failures >= max(self.runtime.max_attempts, self.num_actors):
+        if self.startup_failures >= max(self.runtime.max_attempts, self.target):
             raise DispatchError(
-                f"{self.startup_failures} actors in a row died before becoming ready; last error: {_short(error)}"
+                f"{self.startup_failures} actors in a row failed to start; last: {reason}"
             ) from error
 
     # -- timeouts -----------------------------------------------------------------------------------------------
 
+    def shard_timeout_s(self) -> float:
+        """--shard-timeout when given, else adaptive: a multiple of the slowest completed shard, with a floor."""
+        if self.runtime.shard_timeout_s is not None:
+            return self.runtime.shard_timeout_s
+        if self.slowest_s == 0.0:
+            return INITIAL_SHARD_TIMEOUT_S
+        return max(ADAPTIVE_FLOOR_S, ADAPTIVE_FACTOR * self.slowest_s)
+
     def _wait_timeout(self) -> float:
         now = time.monotonic()
-        deadlines = [
-            t.started_at + self.runtime.shard_timeout_s for s in self.slots for t in s.queue if t.started_at is not None
-        ]
+        timeout = self.shard_timeout_s()
+        deadlines = [t.started_at + timeout for s in self.slots for t in s.queue if t.started_at is not None]
+        deadlines += [s.created_at + self.runtime.actor_startup_timeout_s for s in self.slots if not s.ready]
+        deadlines += [t for shard_id, t in self.not_before.items() if shard_id in self.pending]
         return max(0.0, min([POLL_S, *(d - now for d in deadlines)]))
 
     def _enforce_timeouts(self) -> None:
         now = time.monotonic()
+        timeout, startup = self.shard_timeout_s(), self.runtime.actor_startup_timeout_s
         for slot in list(self.slots):
+            if not slot.ready:
+                if now - slot.created_at > startup:
+                    log.warning("actor %s not ready after %.0fs (--actor-startup-timeout); replacing it", slot.id[:8], startup)
+                    self._retire(slot, "start-up timeout")
+                    self._startup_failed(f"not ready within --actor-startup-timeout {startup:g}s")
+                continue
             head = slot.queue[0] if slot.queue else None
             if head is not None and head.started_at is not None:
                 running = now - head.started_at
-                if running > self.runtime.shard_timeout_s:
+                if running > timeout:
                     log.warning("shard %d ran %.0fs > timeout; killing its actor", head.shard.shard_id, running)
-                    self._retire(slot, f"timeout: ran longer than {self.runtime.shard_timeout_s:g}s")
+                    self._retire(slot, f"timeout: ran longer than {timeout:g}s (--shard-timeout)")
 
+
+# ---- the shard actor pool of a generation run ---------------------------------------------------------------------
+
+
+@dataclass
+class ActorPool:
+    """How a run makes its actors: ``make_actor()`` starts one, ``size()`` is how many to keep now, ``device`` is
+    the device kind every actor uses ("cuda" or "cpu"; never mixed within a run)."""
+
+    make_actor: Callable[[], Any]
+    size: Callable[[], int]
+    device: str
+
+
+def shard_actor_pool(
+    actor_class: type, config: Any, plan: Any, runtime: RuntimeOptions, against_cluster: bool, **actor_kwargs: Any
+) -> ActorPool:
+    """GPU actors, one per GPU present in the cluster (re-read while running), bounded by --min-actors/--max-actors
+    (--num-actors N: at most N); with --device cpu, or --device auto on a local cluster without GPUs, CPU actors
+    with one torch thread each. Against a cluster address a run never falls back to the CPU silently: with
+    --device auto or cuda it waits up to --gpu-wait seconds for GPUs to join. Each actor is
+    ``actor_class(config, runtime, plan, torch_threads=..., **actor_kwargs)``."""
+    low, high = runtime.actor_bounds()
+    gpus = _cluster_gpus()
+    if runtime.device != "cpu" and gpus == 0 and (against_cluster or runtime.device == "cuda"):
+        gpus = _wait_for_gpus(runtime, against_cluster)
+    use_gpu = runtime.device == "cuda" or (runtime.device == "auto" and gpus > 0)
+    actor_runtime = runtime.model_copy(update={"device": "cuda" if use_gpu else "cpu"})
+    # CPU float results depend on the intra-op thread count; one thread per CPU actor keeps the bytes independent
+    # of how many actors run (a runtime option), and CPU throughput scales with --num-actors instead.
+    torch_threads = None if use_gpu else 1
+    remote = ray.remote(actor_class).options(num_gpus=1 if use_gpu else 0, num_cpus=1, max_restarts=0, max_task_retries=0)
+
+    def size() -> int:
+        if not use_gpu:
+            return high or low
+        return max(low, min(_cluster_gpus(), high or 1 << 30))
+
+    def make_actor() -> Any:
+        return remote.remote(config, actor_runtime, plan, torch_threads=torch_threads, **actor_kwargs)
+
+    log.info("%d %s actors to start (ray %s)", size(), "GPU" if use_gpu else "CPU", ray.get_runtime_context().gcs_address)
+    return ActorPool(make_actor, size, actor_runtime.device)
+
+
+def _cluster_gpus() -> int:
+    return int(ray.cluster_resources().get("GPU", 0))
+
+
+def _wait_for_gpus(runtime: RuntimeOptions, against_cluster: bool) -> int:
+    if not against_cluster:
+        raise DispatchError("--device cuda: the local Ray cluster has no GPUs; use --device cpu or --address")
+    log.warning(
+        "no GPUs in the Ray cluster yet; waiting up to %.0fs for GPU nodes to join (--gpu-wait); "
+        "pass --device cpu to run on CPUs", runtime.gpu_wait_s,
+    )
+    deadline = time.monotonic() + runtime.gpu_wait_s
+    while (gpus := _cluster_gpus()) == 0:
+        if time.monotonic() >= deadline:
+            raise DispatchError(
+                f"no GPUs joined the Ray cluster within {runtime.gpu_wait_s:g}s (--gpu-wait); "
+                "pass --device cpu to run on CPUs"
+            )
+        time.sleep(POLL_S)
+    return gpus

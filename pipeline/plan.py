@@ -51,4 +51,7 @@ class Plan:
 
     def shard(self, shard_id: int) -> ShardSpec:
         ids = self.shard_range(shard_id)
-        return ShardSpec(shard_id, ids.start, ids.stop, tuple(self.sample(i) for i in ids))
+        return ShardSpec(shard_id, ids.start, ids.stop)
+
+    def samples(self, shard: ShardSpec) -> tuple[SampleSpec, ...]:
+        return tuple(self.sample(i) for i in range(shard.start, shard.stop))

@@ -7,8 +7,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 import posixpath
 import re
+import socket
+import threading
+import time
 from collections.abc import Collection
 from typing import Any
 
@@ -16,8 +21,19 @@ from fsspec import AbstractFileSystem
 
 from seediff.schemas.config import ConfigError, InputError, RunConfig
 from seediff.schemas.manifest import Manifest
-from seediff.schemas.records import DATASET_JSON, RUN_JSON, SIZES_JSON, STATS_SUFFIX, ShardStats, shard_file_pattern
-from seediff.storage import output_fs, write_file
+from seediff.schemas.records import (
+    DATASET_JSON,
+    LEASE_JSON,
+    RUN_JSON,
+    SIZES_JSON,
+    STATS_SUFFIX,
+    ShardStats,
+    shard_file_pattern,
+    shard_name,
+)
+from seediff.storage import is_local, output_fs, write_file
+
+log = logging.getLogger(__name__)
 
 # RunConfig fields that may differ on resume: the same root can be reached by another URL (a mount, file://, ...).
 LOCATION_FIELDS = frozenset({"output_url"})
@@ -109,6 +125,8 @@ def read_run_json(output_url: str) -> dict[str, Any] | None:
         raise ConfigError(f"{path}: not valid JSON: {e}") from e
     if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
         raise ConfigError(f"{path}: not a seediff run.json (no 'config' object)")
+    if "code_version" in record["config"]:  # written before output_format existed: the first layout
+        record["config"] = {k: v for k, v in record["config"].items() if k != "code_version"} | {"output_format": 1}
     return record
 
 
@@ -129,8 +147,9 @@ def check_resume(record: dict[str, Any], config: RunConfig, manifest: Manifest, 
 
 
 def prepare_output(config: RunConfig, manifest: Manifest, overwrite: bool) -> None:
-    """First start: write run.json. Resume: refuse when an output-changing field differs.
-    ``overwrite``: first delete the seediff files (of this and of the stored run's shard naming) under the root."""
+    """First start: write run.json. Resume: refuse when an output-changing field differs and a shard of the stored
+    run is committed; with nothing committed yet (a typo corrected before the first shard), the new settings simply
+    replace the old. ``overwrite``: first delete the seediff files (of this and of the stored run's shard naming)."""
     fs, root = output_fs(config.output_url)
     path = f"{root}/{RUN_JSON}"
     if overwrite:
@@ -142,9 +161,47 @@ def prepare_output(config: RunConfig, manifest: Manifest, overwrite: bool) -> No
                 f"{path}: missing, but {root} holds {config.shard_prefix}-* shard files from an unknown run; "
                 "pass overwrite (--overwrite) or choose another output"
             )
-        write_file(fs, path, (json.dumps(run_record(config, manifest), indent=2, sort_keys=True) + "\n").encode())
+    else:
+        try:
+            check_resume(record, config, manifest, path)
+            return
+        except RunConfigMismatch:
+            if _bound(record, config):
+                raise
+        log.info("%s: settings changed before any shard was committed; replacing it", path)
+        _wipe(fs, root, config)
+    _write_run_json(fs, path, run_record(config, manifest))
+
+
+def _bound(record: dict[str, Any], config: RunConfig) -> bool:
+    """Whether the stored run has a committed shard (under its own shard naming)."""
+    stored = record["config"]
+    naming = {k: stored[k] for k in ("shard_prefix", "shard_digits") if k in stored}
+    return bool(read_committed_stats(config.model_copy(update=naming)))
+
+
+def _write_run_json(fs: AbstractFileSystem, path: str, record: dict[str, Any]) -> None:
+    write_file(fs, path, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
+
+
+DEVICE_FIELD = "device"  # the resolved device kind and dtype of the actors, e.g. {"kind": "cuda", "dtype": "float16"}
+
+
+def bind_device(config: RunConfig, device: dict[str, str], allow_change: bool) -> None:
+    """Record the actors' resolved device kind and dtype in run.json. Once a shard is committed, a resume that would
+    change them (a GPU run resumed on CPU mixes fp16 and fp32 images) is refused unless ``allow_change``."""
+    fs, root = output_fs(config.output_url)
+    path = f"{root}/{RUN_JSON}"
+    record = read_run_json(config.output_url) or {}
+    stored = record.get(DEVICE_FIELD)
+    if stored == device:
         return
-    check_resume(record, config, manifest, path)
+    if stored and not allow_change and read_committed_stats(config):
+        raise RunConfigMismatch(
+            f"{path}: this output was generated on {stored.get('kind')} in {stored.get('dtype')}; this run would use "
+            f"{device['kind']} in {device['dtype']}. Resume on the same kind of device, or pass --allow-device-change"
+        )
+    _write_run_json(fs, path, {**record, DEVICE_FIELD: device})
 
 
 def _wipe(fs: AbstractFileSystem, root: str, config: RunConfig) -> None:
@@ -162,3 +219,154 @@ def _wipe(fs: AbstractFileSystem, root: str, config: RunConfig) -> None:
         doomed.update(path for path, _ in _shard_files(fs, root, prefix, digits))
     if doomed:
         fs.rm(sorted(doomed))
+
+
+# ---- the output lease ---------------------------------------------------------------------------------------------
+
+LEASE_HEARTBEAT_S = 10.0  # how often the holding driver refreshes the lease
+LEASE_STALE_S = 60.0  # a lease without a heartbeat for this long belongs to a dead driver and is taken over
+
+
+def _dead_on_this_host(holder: dict[str, Any]) -> bool:
+    """The holder ran on this host and its process is gone (a killed driver need not wait for the lease to age)."""
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return False
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+class LeaseHeld(InputError):
+    """Another live driver holds the output root's lease; the message names it."""
+
+
+class OutputLease:
+    """``lease.json`` at the output root: which driver (run id, host, pid) writes there, with a heartbeat. Only the
+    holder cleans leftovers, writes run.json and dispatches shards, so two drivers on one ``--out`` never delete each
+    other's files or regenerate the same shards.
+
+    Creation is atomic where the store allows it: local disk creates the file with a hard link (fails if it exists);
+    S3 uses a conditional PUT (If-None-Match, s3fs ``mode="create"``). Other stores get a best-effort check-then-write
+    followed by a read-back. A stale lease (no heartbeat for ``stale_s``) is removed, after checking it did not
+    change meanwhile, and then created anew under the same rules; so is the lease of a driver on this host whose
+    process is gone."""
+
+    def __init__(self, output_url: str, run_id: str, stale_s: float = LEASE_STALE_S):
+        self.fs, root = output_fs(output_url)
+        self.path = f"{root}/{LEASE_JSON}"
+        self.run_id, self.stale_s = run_id, stale_s
+        self.started = time.time()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.lost: str | None = None  # why the lease is no longer ours, once that happens
+
+    def _body(self) -> bytes:
+        holder = {"run_id": self.run_id, "host": socket.gethostname(), "pid": os.getpid(), "started": self.started}
+        return (json.dumps({**holder, "heartbeat": time.time()}, sort_keys=True) + "\n").encode()
+
+    def read(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.fs.cat_file(self.path))
+        except FileNotFoundError:
+            return None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return {}  # half-written by a best-effort store: treated as stale
+
+    def acquire(self) -> None:
+        """Take the lease (or a stale one) and start the heartbeat; raise LeaseHeld naming a live holder."""
+        self.fs.makedirs(posixpath.dirname(self.path), exist_ok=True)
+        for _ in range(3):
+            if self._create():
+                self._heartbeat_in_background()
+                return
+            holder = self.read()
+            if holder is None:
+                continue  # released meanwhile
+            age = time.time() - float(holder.get("heartbeat", 0))
+            if age < self.stale_s and not _dead_on_this_host(holder):
+                raise LeaseHeld(
+                    f"{self.path}: this output is in use by run {holder.get('run_id')} on {holder.get('host')} "
+                    f"(pid {holder.get('pid')}, heartbeat {age:.0f}s ago); wait for it to finish or stop it "
+                    f"(a lease without heartbeat for {self.stale_s:.0f}s is taken over)"
+                )
+            log.warning("taking over the lease of run %s (no heartbeat for %.0fs, or its driver process is gone)",
+                        holder.get("run_id"), age)
+            if self.read() == holder:  # nobody refreshed or took it over meanwhile
+                self.fs.rm_file(self.path)
+        raise LeaseHeld(f"{self.path}: could not take the lease (other drivers are competing for it)")
+
+    def _create(self) -> bool:
+        data = self._body()
+        if is_local(self.fs):
+            staged = f"{self.path}.{self.run_id}"
+            with open(staged, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(staged, self.path)  # atomic, and fails when the lease exists
+                return True
+            except FileExistsError:
+                return False
+            finally:
+                os.remove(staged)
+        protocols = {self.fs.protocol} if isinstance(self.fs.protocol, str) else set(self.fs.protocol)
+        if protocols & {"s3", "s3a"}:
+            try:
+                self.fs.pipe_file(self.path, data, mode="create")  # If-None-Match: *
+                return True
+            except FileExistsError:
+                return False
+        if self.fs.exists(self.path):  # best effort: check, write, read back
+            return False
+        self.fs.pipe_file(self.path, data)
+        return (self.read() or {}).get("run_id") == self.run_id
+
+    def _heartbeat_in_background(self) -> None:
+        self._thread = threading.Thread(target=self._beat, name="seediff-lease", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(LEASE_HEARTBEAT_S):
+            try:
+                holder = self.read()
+                if holder is None or holder.get("run_id") != self.run_id:
+                    self.lost = f"{self.path}: taken over by run {holder.get('run_id') if holder else None}"
+                    return
+                write_file(self.fs, self.path, self._body())
+            except Exception as e:  # a failed refresh is retried at the next beat; the lease goes stale otherwise
+                log.warning("lease heartbeat failed: %s", e)
+
+    def check(self) -> None:
+        """Raise LeaseHeld once another driver has taken the lease over (this driver was presumed dead)."""
+        if self.lost:
+            raise LeaseHeld(f"lease lost: {self.lost}; stopping")
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        holder = self.read()
+        if holder is not None and holder.get("run_id") == self.run_id:
+            self.fs.rm_file(self.path)
+
+    def __enter__(self) -> "OutputLease":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def uncommit(config: RunConfig, shard_ids: Collection[int]) -> list[str]:
+    """Delete the stats files (the commit markers) of ``shard_ids``: the next run regenerates exactly those shards,
+    byte-identically, and its leftover cleanup removes their old tar and parquet. Call under the output lease."""
+    fs, root = output_fs(config.output_url)
+    paths = [f"{root}/{shard_name(config.shard_prefix, i, config.shard_digits)}{STATS_SUFFIX}" for i in sorted(shard_ids)]
+    if paths:
+        fs.rm(paths)
+    return paths

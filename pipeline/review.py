@@ -5,6 +5,7 @@ the same calls work on local disk, ``s3://`` and ``gs://``."""
 from __future__ import annotations
 
 import colorsys
+import hashlib
 import io
 import json
 import math
@@ -34,6 +35,7 @@ from seediff.schemas.records import (
     SUCCESS,
     TAR_SUFFIX,
     ShardStats,
+    checksum_column,
     shard_name,
 )
 from seediff.schemas.records import decode_mask
@@ -56,14 +58,16 @@ def read_run(out_url: str) -> tuple[dict[str, Any], RunConfig]:
     return record, config
 
 
-def _read_parquets(out_url: str, config: RunConfig, shard_ids: list[int]) -> dict[int, Any]:
-    """shard id -> its parquet table (class, status columns), for the given committed shards."""
+def _read_parquets(
+    out_url: str, config: RunConfig, shard_ids: list[int], columns: list[str] | None = None
+) -> dict[int, Any]:
+    """shard id -> its parquet table (``columns``, default all), for the given committed shards."""
     fs, root = output_fs(out_url)
     tables = {}
     for shard_id in shard_ids:
         path = f"{root}/{shard_name(config.shard_prefix, shard_id, config.shard_digits)}{PARQUET_SUFFIX}"
         with fs.open(path, "rb") as f:
-            tables[shard_id] = pq.read_table(f, columns=["class_name", "class_id", "status"])
+            tables[shard_id] = pq.read_table(f, columns=columns)
     return tables
 
 
@@ -74,7 +78,7 @@ def inspect_dataset(out_url: str) -> dict[str, Any]:
     """Counts and settings of an output root, from run.json, the shard stats and the shard parquets."""
     record, config = read_run(out_url)
     stats = read_committed_stats(config)
-    tables = _read_parquets(out_url, config, sorted(stats))
+    tables = _read_parquets(out_url, config, sorted(stats), ["class_name", "class_id", "status"])
     per_class: dict[tuple[int, str], Counter] = {}
     for table in tables.values():
         for class_id, class_name, status in zip(
@@ -211,14 +215,27 @@ def _label(tile: Image.Image, text: str) -> None:
 # ---- verify -------------------------------------------------------------------------------------------------------
 
 
-def verify_dataset(out_url: str) -> list[str]:
-    """Check every shard against sizes.json, dataset.json and its stats; returns the problems found (empty = OK).
+@dataclass
+class Verification:
+    problems: list[str]  # one line each; empty = OK
+    damaged: list[int]  # committed shards whose own files are wrong (not just a stale index): what --repair un-commits
 
-    Per shard: tar, parquet and stats present; tar readable to the end; each sample's fields contiguous and complete;
-    sample counts equal in tar, stats, parquet, sizes.json and dataset.json; tar size equal in stats and
-    dataset.json; mask values within the dataset's class ids plus 0 (background) and 255 (ignore). Per dataset: no
-    planned shard missing, no index entry outside the plan."""
-    return _Verifier(out_url).problems()
+
+def verify_dataset(out_url: str) -> list[str]:
+    """The problems ``verify`` finds (empty = OK)."""
+    return verify(out_url).problems
+
+
+def verify(out_url: str) -> Verification:
+    """Check every shard against sizes.json, dataset.json and its stats.
+
+    Per shard: tar, parquet and stats present; tar readable to the end; each sample's fields contiguous and complete,
+    and each field's sha256 equal to the parquet's; sample counts equal in tar, stats, parquet, sizes.json and
+    dataset.json; tar size equal in stats and dataset.json; mask values within the dataset's class ids plus 0
+    (background) and 255 (ignore). Per dataset: no planned shard missing, no index entry outside the plan."""
+    verifier = _Verifier(out_url)
+    problems = verifier.problems()
+    return Verification(problems, sorted(verifier.damaged))
 
 
 class _Verifier:
@@ -239,6 +256,7 @@ class _Verifier:
         self.planned = [self._name(i) for i in range(planned_shards)]
         with_parquet = [i for i in sorted(self.stats) if self._name(i) + PARQUET_SUFFIX in self.names]
         self.tables = _read_parquets(out_url, self.config, with_parquet)
+        self.damaged: set[int] = set()
         class_ids = {cid for t in self.tables.values() for cid in t["class_id"].to_pylist()}
         self.allowed_mask_values = class_ids | {BACKGROUND, IGNORE}
 
@@ -273,6 +291,8 @@ class _Verifier:
             return [f"{name}: missing shard (no tar, parquet or stats file)"]
         problems = [f"{name}{suffix}: missing" for suffix in (TAR_SUFFIX, PARQUET_SUFFIX) if suffix not in present]
         stats = self.stats.get(shard_id)
+        if problems and stats is not None:
+            self.damaged.add(shard_id)
         if STATS_SUFFIX not in present:
             problems.append(f"{name}{STATS_SUFFIX}: missing stats file (shard not committed)")
         elif stats is None:
@@ -285,10 +305,10 @@ class _Verifier:
 
     def _check_tar(self, name: str, stats: ShardStats | None) -> list[str]:
         tar_path = f"{self.root}/{name}{TAR_SUFFIX}"
-        contents = _read_tar(self.fs, tar_path, self.allowed_mask_values)
+        table = self.tables.get(stats.shard_id) if stats else None
+        contents = _read_tar(self.fs, tar_path, self.allowed_mask_values, _checksums(table))
         problems = contents.problems
         entry = self.entries.get(name, {})
-        table = self.tables.get(stats.shard_id) if stats else None
         counts = {
             "tar": contents.samples,
             "stats": stats.successes if stats else None,
@@ -305,7 +325,22 @@ class _Verifier:
         for source, declared in (("stats", stats.tar_bytes if stats else None), (DATASET_JSON, entry.get("filesize"))):
             if declared is not None and declared != tar_bytes:
                 problems.append(f"{name}{TAR_SUFFIX}: {tar_bytes} bytes, {source} says {declared}")
+        own = {contents.samples, table["status"].to_pylist().count(SUCCESS) if table is not None else None}
+        if stats is not None and (
+            contents.problems or own - {None} != {stats.successes} or stats.tar_bytes != tar_bytes
+            or (table is not None and table.num_rows != stats.count)
+        ):
+            self.damaged.add(stats.shard_id)
         return problems
+
+
+def _checksums(table: Any) -> dict[str, dict[str, str]]:
+    """key -> {sha256 column -> value} of the successful samples in a shard's parquet (none for format 1)."""
+    if table is None:
+        return {}
+    columns = [c for c in table.column_names if c.endswith("_sha256")]
+    rows = table.select(["key", *columns]).to_pylist()
+    return {r["key"]: {c: r[c] for c in columns if r[c] is not None} for r in rows}
 
 
 @dataclass
@@ -314,9 +349,9 @@ class _TarContents:
     problems: list[str] = field(default_factory=list)
 
 
-def _read_tar(fs, path: str, allowed: set[int]) -> _TarContents:
-    """Stream the whole tar: readable to the end, fields of a key contiguous, required fields present, mask values
-    allowed."""
+def _read_tar(fs, path: str, allowed: set[int], checksums: dict[str, dict[str, str]]) -> _TarContents:
+    """Stream the whole tar: readable to the end, fields of a key contiguous, required fields present, each field's
+    sha256 as the parquet says (``checksums``: key -> column -> sha256), mask values allowed."""
     result = _TarContents()
     seen: set[str] = set()
     current: str | None = None
@@ -325,7 +360,7 @@ def _read_tar(fs, path: str, allowed: set[int]) -> _TarContents:
     def finish() -> None:
         if current is not None:
             result.samples += 1
-            result.problems.extend(_check_sample(path, current, sample, allowed))
+            result.problems.extend(_check_sample(path, current, sample, allowed, checksums.get(current, {})))
 
     try:
         with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
@@ -347,16 +382,23 @@ def _read_tar(fs, path: str, allowed: set[int]) -> _TarContents:
     return result
 
 
-def _check_sample(path: str, key: str, sample: dict[str, bytes], allowed: set[int]) -> list[str]:
+def _check_sample(
+    path: str, key: str, sample: dict[str, bytes], allowed: set[int], checksums: dict[str, str]
+) -> list[str]:
     where = f"{path}: sample {key}"
+    corrupt = [
+        f"{where}: {ext} sha256 {actual[:12]}... differs from the parquet's {expected[:12]}..."
+        for ext, data in sorted(sample.items())
+        if (expected := checksums.get(checksum_column(ext))) and (actual := hashlib.sha256(data).hexdigest()) != expected
+    ]
     missing = [f for f in REQUIRED_FIELDS if f not in sample]
     if not any(f in sample for f in IMAGE_FIELDS):
         missing.append("/".join(IMAGE_FIELDS))
     if missing:
-        return [f"{where}: missing fields {', '.join(missing)}"]
+        return [*corrupt, f"{where}: missing fields {', '.join(missing)}"]
     try:
         values = set(np.unique(decode_mask(sample[MASK_FIELD])).tolist())
     except (ValueError, OSError) as e:
-        return [f"{where}: mask.png unreadable: {e}"]
+        return [*corrupt, f"{where}: mask.png unreadable: {e}"]
     bad = sorted(values - allowed)
-    return [f"{where}: mask values {bad} outside the class ids {sorted(allowed)}"] if bad else []
+    return [*corrupt, *([f"{where}: mask values {bad} outside the class ids {sorted(allowed)}"] if bad else [])]

@@ -5,14 +5,23 @@ dry run's plan description. Ray and the model code are imported only once a real
 from __future__ import annotations
 
 import logging
+import os
 import sys
-from collections.abc import Callable
+import uuid
 from typing import Any, TextIO
 
 from seediff.pipeline.plan import Plan
-from seediff.pipeline.resume import check_resume, clean_leftovers, prepare_output, read_committed_stats, read_run_json
+from seediff.pipeline.resume import (
+    OutputLease,
+    bind_device,
+    check_resume,
+    clean_leftovers,
+    prepare_output,
+    read_committed_stats,
+    read_run_json,
+)
 from seediff.pipeline.summary import RunSummary, human_bytes
-from seediff.schemas.config import ConfigError, RunConfig, RuntimeOptions
+from seediff.schemas.config import RunConfig, RuntimeOptions
 from seediff.schemas.manifest import Manifest
 from seediff.schemas.records import RUN_JSON, shard_name
 
@@ -52,7 +61,7 @@ def format_plan(manifest: Manifest, config: RunConfig, overwrite: bool) -> str:
         f"done: {len(committed)} shards committed; to generate: {len(todo)} shards, {todo_samples} samples",
         "examples:",
     ]
-    examples = sorted({0, 1, 2, plan.num_samples - 1} & set(range(plan.num_samples)))
+    examples = sorted({i for i in (0, 1, 2, plan.num_samples - 1) if 0 <= i < plan.num_samples})  # never a set of all ids
     for sample_id in examples:
         spec = plan.sample(sample_id)
         lines.append(
@@ -79,6 +88,10 @@ def _bytes_per_sample(config: RunConfig, committed: Any) -> tuple[float, str]:
 # ---- the run ------------------------------------------------------------------------------------------------------
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run: the actors are stopped; the message says how many shards are committed."""
+
+
 def run_generation(
     manifest: Manifest,
     config: RunConfig,
@@ -88,19 +101,35 @@ def run_generation(
     actor_class: type | None = None,
     stream: TextIO = sys.stderr,
 ) -> RunSummary:
-    """Write or check run.json, remove leftovers, generate the uncommitted shards on Ray (connecting if not yet
-    connected), write sizes.json/dataset.json. ``actor_class`` (a ShardActor subclass) defaults to ShardActor, built
-    in the actor process (``ModelFreeShardActor``)."""
+    """Take the output lease, write or check run.json, remove leftovers, generate the uncommitted shards on Ray
+    (connecting if not yet connected), write sizes.json/dataset.json. ``actor_class`` (a ShardActor subclass)
+    defaults to ShardActor, built in the actor process (``ModelFreeShardActor``). Ctrl-C raises RunInterrupted once
+    the actors are stopped."""
     plan = plan_of(manifest, config)
+    try:
+        with OutputLease(config.output_url, uuid.uuid4().hex[:12]) as lease:
+            return _run_under_lease(manifest, config, runtime, plan, lease, overwrite, actor_class, stream)
+    except KeyboardInterrupt:
+        committed = len(read_committed_stats(config))
+        raise RunInterrupted(
+            f"interrupted: {committed} of {plan.num_shards} shards committed; run the same command to resume"
+        ) from None
+
+
+def _run_under_lease(
+    manifest: Manifest, config: RunConfig, runtime: RuntimeOptions, plan: Plan, lease: OutputLease,
+    overwrite: bool, actor_class: type | None, stream: TextIO,
+) -> RunSummary:
     prepare_output(config, manifest, overwrite)
     committed = read_committed_stats(config)
     removed = clean_leftovers(config, committed)
     if removed:
         log.info("removed %d leftover files of interrupted shards", len(removed))
     todo = [plan.shard(i) for i in range(plan.num_shards) if i not in committed]
-    log.info("%d of %d shards already committed; generating %d", len(committed), plan.num_shards, len(todo))
+    log.info("run %s: %d of %d shards already committed; generating %d",
+             lease.run_id, len(committed), plan.num_shards, len(todo))
 
-    from seediff.pipeline.dispatch import DispatchResult, Dispatcher, ShardRecord  # Ray only from here on
+    from seediff.pipeline.dispatch import DispatchResult, Dispatcher, ShardRecord, shard_actor_pool  # Ray from here
     from seediff.pipeline.index import write_index
     from seediff.pipeline.progress import PartialCounts, Progress
 
@@ -112,8 +141,13 @@ def run_generation(
             progress.phase("starting Ray")
             _connect_ray(runtime)
             counts = ray.remote(PartialCounts).options(num_cpus=0).remote()
-            make_actor, num_actors = _actor_factory(actor_class, config, runtime, counts)
-            loading = f"loading the model on {num_actors} actor{'s' if num_actors > 1 else ''}"
+            pool = shard_actor_pool(
+                actor_class or ModelFreeShardActor, config, plan, runtime, _against_cluster(runtime),
+                progress=counts, run_id=lease.run_id,
+            )
+            bind_device(config, {"kind": pool.device, "dtype": config.resolved_dtype(pool.device)},
+                        runtime.allow_device_change)
+            loading = "loading the model on the actors"
             progress.phase(loading)
 
             def shard_done(record: ShardRecord) -> None:
@@ -121,10 +155,11 @@ def run_generation(
                 progress.shard_done(record)
 
             def tick() -> None:
+                lease.check()
                 progress.phase("generating" if dispatcher.ready_actors else loading)
                 progress.tick(ray.get(counts.total.remote()))
 
-            dispatcher = Dispatcher(todo, make_actor, num_actors, runtime, shard_done, tick)
+            dispatcher = Dispatcher(todo, pool.make_actor, pool.size, runtime, shard_done, tick)
             try:
                 result = dispatcher.run()
             finally:
@@ -139,30 +174,9 @@ def run_generation(
     return RunSummary.from_dispatch(config.output_url, result, len(committed), index, {"run_json": run_json})
 
 
-def _actor_factory(
-    actor_class: type | None, config: RunConfig, runtime: RuntimeOptions, progress: Any
-) -> tuple[Callable[[], Any], int]:
-    """One GPU actor per GPU in the cluster by default; without GPUs (or with --device cpu) ``num_actors`` CPU
-    actors (default 1), each with one torch thread."""
-    import ray
-
-    resources = ray.cluster_resources()
-    gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
-    use_gpu = runtime.device == "cuda" or (runtime.device == "auto" and gpus > 0)
-    if use_gpu and gpus == 0:
-        raise ConfigError("device: cuda requested, but the Ray cluster has no GPUs")
-    num_actors = runtime.num_actors or (gpus if use_gpu else 1)
-    if not use_gpu and num_actors > cpus:
-        log.warning("%d CPU actors requested but the cluster has %d CPUs; the rest wait for resources", num_actors, cpus)
-    actor_runtime = runtime.model_copy(update={"device": "cuda" if use_gpu else "cpu"})
-    # CPU float results depend on the intra-op thread count; one thread per CPU actor keeps the bytes independent
-    # of how many actors run (a runtime option), and CPU throughput scales with --num-actors instead.
-    torch_threads = None if use_gpu else 1
-    remote = ray.remote(actor_class or ModelFreeShardActor).options(
-        num_gpus=1 if use_gpu else 0, num_cpus=1, max_restarts=0, max_task_retries=0
-    )
-    log.info("%d %s actors (ray %s)", num_actors, "GPU" if use_gpu else "CPU", ray.get_runtime_context().gcs_address)
-    return (lambda: remote.remote(config, actor_runtime, torch_threads, progress)), num_actors
+def _against_cluster(runtime: RuntimeOptions) -> bool:
+    """Connecting to an existing cluster (--address or RAY_ADDRESS, as under ``ray job submit``), not starting one."""
+    return bool(runtime.address or os.environ.get("RAY_ADDRESS"))
 
 
 class ModelFreeShardActor:

@@ -11,7 +11,6 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from seediff import __version__ as CODE_VERSION
 
 DEFAULT_PROMPT_TEMPLATE = "a photograph of a {class_name}"
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -20,6 +19,9 @@ DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 TINY_MODEL = "tiny"
 # A field that the run records but nobody sets (its ``json_schema_extra["flag"]``): it gets no command-line flag.
 RECORDED = ""
+# The layout of the output (file names, tar fields, parquet columns, sample metadata). Bumped only when that changes,
+# so upgrading seediff does not refuse to resume an output; 1 = before the per-field sha256 columns.
+OUTPUT_FORMAT = 2
 
 
 class InputError(ValueError):
@@ -98,8 +100,9 @@ class RunConfig(_Strict):
     output_url: str = Field("", description="output root: local path, s3://..., gs://...", json_schema_extra={"flag": "--out"})
     shard_prefix: str = Field("seediff", pattern=r"^[A-Za-z0-9_]+$", description="shard file name prefix")
     shard_digits: int = Field(6, ge=1, le=12, description="digits of the shard number in file names")
-    code_version: str = Field(
-        CODE_VERSION, description="seediff version that wrote the output", json_schema_extra={"flag": RECORDED}
+    output_format: int = Field(
+        OUTPUT_FORMAT, ge=1, description="version of the shard layout (files, fields, columns), compared on resume",
+        json_schema_extra={"flag": RECORDED},
     )
 
     @field_validator("prompt_template")
@@ -108,6 +111,12 @@ class RunConfig(_Strict):
         if "{class_name}" not in v:
             raise ValueError("prompt_template must contain {class_name}")
         return v
+
+    def resolved_dtype(self, device_kind: str) -> str:
+        """The dtype actors on ``device_kind`` ("cuda" or "cpu") compute in: auto is fp16 on CUDA, fp32 on the CPU."""
+        if self.dtype != "auto":
+            return self.dtype
+        return "float16" if device_kind == "cuda" else "float32"
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
@@ -130,21 +139,46 @@ class RuntimeOptions(_Strict):
     """How the run executes; may change between a run and its resume without changing any output byte."""
 
     num_actors: int | None = Field(
-        None, ge=1, description="actors to run; unset: one per GPU, or 1 CPU actor without GPUs"
+        None, ge=1, description="at most this many actors; unset: one per GPU in the cluster, or 1 CPU actor"
     )
+    min_actors: int = Field(1, ge=1, description="keep at least this many actors, even while GPUs are missing")
+    max_actors: int | None = Field(None, ge=1, description="never more actors than this, however many GPUs join")
     device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto: GPUs when the cluster has them")
     address: str | None = Field(
         None, description="Ray cluster address; unset: RAY_ADDRESS, else a new local cluster"
     )
     max_attempts: int = Field(3, ge=1, description="attempts per shard, across actors")
-    shard_timeout_s: float = Field(
-        3600.0, gt=0, description="seconds a shard may run on its actor before the actor is replaced",
+    shard_timeout_s: float | None = Field(
+        None, gt=0, description="seconds a shard may run on its actor before the actor is replaced; unset: adaptive, "
+        "4x the slowest completed shard (at least 600 s; 4 h before the first shard completes)",
         json_schema_extra={"flag": "--shard-timeout"},
+    )
+    actor_startup_timeout_s: float = Field(
+        1200.0, gt=0, description="seconds an actor may take to start (scheduling on a node + model load) before it "
+        "is replaced", json_schema_extra={"flag": "--actor-startup-timeout"},
+    )
+    gpu_wait_s: float = Field(
+        600.0, ge=0, description="against a cluster address with --device auto or cuda: seconds to wait for GPUs to "
+        "join before giving up (never a silent CPU fallback)", json_schema_extra={"flag": "--gpu-wait"},
+    )
+    transient_retries: int = Field(
+        8, ge=0, description="retries per shard, after an exponential backoff with jitter, of transient errors "
+        "(network, 5xx, throttling); not counted as attempts"
+    )
+    allow_device_change: bool = Field(
+        False, description="resume on another device kind or dtype than the committed shards (mixes fp16 and fp32 "
+        "images)"
     )
     shards_in_flight_per_actor: int = Field(
         2, ge=1, description="shards queued per actor", json_schema_extra={"flag": "--shards-in-flight"}
     )
     encode_threads: int = Field(2, ge=1, description="image encoding threads per actor")
+
+    def actor_bounds(self) -> tuple[int, int | None]:
+        """(min, max) actors: --num-actors N means at most N, like --max-actors."""
+        caps = [c for c in (self.num_actors, self.max_actors) if c is not None]
+        cap = min(caps) if caps else None
+        return (min(self.min_actors, cap) if cap else self.min_actors), cap
 
 
 def validation_message(error: ValidationError, source: str, written_as: dict[str, str] | None = None) -> str:

@@ -41,10 +41,12 @@ class SampleSpec:
 
 @dataclass(frozen=True)
 class ShardSpec:
+    """What travels to an actor: the shard id and its sample-id range. The actor expands the ids into SampleSpecs
+    from the plan it holds (``Plan.samples``), so the driver's memory is O(shards), never O(samples)."""
+
     shard_id: int
     start: int  # first sample id
     stop: int  # one past the last sample id
-    samples: tuple[SampleSpec, ...]
 
     def __len__(self) -> int:
         return self.stop - self.start
@@ -69,6 +71,7 @@ STATS_SUFFIX = "_stats.json"
 SHARD_SUFFIXES = (TAR_SUFFIX, PARQUET_SUFFIX, STATS_SUFFIX)
 TEMP_MARKER = ".tmp-"
 RUN_JSON = "run.json"
+LEASE_JSON = "lease.json"  # which driver owns the output root now (pipeline/resume.py)
 SIZES_JSON = "sizes.json"
 DATASET_JSON = "dataset.json"
 
@@ -138,7 +141,7 @@ def sample_metadata(
         "height": height,
         "image_format": config.image_format,
         "image_quality": config.image_quality,
-        "code_version": config.code_version,
+        "output_format": config.output_format,
     }
     for name, value in config.mask.model_dump(mode="json").items():
         record[f"mask_{name}"] = value
@@ -181,12 +184,40 @@ PARQUET_SCHEMA = pa.schema(
         pa.field("image_bytes", pa.int64()),
         pa.field("mask_bytes", pa.int64()),
         pa.field("image_sha256", pa.string()),
+        # sha256 of every other tar field's bytes; with image_sha256, `seediff verify` checks each stored byte
+        pa.field("mask_sha256", pa.string()),
+        pa.field("cls_sha256", pa.string()),
+        pa.field("txt_sha256", pa.string()),
+        pa.field("json_sha256", pa.string()),
     ]
 )
+IMAGE_EXTENSIONS = ("jpg", "png", "webp")
 
 
-def parquet_row(outcome: SampleOutcome, shard_id: int) -> dict[str, Any]:
+def checksum_column(extension: str) -> str:
+    """The parquet column holding the sha256 of a tar field: ``jpg``/``png``/``webp`` -> image_sha256,
+    ``mask.png`` -> mask_sha256, ``json`` -> json_sha256."""
+    if extension in IMAGE_EXTENSIONS:
+        return "image_sha256"
+    return f"{extension.split('.')[0]}_sha256"
+
+
+def tar_fields(outcome: SampleOutcome, image_format: str) -> dict[str, bytes]:
+    """The fields a successful sample stores in the tar, by extension (the webdataset sample minus ``__key__``)."""
+    row = outcome.spec.row
+    return {
+        image_format: outcome.image,
+        "mask.png": outcome.mask,
+        "cls": str(row.class_id).encode("ascii"),
+        "txt": row.prompt.encode("utf-8"),
+        "json": metadata_json(outcome.metadata),
+    }
+
+
+def parquet_row(outcome: SampleOutcome, shard_id: int, fields: dict[str, bytes] | None) -> dict[str, Any]:
+    """The sample's parquet row; ``fields``: its tar fields (``tar_fields``), None when it failed."""
     spec, image = outcome.spec, outcome.image
+    checksums = {checksum_column(ext): hashlib.sha256(data).hexdigest() for ext, data in (fields or {}).items()}
     return {
         "key": spec.key,
         "sample_id": spec.sample_id,
@@ -201,7 +232,7 @@ def parquet_row(outcome: SampleOutcome, shard_id: int) -> dict[str, Any]:
         "height": outcome.metadata.get("height"),
         "image_bytes": None if image is None else len(image),
         "mask_bytes": None if outcome.mask is None else len(outcome.mask),
-        "image_sha256": None if image is None else hashlib.sha256(image).hexdigest(),
+        **{name: checksums.get(name) for name in PARQUET_SCHEMA.names if name.endswith("_sha256")},
     }
 
 

@@ -26,7 +26,7 @@ from seediff.schemas.manifest import Manifest, ManifestError, load_manifest
 from seediff.schemas.records import RUN_JSON
 
 __all__ = [
-    "generate", "dry_run", "resume", "inspect", "verify", "preview", "report", "export", "evaluate",
+    "generate", "dry_run", "resume", "inspect", "verify", "repair", "preview", "report", "export", "evaluate",
     "InputError", "ManifestError", "ConfigError", "RunConfigMismatch", "NotAnOutputError", "RunSummary",
 ]
 
@@ -117,6 +117,24 @@ def verify(out: str | os.PathLike[str]) -> list[str]:
     from seediff.pipeline.review import verify_dataset
 
     return verify_dataset(_existing_output(out))
+
+
+def repair(out: str | os.PathLike[str]) -> tuple[list[str], list[int]]:
+    """``verify``, then un-commit (delete the stats of) exactly the committed shards whose own files are damaged
+    (a checksum mismatch, a truncated tar, a missing parquet), under the output lease, so that the next ``generate``
+    or ``resume`` regenerates them byte-identically. Returns (problems, the un-committed shard ids)."""
+    import uuid
+
+    from seediff.pipeline.resume import OutputLease, uncommit
+    from seediff.pipeline.review import verify as verify_shards
+
+    url = _existing_output(out)
+    found = verify_shards(url)
+    if found.damaged:
+        config = RunConfig.model_validate({**read_run_json(url)["config"], "output_url": url})
+        with OutputLease(url, f"repair-{uuid.uuid4().hex[:8]}"):
+            uncommit(config, found.damaged)
+    return found.problems, found.damaged
 
 
 def preview(

@@ -6,6 +6,7 @@ final key."""
 
 from __future__ import annotations
 
+import errno
 import os
 import posixpath
 import tempfile
@@ -79,3 +80,53 @@ def write_file(fs: AbstractFileSystem, path: str, data: bytes) -> int:
     with StagedFile(fs, path) as staged:
         staged.file.write(data)
         return staged.publish()
+
+
+# ---- failure kinds --------------------------------------------------------------------------------------------------
+
+TRANSIENT = "transient"  # retry the same work after a backoff: network, 5xx, throttling
+RUN_LEVEL = "run"  # every further shard would fail the same way: stop the run
+SHARD = "shard"  # anything else: retry the shard on another actor, a bounded number of times
+
+_RUN_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EFBIG}
+_TRANSIENT_ERRNOS = {errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED, errno.ETIMEDOUT, errno.EPIPE,
+                     errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EAGAIN}
+# botocore/aiohttp exception class names (matched by name: botocore is an optional dependency)
+_RUN_CLASSES = {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError", "NoSuchBucket"}
+_TRANSIENT_CLASSES = {"EndpointConnectionError", "ConnectionClosedError", "ReadTimeoutError", "ConnectTimeoutError",
+                      "ClientConnectorError", "ServerDisconnectedError", "ClientOSError", "ServerTimeoutError"}
+_RUN_CODES = {"NoSuchBucket", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
+              "AllAccessDisabled", "AccountProblem"}
+_TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
+                    "InternalError", "ServiceUnavailable", "503", "500", "502", "504"}
+
+
+def failure_kind(error: BaseException) -> str:
+    """TRANSIENT, RUN_LEVEL or SHARD for an exception, looking through its chain (s3fs re-raises botocore errors as
+    OSError ``from`` the original)."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        kind = _own_kind(current)
+        if kind != SHARD:
+            return kind
+        current = current.__cause__ or current.__context__
+    return SHARD
+
+
+def _own_kind(error: BaseException) -> str:
+    names = {cls.__name__ for cls in type(error).__mro__}
+    code = str(getattr(error, "response", {}).get("Error", {}).get("Code", "")) if hasattr(error, "response") else ""
+    status = getattr(error, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode") if code else None
+    if names & _RUN_CLASSES or code in _RUN_CODES:
+        return RUN_LEVEL
+    if names & _TRANSIENT_CLASSES or code in _TRANSIENT_CODES or (isinstance(status, int) and status >= 500):
+        return TRANSIENT
+    if isinstance(error, (ConnectionError, TimeoutError)):
+        return TRANSIENT
+    if isinstance(error, OSError) and error.errno in _RUN_ERRNOS:
+        return RUN_LEVEL
+    if isinstance(error, OSError) and error.errno in _TRANSIENT_ERRNOS:
+        return TRANSIENT
+    return SHARD

@@ -57,7 +57,7 @@ def reference_run(manifest_path: Path, out: str, settings: dict | None = None) -
     plan = plan_of(manifest, config)
     threads = torch.get_num_threads()
     try:
-        actor = ShardActor(config, RuntimeOptions(device="cpu"), torch_threads=1)
+        actor = ShardActor(config, RuntimeOptions(device="cpu"), plan, torch_threads=1)
         for shard_id in range(plan.num_shards):
             actor.generate_shard(plan.shard(shard_id))
     finally:

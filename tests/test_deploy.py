@@ -193,7 +193,8 @@ def test_ray_job_submit_runs_the_demo_on_a_local_head(tmp_path: Path) -> None:
         submit = subprocess.run(
             ["ray", "job", "submit", "--address", address, "--working-dir", str(REPO),
              "--runtime-env", str(DEPLOY / "runtime_env.yaml"), "--",
-             "python", "-m", "seediff", "generate", "examples/demo.csv", "--out", str(out), *DEMO_FLAGS],
+             "python", "-m", "seediff", "generate", "examples/demo.csv", "--out", str(out), *DEMO_FLAGS,
+             "--device", "cpu"],  # a CPU-only cluster: against a cluster, auto would wait for GPUs
             cwd=REPO, env=_ray_env(), capture_output=True, text=True, timeout=540,
         )
     assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-4000:]

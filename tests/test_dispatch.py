@@ -1,8 +1,11 @@
 """The dispatch loop on real local Ray with a small test-only actor: every shard exactly once, retries after actor
-death and task errors on another actor, timeouts measured from when a shard starts, giving up after max_attempts."""
+death and task errors on another actor, timeouts measured from when a shard starts, giving up after max_attempts;
+actors that cannot be scheduled or start too slowly are replaced without holding shards; transient errors back off,
+run-level errors stop the run."""
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from pathlib import Path
@@ -23,18 +26,25 @@ SHARDS = [PLAN.shard(i) for i in range(PLAN.num_shards)]
 class ScriptedActor:
     """Returns a stats dict naming the shard and actor. ``fault`` on the first attempt of ``fault_shard``
     (first attempt = the marker file does not exist yet): "exit" kills the process, "raise" raises, "sleep"
-    sleeps far past any timeout; "always_raise" raises on every attempt; ``work_s`` is each shard's run time before
-    any fault."""
+    sleeps far past any timeout; "always_raise" raises on every attempt; "transient" raises a connection error on the
+    first two attempts; "disk_full" raises ENOSPC; ``work_s`` is each shard's run time before any fault."""
 
     def __init__(self, marker_dir: str, fault: str | None = None, fault_shard: int = 0, work_s: float = 0.0):
         self.marker = Path(marker_dir) / f"fault-{fault_shard}"
         self.fault, self.fault_shard, self.work_s = fault, fault_shard, work_s
 
-    def generate_shard(self, shard) -> dict:
+    def generate_shard(self, shard, attempt) -> dict:
         actor_id = ray.get_runtime_context().get_actor_id()
         time.sleep(self.work_s)  # before any fault, so the previous shard's reply has left a dying process
         if shard.shard_id == self.fault_shard and self.fault == "always_raise":
             raise ValueError(f"shard {shard.shard_id} is cursed")
+        if shard.shard_id == self.fault_shard and self.fault == "disk_full":
+            raise OSError(errno.ENOSPC, "No space left on device", "/out/seediff-000000.tar")
+        if shard.shard_id == self.fault_shard and self.fault == "transient":
+            tries = len(list(self.marker.parent.glob("transient-*")))
+            if tries < 2:
+                (self.marker.parent / f"transient-{tries}").write_text(actor_id)
+                raise ConnectionResetError("connection reset by peer")
         if shard.shard_id == self.fault_shard and self.fault and not self.marker.exists():
             self.marker.write_text(actor_id)
             if self.fault == "exit":
@@ -43,7 +53,7 @@ class ScriptedActor:
                 raise RuntimeError("first attempt fails")
             if self.fault == "sleep":
                 time.sleep(3600)
-        return {"shard_id": shard.shard_id, "sample_ids": [s.sample_id for s in shard.samples], "actor": actor_id}
+        return {"shard_id": shard.shard_id, "sample_ids": list(range(shard.start, shard.stop)), "actor": actor_id}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -128,9 +138,64 @@ def test_actors_that_cannot_start_stop_the_run(tmp_path):
         def __init__(self):
             raise OSError("no such model")
 
-        def generate_shard(self, shard):
+        def generate_shard(self, shard, attempt):
             return {}
 
     remote = ray.remote(Broken).options(num_cpus=1, max_restarts=0)
     with pytest.raises(DispatchError, match="no such model"):
         Dispatcher(SHARDS, remote.remote, 2, RuntimeOptions(max_attempts=2)).run()
+
+
+class SlowStart(ScriptedActor):
+    """The first actor's constructor stalls (a model download that hangs); later ones start at once."""
+
+    def __init__(self, marker_dir: str):
+        marker = Path(marker_dir) / "slow-start"
+        if not marker.exists():
+            marker.write_text("stalled")
+            time.sleep(3600)
+        super().__init__(marker_dir)
+
+
+def test_unschedulable_actor_does_not_hang_the_run(tmp_path):
+    # The first actor asks for a resource no node has: it stays pending, gets no shards, and after the start-up
+    # timeout it is replaced; the run completes on the others.
+    made = []
+
+    def make_actor():
+        options = {"resources": {"nobody_has_this": 1}} if not made else {}
+        made.append(options)
+        return ray.remote(ScriptedActor).options(num_cpus=1, max_restarts=0, **options).remote(str(tmp_path))
+
+    runtime = RuntimeOptions(shard_timeout_s=60, actor_startup_timeout_s=15)  # generous: worker start-up on a loaded machine
+    result = Dispatcher(SHARDS, make_actor, 2, runtime).run()
+    assert_all_completed(result)
+    assert made[0] and len(made) >= 2
+
+
+def test_constructor_past_startup_timeout_is_replaced(tmp_path):
+    remote = ray.remote(SlowStart).options(num_cpus=1, max_restarts=0)
+    runtime = RuntimeOptions(shard_timeout_s=60, actor_startup_timeout_s=15)  # generous: worker start-up on a loaded machine
+    started = time.monotonic()
+    result = Dispatcher(SHARDS, lambda: remote.remote(str(tmp_path)), 1, runtime).run()
+    assert_all_completed(result)
+    assert (tmp_path / "slow-start").exists() and time.monotonic() - started < 60
+    assert all(r.attempts == 1 for r in result.shards.values())  # the stalled actor held no shard
+
+
+def test_transient_errors_back_off_without_spending_attempts(tmp_path):
+    runtime = RuntimeOptions(max_attempts=1, shard_timeout_s=60)
+    result = run(tmp_path, runtime=runtime, fault="transient", fault_shard=4)
+    assert_all_completed(result)
+    assert result.shards[4].transient_failures == 2 and result.shards[4].attempts == 1
+
+
+def test_run_level_error_stops_the_run_early(tmp_path):
+    runtime = RuntimeOptions(max_attempts=3, shard_timeout_s=60)
+    remote = ray.remote(ScriptedActor).options(num_cpus=1, max_restarts=0)
+    done = []
+    with pytest.raises(DispatchError, match="run stopped: shard 0: .*No space left on device"):
+        Dispatcher(
+            SHARDS, lambda: remote.remote(str(tmp_path), fault="disk_full"), 2, runtime, on_shard_done=done.append
+        ).run()
+    assert len(done) < len(SHARDS)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import tarfile
 import os
 import subprocess
 import sys
@@ -15,8 +16,12 @@ from pathlib import Path
 import pytest
 import ray
 
+import pyarrow.parquet as pq
+import webdataset as wds
+
 import seediff
 from seediff.pipeline.cli import main
+from seediff.pipeline.resume import OutputLease
 from seediff.pipeline.run import run_generation
 from seediff.schemas.config import RunConfig, RuntimeOptions
 from seediff.schemas.manifest import load_manifest
@@ -43,7 +48,7 @@ class DiesMidShard(ShardActor):
     """Test-only: on the first attempt of FAULTY_SHARD (no marker file yet), the process exits after writing one
     sample of it, like a machine or OOM kill in the middle of a shard."""
 
-    def generate_shard(self, shard):
+    def generate_shard(self, shard, attempt=1):
         marker = Path(self.config.output_url).parent / "died-once"
         if shard.shard_id == FAULTY_SHARD and not marker.exists():
             marker.write_text(str(os.getpid()))
@@ -55,18 +60,18 @@ class DiesMidShard(ShardActor):
                     os._exit(1)
 
             ShardWriter.add = add_then_die  # this actor process only
-        return super().generate_shard(shard)
+        return super().generate_shard(shard, attempt)
 
 
 class StallsOnce(ShardActor):
     """Test-only: the first attempt of FAULTY_SHARD hangs (a stuck GPU, a dead NFS mount)."""
 
-    def generate_shard(self, shard):
+    def generate_shard(self, shard, attempt=1):
         marker = Path(self.config.output_url).parent / "stalled-once"
         if shard.shard_id == FAULTY_SHARD and not marker.exists():
             marker.write_text(str(os.getpid()))
             time.sleep(3600)
-        return super().generate_shard(shard)
+        return super().generate_shard(shard, attempt)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -197,3 +202,55 @@ def test_bad_manifest_exits_2_with_file_line_field(tmp_path):
     error_lines = [ln for ln in done.stderr.splitlines() if ln.startswith("seediff: error:")]
     assert len(error_lines) == 1 and "bad.csv:3" in error_lines[0] and "num_samples" in error_lines[0]
     assert "Traceback" not in done.stderr
+
+
+def test_sample_error_becomes_a_failed_row_and_its_shard_commits(tmp_path):
+    # The byte-level test tokenizer makes one token per character: "zebra" lies past the 77-token window, a
+    # deterministic error of that sample alone. It shares shard 2 (ids 4, 5) and a batch with a cat sample.
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(f"class_name,num_samples,prompt\ncat,5,a photo of a cat\nzebra,1,{'a very long photo ' * 6}of a zebra\n")
+    out = tmp_path / "out"
+    outcome = run_generation(load_manifest(manifest), run_config(str(out)), RuntimeOptions(num_actors=1, device="cpu"))
+    assert outcome.ok and outcome.shards_generated == 3 and outcome.samples_failed == 1
+    stats = stats_files(out)[2]
+    assert (stats["count"], stats["successes"], stats["failures"]) == (2, 1, 1)
+    rows = pq.read_table(out / "seediff-000002.parquet").to_pylist()
+    assert [r["status"] for r in rows] == ["success", "failed"]
+    assert rows[1]["key"] == "000000000005" and "beyond the tokenizer" in rows[1]["error"]
+    assert [s["__key__"] for s in wds.WebDataset(str(out / "seediff-000002.tar"), shardshuffle=False)] == ["000000000004"]
+
+
+def test_second_driver_on_the_same_output_exits_2_naming_the_first(inputs, tmp_path, capsys):
+    manifest, config = inputs
+    out = tmp_path / "out"
+    with OutputLease(str(out), "driver-one"):  # a live driver holds the output, heartbeat running
+        rc = main(["generate", str(manifest), "--out", str(out), "--config", str(config)])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "in use by run driver-one on" in err and "Traceback" not in err
+    assert not (out / "run.json").exists()  # refused before touching anything
+
+
+def test_flipped_bytes_are_reported_by_verify_and_repaired_byte_identical(inputs, reference, tmp_path, capsys):
+    manifest, config = inputs
+    out = tmp_path / "out"
+    base = ["generate", str(manifest), "--out", str(out), "--config", str(config), "--num-actors", "2"]
+    assert main(base) == 0
+    tar_path = out / "seediff-000001.tar"
+    with tarfile.open(tar_path) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(".jpg"))
+    data = bytearray(tar_path.read_bytes())
+    middle = member.offset_data + member.size // 2
+    data[middle : middle + 16] = bytes(b ^ 0xFF for b in data[middle : middle + 16])  # same size, still a valid tar
+    tar_path.write_bytes(bytes(data))
+    capsys.readouterr()
+
+    assert main(["verify", str(out)]) == 1
+    key = member.name.split(".")[0]
+    assert f"seediff-000001.tar: sample {key}: jpg sha256" in capsys.readouterr().out
+    assert main(["verify", "--repair", str(out)]) == 1
+    assert "un-committed 1 shards (1)" in capsys.readouterr().out
+    assert not (out / "seediff-000001_stats.json").exists()
+    assert main(base) == 0
+    assert digests(out) == reference
+    assert main(["verify", str(out)]) == 0

@@ -24,7 +24,7 @@ def test_actors_on_both_nodes(two_nodes, tmp_path):
     out = tmp_path / "out"
     done = run_cli(
         "generate", str(manifest), "--out", str(out), "--config", str(config),
-        "--num-actors", "2", "--address", two_nodes.address,
+        "--num-actors", "2", "--device", "cpu", "--address", two_nodes.address,
     )
     assert done.returncode == 0, done.stderr
     nodes = {node.node_id for node in two_nodes.list_all_nodes()}

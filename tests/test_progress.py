@@ -76,7 +76,7 @@ def test_actor_reports_samples_written_after_every_batch_to_the_ray_counter(tmp_
     ray.init(num_cpus=1, include_dashboard=False)
     try:
         counts = ray.remote(RecordingCounts).remote()
-        actor = ShardActor(config, RuntimeOptions(device="cpu"), torch_threads=1, progress=counts)
+        actor = ShardActor(config, RuntimeOptions(device="cpu"), plan, torch_threads=1, progress=counts)
         actor.generate_shard(plan.shard(0))  # 5 samples in batches of 2
         # reports from one caller arrive in order, before this later call
         assert ray.get(counts.reports.remote()) == [(0, 2), (0, 4), (0, 5)]

@@ -66,7 +66,7 @@ def build_synthetic_dataset(out: str) -> dict:
     for shard_id in range(plan.num_shards):
         shard = plan.shard(shard_id)
         with ShardWriter(config, shard) as writer:
-            for spec in shard.samples:
+            for spec in plan.samples(shard):
                 if spec.sample_id == FAILED_SAMPLE:
                     outcome = encode_sample(spec, None, None, {}, "nsfw: blanked by the safety checker", config)
                 else:

@@ -12,6 +12,8 @@ import fsspec
 import pytest
 
 from seediff.pipeline.resume import (
+    LeaseHeld,
+    OutputLease,
     RunConfigMismatch,
     clean_leftovers,
     read_committed_stats,
@@ -83,6 +85,7 @@ def test_first_start_writes_run_json_and_same_settings_resume(storage_url: str) 
 
 def test_resume_with_other_settings_is_refused_naming_the_fields(storage_url: str) -> None:
     prepare_output(make_config(storage_url), MANIFEST, overwrite=False)
+    write_shard(make_config(storage_url), 0)  # run.json binds once a shard is committed
     changed = make_config(storage_url, steps=20, mask={"threshold": 0.4}, batch_size=8)
     other_manifest = Manifest("classes.csv", ROWS, "cd" * 32)
     expected = r"run\.json: .*differing fields: mask\.threshold, steps, manifest_sha256\."
@@ -93,9 +96,19 @@ def test_resume_with_other_settings_is_refused_naming_the_fields(storage_url: st
 def test_same_manifest_bytes_with_other_resolved_counts_is_refused(tmp_path: Path) -> None:
     # a text manifest resumed with another --samples-per-class: same bytes, different plan
     prepare_output(make_config(str(tmp_path)), MANIFEST, overwrite=False)
+    write_shard(make_config(str(tmp_path)), 0)
     recounted = Manifest("classes.csv", tuple(replace(r, num_samples=r.num_samples + 1) for r in ROWS), MANIFEST.sha256)
     with pytest.raises(RunConfigMismatch, match=r"differing fields: classes_sha256\."):
         prepare_output(make_config(str(tmp_path)), recounted, overwrite=False)
+
+
+def test_before_any_commit_changed_settings_replace_run_json(storage_url: str) -> None:
+    # a typo (--steps, --model) corrected before the first shard commits is not locked in
+    prepare_output(make_config(storage_url, steps=20), MANIFEST, overwrite=False)
+    put(storage_url, "seediff-000000.tar", b"half a shard of the typo run")
+    prepare_output(make_config(storage_url, steps=3), MANIFEST, overwrite=False)
+    assert read_run_json(storage_url)["config"]["steps"] == 3
+    assert "seediff-000000.tar" not in names(storage_url)
 
 
 def test_the_same_root_under_another_url_resumes(tmp_path: Path) -> None:
@@ -144,3 +157,21 @@ def test_a_child_process_reaches_the_same_s3_server(s3_output_url: str) -> None:
         check=True,
     )
     assert out.stdout.strip() == "[0]"
+
+
+def test_a_second_driver_is_refused_naming_the_holder_and_a_stale_lease_is_taken_over(storage_url: str) -> None:
+    first = OutputLease(storage_url, "run-first")
+    first.acquire()
+    try:
+        with pytest.raises(LeaseHeld, match=r"lease\.json: this output is in use by run run-first on "):
+            OutputLease(storage_url, "run-second").acquire()
+    finally:
+        first._stop.set()  # the first driver dies: no more heartbeats, the lease file stays behind
+    assert OutputLease(storage_url, "run-third", stale_s=60).read()["run_id"] == "run-first"
+    with pytest.raises(LeaseHeld):
+        OutputLease(storage_url, "run-third", stale_s=60).acquire()  # still fresh
+    taker = OutputLease(storage_url, "run-third", stale_s=0.0)  # everything older than now is stale
+    taker.acquire()
+    assert taker.read()["run_id"] == "run-third"
+    taker.release()
+    assert taker.read() is None

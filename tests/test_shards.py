@@ -44,7 +44,7 @@ def synthetic(spec: SampleSpec) -> tuple[np.ndarray, np.ndarray]:
 
 
 def outcomes(shard: ShardSpec, config: RunConfig):
-    for spec in shard.samples:
+    for spec in Plan(ROWS, config.seed, config.samples_per_shard).samples(shard):
         image, mask = synthetic(spec)
         error = FAILING.get(spec.sample_id)
         yield encode_sample(spec, image, mask, {"foreground_fraction": float(mask.mean())}, error, config)

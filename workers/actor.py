@@ -17,6 +17,7 @@ import torch
 
 from seediff.schemas.config import RunConfig, RuntimeOptions
 from seediff.schemas.records import SampleOutcome, SampleSpec, ShardSpec
+from seediff.storage import SHARD, failure_kind
 from seediff.workers.encode import encode_sample
 from seediff.workers.generate import GeneratedSample, generate_batch
 from seediff.workers.models import load_model, resolve_device
@@ -24,15 +25,24 @@ from seediff.workers.shards import ShardWriter
 
 
 class ShardActor:
-    """``ShardActor(config, runtime, torch_threads, progress)``; ``generate_shard(shard)`` writes and commits one
-    shard. ``torch_threads`` caps intra-op threads so several CPU actors on one machine do not oversubscribe it.
+    """``ShardActor(config, runtime, plan, torch_threads=, progress=, run_id=)``; ``generate_shard(shard, attempt)``
+    writes and commits one shard, expanding its sample-id range from ``plan`` (``seediff.pipeline.plan.Plan``,
+    O(classes)). ``torch_threads`` caps intra-op threads so several CPU actors on one machine do not oversubscribe it.
     ``progress``: a Ray actor handle of ``seediff.pipeline.progress.PartialCounts`` told the samples written after every
-    batch (fire-and-forget), so the driver's bar moves between shard commits."""
+    batch (fire-and-forget), so the driver's bar moves between shard commits. ``run_id`` and the attempt number go into
+    the shard stats."""
 
     def __init__(
-        self, config: RunConfig, runtime: RuntimeOptions, torch_threads: int | None = None, progress: Any = None
+        self,
+        config: RunConfig,
+        runtime: RuntimeOptions,
+        plan: Any,
+        *,
+        torch_threads: int | None = None,
+        progress: Any = None,
+        run_id: str | None = None,
     ):
-        self.config = config
+        self.config, self.plan, self.run_id = config, plan, run_id
         self.progress = progress
         self.device = resolve_device(runtime.device)
         if torch_threads is not None:
@@ -44,14 +54,14 @@ class ShardActor:
         self.encoder = ThreadPoolExecutor(max_workers=runtime.encode_threads, thread_name_prefix="encode")
         self.identity = _identity(self.device, torch.get_num_threads())
 
-    def generate_shard(self, shard: ShardSpec) -> dict[str, Any]:
+    def generate_shard(self, shard: ShardSpec, attempt: int = 1) -> dict[str, Any]:
         started = time.perf_counter()
         generate_s = drain_s = 0.0
         with ShardWriter(self.config, shard) as writer:
             encoding: list[Future[SampleOutcome]] = []
-            for batch in _batches(shard.samples, self.config.batch_size):
+            for batch in _batches(self.plan.samples(shard), self.config.batch_size):
                 t0 = time.perf_counter()
-                generated = generate_batch(self.pipe, batch, self.config)
+                generated = self._generate(batch)
                 t1 = time.perf_counter()
                 self._drain(writer, encoding, shard.shard_id)  # the previous batch, encoded meanwhile
                 generate_s, drain_s = generate_s + t1 - t0, drain_s + time.perf_counter() - t1
@@ -59,12 +69,27 @@ class ShardActor:
             self._drain(writer, encoding, shard.shard_id)
             runtime_info = {
                 **self.identity,
+                "run_id": self.run_id,
+                "attempt": attempt,
                 "load_s": self.load_s,
                 "generate_s": generate_s,
                 "encode_wait_s": drain_s,
                 "shard_s": time.perf_counter() - started,
             }
             return writer.commit(runtime_info)
+
+    def _generate(self, batch: tuple[SampleSpec, ...]) -> list[GeneratedSample]:
+        """One batch. When it raises an error of the samples themselves (not storage, memory or the device), each
+        sample is run alone: one that raises again becomes a failed row with the error, its neighbours are kept.
+        The same input fails the same way on every run, so the result stays deterministic."""
+        try:
+            return generate_batch(self.pipe, batch, self.config)
+        except Exception as error:
+            if not _sample_error(error):
+                raise
+            if len(batch) > 1:
+                return [sample for spec in batch for sample in self._generate((spec,))]
+            return [GeneratedSample(batch[0], None, None, {}, f"{type(error).__name__}: {error}")]
 
     def _drain(self, writer: ShardWriter, encoding: list[Future[SampleOutcome]], shard_id: int) -> None:
         for future in encoding:
@@ -73,7 +98,20 @@ class ShardActor:
             self.progress.report.remote(shard_id, writer.added)
 
     def _encode(self, sample: GeneratedSample) -> SampleOutcome:
-        return encode_sample(sample.spec, sample.image, sample.mask, sample.mask_stats, sample.error, self.config)
+        try:
+            return encode_sample(sample.spec, sample.image, sample.mask, sample.mask_stats, sample.error, self.config)
+        except Exception as error:
+            if not _sample_error(error):
+                raise
+            return encode_sample(sample.spec, None, None, {}, f"{type(error).__name__}: {error}", self.config)
+
+
+def _sample_error(error: Exception) -> bool:
+    """An error that belongs to the samples: not I/O or the network (storage.failure_kind says whether those are
+    transient or stop the run), not memory (a smaller batch or another actor may succeed)."""
+    if isinstance(error, (OSError, MemoryError, torch.cuda.OutOfMemoryError)):
+        return False
+    return failure_kind(error) == SHARD
 
 
 def _batches(samples: tuple[SampleSpec, ...], size: int) -> Iterator[tuple[SampleSpec, ...]]:

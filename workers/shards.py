@@ -29,9 +29,9 @@ from seediff.schemas.records import (
     ShardSpec,
     ShardStats,
     failure_histogram,
-    metadata_json,
     parquet_row,
     shard_name,
+    tar_fields,
 )
 from seediff.storage import StagedFile, output_fs, write_file
 
@@ -68,20 +68,10 @@ class ShardWriter:
         expected = self.shard.start + self.added
         if outcome.spec.sample_id != expected:
             raise ValueError(f"shard {self.name}: expected sample {expected}, got {outcome.spec.sample_id}")
-        if outcome.status == SUCCESS:
-            self._tar.write(self._tar_sample(outcome))
-        self._rows.append(parquet_row(outcome, self.shard.shard_id))
-
-    def _tar_sample(self, outcome: SampleOutcome) -> dict[str, Any]:
-        row = outcome.spec.row
-        return {
-            "__key__": outcome.spec.key,
-            self.config.image_format: outcome.image,
-            "mask.png": outcome.mask,
-            "cls": str(row.class_id).encode("ascii"),
-            "txt": row.prompt.encode("utf-8"),
-            "json": metadata_json(outcome.metadata),
-        }
+        fields = tar_fields(outcome, self.config.image_format) if outcome.status == SUCCESS else None
+        if fields is not None:
+            self._tar.write({"__key__": outcome.spec.key, **fields})
+        self._rows.append(parquet_row(outcome, self.shard.shard_id, fields))
 
     def commit(self, runtime_info: dict[str, Any]) -> dict[str, Any]:
         """Publish tar, then parquet, then stats (the commit marker). Returns the stats as a dict."""
