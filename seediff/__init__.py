@@ -34,6 +34,7 @@ _EXPORTS = {
     "resume": "seediff.api",
     "inspect": "seediff.api",
     "verify": "seediff.api",
+    "repair": "seediff.api",
     "preview": "seediff.api",
     "export": "seediff.api",
     "evaluate": "seediff.api",

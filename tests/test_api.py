@@ -48,8 +48,12 @@ def test_bad_setting_and_changed_setting_raise_typed_errors_before_ray(tmp_path)
     from seediff.pipeline.resume import prepare_output
     from seediff.schemas.config import RunConfig
     from seediff.schemas.manifest import load_manifest
+    from seediff.schemas.records import ShardStats
 
     prepare_output(RunConfig(**SETTINGS, output_url=str(out_dir)), load_manifest(manifest), overwrite=False)
+    # run.json binds once a shard is committed: a stats file (the commit marker) of shard 0
+    stats = ShardStats(0, "seediff-000000", 2, 2, 0, {}, 0, 0, 0.0, 0.0, 0.0, "host", {}, {})
+    (out_dir / "seediff-000000_stats.json").write_text(stats.to_json())
     out = probe(f"generate({str(manifest)!r}, {str(out_dir)!r}, config={{**{SETTINGS!r}, 'steps': 3}})")
     assert "ERROR RunConfigMismatch" in out and "differing fields: steps" in out and "LOADED []" in out
     out = probe(f"inspect({str(tmp_path / 'nothing')!r})")

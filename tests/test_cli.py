@@ -81,3 +81,21 @@ def test_module_entrypoint_for_ray_job_submit():
         text=True, timeout=60,
     )
     assert done.returncode == 0 and "--dry-run" in done.stdout and "--address" in done.stdout
+
+
+def test_dry_run_of_a_1e8_sample_manifest_peaks_under_300_mb(tmp_path):
+    # 100 classes x 10^6 samples: the dry run counts shards from the plan's ranges, never a set of sample ids. Peak
+    # RSS from VmHWM (this process only; ru_maxrss would carry the forking pytest process's size across exec).
+    manifest = tmp_path / "big.csv"
+    manifest.write_text("class_name,num_samples\n" + "".join(f"class{i},{10**6}\n" for i in range(100)))
+    probe = (
+        "import sys; from seediff.pipeline.cli import main; "
+        f"rc = main(['generate', {str(manifest)!r}, '--out', {str(tmp_path / 'out')!r}, '--model', 'tiny', '--dry-run']); "
+        "print('PEAK_KB', open('/proc/self/status').read().split('VmHWM:')[1].split()[0]); sys.exit(rc)"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=cli_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "100000000 samples in 100000 shards" in done.stdout
+    peak_mb = int(done.stdout.split("PEAK_KB")[1].split()[0]) / 1024
+    assert peak_mb < 300, f"dry run peaked at {peak_mb:.0f} MB"

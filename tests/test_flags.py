@@ -37,7 +37,7 @@ def test_every_field_has_a_description_and_a_flag_with_its_default_in_help(capsy
     for field, info in fields():
         assert info.description, f"{field} has no description"
         flag = flag_name(field, info)
-        if flag is None:  # recorded in run.json, not a setting (code_version)
+        if flag is None:  # recorded in run.json, not a setting (output_format)
             continue
         if flag == "--out":  # the output root: required, it has no default
             assert f"--out OUT {info.description} (required)" in text
@@ -47,7 +47,7 @@ def test_every_field_has_a_description_and_a_flag_with_its_default_in_help(capsy
         assert re.search(re.escape(flag) + r"[ ,]", text), f"no flag for {field}"  # "--x INT" or "--x, --no-x"
         assert f"{info.description} (default: {shown})" in text, f"{flag}: help lacks description or default"
         checked += 1
-    assert checked == len(list(fields())) - 2  # every field but --out and the recorded code_version
+    assert checked == len(list(fields())) - 2  # every field but --out and the recorded output_format
 
 
 def test_resume_takes_only_runtime_options(capsys):
