@@ -19,11 +19,13 @@ import sys
 from collections.abc import Mapping
 from typing import Any, TextIO
 
+from seediff.pipeline.plan import shard_count
 from seediff.pipeline.resume import RunConfigMismatch, read_run_json
 from seediff.pipeline.summary import RunSummary
 from seediff.schemas.config import ConfigError, InputError, RunConfig, RuntimeOptions
 from seediff.schemas.manifest import Manifest, ManifestError, load_manifest
 from seediff.schemas.records import RUN_JSON
+from seediff.storage import check_access
 
 __all__ = [
     "generate", "dry_run", "resume", "inspect", "verify", "repair", "preview", "report", "export", "evaluate",
@@ -67,7 +69,7 @@ def dry_run(
     loads no model, starts no Ray, writes nothing. Raises ``RunConfigMismatch`` when ``generate`` would refuse."""
     from seediff.pipeline.run import format_plan
 
-    run_config, manifest_ = _inputs(manifest, out, config, samples_per_class)
+    run_config, manifest_ = _inputs(manifest, out, config, samples_per_class, write=False)
     return format_plan(manifest_, run_config, overwrite)
 
 
@@ -81,6 +83,7 @@ def resume(
     the recorded hash) and settings; only the runtime options may differ. Generates exactly the shards that are
     not committed, so a killed run resumed this way writes the same bytes as an uninterrupted one."""
     run_config, manifest_ = recorded_inputs(out)
+    check_access(run_config.output_url, write=True)
     from seediff.pipeline.run import run_generation
 
     return run_generation(manifest_, run_config, _runtime(runtime), stream=progress)
@@ -196,13 +199,28 @@ def _inputs(
     out: str | os.PathLike[str],
     config: RunConfig | Mapping[str, Any] | None,
     samples_per_class: int | None,
+    write: bool = True,
 ) -> tuple[RunConfig, Manifest]:
+    """Validated settings and manifest; the output's store checked for credentials, bucket and (``write``) write
+    permission, the manifest's for reading; a plan whose shard numbers overflow ``shard_digits`` refused."""
     run_config = _validated(RunConfig, config, "config").model_copy(update={"output_url": absolute_url(out)})
+    check_access(run_config.output_url, write=write)
     if not isinstance(manifest, Manifest):
+        check_access(absolute_url(manifest), write=False)
         manifest = load_manifest(
             absolute_url(manifest), samples_per_class=samples_per_class, prompt_template=run_config.prompt_template
         )
+    _check_shard_digits(manifest, run_config)
     return run_config, manifest
+
+
+def _check_shard_digits(manifest: Manifest, config: RunConfig) -> None:
+    shards = shard_count(manifest.num_samples, config.samples_per_shard)
+    if shards > 10**config.shard_digits:
+        raise ConfigError(
+            f"--shard-digits: {config.shard_digits} digits number at most {10**config.shard_digits} shards, the plan "
+            f"has {shards}; raise --shard-digits or --samples-per-shard"
+        )
 
 
 def _runtime(runtime: RuntimeOptions | Mapping[str, Any] | None) -> RuntimeOptions:

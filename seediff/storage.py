@@ -17,6 +17,7 @@ import fsspec
 from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
+from seediff.schemas.config import InputError
 from seediff.schemas.records import temp_name
 
 
@@ -73,6 +74,47 @@ class StagedFile:
     def __exit__(self, *exc: object) -> None:
         if not self.file.closed:
             self.discard()
+
+
+class StorageAccessError(InputError):
+    """An input or output URL this process cannot use (no credentials, no such bucket, no write permission); the
+    message names the URL. Found during validation, before any model loads or Ray starts."""
+
+
+def check_access(url: str, write: bool) -> None:
+    """Raise StorageAccessError unless ``url``'s store is reachable with this process's credentials, its bucket
+    exists and, with ``write``, an object can be created (and removed) under it."""
+    fs, root = output_fs(url)
+    try:
+        if is_local(fs):
+            existing = root
+            while not os.path.exists(existing) and existing not in ("", "/"):
+                existing = os.path.dirname(existing)
+            if write and not os.access(existing or "/", os.W_OK):
+                raise StorageAccessError(f"{url}: not writable ({existing}: permission denied)")
+            return
+        bucket = root.split("/", 1)[0]
+        fs.ls(bucket, detail=False)  # unlike exists(), raises on missing credentials and refused access
+        if write:
+            probe = f"{root}/.seediff-write-check-{uuid.uuid4().hex}"
+            fs.pipe_file(probe, b"")
+            fs.rm_file(probe)
+    except StorageAccessError:
+        raise
+    except Exception as error:  # botocore/gcsfs errors share no base class; each is named in the message
+        raise StorageAccessError(f"{url}: {_access_problem(error, url)}") from error
+
+
+def _access_problem(error: Exception, url: str) -> str:
+    names = {cls.__name__ for cls in type(error).__mro__}
+    if names & {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"}:
+        return ("no credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE, or run with an "
+                "instance/pod role)")
+    if isinstance(error, FileNotFoundError):
+        return f"the bucket {url.split('://', 1)[-1].split('/', 1)[0]!r} does not exist"
+    if isinstance(error, PermissionError):
+        return f"access denied ({error})"
+    return f"cannot access it ({type(error).__name__}: {error})"
 
 
 def write_file(fs: AbstractFileSystem, path: str, data: bytes) -> int:

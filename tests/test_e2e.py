@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import json
 import tarfile
 import os
 import subprocess
@@ -254,3 +255,32 @@ def test_flipped_bytes_are_reported_by_verify_and_repaired_byte_identical(inputs
     assert main(base) == 0
     assert digests(out) == reference
     assert main(["verify", str(out)]) == 0
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 96 KiB tmpfs (this suite runs as root in its container): room for run.json, the lease and a few shards."""
+    mount_point = tmp_path / "small"
+    mount_point.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(mount_point)],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 0, f"mounting a tmpfs needs root (CAP_SYS_ADMIN): {done.stderr}"
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def test_full_disk_stops_the_run_early_with_one_message(inputs, small_tmpfs, capsys):
+    manifest, config = inputs
+    out = small_tmpfs / "out"
+    rc = main(["generate", str(manifest), "--out", str(out), "--config", str(config), "--num-actors", "2",
+               "--samples-per-shard", "1"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    errors = [line for line in err.splitlines() if line.startswith("seediff: error:")]
+    assert len(errors) == 1 and "run stopped" in errors[0] and "No space left on device" in errors[0], err
+    stats = list(out.glob("*_stats.json"))
+    assert len(stats) < 9  # stopped before every shard was tried (and retried) against the full disk
+    for path in stats:  # what was committed is intact
+        assert json.loads(path.read_text())["count"] == 1

@@ -5,6 +5,7 @@ byte-identical to an uninterrupted run."""
 from __future__ import annotations
 
 import contextlib
+import signal
 import subprocess
 import time
 
@@ -78,3 +79,21 @@ def test_driver_killed_then_rerun_is_byte_identical(inputs_and_reference, tmp_pa
     check_dataset(out, 9)
     assert digests(out) == reference
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_ctrl_c_stops_with_one_line_and_exit_130(inputs_and_reference, tmp_path):
+    manifest, config, _ = inputs_and_reference
+    out = tmp_path / "out"
+    command = cli_command("generate", str(manifest), "--out", str(out), "--config", str(config), "--num-actors", "2")
+    proc = subprocess.Popen(command, cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not list(out.glob("*_stats.json")):
+        assert proc.poll() is None and time.monotonic() < deadline, "no shard committed in time"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)  # what Ctrl-C sends to the foreground driver
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    committed = len(list(out.glob("*_stats.json")))
+    assert f"interrupted: {committed} of {NUM_SHARDS} shards committed; run the same command to resume" in stderr
+    assert "Traceback" not in stderr
+    assert not (out / "lease.json").exists()  # released: the rerun starts at once

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import fsspec
 import pytest
@@ -28,11 +30,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+_SERVERS: dict[int, ThreadedMotoServer] = {}  # port -> the server answering there now (replaced by an outage)
+
+
 @pytest.fixture(scope="session")
 def moto_s3() -> Iterator[str]:
     """Start the moto S3 server for the session; yields its endpoint URL."""
     port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server = _SERVERS[port] = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
     with pytest.MonkeyPatch.context() as mp:
@@ -42,7 +47,28 @@ def moto_s3() -> Iterator[str]:
         try:
             yield endpoint
         finally:
-            server.stop()
+            _SERVERS[port].stop()
+
+
+@pytest.fixture
+def s3_outage(moto_s3: str) -> Callable[[float], threading.Thread]:
+    """``s3_outage(seconds)``: stop the moto server now and start it again on the same port after ``seconds``, in a
+    background thread (returned, to join). moto keeps its buckets in this process, so they survive the outage."""
+    port = int(moto_s3.rsplit(":", 1)[1])
+
+    def outage(seconds: float) -> threading.Thread:
+        _SERVERS[port].stop()
+
+        def restart() -> None:
+            time.sleep(seconds)
+            server = _SERVERS[port] = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+            server.start()
+
+        thread = threading.Thread(target=restart, daemon=True)
+        thread.start()
+        return thread
+
+    return outage
 
 
 @pytest.fixture
