@@ -1,6 +1,6 @@
-"""The ``seediff`` command line, a thin layer over the Python API (seediff/api.py): ``generate``, ``resume`` and the
-read-only ``inspect`` / ``preview`` / ``verify``. Also the entrypoint of ``ray job submit`` (``python -m seediff
-generate ...``).
+"""The ``seediff`` command line, a thin layer over the Python API (seediff/api.py): ``generate``, ``resume``, the
+read-only ``inspect`` / ``preview`` / ``verify`` / ``report``, and ``export`` / ``eval``. Also the entrypoint of
+``ray job submit`` (``python -m seediff generate ...``).
 
 Every run setting and runtime option is a flag generated from the settings models (pipeline/flags.py); a config file
 may hold the same keys, and flags override it. Input is checked before anything heavy: a bad manifest, config file,
@@ -173,6 +173,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                 classes_file=args.classes_file)
     print(format_report(report))
     print(f"wrote {path}")
+    return EXIT_OK
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     covered = api.report(args.url, args.out)
     print(f"wrote {args.out} ({covered['classes']} classes, {covered['samples']} samples, "

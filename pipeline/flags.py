@@ -41,7 +41,7 @@ def flag_name(field: str, info: FieldInfo) -> str | None:
     """The field's flag, or None for a field that is recorded but not set (``RECORDED``)."""
     extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
     if "flag" in extra:
-        return extra["flag"] or None
+        return None if extra["flag"] == RECORDED else extra["flag"]
     return "--" + field.replace(".", "-").replace("_", "-")
 
 

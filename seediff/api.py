@@ -175,6 +175,8 @@ def evaluate(
     dataset = open_labelled_dataset(os.fspath(root), layout, split=split, classes_file=classes_file)
     metrics = score_predictions(dataset, os.fspath(predictions))
     return metrics, write_report(metrics, absolute_url(out))
+
+
 def report(out: str | os.PathLike[str], path: str | os.PathLike[str]) -> dict[str, Any]:
     """Write one self-contained HTML page about the output to ``path``: per-class counts and failure reasons,
     distributions of mask area, seeds, ignore fraction and confidence, the weakest and strongest samples of each
