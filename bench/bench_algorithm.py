@@ -87,7 +87,7 @@ def main() -> None:
 
     fine = maps.self_fine.float()
     background = torch.rand(fine.shape[:2], device=device) < 0.7  # a fine-scale background seed set
-    ms_batched, ours = timed(lambda: seed_affinity(fine, background), device)
+    ms_batched, ours = timed(lambda: seed_affinity(fine, background[:, None])[:, 0], device)
     ms_loop, theirs = timed(lambda: per_seed_loop(fine, background), device, repeat=1)
     rel = ((ours - theirs).abs().max() / theirs.abs().max()).item()
     print(f"fine-scale expansion ({int(background.sum())} seeds): batched {ms_batched:.2f} ms, per-seed loop "

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.sd15 import SD15_UNET  # noqa: E402
 from seediff.schemas.config import MaskConfig, RunConfig  # noqa: E402
-from seediff.schemas.manifest import ClassRow  # noqa: E402
+from seediff.schemas.manifest import class_row  # noqa: E402
 from seediff.schemas.records import SampleSpec  # noqa: E402
 from seediff.workers.generate import generate_batch, generate_with_capture, diffusion_inputs  # noqa: E402
 from seediff.workers.models import TINY_MODEL, build_tiny_model, load_model, resolve_dtype  # noqa: E402
@@ -79,7 +79,7 @@ def main() -> None:
 def bench_specs(config: RunConfig, batch_size: int) -> list[SampleSpec]:
     """One sample per class in CLASSES (cycled), fixed seeds, so every mode generates the same batch."""
     return [
-        SampleSpec(i, i, 0, 1000 + i, ClassRow(c, i + 1, 1, config.prompt_template.format(class_name=c), "", i + 1))
+        SampleSpec(i, i, 0, 1000 + i, class_row(c, i + 1, 1, config.prompt_template, "", i + 1))
         for i, c in enumerate(CLASSES[i % len(CLASSES)] for i in range(batch_size))
     ]
 

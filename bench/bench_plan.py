@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from seediff.pipeline.plan import Plan  # noqa: E402
-from seediff.schemas.manifest import ClassRow  # noqa: E402
+from seediff.schemas.manifest import class_row  # noqa: E402
 
 CLASSES = 1000
 LOOKUPS = 10**5
@@ -25,7 +25,7 @@ SAMPLES_PER_SHARD = 1000
 
 def measure(total_samples: int) -> dict[str, float]:
     per_class = total_samples // CLASSES
-    rows = [ClassRow(f"class{i}", i % 254 + 1, per_class, f"a photo of class{i}", "", i + 2) for i in range(CLASSES)]
+    rows = [class_row(f"class{i}", i % 254 + 1, per_class, f"a photo of class{i}", "", i + 2) for i in range(CLASSES)]
 
     start = time.perf_counter()
     plan = Plan(rows, 0, SAMPLES_PER_SHARD)

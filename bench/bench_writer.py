@@ -17,7 +17,7 @@ import numpy as np
 
 from seediff.pipeline.plan import Plan
 from seediff.schemas.config import RunConfig
-from seediff.schemas.manifest import ClassRow
+from seediff.schemas.manifest import class_row
 from seediff.schemas.records import SampleOutcome, SampleSpec, ShardSpec
 from seediff.workers.encode import encode_sample
 from seediff.workers.shards import ShardWriter
@@ -32,7 +32,7 @@ def photo_like(spec: SampleSpec, size: int) -> tuple[np.ndarray, np.ndarray]:
     image = np.stack(channels, axis=-1) + rng.normal(0, 6, (size, size, 3))
     cy, cx, r = rng.uniform(0.3, 0.7), rng.uniform(0.3, 0.7), rng.uniform(0.15, 0.3)
     mask = (y - cy) ** 2 + (x - cx) ** 2 < r**2
-    return np.clip(image, 0, 255).astype(np.uint8), mask
+    return np.clip(image, 0, 255).astype(np.uint8), mask.astype(np.uint8)  # label map of class 1
 
 
 def write_shard(config: RunConfig, shard: ShardSpec, outcomes: Iterable[SampleOutcome]) -> dict:
@@ -53,7 +53,7 @@ def main() -> None:
         config = RunConfig(
             output_url=out, resolution=args.resolution, image_quality=args.quality, samples_per_shard=args.samples
         )
-        rows = (ClassRow("cat", 1, args.samples, "a photograph of a cat", "", 1),)
+        rows = (class_row("cat", 1, args.samples, "a photograph of a cat", "", 1),)
         plan = Plan(rows, config.seed, config.samples_per_shard)
         shard, samples = plan.shard(0), plan.samples(plan.shard(0))
         arrays = [photo_like(spec, args.resolution) for spec in samples]

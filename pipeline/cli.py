@@ -91,10 +91,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.dry_run:
         if config.model == TINY_MODEL:
             print(TINY_NOTE, file=sys.stderr)
-        print(api.dry_run(args.manifest, args.out, config, samples_per_class=samples_per_class, overwrite=args.overwrite))
+        print(api.dry_run(args.manifest, args.out, config, samples_per_class=samples_per_class,
+                          classes=args.classes, prompts=args.prompts, overwrite=args.overwrite))
         return EXIT_OK
     return _run(args, lambda terminal: api.generate(
-        args.manifest, args.out, config, runtime, samples_per_class=samples_per_class, overwrite=args.overwrite,
+        args.manifest, args.out, config, runtime, samples_per_class=samples_per_class, classes=args.classes,
+        prompts=args.prompts, overwrite=args.overwrite,
         progress=terminal,
     ), tiny=config.model == TINY_MODEL)
 
@@ -196,9 +198,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="generate (or resume) a dataset", formatter_class=HelpFormatter)
     gen.set_defaults(func=cmd_generate)
-    gen.add_argument("manifest", help="classes to generate: .csv/.tsv/.jsonl/.parquet/.txt, local path or URL")
+    gen.add_argument("manifest", help="class table or scene table: .csv/.tsv/.jsonl/.parquet/.txt, local path or URL")
     gen.add_argument("--out", required=True, help=f"{RunConfig.model_fields['output_url'].description} (required)")
     gen.add_argument("--config", help="YAML/JSON file with run settings and runtime options; flags override it")
+    gen.add_argument("--classes", metavar="FILE",
+                     help="class table (class_name, class_id) fixing the class ids of the manifest (default: ids in "
+                     "order of first use)")
+    gen.add_argument("--prompts", metavar="FILE", help="prompt templates with {class_name}, one per line, drawn per "
+                     "sample by class rows without a prompt (default: prompt_template)")
     gen.add_argument(MANIFEST_KEYS["samples_per_class"], type=int, metavar="INT",
                      help="samples of each manifest row without a num_samples value (default: unset)")
     gen.add_argument("--overwrite", action="store_true", help="delete this output's seediff files and start over")

@@ -34,7 +34,7 @@ from PIL import Image
 
 from seediff.pipeline.readers import IMAGE_FIELDS, MASK_FIELD, raw_samples
 from seediff.schemas.config import ConfigError
-from seediff.schemas.records import decode_mask
+from seediff.schemas.records import decode_mask, sample_classes
 from seediff.storage import output_fs, write_file
 
 IGNORE = 255
@@ -218,7 +218,7 @@ def export_voc(out_url: str, directory: str, split: str = "train") -> dict[str, 
     for sample in raw_samples(out_url):
         image_id = sample["__key__"].replace("/", "_")
         labels = decode_mask(sample[MASK_FIELD])
-        names.update(sample_class_names(sample))
+        names.update(sample_classes(json.loads(sample["json"])))
         write_file(fs, f"{root}/{VOC_IMAGES}/{image_id}.jpg", _jpeg(sample))
         write_file(fs, f"{root}/{VOC_LABELS}/{image_id}.png", _palette_png(labels, palette))
         ids.append(image_id)
@@ -229,12 +229,6 @@ def export_voc(out_url: str, directory: str, split: str = "train") -> dict[str, 
     write_file(fs, f"{root}/{VOC_SETS}/{split}.txt", ("\n".join(ids) + "\n").encode())
     write_file(fs, f"{root}/{LABELMAP}", labelmap_text(class_names).encode())
     return {"directory": directory, "split": split, "images": len(ids), "classes": list(class_names)}
-
-
-def sample_class_names(sample: dict[str, Any]) -> dict[int, str]:
-    """Class id -> name of the classes a sample's metadata names (``class_id``/``class_name``)."""
-    meta = json.loads(sample["json"])
-    return {int(meta["class_id"]): meta["class_name"]} if "class_id" in meta else {}
 
 
 def _jpeg(sample: dict[str, Any]) -> bytes:

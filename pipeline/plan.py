@@ -1,5 +1,5 @@
-"""The deterministic plan: global sample ids in manifest order, each with its class row, index within the class
-and seed; shards are contiguous id ranges. Computed lazily from the per-class counts, so planning 10^8 samples
+"""The deterministic plan: global sample ids in manifest order, each with its manifest row, index within the row
+and seed (the sample's prompt is rendered from these, ``SampleSpec.prompt``); shards are contiguous id ranges. Computed lazily from the per-class counts, so planning 10^8 samples
 costs O(classes) memory and a lookup costs O(log classes)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import bisect
 import hashlib
 from itertools import accumulate
 
-from seediff.schemas.manifest import ClassRow
+from seediff.schemas.manifest import ManifestRow
 from seediff.schemas.records import SampleSpec, ShardSpec
 
 
@@ -25,7 +25,7 @@ def shard_count(num_samples: int, samples_per_shard: int) -> int:
 
 
 class Plan:
-    def __init__(self, rows: tuple[ClassRow, ...] | list[ClassRow], global_seed: int, samples_per_shard: int):
+    def __init__(self, rows: tuple[ManifestRow, ...] | list[ManifestRow], global_seed: int, samples_per_shard: int):
         if samples_per_shard < 1:
             raise ValueError("samples_per_shard must be >= 1")
         self.rows = tuple(rows)

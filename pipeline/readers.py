@@ -2,8 +2,9 @@
 
 ``segmentation_dataset`` streams shards (webdataset pipeline: shard shuffling, node/worker splitting, resampling);
 ``wids_dataset`` gives indexed random access from ``dataset.json``. Both decode ``mask.png`` as an 8-bit label map
-(class id on the object, 0 background, 255 ignore): never through an RGB decoder, which would turn class ids into
-colour floats.
+(class ids on their objects, 0 background, 255 ignore): never through an RGB decoder, which would turn class ids into
+colour floats. Both take a ``QualityFilter`` over the label-map quality fields (per-class pixel fractions, ignore
+fraction, empty/degenerate flags, confidence); the indexed reader applies it from the parquet files alone.
 
 Shards are opened with fsspec rather than webdataset's ``gopen``: any URL the writer could write (local, ``s3://``,
 ``gs://``, ``az://``, ``https://``) is readable with the same credentials and fsspec config (e.g.
@@ -16,17 +17,19 @@ import io
 import json
 import posixpath
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import braceexpand
 import fsspec
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 import webdataset as wds
 from PIL import Image
 
-from seediff.schemas.records import DATASET_JSON, SIZES_JSON, TAR_SUFFIX
-from seediff.schemas.records import decode_mask
+from seediff.schemas.records import DATASET_JSON, PARQUET_SUFFIX, SIZES_JSON, SUCCESS, TAR_SUFFIX
+from seediff.schemas.records import decode_mask, quality_columns
 
 IMAGE_FIELDS = ("jpg", "png", "webp")  # config.image_format values; exactly one is present per sample
 MASK_FIELD = "mask.png"
@@ -81,6 +84,37 @@ def _join(root: str, url: str) -> str:
     if "://" in url or url.startswith("/"):
         return url
     return f"{root}/{url}"
+
+
+# ---- quality filter ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QualityFilter:
+    """Keeps a sample when its label map passes every bound. Called on the quality columns of the parquet
+    (``seediff.schemas.records.quality_columns`` of a sample's ``json`` gives the same fields)."""
+
+    min_class_fraction: float = 0.0  # every labelled class covers at least this fraction of the image
+    max_ignore_fraction: float = 1.0  # at most this fraction of pixels labelled 255
+    min_confidence: float | None = None  # the weakest class's score (mean score on its pixels minus elsewhere)
+    drop_empty: bool = True  # no class pixel at all
+    drop_degenerate: bool = False  # some class had no usable seeds
+
+    def __call__(self, columns: dict[str, Any]) -> bool:
+        fractions = columns.get("class_pixel_fractions") or []
+        if any(f is None or f < self.min_class_fraction for f in fractions) or not fractions:
+            return False
+        if (columns.get("ignore_fraction") or 0.0) > self.max_ignore_fraction:
+            return False
+        confidence = columns.get("confidence")
+        if self.min_confidence is not None and (confidence is None or confidence < self.min_confidence):
+            return False
+        return not (self.drop_empty and columns.get("empty")) and not (self.drop_degenerate and columns.get("degenerate"))
+
+
+def _passes(quality: QualityFilter) -> Callable[[dict[str, Any]], bool]:
+    """A webdataset select stage's predicate on a raw sample: reads only its ``json`` field."""
+    return lambda sample: quality(quality_columns(json.loads(_bytes(sample["json"]))))
 
 
 # ---- decoding -------------------------------------------------------------------------------------------------
@@ -152,6 +186,7 @@ def segmentation_dataset(
     shuffle_buffer: int = 0,
     split_by_node: bool = True,
     handler: Callable[[Exception], bool] = wds.warn_and_continue,
+    quality: QualityFilter | None = None,
 ) -> wds.DataPipeline:
     """A webdataset pipeline yielding ``(image, mask, metadata)``; see ``decode_sample``.
 
@@ -164,6 +199,7 @@ def segmentation_dataset(
     ``shuffle_buffer``: in-memory sample shuffle buffer (0 = off).
     ``handler``: what to do on a corrupt shard/sample; ``wds.warn_and_continue`` skips it, ``wds.reraise_exception``
     stops.
+    ``quality``: drop samples whose label map fails the filter (decided from the ``json`` field, before decoding).
     """
     shards = shard_urls(urls)
     if resampled and epoch_length is None:
@@ -181,6 +217,8 @@ def segmentation_dataset(
             # After splitting, so each node/worker shuffles its own shards and no cross-node agreement is needed.
             stages.append(wds.shuffle(shard_buffer))
     stages += _tar_stages(handler)
+    if quality is not None:
+        stages.append(wds.select(_passes(quality)))
     if shuffle_buffer > 0:
         stages.append(wds.shuffle(shuffle_buffer))
     stages.append(wds.map(decode_sample, handler=handler))
@@ -191,14 +229,33 @@ def segmentation_dataset(
 # ---- indexed (wids) ---------------------------------------------------------------------------------------------
 
 
-def wids_dataset(out_url: str, **kwargs: Any):
+def wids_dataset(out_url: str, quality: QualityFilter | None = None, **kwargs: Any):
     """Indexed access (``len``, ``ds[i]``, any sampler) from the run's ``dataset.json``, samples mapped to the same
     ``(image, mask, metadata)`` tuples. Remote shards are downloaded whole into wids' cache (``cache_dir=...``;
-    default ``$WIDS_CACHE`` or ``/tmp/_wids_cache``); ``kwargs`` go to ``wids.ShardListDataset``."""
+    default ``$WIDS_CACHE`` or ``/tmp/_wids_cache``); ``kwargs`` go to ``wids.ShardListDataset``. With ``quality``,
+    a ``torch.utils.data.Subset`` of the samples that pass, chosen from the shards' parquet files (no tar is read)."""
     import wids  # imported here: only this reader needs it
 
     root = out_url.rstrip("/")
     descriptor = _dataset_descriptor(root)
     shards = [{**shard, "url": _join(root, shard["url"])} for shard in descriptor["shardlist"]]
-    return wids.ShardListDataset(shards, dataset_name=descriptor.get("name"), transformations=[decode_sample],
-                                 **kwargs)
+    dataset = wids.ShardListDataset(shards, dataset_name=descriptor.get("name"), transformations=[decode_sample],
+                                    **kwargs)
+    if quality is None:
+        return dataset
+    return torch.utils.data.Subset(dataset, passing_indices([s["url"] for s in shards], quality))
+
+
+def passing_indices(shard_urls: Sequence[str], quality: QualityFilter) -> list[int]:
+    """Positions, in the concatenated shards, of the samples that pass ``quality``: each shard's parquet lists its
+    attempted samples in the tar's order; the successful ones are the tar's samples."""
+    kept, position = [], 0
+    for url in shard_urls:
+        with fsspec.open(url.removesuffix(TAR_SUFFIX) + PARQUET_SUFFIX, "rb") as f:
+            rows = pq.read_table(f).to_pylist()
+        for row in rows:
+            if row["status"] == SUCCESS:
+                if quality(row):
+                    kept.append(position)
+                position += 1
+    return kept

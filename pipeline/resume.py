@@ -98,7 +98,9 @@ def run_record(config: RunConfig, manifest: Manifest) -> dict[str, Any]:
         MANIFEST_FIELD: manifest.sha256,
         "manifest_source": manifest.source,
         "samples_per_class": manifest.samples_per_class,
-        "num_classes": len(manifest.rows),
+        "classes_source": manifest.classes_source,
+        "prompts_source": manifest.prompts_source,
+        "num_classes": len(manifest.classes),
         "num_samples": manifest.num_samples,
         CLASSES_FIELD: classes_sha256(manifest),
     }
@@ -107,7 +109,10 @@ def run_record(config: RunConfig, manifest: Manifest) -> dict[str, Any]:
 def classes_sha256(manifest: Manifest) -> str:
     """Fingerprint of the resolved class rows. The manifest's bytes alone miss flags that change the plan
     (``--samples-per-class`` filling counts, the prompt template), which would silently shift sample ids."""
-    rows = [[r.class_name, r.class_id, r.num_samples, r.prompt, r.negative_prompt] for r in manifest.rows]
+    rows = [
+        [[[c.name, c.class_id] for c in r.classes], r.num_samples, [t.source for t in r.prompts], r.negative_prompt]
+        for r in manifest.rows
+    ]
     return hashlib.sha256(json.dumps(rows, ensure_ascii=False).encode()).hexdigest()
 
 

@@ -38,12 +38,16 @@ from seediff.schemas.records import (
     checksum_column,
     shard_name,
 )
-from seediff.schemas.records import decode_mask
+from seediff.schemas.records import BACKGROUND_LABEL as BACKGROUND
+from seediff.schemas.records import IGNORE_LABEL as IGNORE
+from seediff.schemas.records import decode_mask, sample_classes
 from seediff.storage import output_fs
 
-BACKGROUND, IGNORE = 0, 255  # mask values every dataset may hold besides its class ids
 REQUIRED_FIELDS = (MASK_FIELD, "cls", "txt", "json")  # plus one of IMAGE_FIELDS
 OVERLAY_ALPHA = 0.5
+IGNORE_COLOUR = (255, 255, 255)  # the ignore band: white, unlike any class colour (saturation 0.9)
+LEGEND_ROW = 14  # px per legend line under the sheet
+LEGEND_FONT = 10  # px
 
 
 # ---- shared: the run's config and files -------------------------------------------------------------------------
@@ -148,20 +152,26 @@ def _id_list(ids: list[int], most: int = 20) -> str:
 
 
 def preview_grid(out_url: str, path: str, n: int = 64, class_name: str | None = None, cell: int = 128) -> tuple[int, int]:
-    """Write a PNG contact sheet of the first ``n`` samples (of ``class_name`` when given) to ``path`` (any fsspec
-    URL): each cell is the image with its mask overlaid in the class colour and the class name. Returns the sheet's
-    (width, height): ``ceil(sqrt(k))`` columns of ``cell`` px for the ``k <= n`` samples found."""
+    """Write a PNG contact sheet of the first ``n`` samples (of those labelling ``class_name`` when given) to ``path``
+    (any fsspec URL): each cell is the image with each class overlaid in its colour and the ignore band in
+    ``IGNORE_COLOUR``, captioned with the sample's class names; a legend under the grid names every colour shown.
+    Returns the sheet's (width, height): ``ceil(sqrt(k))`` columns of ``cell`` px for the ``k <= n`` samples found,
+    plus ``LEGEND_ROW`` px per legend line."""
     if n < 1 or cell < 16:
         raise ValueError(f"preview: n must be >= 1 and cell >= 16, got n={n}, cell={cell}")
-    cells = [render_overlay(sample, cell) for sample in _first_samples(out_url, n, class_name)]
-    if not cells:
+    samples = list(_first_samples(out_url, n, class_name))
+    if not samples:
         which = f" of class {class_name!r}" if class_name else ""
         raise ValueError(f"{out_url}: no samples{which} to preview")
+    cells = [render_overlay(sample, cell) for sample in samples]
     cols = math.ceil(math.sqrt(len(cells)))
     rows = math.ceil(len(cells) / cols)
-    sheet = Image.new("RGB", (cols * cell, rows * cell), "black")
+    entries = _legend_entries(samples)
+    lines = _legend_lines(entries, cols * cell)
+    sheet = Image.new("RGB", (cols * cell, rows * cell + LEGEND_ROW * len(lines)), "black")
     for i, tile in enumerate(cells):
         sheet.paste(tile, ((i % cols) * cell, (i // cols) * cell))
+    _draw_legend(sheet, lines, rows * cell)
     fs, fs_path = output_fs(path)
     with fs.open(fs_path, "wb") as f:
         sheet.save(f, format="PNG")
@@ -171,12 +181,48 @@ def preview_grid(out_url: str, path: str, n: int = 64, class_name: str | None = 
 def _first_samples(out_url: str, n: int, class_name: str | None) -> Iterator[dict[str, Any]]:
     taken = 0
     for sample in raw_samples(out_url):
-        if class_name is not None and json.loads(sample["json"])["class_name"] != class_name:
+        if class_name is not None and class_name not in sample_classes(json.loads(sample["json"])).values():
             continue
         yield sample
         taken += 1
         if taken == n:
             return
+
+
+def _legend_entries(samples: list[dict[str, Any]]) -> list[tuple[tuple[int, int, int], str]]:
+    names: dict[int, str] = {}
+    for sample in samples:
+        names.update(sample_classes(json.loads(sample["json"])))
+    return [(class_colour(i), f"{i} {names[i]}") for i in sorted(names)] + [(IGNORE_COLOUR, f"{IGNORE} ignore")]
+
+
+def _legend_lines(entries: list[tuple[tuple[int, int, int], str]], width: int) -> list[list[tuple[Any, str]]]:
+    """Entries packed left to right into lines of the sheet's width."""
+    lines: list[list[tuple[Any, str]]] = [[]]
+    used = 0
+    for colour, text in entries:
+        size = _legend_width(text)
+        if lines[-1] and used + size > width:
+            lines.append([])
+            used = 0
+        lines[-1].append((colour, text))
+        used += size
+    return lines
+
+
+def _legend_width(text: str) -> int:
+    """Swatch, gap, the text (pipeline/fonts.py, any script), gap."""
+    return 14 + fonts.label_size(text, LEGEND_FONT)[0] + 10
+
+
+def _draw_legend(sheet: Image.Image, lines: list[list[tuple[Any, str]]], top: int) -> None:
+    draw = ImageDraw.Draw(sheet)
+    for row, line in enumerate(lines):
+        x, y = 2, top + row * LEGEND_ROW
+        for colour, text in line:
+            draw.rectangle((x, y + 2, x + 9, y + 11), fill=colour)
+            fonts.draw_label(draw, (x + 13, y + 1), text, LEGEND_FONT)
+            x += _legend_width(text)
 
 
 def class_colour(class_id: int) -> tuple[int, int, int]:
@@ -195,11 +241,11 @@ def render_overlay(sample: dict[str, Any], cell: int) -> Image.Image:
     for value in np.unique(labels):
         if value == BACKGROUND:
             continue
-        colour = (128, 128, 128) if value == IGNORE else class_colour(int(value))
+        colour = IGNORE_COLOUR if value == IGNORE else class_colour(int(value))
         overlay[labels == value] = np.asarray(colour, dtype=np.float32)
     blended = np.where((labels != BACKGROUND)[..., None], (1 - OVERLAY_ALPHA) * rgb + OVERLAY_ALPHA * overlay, rgb)
     tile = Image.fromarray(blended.round().astype(np.uint8))
-    _label(tile, meta["class_name"])
+    _label(tile, ", ".join(sample_classes(meta).values()))
     return tile
 
 
@@ -231,8 +277,9 @@ def verify(out_url: str) -> Verification:
 
     Per shard: tar, parquet and stats present; tar readable to the end; each sample's fields contiguous and complete,
     and each field's sha256 equal to the parquet's; sample counts equal in tar, stats, parquet, sizes.json and
-    dataset.json; tar size equal in stats and dataset.json; mask values within the dataset's class ids plus 0
-    (background) and 255 (ignore). Per dataset: no planned shard missing, no index entry outside the plan."""
+    dataset.json; tar size equal in stats and dataset.json; each sample's mask values within its own class ids (from
+    its ``json``) plus 0 (background) and 255 (ignore). Per dataset: no planned shard missing, no index entry outside
+    the plan."""
     verifier = _Verifier(out_url)
     problems = verifier.problems()
     return Verification(problems, sorted(verifier.damaged))
@@ -257,8 +304,6 @@ class _Verifier:
         with_parquet = [i for i in sorted(self.stats) if self._name(i) + PARQUET_SUFFIX in self.names]
         self.tables = _read_parquets(out_url, self.config, with_parquet)
         self.damaged: set[int] = set()
-        class_ids = {cid for t in self.tables.values() for cid in t["class_id"].to_pylist()}
-        self.allowed_mask_values = class_ids | {BACKGROUND, IGNORE}
 
     def _name(self, shard_id: int) -> str:
         return shard_name(self.config.shard_prefix, shard_id, self.config.shard_digits)
@@ -306,7 +351,7 @@ class _Verifier:
     def _check_tar(self, name: str, stats: ShardStats | None) -> list[str]:
         tar_path = f"{self.root}/{name}{TAR_SUFFIX}"
         table = self.tables.get(stats.shard_id) if stats else None
-        contents = _read_tar(self.fs, tar_path, self.allowed_mask_values, _checksums(table))
+        contents = _read_tar(self.fs, tar_path, _checksums(table))
         problems = contents.problems
         entry = self.entries.get(name, {})
         counts = {
@@ -349,7 +394,7 @@ class _TarContents:
     problems: list[str] = field(default_factory=list)
 
 
-def _read_tar(fs, path: str, allowed: set[int], checksums: dict[str, dict[str, str]]) -> _TarContents:
+def _read_tar(fs, path: str, checksums: dict[str, dict[str, str]]) -> _TarContents:
     """Stream the whole tar: readable to the end, fields of a key contiguous, required fields present, each field's
     sha256 as the parquet says (``checksums``: key -> column -> sha256), mask values allowed."""
     result = _TarContents()
@@ -360,7 +405,7 @@ def _read_tar(fs, path: str, allowed: set[int], checksums: dict[str, dict[str, s
     def finish() -> None:
         if current is not None:
             result.samples += 1
-            result.problems.extend(_check_sample(path, current, sample, allowed, checksums.get(current, {})))
+            result.problems.extend(_check_sample(path, current, sample, checksums.get(current, {})))
 
     try:
         with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
@@ -382,9 +427,7 @@ def _read_tar(fs, path: str, allowed: set[int], checksums: dict[str, dict[str, s
     return result
 
 
-def _check_sample(
-    path: str, key: str, sample: dict[str, bytes], allowed: set[int], checksums: dict[str, str]
-) -> list[str]:
+def _check_sample(path: str, key: str, sample: dict[str, bytes], checksums: dict[str, str]) -> list[str]:
     where = f"{path}: sample {key}"
     corrupt = [
         f"{where}: {ext} sha256 {actual[:12]}... differs from the parquet's {expected[:12]}..."
@@ -397,8 +440,13 @@ def _check_sample(
     if missing:
         return [*corrupt, f"{where}: missing fields {', '.join(missing)}"]
     try:
+        allowed = {BACKGROUND, IGNORE, *sample_classes(json.loads(sample["json"]))}
+    except (ValueError, KeyError, TypeError) as e:
+        return [*corrupt, f"{where}: json unreadable or without class ids: {e}"]
+    try:
         values = set(np.unique(decode_mask(sample[MASK_FIELD])).tolist())
     except (ValueError, OSError) as e:
         return [*corrupt, f"{where}: mask.png unreadable: {e}"]
     bad = sorted(values - allowed)
-    return [*corrupt, *([f"{where}: mask values {bad} outside the class ids {sorted(allowed)}"] if bad else [])]
+    outside = [f"{where}: mask values {bad} outside the sample's class ids {sorted(allowed)}"] if bad else []
+    return [*corrupt, *outside]

@@ -54,7 +54,8 @@ def format_plan(manifest: Manifest, config: RunConfig, overwrite: bool) -> str:
         config.shard_prefix, max(plan.num_shards - 1, 0), config.shard_digits
     )
     lines = [
-        f"manifest: {manifest.source} ({len(manifest.rows)} classes, sha256 {manifest.sha256[:12]})",
+        f"manifest: {manifest.source} ({len(manifest.rows)} rows, {len(manifest.classes)} classes, "
+        f"sha256 {manifest.sha256[:12]})",
         f"plan: {plan.num_samples} samples in {plan.num_shards} shards of up to {config.samples_per_shard} "
         f"({first}.tar .. {last}.tar)",
         f"output: {config.output_url} ({'overwrite' if overwrite else 'resume' if record else 'new'})",
@@ -64,9 +65,10 @@ def format_plan(manifest: Manifest, config: RunConfig, overwrite: bool) -> str:
     examples = sorted({i for i in (0, 1, 2, plan.num_samples - 1) if 0 <= i < plan.num_samples})  # never a set of all ids
     for sample_id in examples:
         spec = plan.sample(sample_id)
+        classes = ", ".join(f"{c.name}={c.class_id}" for c in spec.classes)
         lines.append(
-            f"  key {spec.key}  shard {sample_id // config.samples_per_shard}  class {spec.row.class_name!r}  "
-            f"seed {spec.seed}  prompt {spec.row.prompt!r}"
+            f"  key {spec.key}  shard {sample_id // config.samples_per_shard}  classes {classes}  "
+            f"seed {spec.seed}  prompt {spec.prompt.text!r}"
         )
     per_sample, basis = _bytes_per_sample(config, committed.values())
     lines.append(

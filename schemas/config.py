@@ -56,6 +56,20 @@ class MaskConfig(_Strict):
     pamr_input_threshold: float = Field(0.3, gt=0, lt=1, description="soft-map level that seeds PAMR")
     pamr_iterations: int = Field(500, ge=1, le=100_000, description="PAMR iterations")
     pamr_output_threshold: float = Field(0.8, gt=0, lt=1, description="PAMR output level kept as the object")
+    ignore_band: float = Field(
+        0.3,  # bench/bench_scenes.py
+        ge=0,
+        lt=1,
+        description="label 255 (ignore) where the best class score lies within this width below the threshold "
+        "(threshold, or pamr_output_threshold with PAMR); background only below threshold - band; 0 = no band",
+    )
+    ignore_margin: float = Field(
+        0.0,  # bench/bench_scenes.py: no gain on its scenes at any margin
+        ge=0,
+        lt=1,
+        description="label 255 (ignore) where a second class also scores above the threshold within this margin of "
+        "the best class; 0 = the best class always wins",
+    )
     capture_steps: tuple[int, int] | None = Field(
         None,
         description="UNet calls averaged into the attention maps, as [start, stop) call indices; "

@@ -10,6 +10,7 @@ import math
 import re
 from collections import Counter
 from dataclasses import asdict, dataclass, fields
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -17,7 +18,8 @@ import pyarrow as pa
 from PIL import Image
 
 from seediff.schemas.config import RunConfig
-from seediff.schemas.manifest import ClassRow
+from seediff.schemas.manifest import LabelledClass, ManifestRow
+from seediff.schemas.prompts import RenderedPrompt
 
 KEY_DIGITS = 12  # 254 classes x 10^9 samples fit in 12 digits
 
@@ -29,14 +31,33 @@ def sample_key(sample_id: int) -> str:
 @dataclass(frozen=True)
 class SampleSpec:
     sample_id: int
-    class_index: int  # position of the class row in the manifest
-    index_in_class: int
+    class_index: int  # position of the row in the manifest
+    index_in_class: int  # position of the sample among its row's samples
     seed: int
-    row: ClassRow
+    row: ManifestRow
 
     @property
     def key(self) -> str:
         return sample_key(self.sample_id)
+
+    @cached_property
+    def _rendered(self) -> tuple[RenderedPrompt, tuple[LabelledClass, ...]]:
+        return self.row.render(self.seed)
+
+    @property
+    def prompt(self) -> RenderedPrompt:
+        """The sample's prompt: a pure function of its row and seed."""
+        return self._rendered[0]
+
+    @property
+    def classes(self) -> tuple[LabelledClass, ...]:
+        """The classes the sample's prompt labels, in order of appearance (at least one)."""
+        return self._rendered[1]
+
+    @property
+    def class_id(self) -> int:
+        """The first labelled class: the sample's single ``cls`` for classification-style loaders."""
+        return self.classes[0].class_id
 
 
 @dataclass(frozen=True)
@@ -53,6 +74,17 @@ class ShardSpec:
 
 
 # ---- the mask.png field ------------------------------------------------------------------------------------------
+
+BACKGROUND_LABEL = 0
+IGNORE_LABEL = 255  # uncertain pixels, skipped by trainers (ignore_index=255); class ids are 1..254
+
+
+def sample_classes(metadata: dict[str, Any]) -> dict[int, str]:
+    """class id -> name of the classes a sample labels, from its ``json`` record: the ids its mask may hold besides 0
+    and 255 (datasets written before scenes have only ``class_id``/``class_name``; none: no class named)."""
+    if "classes" in metadata:
+        return {int(c["class_id"]): c["class_name"] for c in metadata["classes"]}
+    return {int(metadata["class_id"]): metadata["class_name"]} if "class_id" in metadata else {}
 
 
 def decode_mask(data: bytes) -> np.ndarray:
@@ -117,17 +149,21 @@ class SampleOutcome:
 def sample_metadata(
     spec: SampleSpec, config: RunConfig, size: tuple[int, int] | None, mask_stats: dict[str, Any]
 ) -> dict[str, Any]:
-    """The flat, JSON-able, wall-clock-free record of one sample. ``size`` is (width, height), None on failure.
-    Mask settings are ``mask_<setting>``, mask statistics ``mask_stat_<name>`` so the two never collide."""
+    """The JSON-able, wall-clock-free record of one sample. ``size`` is (width, height), None on failure.
+    Mask settings are ``mask_<setting>``, mask statistics ``mask_stat_<name>`` so the two never collide; the one
+    list, ``classes``, holds each labelled class of the sample: id, name, phrase, occurrences and, once masks exist,
+    its numbers from ``mask_stats["classes"]`` (pixel fraction, score, seeds ...)."""
     width, height = size if size is not None else (None, None)
+    class_stats = mask_stats.get("classes") or [{} for _ in spec.classes]
+    spans = dict(spec.prompt.spans)
     record: dict[str, Any] = {
         "key": spec.key,
         "sample_id": spec.sample_id,
-        "class_name": spec.row.class_name,
-        "class_id": spec.row.class_id,
+        "class_name": spec.classes[0].name,
+        "class_id": spec.class_id,
         "class_index": spec.class_index,
         "index_in_class": spec.index_in_class,
-        "prompt": spec.row.prompt,
+        "prompt": spec.prompt.text,
         "negative_prompt": spec.row.negative_prompt,
         "seed": spec.seed,
         "model": config.model,
@@ -146,7 +182,18 @@ def sample_metadata(
     for name, value in config.mask.model_dump(mode="json").items():
         record[f"mask_{name}"] = value
     for name, value in sorted(mask_stats.items()):
-        record[f"mask_stat_{name}"] = _json_scalar(value, f"sample {spec.key}: mask_stats[{name!r}]")
+        if name != "classes":
+            record[f"mask_stat_{name}"] = _json_scalar(value, f"sample {spec.key}: mask_stats[{name!r}]")
+    record["classes"] = [
+        {
+            **{k: _json_scalar(v, f"sample {spec.key}: mask_stats['classes'][{i}][{k!r}]") for k, v in stats.items()},
+            "class_id": labelled.class_id,
+            "class_name": labelled.name,
+            "phrase": spec.prompt.text[slice(*spans[labelled.name][0])],
+            "occurrences": len(spans[labelled.name]),
+        }
+        for i, (labelled, stats) in enumerate(zip(spec.classes, class_stats, strict=True))
+    ]
     return record
 
 
@@ -167,6 +214,8 @@ def metadata_json(metadata: dict[str, Any]) -> bytes:
 
 
 # ---- per-shard parquet ----------------------------------------------------------------------------------------------
+
+QUALITY_COLUMNS = ("foreground_fraction", "ignore_fraction", "empty", "degenerate", "confidence")  # per-sample stats
 
 PARQUET_SCHEMA = pa.schema(
     [
@@ -189,6 +238,16 @@ PARQUET_SCHEMA = pa.schema(
         pa.field("cls_sha256", pa.string()),
         pa.field("txt_sha256", pa.string()),
         pa.field("json_sha256", pa.string()),
+        # label-map quality, for filtering without opening a tar (null for failed samples, lists in class order)
+        pa.field("class_ids", pa.list_(pa.int32()), nullable=False),
+        pa.field("class_pixel_fractions", pa.list_(pa.float64())),
+        pa.field("class_scores", pa.list_(pa.float64())),
+        pa.field("class_seeds", pa.list_(pa.int64())),
+        pa.field("foreground_fraction", pa.float64()),
+        pa.field("ignore_fraction", pa.float64()),
+        pa.field("empty", pa.bool_()),
+        pa.field("degenerate", pa.bool_()),
+        pa.field("confidence", pa.float64()),
     ]
 )
 IMAGE_EXTENSIONS = ("jpg", "png", "webp")
@@ -204,13 +263,25 @@ def checksum_column(extension: str) -> str:
 
 def tar_fields(outcome: SampleOutcome, image_format: str) -> dict[str, bytes]:
     """The fields a successful sample stores in the tar, by extension (the webdataset sample minus ``__key__``)."""
-    row = outcome.spec.row
+    spec = outcome.spec
     return {
         image_format: outcome.image,
         "mask.png": outcome.mask,
-        "cls": str(row.class_id).encode("ascii"),
-        "txt": row.prompt.encode("utf-8"),
+        "cls": str(spec.class_id).encode("ascii"),
+        "txt": spec.prompt.text.encode("utf-8"),
         "json": metadata_json(outcome.metadata),
+    }
+
+
+def quality_columns(metadata: dict[str, Any]) -> dict[str, Any]:
+    """The label-map quality columns of the parquet from a sample's ``json`` record: what readers filter on."""
+    classes = metadata.get("classes", [])
+    return {
+        "class_ids": [c["class_id"] for c in classes],
+        "class_pixel_fractions": [c.get("pixel_fraction") for c in classes],
+        "class_scores": [c.get("score") for c in classes],
+        "class_seeds": [c.get("num_seeds") for c in classes],
+        **{name: metadata.get(f"mask_stat_{name}") for name in QUALITY_COLUMNS},
     }
 
 
@@ -218,13 +289,16 @@ def parquet_row(outcome: SampleOutcome, shard_id: int, fields: dict[str, bytes] 
     """The sample's parquet row; ``fields``: its tar fields (``tar_fields``), None when it failed."""
     spec, image = outcome.spec, outcome.image
     checksums = {checksum_column(ext): hashlib.sha256(data).hexdigest() for ext, data in (fields or {}).items()}
+    quality = quality_columns(outcome.metadata)
+    if outcome.status != SUCCESS:  # no mask: keep which classes were asked for, no numbers
+        quality = {name: None for name in quality} | {"class_ids": quality["class_ids"]}
     return {
         "key": spec.key,
         "sample_id": spec.sample_id,
         "shard": shard_id,
-        "class_name": spec.row.class_name,
-        "class_id": spec.row.class_id,
-        "prompt": spec.row.prompt,
+        "class_name": spec.classes[0].name,
+        "class_id": spec.class_id,
+        "prompt": spec.prompt.text,
         "seed": spec.seed,
         "status": outcome.status,
         "error": outcome.error,
@@ -233,6 +307,7 @@ def parquet_row(outcome: SampleOutcome, shard_id: int, fields: dict[str, bytes] 
         "image_bytes": None if image is None else len(image),
         "mask_bytes": None if outcome.mask is None else len(outcome.mask),
         **{name: checksums.get(name) for name in PARQUET_SCHEMA.names if name.endswith("_sha256")},
+        **quality,
     }
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Mapping
+from functools import partial
 from typing import Any, TextIO
 
 from seediff.pipeline.plan import shard_count
@@ -44,14 +45,18 @@ def generate(
     runtime: RuntimeOptions | Mapping[str, Any] | None = None,
     *,
     samples_per_class: int | None = None,
+    classes: str | os.PathLike[str] | None = None,
+    prompts: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
     progress: TextIO = sys.stderr,
 ) -> RunSummary:
-    """Generate (or resume) the dataset of ``manifest`` (a path/URL of a .csv/.tsv/.jsonl/.parquet/.txt, or a
-    loaded ``Manifest``) under ``out`` (local path or fsspec URL). ``samples_per_class`` fills rows without a
-    ``num_samples``; ``overwrite`` deletes this output's seediff files first. Progress goes to ``progress``.
-    Returns the run's ``RunSummary``; shards that still failed after their retries are in ``failed_shards``."""
-    run_config, manifest_ = _inputs(manifest, out, config, samples_per_class)
+    """Generate (or resume) the dataset of ``manifest`` (a path/URL of a class table or scene table
+    .csv/.tsv/.jsonl/.parquet/.txt, or a loaded ``Manifest``) under ``out`` (local path or fsspec URL).
+    ``samples_per_class`` fills rows without a ``num_samples``; ``classes``: a class table fixing the class ids;
+    ``prompts``: templates drawn per sample by class rows without a prompt; ``overwrite`` deletes this output's
+    seediff files first. Progress goes to ``progress``. Returns the run's ``RunSummary``; shards that still failed
+    after their retries are in ``failed_shards``."""
+    run_config, manifest_ = _inputs(manifest, out, config, samples_per_class, classes, prompts)
     from seediff.pipeline.run import run_generation
 
     return run_generation(manifest_, run_config, _runtime(runtime), overwrite=overwrite, stream=progress)
@@ -63,13 +68,19 @@ def dry_run(
     config: RunConfig | Mapping[str, Any] | None = None,
     *,
     samples_per_class: int | None = None,
+    classes: str | os.PathLike[str] | None = None,
+    prompts: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
 ) -> str:
     """What ``generate`` would do, as text (shards, samples, done/to do, example keys and seeds, estimated bytes);
-    loads no model, starts no Ray, writes nothing. Raises ``RunConfigMismatch`` when ``generate`` would refuse."""
+    loads no model, starts no Ray, writes nothing. Raises ``RunConfigMismatch`` when ``generate`` would refuse.
+    Also renders and tokenizes every distinct prompt template with only the model's tokenizer files: a labelled
+    phrase that could fall past the text encoder's context is a ``ManifestError`` at its ``file:line``."""
     from seediff.pipeline.run import format_plan
 
-    run_config, manifest_ = _inputs(manifest, out, config, samples_per_class, write=False)
+    run_config, manifest_ = _inputs(
+        manifest, out, config, samples_per_class, classes, prompts, write=False, check_tokens=True
+    )
     return format_plan(manifest_, run_config, overwrite)
 
 
@@ -99,10 +110,9 @@ def recorded_inputs(out: str | os.PathLike[str]) -> tuple[RunConfig, Manifest]:
     if not record.get("manifest_source"):
         raise ConfigError(f"{source}: manifest_source: not recorded")
     config = RunConfig.from_mapping({**record["config"], "output_url": url}, source)
-    manifest = load_manifest(
-        record["manifest_source"],
-        samples_per_class=record.get("samples_per_class"),
-        prompt_template=config.prompt_template,
+    manifest = _load_manifest(
+        record["manifest_source"], config, record.get("samples_per_class"), record.get("classes_source"),
+        record.get("prompts_source"),
     )
     return config, manifest
 
@@ -201,7 +211,10 @@ def _inputs(
     out: str | os.PathLike[str],
     config: RunConfig | Mapping[str, Any] | None,
     samples_per_class: int | None,
+    classes: str | os.PathLike[str] | None = None,
+    prompts: str | os.PathLike[str] | None = None,
     write: bool = True,
+    check_tokens: bool = False,
 ) -> tuple[RunConfig, Manifest]:
     """Validated settings and manifest; the output's store checked for credentials, bucket and (``write``) write
     permission, the manifest's for reading; a plan whose shard numbers overflow ``shard_digits`` refused."""
@@ -209,11 +222,38 @@ def _inputs(
     check_access(run_config.output_url, write=write)
     if not isinstance(manifest, Manifest):
         check_access(absolute_url(manifest), write=False)
-        manifest = load_manifest(
-            absolute_url(manifest), samples_per_class=samples_per_class, prompt_template=run_config.prompt_template
-        )
+        manifest = _load_manifest(manifest, run_config, samples_per_class, classes, prompts, check_tokens)
     _check_shard_digits(manifest, run_config)
     return run_config, manifest
+
+
+def _load_manifest(
+    url: str | os.PathLike[str],
+    config: RunConfig,
+    samples_per_class: int | None,
+    classes: str | os.PathLike[str] | None,
+    prompts: str | os.PathLike[str] | None,
+    check_tokens: bool = False,
+) -> Manifest:
+    """The manifest with its files as absolute URLs (recorded for resume). ``check_tokens`` (the dry run): each
+    distinct template checked with only the model's tokenizer. A real run leaves that to the workers (the driver
+    imports no model library, transformers included), where the phrase's samples fail with the same message."""
+    check_prompt = None
+    if check_tokens:
+        from seediff.tokens import latest_phrase_tokens, load_tokenizer
+
+        try:
+            check_prompt = partial(latest_phrase_tokens, load_tokenizer(config.model, config.revision))
+        except OSError as e:
+            raise ConfigError(f"model: cannot load the tokenizer of {config.model!r}: {e}") from e
+    return load_manifest(
+        absolute_url(url),
+        samples_per_class=samples_per_class,
+        prompt_template=config.prompt_template,
+        classes=None if classes is None else absolute_url(classes),
+        prompts=None if prompts is None else absolute_url(prompts),
+        check_prompt=check_prompt,
+    )
 
 
 def _check_shard_digits(manifest: Manifest, config: RunConfig) -> None:

@@ -47,12 +47,14 @@ def run_config(out: str, settings: dict | None = None) -> RunConfig:
     return RunConfig.model_validate({**(settings or SETTINGS), "output_url": out})
 
 
-def reference_run(manifest_path: Path, out: str, settings: dict | None = None) -> dict[str, str]:
+def reference_run(
+    manifest_path: Path, out: str, settings: dict | None = None, manifest: Manifest | None = None
+) -> dict[str, str]:
     """An uninterrupted run without Ray: one plain ShardActor over every shard. Returns the output digests.
     One torch thread, like each of the tests' CPU actors (2 actors on 2 CPUs): on the CPU, float results and
     therefore image bytes depend on the intra-op thread count."""
     config = run_config(out, settings)
-    manifest = load_manifest(manifest_path)
+    manifest = manifest or load_manifest(manifest_path)
     prepare_output(config, manifest, overwrite=False)
     plan = plan_of(manifest, config)
     threads = torch.get_num_threads()

@@ -16,9 +16,9 @@ import ray
 from seediff.pipeline.dispatch import DispatchError, Dispatcher
 from seediff.pipeline.plan import Plan
 from seediff.schemas.config import RuntimeOptions
-from seediff.schemas.manifest import ClassRow
+from seediff.schemas.manifest import class_row
 
-ROWS = (ClassRow("cat", 1, 7, "a cat", "", 1), ClassRow("dog", 2, 5, "a dog", "", 2))
+ROWS = (class_row("cat", 1, 7, "a cat", "", 1), class_row("dog", 2, 5, "a dog", "", 2))
 PLAN = Plan(ROWS, global_seed=0, samples_per_shard=2)  # 6 shards
 SHARDS = [PLAN.shard(i) for i in range(PLAN.num_shards)]
 

@@ -18,15 +18,15 @@ from seediff.workers.encode import encode_image, encode_mask, encode_sample
 SPEC = Plan(ROWS, 0, 4).sample(4)  # a "dog" sample (class id 7)
 
 
-def test_mask_png_is_an_8bit_label_map_with_the_class_id() -> None:
-    _, mask = synthetic(SPEC)
-    data = encode_mask(mask, 7)
+def test_mask_png_is_an_8bit_label_map_with_the_class_id_and_ignore() -> None:
+    _, labels = synthetic(SPEC)
+    data = encode_mask(labels)
     with Image.open(io.BytesIO(data)) as im:
         assert (im.format, im.mode) == ("PNG", "L")
-    labels = decode_mask(data)
-    assert labels.dtype == np.uint8
-    np.testing.assert_array_equal(labels, np.where(mask, 7, 0))
-    assert set(np.unique(labels)) == {0, 7}
+    decoded = decode_mask(data)
+    assert decoded.dtype == np.uint8
+    np.testing.assert_array_equal(decoded, labels)
+    assert set(np.unique(decoded)) == {0, 7, 255}
 
 
 def test_decode_mask_rejects_an_rgb_png() -> None:
@@ -57,7 +57,7 @@ def test_successful_sample_has_bytes_and_flat_metadata() -> None:
     stats = {"foreground_fraction": np.float32(0.25), "num_seeds": np.int64(3), "score": float("nan")}
     outcome = encode_sample(SPEC, image, mask, stats, None, make_config("/unused", image_format="png"))
     assert (outcome.status, outcome.error) == ("success", None)
-    assert decode_mask(outcome.mask).max() == 7
+    assert set(np.unique(decode_mask(outcome.mask))) == {0, 7, 255}
     meta = outcome.metadata
     assert meta["key"] == "000000000004" and meta["sample_id"] == 4 and meta["seed"] == SPEC.seed
     assert (meta["class_name"], meta["class_id"], meta["negative_prompt"]) == ("dog", 7, "blurry")
@@ -65,6 +65,7 @@ def test_successful_sample_has_bytes_and_flat_metadata() -> None:
     assert meta["mask_refine"] == "pamr" and meta["mask_stat_num_seeds"] == 3
     assert meta["mask_stat_score"] is None  # NaN is not JSON
     assert all(not isinstance(v, dict) for v in meta.values())
+    assert meta["classes"] == [{"class_id": 7, "class_name": "dog", "phrase": "dog", "occurrences": 1}]
     assert json.loads(metadata_json(meta)) == meta
     assert metadata_json(dict(reversed(meta.items()))) == metadata_json(meta)  # key order does not matter
 
@@ -82,7 +83,9 @@ def test_bad_arrays_and_stats_are_rejected_naming_the_sample_and_field() -> None
     config = make_config("/unused")
     with pytest.raises(ValueError, match=r"sample 000000000004: image: expected H x W x 3 uint8"):
         encode_sample(SPEC, image.astype(np.float32), mask, {}, None, config)
-    with pytest.raises(ValueError, match=r"sample 000000000004: mask: expected \(64, 64\) bool"):
+    with pytest.raises(ValueError, match=r"sample 000000000004: mask: expected \(64, 64\) uint8 labels"):
         encode_sample(SPEC, image, mask[:32], {}, None, config)
+    with pytest.raises(ValueError, match=r"sample 000000000004: mask: values \[3\] are neither 0, 255 nor"):
+        encode_sample(SPEC, image, np.where(mask == 7, 3, mask).astype(np.uint8), {}, None, config)
     with pytest.raises(ValueError, match=r"sample 000000000004: mask_stats\['hist'\]: expected a number"):
         encode_sample(SPEC, image, mask, {"hist": [1, 2]}, None, config)

@@ -26,7 +26,7 @@ from seediff.pipeline.plan import Plan
 from seediff.pipeline.resume import prepare_output
 from seediff.pipeline.readers import raw_samples
 from seediff.schemas.config import RunConfig
-from seediff.schemas.manifest import ClassRow, Manifest
+from seediff.schemas.manifest import Manifest, class_row
 from seediff.schemas.records import SUCCESS, SampleOutcome, sample_metadata
 from seediff.workers.encode import encode_image
 from seediff.workers.shards import ShardWriter
@@ -58,7 +58,7 @@ def png_bytes(array: np.ndarray) -> bytes:
 def output_root(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """An output root written by the real shard writer: png images of several sizes, label maps with 255."""
     out = str(tmp_path_factory.mktemp("export") / "out")
-    rows = tuple(ClassRow(name, cid, n, f"a photo of a {name}", "", line) for line, (cid, name, n) in enumerate(CLASSES, 2))
+    rows = tuple(class_row(name, cid, n, f"a photo of a {name}", "", line) for line, (cid, name, n) in enumerate(CLASSES, 2))
     config = RunConfig(model="synthetic", samples_per_shard=2, image_format="png", output_url=out)
     prepare_output(config, Manifest(source="m.csv", rows=rows, sha256="0" * 64), overwrite=False)
     plan = Plan(rows, config.seed, config.samples_per_shard)
@@ -70,7 +70,7 @@ def output_root(tmp_path_factory: pytest.TempPathFactory) -> dict:
                 size = SIZES[spec.sample_id]
                 rng = np.random.default_rng(spec.sample_id)
                 image = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-                labels = label_map(spec.sample_id, spec.row.class_id, size)
+                labels = label_map(spec.sample_id, spec.class_id, size)
                 meta = sample_metadata(spec, config, size, {})
                 writer.add(SampleOutcome(spec, SUCCESS, None, encode_image(image, "png", 95), png_bytes(labels), meta))
                 expected[spec.key] = (image, labels)

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 
 from seediff.pipeline.plan import Plan, sample_seed
-from seediff.schemas.manifest import ClassRow
+from seediff.schemas.manifest import ManifestRow, class_row
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def rows(*counts: int) -> tuple[ClassRow, ...]:
-    return tuple(ClassRow(f"c{i}", i + 1, n, f"a photo of c{i}", "", i + 2) for i, n in enumerate(counts))
+def rows(*counts: int) -> tuple[ManifestRow, ...]:
+    return tuple(class_row(f"c{i}", i + 1, n, f"a photo of c{i}", "", i + 2) for i, n in enumerate(counts))
 
 
 def test_known_seeds_never_change():

@@ -26,7 +26,7 @@ from seediff.pipeline.readers import raw_samples, segmentation_dataset, shard_ur
 from seediff.pipeline.resume import prepare_output
 from seediff.pipeline.review import verify_dataset
 from seediff.schemas.config import RunConfig
-from seediff.schemas.manifest import ClassRow, Manifest
+from seediff.schemas.manifest import Manifest, class_row
 from seediff.workers.encode import encode_sample
 from seediff.workers.shards import ShardWriter
 
@@ -54,7 +54,7 @@ def synthetic_arrays(sample_id: int, class_id: int) -> tuple[np.ndarray, np.ndar
 def build_synthetic_dataset(out: str) -> dict:
     """Write a finished output root (run.json, 3 shards, sizes.json, dataset.json); returns what was written."""
     rows = tuple(
-        ClassRow(name, cid, n, f"a photograph of a {name}", "", line)
+        class_row(name, cid, n, f"a photograph of a {name}", "", line)
         for line, (cid, name, n) in enumerate(CLASSES, start=2)
     )
     manifest = Manifest(source="synthetic.csv", rows=rows, sha256="0" * 64)
@@ -70,9 +70,10 @@ def build_synthetic_dataset(out: str) -> dict:
                 if spec.sample_id == FAILED_SAMPLE:
                     outcome = encode_sample(spec, None, None, {}, "nsfw: blanked by the safety checker", config)
                 else:
-                    image, mask = synthetic_arrays(spec.sample_id, spec.row.class_id)
-                    outcome = encode_sample(spec, image, mask, {"foreground_fraction": float(mask.mean())}, None, config)
-                    masks[spec.key] = mask * np.uint8(spec.row.class_id)
+                    image, mask = synthetic_arrays(spec.sample_id, spec.class_id)
+                    labels = mask * np.uint8(spec.class_id)
+                    outcome = encode_sample(spec, image, labels, {"foreground_fraction": float(mask.mean())}, None, config)
+                    masks[spec.key] = labels
                 writer.add(outcome)
             writer.commit({})
     write_index(config, plan.num_shards)

@@ -19,6 +19,7 @@ from selenium.webdriver.common.by import By
 import seediff
 from seediff.pipeline import fonts
 from seediff.pipeline.cli import main
+from seediff.pipeline.review import LEGEND_ROW
 from tests.e2e_support import reference_run
 
 CLASSES = ("cat", "Café crème", "猫")
@@ -95,7 +96,7 @@ def test_class_names_in_any_script_are_drawn_with_glyphs(name, other):
 def test_preview_labels_cjk_names(output, tmp_path):
     width, height = seediff.preview(output, tmp_path / "grid.png", class_name="猫", cell=192)
     sheet = Image.open(tmp_path / "grid.png").convert("L")
-    assert (width, height) == (384, 384)
+    assert (width, height) == (384, 384 + LEGEND_ROW)  # 2 x 2 cells, one legend line (the class, ignore)
     # the first cell's label band holds exactly what the covering font draws for the name (16 px at this size)
     w, h = fonts.label_size("猫", 16)
     expected = Image.new("L", (w + 4, h + 4))

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from seediff.pipeline.review import format_inspection, inspect_dataset, preview_grid, verify_dataset
+from seediff.pipeline.review import LEGEND_ROW, format_inspection, inspect_dataset, preview_grid, verify_dataset
 from tests.test_readers import synthetic_dataset  # noqa: F401 - fixture
 
 SHARD0, SHARD1 = "seediff-000000", "seediff-000001"
@@ -52,7 +52,8 @@ def test_inspect_counts_classes_failures_bytes_and_settings(synthetic_dataset: d
 def test_preview_writes_a_png_of_the_stated_size(synthetic_dataset: dict, tmp_path: Path) -> None:  # noqa: F811
     out = tmp_path / "grid.png"
     size = preview_grid(synthetic_dataset["root"], str(out), n=64, cell=48)
-    assert size == (4 * 48, 3 * 48)  # 11 samples -> 4 columns x 3 rows
+    assert size[0] == 4 * 48  # 11 samples -> 4 columns x 3 rows, then legend lines
+    assert size[1] > 3 * 48 and (size[1] - 3 * 48) % LEGEND_ROW == 0
     with Image.open(out) as im:
         assert im.format == "PNG" and im.size == size
         sheet = np.asarray(im.convert("RGB"))
@@ -60,7 +61,8 @@ def test_preview_writes_a_png_of_the_stated_size(synthetic_dataset: dict, tmp_pa
 
 
 def test_preview_of_one_class(synthetic_dataset: dict, tmp_path: Path) -> None:  # noqa: F811
-    assert preview_grid(synthetic_dataset["root"], str(tmp_path / "t.png"), n=2, class_name="tree", cell=32) == (64, 32)
+    width, height = preview_grid(synthetic_dataset["root"], str(tmp_path / "t.png"), n=2, class_name="tree", cell=32)
+    assert width == 64 and height > 32 and (height - 32) % LEGEND_ROW == 0
     with pytest.raises(ValueError, match="no samples of class 'zebra'"):
         preview_grid(synthetic_dataset["root"], str(tmp_path / "z.png"), class_name="zebra")
 
@@ -103,7 +105,9 @@ def test_verify_catches_an_out_of_range_mask_value(copy_of: Path) -> None:
     tar = copy_of / f"{SHARD0}.tar"
     _rewrite_first_mask(tar, value=42)
     problems = verify_dataset(str(copy_of))
-    assert any("mask values [42] outside the class ids [0, 1, 2, 7, 255]" in p for p in problems), problems
+    assert any("mask values [42] outside the sample's class ids [0, 1, 255]" in p for p in problems), problems
+    _rewrite_first_mask(tar, value=2)  # another class of the dataset, but not of this sample
+    assert any("mask values [2] outside the sample's class ids [0, 1, 255]" in p for p in verify_dataset(str(copy_of)))
 
 
 def test_verify_catches_non_contiguous_fields(copy_of: Path) -> None:

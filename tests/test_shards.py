@@ -17,7 +17,7 @@ import webdataset as wds
 from seediff.pipeline.plan import Plan
 from seediff.pipeline.resume import clean_leftovers, read_committed_stats
 from seediff.schemas.config import RunConfig
-from seediff.schemas.manifest import ClassRow
+from seediff.schemas.manifest import class_row
 from seediff.schemas.records import SampleSpec, ShardSpec, shard_name
 from seediff.schemas.records import decode_mask
 from seediff.workers.encode import encode_sample
@@ -25,8 +25,8 @@ from seediff.workers.shards import ShardWriter
 
 SIZE = 64
 ROWS = (
-    ClassRow("cat", 3, 3, "a photograph of a cat", "", 1),
-    ClassRow("dog", 7, 3, "a dog on grass", "blurry", 2),
+    class_row("cat", 3, 3, "a photograph of a cat", "", 1),
+    class_row("dog", 7, 3, "a dog on grass", "blurry", 2),
 )
 FAILING = {2: "nsfw: blanked by the safety checker"}  # sample id -> error
 
@@ -36,18 +36,21 @@ def make_config(output_url: str, **overrides) -> RunConfig:
 
 
 def synthetic(spec: SampleSpec) -> tuple[np.ndarray, np.ndarray]:
-    """A seed-determined image and a rectangle mask whose size depends on the sample."""
+    """A seed-determined image and a label map: a rectangle of the class id whose size depends on the sample, with
+    an ignore (255) rim."""
     image = np.random.default_rng(spec.seed).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
-    mask = np.zeros((SIZE, SIZE), dtype=bool)
-    mask[8 : 16 + 4 * spec.index_in_class, 4:40] = True
-    return image, mask
+    labels = np.zeros((SIZE, SIZE), dtype=np.uint8)
+    labels[7 : 17 + 4 * spec.index_in_class, 3:41] = 255
+    labels[8 : 16 + 4 * spec.index_in_class, 4:40] = spec.class_id
+    return image, labels
 
 
 def outcomes(shard: ShardSpec, config: RunConfig):
     for spec in Plan(ROWS, config.seed, config.samples_per_shard).samples(shard):
-        image, mask = synthetic(spec)
+        image, labels = synthetic(spec)
         error = FAILING.get(spec.sample_id)
-        yield encode_sample(spec, image, mask, {"foreground_fraction": float(mask.mean())}, error, config)
+        yield encode_sample(spec, image, labels, {"foreground_fraction": float((labels == spec.class_id).mean())},
+                            error, config)
 
 
 def write_shard(config: RunConfig, shard_id: int, runtime_info: dict | None = None) -> dict:
@@ -83,11 +86,11 @@ def test_shard_reads_back_with_webdataset(storage_url: str, tmp_path: Path) -> N
         assert set(s) - {"__url__", "__local_path__"} == {"__key__", "jpg", "mask.png", "cls", "txt", "json"}
         assert s["jpg"] == outcome.image  # the pre-encoded bytes, not re-encoded by webdataset
         assert s["mask.png"] == outcome.mask
-        class_id = outcome.spec.row.class_id
-        _, mask = synthetic(outcome.spec)
-        np.testing.assert_array_equal(decode_mask(s["mask.png"]), np.where(mask, class_id, 0).astype(np.uint8))
+        class_id = outcome.spec.class_id
+        _, labels = synthetic(outcome.spec)
+        np.testing.assert_array_equal(decode_mask(s["mask.png"]), labels)
         assert s["cls"] == str(class_id).encode()
-        assert s["txt"].decode() == outcome.spec.row.prompt
+        assert s["txt"].decode() == outcome.spec.prompt.text
         assert json.loads(s["json"]) == outcome.metadata
 
     table = pq.read_table(io.BytesIO(shard_bytes(config, 0, ".parquet"))).to_pylist()

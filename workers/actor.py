@@ -99,7 +99,7 @@ class ShardActor:
 
     def _encode(self, sample: GeneratedSample) -> SampleOutcome:
         try:
-            return encode_sample(sample.spec, sample.image, sample.mask, sample.mask_stats, sample.error, self.config)
+            return encode_sample(sample.spec, sample.image, sample.labels, sample.mask_stats, sample.error, self.config)
         except Exception as error:
             if not _sample_error(error):
                 raise

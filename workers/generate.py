@@ -1,4 +1,4 @@
-"""One batch: SampleSpecs -> images + SeeDiff masks + stats. Each sample's initial latents come from its own
+"""One batch: SampleSpecs -> images + SeeDiff label maps + stats. Each sample's initial latents come from its own
 torch.Generator seeded with spec.seed, so a sample's image does not depend on its batch neighbours."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from diffusers import StableDiffusionPipeline
 from seediff.schemas.config import RunConfig
 from seediff.schemas.records import SampleSpec
 from seediff.workers import seediff
+from seediff.tokens import PhrasePositionError, class_token_positions
 from seediff.workers.capture import CapturedAttention, SeeDiffCapture
 
 NSFW_ERROR = "nsfw: blanked by the safety checker"
@@ -24,30 +25,47 @@ NSFW_ERROR = "nsfw: blanked by the safety checker"
 class GeneratedSample:
     spec: SampleSpec
     image: np.ndarray | None  # H x W x 3 uint8 RGB; None on failure
-    mask: np.ndarray | None  # H x W bool foreground of spec.row's class (final mask, PAMR applied if on)
-    mask_stats: dict = field(default_factory=dict)  # flat JSON-able numbers
+    labels: np.ndarray | None  # H x W uint8 label map: 0 background, the sample's class ids, 255 ignore
+    mask_stats: dict = field(default_factory=dict)  # label_maps' stats: flat numbers plus "classes"
     error: str | None = None
 
 
 def generate_batch(
     pipe: StableDiffusionPipeline, samples: Sequence[SampleSpec], config: RunConfig
 ) -> list[GeneratedSample]:
-    if not samples:
-        return []
+    """A sample whose labelled phrase falls past the text encoder's context fails alone (``prompt: ...``); the dry
+    run refuses such templates up front."""
+    failures = {}
+    for spec in samples:
+        try:
+            sample_token_positions(pipe.tokenizer, spec)
+        except PhrasePositionError as e:
+            failures[spec.sample_id] = f"prompt: {e}"
+    runnable = [s for s in samples if s.sample_id not in failures]
+    generated = {g.spec.sample_id: g for g in _generate(pipe, runnable, config)} if runnable else {}
+    return [generated.get(s.sample_id) or GeneratedSample(s, None, None, {}, failures[s.sample_id]) for s in samples]
+
+
+def _generate(pipe: StableDiffusionPipeline, samples: Sequence[SampleSpec], config: RunConfig) -> list[GeneratedSample]:
     size = config.resolution
     out, captured, positions = generate_with_capture(pipe, samples, config)
     # Quantise once, the way diffusers makes PIL images, so masks are refined on exactly the stored pixels.
     pixels = (out.images.float() * 255).round().clamp(0, 255)
-    masks = seediff.seeded_masks(attention_maps(captured), (size, size), config.mask, images=pixels)
+    class_ids = [[c.class_id for c in s.classes] for s in samples]
+    result = seediff.label_maps(attention_maps(captured, positions), class_ids, (size, size), config.mask, pixels)
     images = pixels.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    final = masks.mask.cpu().numpy()
+    labels = result.labels.cpu().numpy()
     nsfw = out.nsfw_content_detected or [False] * len(samples)
-    return [
-        GeneratedSample(spec, None, None, {}, NSFW_ERROR)
-        if nsfw[i]
-        else GeneratedSample(spec, images[i], final[i], {**masks.stats[i], "class_tokens": len(positions[i])})
-        for i, spec in enumerate(samples)
-    ]
+    generated = []
+    for i, spec in enumerate(samples):
+        if nsfw[i]:
+            generated.append(GeneratedSample(spec, None, None, {}, NSFW_ERROR))
+            continue
+        stats = result.stats[i]
+        for entry, tokens in zip(stats["classes"], positions[i]):
+            entry["tokens"] = len(tokens)
+        generated.append(GeneratedSample(spec, images[i], labels[i], stats))
+    return generated
 
 
 def generate_with_capture(
@@ -55,15 +73,16 @@ def generate_with_capture(
     samples: Sequence[SampleSpec],
     config: RunConfig,
     capture: SeeDiffCapture | None = None,
-) -> tuple[Any, CapturedAttention, list[list[int]]]:
+) -> tuple[Any, CapturedAttention, list[list[list[int]]]]:
     """Run the pipeline on a batch with SeeDiff's attention capture installed: (pipeline output with images as
-    tensors, the captured maps, each sample's class token positions). ``capture``: one kept installed on
-    ``pipe.unet`` (a compiled UNet's, see ``compile_with_capture``); None installs one for this batch only."""
-    positions = [class_token_positions(pipe.tokenizer, s.row.prompt, s.row.class_name, s) for s in samples]
+    tensors, the captured maps, per sample the token positions of each of its classes). ``capture``: one kept
+    installed on ``pipe.unet`` (a compiled UNet's, see ``compile_with_capture``); None installs one for this batch
+    only. The capture keeps each sample's class tokens concatenated; ``attention_maps`` splits them by class."""
+    positions = [sample_token_positions(pipe.tokenizer, s) for s in samples]
     with ExitStack() as installed:
         if capture is None:
             capture = installed.enter_context(new_capture(pipe, config, len(samples)))
-        capture.begin(positions, config.mask.capture_steps)
+        capture.begin([sum(sample, []) for sample in positions], config.mask.capture_steps)
         out = pipe(**diffusion_inputs(pipe, samples, config), output_type="pt", callback_on_step_end=capture.step_end)
         return out, capture.result(), positions
 
@@ -80,12 +99,20 @@ def new_capture(pipe: StableDiffusionPipeline, config: RunConfig, max_samples: i
     )
 
 
+def sample_token_positions(tokenizer, spec: SampleSpec) -> list[list[int]]:
+    """Token positions of each class of the sample, from where its phrases were placed in the rendered prompt."""
+    try:
+        return class_token_positions(tokenizer, spec.prompt)
+    except PhrasePositionError as e:
+        raise PhrasePositionError(f"manifest line {spec.row.line} (sample {spec.sample_id}): {e}") from e
+
+
 def diffusion_inputs(pipe: StableDiffusionPipeline, samples: Sequence[SampleSpec], config: RunConfig) -> dict:
     """Keyword arguments of the pipeline call for a batch (all but output_type)."""
     generators = [torch.Generator("cpu").manual_seed(s.seed) for s in samples]
     latents = initial_latents(generators, pipe.unet.config.in_channels, config.resolution // pipe.vae_scale_factor)
     return dict(
-        prompt=[s.row.prompt for s in samples],
+        prompt=[s.prompt.text for s in samples],
         negative_prompt=[s.row.negative_prompt for s in samples],
         height=config.resolution,
         width=config.resolution,
@@ -96,9 +123,17 @@ def diffusion_inputs(pipe: StableDiffusionPipeline, samples: Sequence[SampleSpec
     )
 
 
-def attention_maps(captured: CapturedAttention) -> seediff.AttentionMaps:
+def attention_maps(captured: CapturedAttention, positions: Sequence[Sequence[Sequence[int]]]) -> seediff.AttentionMaps:
+    """The captured maps with each sample's cross maps split by class. The capture keeps the token columns of all
+    its classes layer-major ([layer, token] rows); a class keeps its own tokens, still layer-major."""
+    cross = []
+    for maps, per_class in zip(captured.cross, positions):
+        tokens = sum(len(p) for p in per_class)
+        by_layer = maps.view(-1, tokens, *maps.shape[-2:])
+        bounds = np.cumsum([0] + [len(p) for p in per_class])
+        cross.append([by_layer[:, a:b].reshape(-1, *maps.shape[-2:]) for a, b in zip(bounds[:-1], bounds[1:])])
     return seediff.AttentionMaps(
-        cross=captured.cross,
+        cross=cross,
         self_coarse=captured.self_attn["coarse"],
         self_middle=captured.self_attn["middle"],
         self_fine=captured.self_attn["fine"],
@@ -108,20 +143,3 @@ def attention_maps(captured: CapturedAttention) -> seediff.AttentionMaps:
 def initial_latents(generators: Sequence[torch.Generator], channels: int, latent_size: int) -> torch.Tensor:
     """Standard-normal fp32 latents on the CPU, one draw per sample generator: the same for any batch and device."""
     return torch.cat([torch.randn(1, channels, latent_size, latent_size, generator=g) for g in generators])
-
-
-def class_token_positions(tokenizer, prompt: str, class_name: str, spec: SampleSpec | None = None) -> list[int]:
-    """Positions, in the tokenized prompt the text encoder sees, of every sub-token of the first occurrence of the
-    class phrase (case-insensitive)."""
-    where = f"manifest line {spec.row.line} (sample {spec.sample_id})" if spec else "prompt"
-    start = prompt.lower().find(class_name.lower())
-    if start < 0:
-        raise ValueError(f"{where}: prompt {prompt!r} does not contain class name {class_name!r}")
-    end = start + len(class_name)
-    encoded = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length, return_offsets_mapping=True)
-    positions = [i for i, (a, b) in enumerate(encoded["offset_mapping"]) if b > a and a < end and b > start]
-    if not positions:
-        raise ValueError(
-            f"{where}: class name {class_name!r} falls beyond the tokenizer's {tokenizer.model_max_length} tokens"
-        )
-    return positions

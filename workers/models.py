@@ -3,9 +3,6 @@ with attention at latent, latent/2 and latent/4, and an offline byte-level CLIP 
 
 from __future__ import annotations
 
-import json
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,10 +16,10 @@ from diffusers import (
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
-from tokenizers import pre_tokenizers
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel
 
 from seediff.schemas.config import TINY_MODEL, RunConfig
+from seediff.tokens import offline_clip_tokenizer
 
 SCHEDULERS = {
     "ddim": DDIMScheduler,
@@ -66,7 +63,6 @@ TINY_TEXT = dict(
     max_position_embeddings=77,
     vocab_size=1000,
 )
-_BOS, _EOS = "<|startoftext|>", "<|endoftext|>"
 
 
 def resolve_device(device: str) -> torch.device:
@@ -142,15 +138,3 @@ def build_tiny_model(
         feature_extractor=None,
         requires_safety_checker=False,
     )
-
-
-def offline_clip_tokenizer() -> CLIPTokenizer:
-    """A byte-level CLIP tokenizer (no merges) written to a temp dir and loaded from it: no network needed."""
-    symbols = sorted(pre_tokenizers.ByteLevel.alphabet())  # the 256 byte symbols GPT-2/CLIP BPE works on
-    vocab = {s: i for i, s in enumerate(symbols + [s + "</w>" for s in symbols] + [_BOS, _EOS])}
-    with tempfile.TemporaryDirectory(prefix="tiny-clip-") as tmp:
-        Path(tmp, "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
-        Path(tmp, "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
-        # model_max_length is required: without it padding to max length overflows in transformers 5.x.
-        return CLIPTokenizer.from_pretrained(tmp, model_max_length=77)
-

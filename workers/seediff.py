@@ -10,6 +10,11 @@ batch:
    G = sum of cosine similarities to the background seeds, F = minmax(minmax(1 - G) * minmax(P));
 5. soft = minmax(bicubic(F -> image size)); mask = soft > threshold, or PAMR boundary refinement.
 
+Several classes per image (``label_maps``) run the same cascade: each class seeds from its own cross-attention maps,
+and its seed set expands over the sample's shared self-attention as one more row of the same batched products
+(``seed_affinity`` takes [B, K, N] seed sets). One label per pixel then comes from ``label_pixels``. ``seeded_masks``
+is the one-class case and keeps the official arithmetic.
+
 minmax of a constant map is defined as zeros (the official code divides by zero there), so degenerate inputs
 give a defined, flagged result instead of NaN.
 """
@@ -24,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from seediff.schemas.config import MaskConfig
+from seediff.schemas.records import IGNORE_LABEL as IGNORE
 
 # The official per-layer gate: maps whose unbiased variance is not above this are scaled by GATE_WEIGHT.
 VARIANCE_GATE = 1e-4
@@ -42,9 +48,12 @@ _NEIGHBOURS = tuple((dy, dx) for dy in range(3) for dx in range(3) if (dy, dx) !
 
 @dataclass
 class AttentionMaps:
-    """Time-averaged, head-summed attention for a batch. Coarse side s, middle 2s, fine 4s."""
+    """Time-averaged, head-summed attention for a batch. Coarse side s, middle 2s, fine 4s.
 
-    cross: Sequence[torch.Tensor]  # per sample [n_maps, s, s] class-token maps (one per (layer, class sub-token))
+    ``cross[b]``: for ``label_maps`` a list with one [n_maps, s, s] tensor per class of sample b (one map per
+    (layer, class sub-token)); for ``seeded_masks`` the one class's [n_maps, s, s] tensor itself."""
+
+    cross: Sequence[torch.Tensor | Sequence[torch.Tensor]]
     self_coarse: torch.Tensor  # [B, s^2, s^2], rows = queries
     self_middle: torch.Tensor  # [B, (2s)^2, (2s)^2]
     self_fine: torch.Tensor  # [B, (4s)^2, (4s)^2]
@@ -57,6 +66,13 @@ class MaskResult:
     stats: list[dict]  # per sample, flat JSON-able numbers
     seeds: torch.Tensor | None = field(default=None)  # [B, s, s] bool coarse foreground seeds
     unrefined: torch.Tensor | None = field(default=None)  # [B, H, W] bool soft > config.threshold
+
+
+@dataclass
+class LabelMaps:
+    labels: torch.Tensor  # [B, H, W] uint8: 0 background, a class id, IGNORE
+    scores: torch.Tensor  # [B, K, H, W] float per-class maps the labels come from (K = most classes; missing: 0)
+    stats: list[dict]  # per sample: flat numbers plus "classes", one dict per class in class_ids order
 
 
 def minmax(x: torch.Tensor, dims: int = 2) -> torch.Tensor:
@@ -135,26 +151,30 @@ def otsu_thresholds(levels: torch.Tensor) -> torch.Tensor:
 
 
 def seed_affinity(attn: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
-    """Sum over seed rows s of cos(attn[p], attn[s]) for every row p: [B, N, N], [B, N] bool -> [B, N].
+    """Sum over seed rows s of cos(attn[p], attn[s]) for every row p, for K seed sets sharing one self-attention:
+    [B, N, N], [B, K, N] bool -> [B, K, N].
 
-    Equals the official per-seed loop as one pair of batched matrix-vector products:
+    Equals the official per-seed loop as one pair of batched matrix products (matrix-vector for K = 1):
     E = diag(1/|A_p|) A (sum_s A_s / |A_s|)."""
     norms = attn.norm(dim=-1).clamp_min(COSINE_EPS)  # [B, N]
-    seed_sum = torch.bmm((seeds.to(attn.dtype) / norms)[:, None, :], attn)  # [B, 1, N]
-    return torch.bmm(attn, seed_sum.transpose(1, 2))[..., 0] / norms
+    seed_sum = torch.bmm(seeds.to(attn.dtype) / norms[:, None, :], attn)  # [B, K, N]
+    return (torch.bmm(attn, seed_sum.transpose(1, 2)) / norms[..., None]).transpose(1, 2)
 
 
-def _refine(previous: torch.Tensor, attn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One background-seeded refinement step at twice the side of `previous` [B, s, s].
+def _refine(
+    previous: torch.Tensor, attn: torch.Tensor, classes: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One background-seeded refinement step at twice the side of `previous` [B*K, s, s] (K = ``classes`` seed sets
+    per sample of ``attn``).
 
-    Returns (F [B, 2s, 2s], Otsu thresholds [B], background-seed counts [B])."""
-    batch, side = previous.shape[0], previous.shape[-1] * 2
+    Returns (F [B*K, 2s, 2s], Otsu thresholds [B*K], background-seed counts [B*K])."""
+    entries, side = previous.shape[0], previous.shape[-1] * 2
     upsampled = bicubic(previous, (side, side))
     levels = quantise(upsampled).flatten(1)
     thresholds = otsu_thresholds(levels)
     background = levels <= thresholds[:, None]
-    not_background = minmax(1 - seed_affinity(attn, background).view(batch, side, side))
-    return minmax(not_background * minmax(upsampled)), thresholds, background.sum(-1)
+    affinity = seed_affinity(attn, background.view(-1, classes, side * side)).reshape(entries, side, side)
+    return minmax(minmax(1 - affinity) * minmax(upsampled)), thresholds, background.sum(-1)
 
 
 def _local_affinity(images: torch.Tensor) -> torch.Tensor:
@@ -173,9 +193,19 @@ def _local_affinity(images: torch.Tensor) -> torch.Tensor:
 def pamr(images: torch.Tensor, masks: torch.Tensor, iterations: int) -> torch.Tensor:
     """Pixel-adaptive mask refinement: iterate m(p) <- sum_n w_pn m(n) over the 8 neighbours.
 
-    images [B, C, H, W] float 0-255; masks [B, H, W] float. The affinity is computed once; each iteration is a
-    replicate pad plus 8 fused multiply-adds on shifted views. Returns [B, H, W] float32."""
+    images [B, C, H, W] float 0-255; masks [B, H, W] float, or [B, K, H, W] for K maps per image that propagate
+    jointly with the image's affinities. The affinity is computed once; each iteration is a replicate pad plus 8
+    fused multiply-adds on shifted views. Returns masks' shape, float32."""
     weights = _local_affinity(images.float())
+    if masks.dim() == 4:
+        channels = masks.shape[1]
+        refined = pamr_with(weights.repeat_interleave(channels, 0), masks.flatten(0, 1), iterations)
+        return refined.view(masks.shape)
+    return pamr_with(weights, masks, iterations)
+
+
+def pamr_with(weights: torch.Tensor, masks: torch.Tensor, iterations: int) -> torch.Tensor:
+    """PAMR iterations with precomputed neighbour weights [B, 8, H, W] on masks [B, H, W]."""
     height, width = masks.shape[-2:]
     m = masks.float()[:, None]
     for _ in range(iterations):
@@ -187,14 +217,15 @@ def pamr(images: torch.Tensor, masks: torch.Tensor, iterations: int) -> torch.Te
     return m[:, 0]
 
 
-def _check_shapes(maps: AttentionMaps) -> int:
-    """Validate the batch; returns the coarse side s."""
+def _check_shapes(maps: AttentionMaps, entries: Sequence[tuple[str, torch.Tensor]]) -> int:
+    """Validate the batch; ``entries`` are the (name, cross maps) seed sources. Returns the coarse side s."""
     if len(maps.cross) == 0:
         raise ValueError("AttentionMaps.cross: empty batch")
-    side = maps.cross[0].shape[-1]
-    for b, m in enumerate(maps.cross):
-        if m.dim() != 3 or m.shape[-2:] != (side, side):
-            raise ValueError(f"AttentionMaps.cross[{b}]: expected [n_maps, {side}, {side}], got {list(m.shape)}")
+    side = entries[0][1].shape[-1]
+    for name, m in entries:
+        if not isinstance(m, torch.Tensor) or m.dim() != 3 or m.shape[-2:] != (side, side):
+            got = list(m.shape) if isinstance(m, torch.Tensor) else type(m).__name__
+            raise ValueError(f"AttentionMaps.{name}: expected [n_maps, {side}, {side}], got {got}")
     batch = len(maps.cross)
     for name, factor in (("self_coarse", 1), ("self_middle", 2), ("self_fine", 4)):
         n = (side * factor) ** 2
@@ -204,24 +235,61 @@ def _check_shapes(maps: AttentionMaps) -> int:
     return side
 
 
-def seeded_masks(
-    maps: AttentionMaps, image_size: tuple[int, int], config: MaskConfig, images: torch.Tensor | None = None
-) -> MaskResult:
-    """SeeDiff masks for a batch. images: [B, 3, H, W] float 0-255, required when config.refine == "pamr"."""
-    side = _check_shapes(maps)
-    batch = len(maps.cross)
+@dataclass
+class _Cascade:
+    """The cascade over B samples x K seed sets, every tensor with the batch as B*K rows, sample-major."""
+
+    soft: torch.Tensor  # [B*K, H, W]
+    coarse: torch.Tensor  # [B*K, s, s]
+    seeds: torch.Tensor  # [B*K, s*s] bool
+    stats: dict[str, torch.Tensor]  # name -> [B*K]
+
+
+def _cascade(
+    maps: AttentionMaps, cross: Sequence[torch.Tensor], classes: int, image_size: tuple[int, int]
+) -> _Cascade:
+    """Seeds of every cross entry (``classes`` per sample, sample-major), expanded over their sample's shared
+    self-attention 16 -> 32 -> 64, upsampled to the image."""
+    side = cross[0].shape[-1]
+    coarse, gated = coarse_seed_map(cross)
+    levels = quantise(coarse).flatten(1)
+    otsu_coarse = otsu_thresholds(levels)
+    seeds = levels > otsu_coarse[:, None]
+    affinity = seed_affinity(maps.self_coarse.float(), seeds.view(-1, classes, side * side))
+    expanded = minmax(affinity.reshape(len(cross), side, side))
+    middle, otsu_middle, background_middle = _refine(expanded, maps.self_middle.float(), classes)
+    fine, otsu_fine, background_fine = _refine(middle, maps.self_fine.float(), classes)
+    stats = {
+        "num_cross_maps": torch.tensor([len(m) for m in cross]),
+        "gated_maps": gated,
+        "num_seeds": seeds.sum(-1),
+        "seed_fraction": seeds.float().mean(-1),
+        "otsu_coarse": otsu_coarse,
+        "otsu_middle": otsu_middle,
+        "otsu_fine": otsu_fine,
+        "background_seeds_middle": background_middle,
+        "background_seeds_fine": background_fine,
+        "degenerate": (coarse.flatten(1).amax(-1) == 0) | (seeds.sum(-1) == 0) | seeds.all(-1),
+    }
+    return _Cascade(minmax(bicubic(fine, tuple(image_size))), coarse, seeds, stats)
+
+
+def _check_images(images: torch.Tensor | None, batch: int, image_size: tuple[int, int], config: MaskConfig) -> None:
     if config.refine == "pamr" and (images is None or tuple(images.shape) != (batch, 3, *image_size)):
         got = None if images is None else list(images.shape)
         raise ValueError(f"images: refine='pamr' needs [{batch}, 3, {image_size[0]}, {image_size[1]}], got {got}")
 
-    coarse, gated = coarse_seed_map(maps.cross)
-    levels = quantise(coarse).flatten(1)
-    otsu_coarse = otsu_thresholds(levels)
-    seeds = levels > otsu_coarse[:, None]
-    expanded = minmax(seed_affinity(maps.self_coarse.float(), seeds).view(batch, side, side))
-    middle, otsu_middle, background_middle = _refine(expanded, maps.self_middle.float())
-    fine, otsu_fine, background_fine = _refine(middle, maps.self_fine.float())
-    soft = minmax(bicubic(fine, tuple(image_size)))
+
+def seeded_masks(
+    maps: AttentionMaps, image_size: tuple[int, int], config: MaskConfig, images: torch.Tensor | None = None
+) -> MaskResult:
+    """SeeDiff masks for a batch, one class per sample. images: [B, 3, H, W] float 0-255, required when
+    config.refine == "pamr"."""
+    side = _check_shapes(maps, [(f"cross[{b}]", m) for b, m in enumerate(maps.cross)])
+    batch = len(maps.cross)
+    _check_images(images, batch, image_size, config)
+    cascade = _cascade(maps, list(maps.cross), 1, image_size)
+    soft, seeds = cascade.soft, cascade.seeds
 
     unrefined = soft > config.threshold
     if config.refine == "pamr":
@@ -231,24 +299,111 @@ def seeded_masks(
         mask = unrefined
 
     per_sample = {
-        "num_cross_maps": torch.tensor([len(m) for m in maps.cross]),
-        "gated_maps": gated,
-        "num_seeds": seeds.sum(-1),
-        "seed_fraction": seeds.float().mean(-1),
-        "otsu_coarse": otsu_coarse,
-        "otsu_middle": otsu_middle,
-        "otsu_fine": otsu_fine,
-        "background_seeds_middle": background_middle,
-        "background_seeds_fine": background_fine,
+        **cascade.stats,
         "unrefined_foreground_fraction": unrefined.flatten(1).float().mean(-1),
         "foreground_fraction": mask.flatten(1).float().mean(-1),
         "soft_contrast": _contrast(soft, mask),
         "empty": ~mask.flatten(1).any(-1),
-        "degenerate": (coarse.flatten(1).amax(-1) == 0) | (seeds.sum(-1) == 0) | seeds.all(-1),
     }
     columns = {k: v.cpu().tolist() for k, v in per_sample.items()}
     stats = [{k: _plain(v[b]) for k, v in columns.items()} for b in range(batch)]
     return MaskResult(soft=soft, mask=mask, stats=stats, seeds=seeds.view(batch, side, side), unrefined=unrefined)
+
+
+def label_maps(
+    maps: AttentionMaps,
+    class_ids: Sequence[Sequence[int]],
+    image_size: tuple[int, int],
+    config: MaskConfig,
+    images: torch.Tensor | None = None,
+) -> LabelMaps:
+    """One label per pixel for samples with one or more classes. ``maps.cross[b][k]`` are the cross-attention maps of
+    class ``class_ids[b][k]`` (all its sub-tokens and occurrences). Each class gets its SeeDiff soft map from the
+    shared cascade; with PAMR on, the class maps (binarised at ``pamr_input_threshold``) propagate jointly over the
+    image's affinities and are min-max normalised; then ``label_pixels`` with the threshold of the refine mode.
+    With one class and ``ignore_band = 0`` the labels are ``class_id * seeded_masks(...).mask``."""
+    batch = len(maps.cross)
+    if len(class_ids) != batch or any(len(ids) != len(m) or not ids for ids, m in zip(class_ids, maps.cross)):
+        raise ValueError(f"class_ids: expected one non-empty list per sample matching AttentionMaps.cross, got "
+                         f"{[len(i) for i in class_ids]} ids for {[len(m) for m in maps.cross]} classes")
+    if any(not 1 <= i < IGNORE for ids in class_ids for i in ids):
+        raise ValueError(f"class_ids: ids must lie in 1..{IGNORE - 1}, got {class_ids}")
+    entries = [(f"cross[{b}][{k}]", m) for b, per_class in enumerate(maps.cross) for k, m in enumerate(per_class)]
+    side = _check_shapes(maps, entries)
+    _check_images(images, batch, image_size, config)
+    classes = max(len(ids) for ids in class_ids)
+    device = entries[0][1].device
+    absent = torch.zeros(0, side, side, device=device)  # a class slot the sample does not use: no maps, no seeds
+    cross = [per_class[k] if k < len(per_class) else absent for per_class in maps.cross for k in range(classes)]
+    present = torch.tensor([[k < len(ids) for k in range(classes)] for ids in class_ids], device=device)
+    ids = torch.tensor([list(ids) + [0] * (classes - len(ids)) for ids in class_ids], device=device)
+
+    cascade = _cascade(maps, cross, classes, image_size)
+    soft = cascade.soft.view(batch, classes, *image_size)
+    if config.refine == "pamr":
+        refined = pamr(images, (soft > config.pamr_input_threshold).float(), config.pamr_iterations)
+        scores, threshold = minmax(refined), config.pamr_output_threshold
+    else:
+        scores, threshold = soft, config.threshold
+    scores = scores * present[..., None, None]
+    labels = label_pixels(scores, ids, threshold, config.ignore_band, config.ignore_margin)
+    return LabelMaps(labels, scores, _label_stats(labels, scores, ids, present, cascade.stats))
+
+
+def label_pixels(
+    scores: torch.Tensor, class_ids: torch.Tensor, threshold: float, band: float, margin: float
+) -> torch.Tensor:
+    """The labelling rule. scores [B, K, H, W] in [0, 1], class_ids [B, K] -> uint8 labels [B, H, W]:
+    background where every class scores at most ``threshold - band``; ignore where the best score lies in the band
+    (threshold - band, threshold], or where a second class also scores above ``threshold`` within ``margin`` of the
+    best; else the best class's id (the first on ties). band = 0 and one class: ``class_id * (score > threshold)``.
+    The band sits below the threshold because the cascade under-segments: the pixels just below it are mostly the
+    object's rim (bench/bench_scenes.py)."""
+    top = scores.topk(min(2, scores.shape[1]), dim=1)
+    best = top.values[:, 0]
+    winner = class_ids.gather(1, top.indices[:, 0].flatten(1)).view_as(best)
+    labels = torch.where(best > threshold, winner, torch.zeros_like(winner))
+    uncertain = (best > threshold - band) & (best <= threshold)
+    if scores.shape[1] > 1:
+        second = top.values[:, 1]
+        uncertain |= (second > threshold) & (best - second < margin)
+    return torch.where(uncertain, IGNORE, labels).to(torch.uint8)
+
+
+def _label_stats(
+    labels: torch.Tensor,
+    scores: torch.Tensor,
+    ids: torch.Tensor,
+    present: torch.Tensor,
+    cascade: dict[str, torch.Tensor],
+) -> list[dict]:
+    """Per sample: ignore / foreground fractions, empty (no class pixel), degenerate (some class without usable
+    seeds), confidence (the weakest class's contrast), and per class its cascade numbers, pixel fraction and
+    contrast (mean score on its pixels minus elsewhere)."""
+    batch, classes = ids.shape
+    flat = labels.flatten(1)
+    own = flat[:, None, :] == ids[..., None].to(flat.dtype)  # [B, K, HW]
+    pixel_fraction = own.float().mean(-1)
+    contrast = _contrast(scores.flatten(0, 1), own.flatten(0, 1)).view(batch, classes)
+    per_class = {**{k: v.view(batch, classes) for k, v in cascade.items()}, "pixel_fraction": pixel_fraction,
+                 "score": contrast}
+    columns = {k: v.cpu().tolist() for k, v in per_class.items()}
+    present_rows = present.cpu().tolist()
+    ignore = (flat == IGNORE).float().mean(-1).cpu().tolist()
+    foreground = ((flat != 0) & (flat != IGNORE)).float().mean(-1).cpu().tolist()
+    stats = []
+    for b in range(batch):
+        used = [k for k in range(classes) if present_rows[b][k]]
+        entries = [{"class_id": int(ids[b, k]), **{n: _plain(v[b][k]) for n, v in columns.items()}} for k in used]
+        stats.append({
+            "foreground_fraction": foreground[b],
+            "ignore_fraction": ignore[b],
+            "empty": not any(e["pixel_fraction"] > 0 for e in entries),
+            "degenerate": any(e["degenerate"] for e in entries),
+            "confidence": min(e["score"] for e in entries),
+            "classes": entries,
+        })
+    return stats
 
 
 def _contrast(soft: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from seediff.schemas.config import MaskConfig, RunConfig
-from seediff.schemas.manifest import ClassRow
+from seediff.schemas.manifest import class_row
 from seediff.schemas.records import SampleSpec
 from seediff.workers.models import TINY_MODEL, build_tiny_model, load_model
 
@@ -49,7 +49,7 @@ def make_specs() -> Callable[..., list[SampleSpec]]:
     """make_specs([(class_name, prompt), ...], seeds) -> one SampleSpec per entry (class ids 1, 2, ...)."""
 
     def make(entries: Sequence[tuple[str, str]], seeds: Sequence[int]) -> list[SampleSpec]:
-        rows = [ClassRow(name, i + 1, 1, prompt, "", i + 1) for i, (name, prompt) in enumerate(entries)]
+        rows = [class_row(name, i + 1, 1, prompt, "", i + 1) for i, (name, prompt) in enumerate(entries)]
         return [SampleSpec(i, i, 0, seed, row) for i, (row, seed) in enumerate(zip(rows, seeds))]
 
     return make

@@ -1,0 +1,107 @@
+"""Token positions of labelled phrases, from the character spans the prompt renderer placed them at.
+
+Shared by both sides: the workers pick each class's cross-attention columns with ``class_token_positions``; the dry
+run loads only the model's tokenizer files (``load_tokenizer``) and refuses, before any model or Ray starts, a
+template whose labelled phrase could fall past the text encoder's context (``latest_phrase_tokens``).
+
+A token belongs to a class when its character offsets overlap one of the class's phrase spans; nothing else in the
+prompt is ever matched, so ``bus`` in "a busy street with a {bus}" takes only the marked word, and every occurrence
+counts. BOS sits at position 0 and EOS at the last position kept, so a phrase token must lie below
+``model_max_length - 1``."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from seediff.schemas.config import TINY_MODEL
+from seediff.schemas.prompts import RenderedPrompt, Template
+
+_BOS, _EOS = "<|startoftext|>", "<|endoftext|>"
+
+
+class PhrasePositionError(ValueError):
+    """A labelled phrase without tokens the text encoder sees; the message names the phrase and the position."""
+
+
+def class_token_positions(tokenizer: Any, prompt: RenderedPrompt) -> list[list[int]]:
+    """Per class of ``prompt`` (in ``prompt.spans`` order): the positions of every sub-token of every occurrence of
+    its phrases, ascending, in the token sequence the text encoder sees."""
+    offsets = _offsets(tokenizer, prompt.text)
+    limit = tokenizer.model_max_length - 1  # EOS takes the last kept position
+    positions = []
+    for name, spans in prompt.spans:
+        found: list[int] = []
+        for start, end in spans:
+            hit = [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
+            phrase = prompt.text[start:end]
+            if not hit:
+                raise PhrasePositionError(f"labelled phrase {phrase!r} (class {name!r}) has no tokens in {prompt.text!r}")
+            if hit[-1] >= limit:
+                raise PhrasePositionError(
+                    f"labelled phrase {phrase!r} (class {name!r}) ends at token {hit[-1] + 1}, past the text encoder's "
+                    f"{tokenizer.model_max_length} tokens (BOS and EOS included): shorten the text before it"
+                )
+            found += hit
+        positions.append(sorted(set(found)))
+    return positions
+
+
+def latest_phrase_tokens(tokenizer: Any, template: Template) -> None:
+    """Raise ``PhrasePositionError`` when some rendering of ``template`` puts a labelled phrase past the context.
+
+    Checks the bound that matters instead of every combination: each choice before a phrase at its longest
+    alternative (most tokens). That is one rendering, plus one per alternative that holds a phrase (forced, the other
+    choices longest), so the cost grows with the number of alternatives, not their product. CLIP tokenizes words
+    separately, so the token count of a rendering is the sum of its pieces' counts wherever alternatives are
+    delimited by spaces or punctuation."""
+    if not template.phrases:
+        return
+    longest = tuple(
+        max(range(len(c.alternatives)), key=lambda k: _token_count(tokenizer, c.alternatives[k]))
+        for c in template.choices
+    )
+    variants = {longest}
+    for index, choice in enumerate(template.choices):
+        for k, alternative in enumerate(choice.alternatives):
+            if any(not isinstance(piece, str) for piece in alternative):
+                variants.add(longest[:index] + (k,) + longest[index + 1:])
+    for picks in sorted(variants):
+        class_token_positions(tokenizer, template.render(0, picks))
+
+
+def _token_count(tokenizer: Any, pieces: Sequence[Any]) -> int:
+    text = "".join(p if isinstance(p, str) else p.text for p in pieces)
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _offsets(tokenizer: Any, text: str) -> list[tuple[int, int]]:
+    encoded = tokenizer(text, truncation=False, return_offsets_mapping=True)
+    return [tuple(o) for o in encoded["offset_mapping"]]
+
+
+def load_tokenizer(model: str, revision: str | None = None) -> Any:
+    """Only the tokenizer of ``model`` (hub id or local path; ``tiny``: the offline byte-level tokenizer): a few
+    files, no weights."""
+    if model == TINY_MODEL:
+        return offline_clip_tokenizer()
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(model, subfolder="tokenizer", revision=revision)
+
+
+def offline_clip_tokenizer() -> Any:
+    """A byte-level CLIP tokenizer (no merges) written to a temp dir and loaded from it: no network needed."""
+    from tokenizers import pre_tokenizers
+    from transformers import CLIPTokenizer
+
+    symbols = sorted(pre_tokenizers.ByteLevel.alphabet())  # the 256 byte symbols GPT-2/CLIP BPE works on
+    vocab = {s: i for i, s in enumerate(symbols + [s + "</w>" for s in symbols] + [_BOS, _EOS])}
+    with tempfile.TemporaryDirectory(prefix="tiny-clip-") as tmp:
+        Path(tmp, "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+        Path(tmp, "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+        # model_max_length is required: without it padding to max length overflows in transformers 5.x.
+        return CLIPTokenizer.from_pretrained(tmp, model_max_length=77)
