@@ -35,10 +35,10 @@ def one_size(num_shards: int, actors: int, in_flight: int) -> dict:
     from seediff.pipeline.dispatch import Dispatcher, shard_actor_pool
     from seediff.pipeline.plan import Plan
     from seediff.schemas.config import RunConfig, RuntimeOptions
-    from seediff.schemas.manifest import ClassRow
+    from seediff.schemas.manifest import class_row
 
     samples_per_shard = 1000
-    rows = [ClassRow(f"class{i}", i + 1, num_shards * samples_per_shard // 100, f"a photo of class{i}", "", i + 2)
+    rows = [class_row(f"class{i}", i + 1, num_shards * samples_per_shard // 100, f"a photo of class{i}", "", i + 2)
             for i in range(100)]
     plan = Plan(rows, 0, samples_per_shard)
     runtime = RuntimeOptions(device="cpu", num_actors=actors, shards_in_flight_per_actor=in_flight,

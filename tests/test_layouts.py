@@ -66,7 +66,7 @@ def output_root(tmp_path_factory: pytest.TempPathFactory) -> dict:
     for shard_id in range(plan.num_shards):
         shard = plan.shard(shard_id)
         with ShardWriter(config, shard) as writer:
-            for spec in shard.samples:
+            for spec in plan.samples(shard):
                 size = SIZES[spec.sample_id]
                 rng = np.random.default_rng(spec.sample_id)
                 image = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
