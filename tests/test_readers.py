@@ -194,7 +194,7 @@ def test_hugging_face_datasets_loads_the_shards(synthetic_dataset: dict, tmp_pat
 def test_ray_data_reads_the_shards(synthetic_dataset: dict) -> None:
     import ray
 
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)  # never a cluster left running
     try:
         ds = ray.data.read_webdataset(shard_urls(synthetic_dataset["root"]), decoder=None)
         rows = ds.take_all()
