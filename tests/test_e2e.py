@@ -217,7 +217,7 @@ def test_sample_error_becomes_a_failed_row_and_its_shard_commits(tmp_path):
     assert (stats["count"], stats["successes"], stats["failures"]) == (2, 1, 1)
     rows = pq.read_table(out / "seediff-000002.parquet").to_pylist()
     assert [r["status"] for r in rows] == ["success", "failed"]
-    assert rows[1]["key"] == "000000000005" and "beyond the tokenizer" in rows[1]["error"]
+    assert rows[1]["key"] == "000000000005" and "past the text encoder's 77 tokens" in rows[1]["error"]
     assert [s["__key__"] for s in wds.WebDataset(str(out / "seediff-000002.tar"), shardshuffle=False)] == ["000000000004"]
 
 
