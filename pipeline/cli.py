@@ -1,6 +1,6 @@
-"""The ``seediff`` command line, a thin layer over the Python API (seediff/api.py): ``generate``, ``resume``, the
-read-only ``inspect`` / ``preview`` / ``verify`` / ``report``, and ``export`` / ``eval``. Also the entrypoint of
-``ray job submit`` (``python -m seediff generate ...``).
+"""The ``seediff`` command line, a thin layer over the Python API (seediff/api.py): ``generate``, ``annotate``,
+``resume``, the read-only ``inspect`` / ``preview`` / ``verify`` / ``report``, and ``export`` / ``eval``. Also the
+entrypoint of ``ray job submit`` (``python -m seediff generate ...``).
 
 Every run setting and runtime option is a flag generated from the settings models (pipeline/flags.py); a config file
 may hold the same keys, and flags override it. Input is checked before anything heavy: a bad manifest, config file,
@@ -22,6 +22,7 @@ from seediff.pipeline.summary import RunSummary, human_bytes
 from seediff.pipeline.terminal import default_log_path, run_terminal
 from seediff.schemas.config import (
     TINY_MODEL,
+    AnnotateConfig,
     ConfigError,
     InputError,
     MaskConfig,
@@ -52,7 +53,10 @@ def settings(args: argparse.Namespace) -> tuple[RunConfig, RuntimeOptions, int |
     written_as = config_file_keys(args.config) if args.config else {}
     flag_values, flag_names = given(args, args.flags)
     written_as.update(flag_names)
-    if args.samples_per_class is not None:
+    if getattr(args, "timestep", None):  # annotate/eval: a repeatable flag of its own
+        flag_values.setdefault("annotate", {})["timesteps"] = args.timestep
+        written_as["annotate.timesteps"] = "--timestep"
+    if getattr(args, "samples_per_class", None) is not None:
         flag_values["samples_per_class"] = args.samples_per_class
         written_as["samples_per_class"] = MANIFEST_KEYS["samples_per_class"]
     merged = merge_settings(file_data, flag_values)
@@ -98,6 +102,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
         args.manifest, args.out, config, runtime, samples_per_class=samples_per_class, classes=args.classes,
         prompts=args.prompts, overwrite=args.overwrite,
         progress=terminal,
+    ), tiny=config.model == TINY_MODEL)
+
+
+def cmd_annotate(args: argparse.Namespace) -> int:
+    config, runtime, _ = settings(args)
+    classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes is not None else None
+    if args.classes is not None and not classes:
+        raise InputError("--classes: no class names (expected e.g. --classes \"dog,cat\")")
+    image_input = api.annotate_input(args.input, api.annotate_config(config, args.out), classes)  # before Ray
+    return _run(args, lambda terminal: api.annotate(
+        image_input, args.out, config, runtime, overwrite=args.overwrite, progress=terminal,
     ), tiny=config.model == TINY_MODEL)
 
 
@@ -171,8 +186,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from seediff.pipeline.evaluate import format_report
 
-    report, path = api.evaluate(args.root, args.predictions, args.out, layout=args.layout, split=args.split,
-                                classes_file=args.classes_file)
+    config, runtime, _ = settings(args)
+    if config.model == TINY_MODEL and args.predictions is None:
+        print(TINY_NOTE, file=sys.stderr)
+    report, path = api.evaluate(args.root, args.out, layout=args.layout, config=config, runtime=runtime,
+                                predictions=args.predictions, split=args.split, classes_file=args.classes_file)
     print(format_report(report))
     print(f"wrote {path}")
     return EXIT_OK
@@ -190,6 +208,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 RUN_GROUP = "run settings (recorded in run.json; they change the output bytes)"
 MASK_GROUP = "mask settings (part of the run settings; config-file key mask.<name>)"
 RUNTIME_GROUP = "runtime options (may change between a run and its resume)"
+# Settings of the sampling and of the encoded image, which an annotate run (real images, one UNet call per timestep,
+# the input's own image bytes) never uses.
+GENERATION_ONLY = {"scheduler", "steps", "guidance_scale", "image_format", "image_quality"}
+ANNOTATE_GROUP = "annotate settings (part of the run settings; config-file key annotate.<name>)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -211,10 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--overwrite", action="store_true", help="delete this output's seediff files and start over")
     gen.add_argument("--dry-run", action="store_true", help="validate and print the plan; no model, no Ray")
     _add_output_flags(gen)
-    flags = add_flags(gen.add_argument_group(RUN_GROUP), RunConfig, skip=frozenset({"output_url", "mask"}))
-    flags += add_flags(gen.add_argument_group(MASK_GROUP), MaskConfig, prefix="mask.")
-    flags += add_flags(gen.add_argument_group(RUNTIME_GROUP), RuntimeOptions)
-    gen.set_defaults(flags=flags)
+    gen.set_defaults(flags=_run_flags(gen))
 
     res = sub.add_parser(
         "resume", help="continue the run recorded in OUT/run.json (manifest and settings from there)",
@@ -261,14 +280,37 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--layout", choices=["voc"], required=True, help="voc: JPEGImages, SegmentationClass, ...")
     exp.add_argument("--split", default="train", help="name of the image-set list (default train)")
 
-    ev = sub.add_parser("eval", help="score label maps on a labelled dataset: mIoU, pixel accuracy, ...")
+    ann = sub.add_parser(
+        "annotate", help="label real images: WebDataset shards, a dataset.json, an image folder or a list",
+        formatter_class=HelpFormatter,
+        description="Label every image of INPUT with SeeDiff label maps; output shards keep each input sample's "
+        "fields byte for byte and add mask.png and mask.json. Resumable like generate.",
+    )
+    ann.set_defaults(func=cmd_annotate)
+    ann.add_argument("input", metavar="INPUT", help="tar URLs or brace pattern, dataset.json, image folder, or .txt "
+                     "list of image paths/URLs (local or any fsspec URL)")
+    ann.add_argument("--out", required=True, help=f"{RunConfig.model_fields['output_url'].description} (required)")
+    ann.add_argument("--classes", help='one vocabulary for every image, e.g. "dog,cat" (ids 1, 2, ...); or '
+                     "--classes-field")
+    ann.add_argument("--config", help="YAML/JSON file with run settings and runtime options; flags override it")
+    ann.add_argument("--overwrite", action="store_true", help="delete this output's seediff files and start over")
+    _add_output_flags(ann)
+    ann.set_defaults(flags=_run_flags(ann, annotate=True))
+
+    ev = sub.add_parser("eval", help="measure mask quality on a labelled dataset: mIoU, pixel accuracy, ...",
+                        formatter_class=HelpFormatter,
+                        description="Annotate the dataset's images with their ground-truth classes (under "
+                        "OUT/annotations) and score the label maps, and plain cross-attention ones, against the "
+                        "ground truth: OUT/metrics.json and a table.")
     ev.set_defaults(func=cmd_eval)
     ev.add_argument("root", metavar="ROOT", help="labelled dataset folder or URL")
     ev.add_argument("--layout", choices=["voc", "labels"], required=True)
-    ev.add_argument("--out", required=True, help="folder (or URL) for metrics.json")
+    ev.add_argument("--out", required=True, help="folder (or URL) for metrics.json and the annotations")
     ev.add_argument("--split", help="VOC image set (default: val, or the only list)")
     ev.add_argument("--classes-file", help="class list, one name per line (line number = label value)")
-    ev.add_argument("--predictions", required=True, help="output root whose sample keys are the image ids")
+    ev.add_argument("--predictions", help="score this output root (of annotate) instead of running the model")
+    ev.add_argument("--config", help="YAML/JSON file with run settings and runtime options; flags override it")
+    ev.set_defaults(flags=_run_flags(ev, annotate=True))
     return parser
 
 
@@ -278,6 +320,22 @@ def _add_output_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-file", metavar="PATH",
                         help="where library warnings and Ray's messages go (default: a new file under "
                              f"{default_log_path('COMMAND').rsplit('/', 1)[0]}/)")
+
+
+def _run_flags(parser: argparse.ArgumentParser, annotate: bool = False) -> list:
+    """The generated flags of the run settings, mask settings and runtime options (and, for annotate and eval, the
+    annotate settings plus the repeatable ``--timestep``)."""
+    skip = {"output_url", "mask", "annotate"} | (GENERATION_ONLY if annotate else set())
+    flags = add_flags(parser.add_argument_group(RUN_GROUP), RunConfig, skip=frozenset(skip))
+    flags += add_flags(parser.add_argument_group(MASK_GROUP), MaskConfig, prefix="mask.")
+    if annotate:
+        group = parser.add_argument_group(ANNOTATE_GROUP)
+        flags += add_flags(group, AnnotateConfig, prefix="annotate.", skip=frozenset({"annotate.timesteps"}))
+        group.add_argument("--timestep", type=int, action="append", metavar="INT",
+                           help=f"{AnnotateConfig.model_fields['timesteps'].description}; repeat for several "
+                           "(default: 100)")
+    flags += add_flags(parser.add_argument_group(RUNTIME_GROUP), RuntimeOptions)
+    return flags
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -9,31 +9,56 @@ failed sample) counts as predicted 255 everywhere, so failures lower the scores 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from seediff.pipeline.layouts import LabelledDataset, read_label_map
+from seediff.pipeline.layouts import LabelledDataset, LayoutError, iter_labelled, read_label_map
 from seediff.pipeline.metrics import IGNORE, ConfusionMatrix, format_table
-from seediff.pipeline.readers import MASK_FIELD, raw_samples
-from seediff.schemas.records import decode_mask
+from seediff.pipeline.readers import raw_samples, sample_record
+from seediff.pipeline.sources import InputUnit
+from seediff.schemas.records import CROSS_FIELD, MASK_FIELD, decode_mask
 from seediff.storage import output_fs, write_file
 
-CROSS_FIELD = "cross.png"  # label map of the thresholded coarse cross-attention maps, written for evaluation
 METHODS = {"seediff": MASK_FIELD, "cross_attention": CROSS_FIELD}
 METRICS_JSON = "metrics.json"
 
 
-def score_predictions(dataset: LabelledDataset, predictions: str) -> dict[str, Any]:
+def known_classes(dataset: LabelledDataset) -> tuple[list[InputUnit], list[str]]:
+    """The "known classes" protocol of training-free segmenters: each image is labelled with the classes its
+    ground truth holds (not 0, not 255). Returns the annotate units (key = image id) and the ids of the images
+    without any class, which are scored as all background without running the model."""
+    units, background_only = [], []
+    names = dataset.class_names
+    for item, target in iter_labelled(dataset):
+        ids = sorted(set(np.unique(target).tolist()) - {0, IGNORE})
+        if ids and ids[-1] >= len(names):
+            raise LayoutError(f"{item.label}: label {ids[-1]} outside the {len(names)} classes of the class list")
+        if ids:
+            units.append(InputUnit(item.image, "file", 1, tuple(names[i] for i in ids), item.name))
+        else:
+            background_only.append(item.name)
+    return units, background_only
+
+
+def score_predictions(dataset: LabelledDataset, predictions: str | None,
+                      background_only: Sequence[str] = ()) -> dict[str, Any]:
     """Metrics of the output root ``predictions`` on ``dataset``: the SeeDiff ones at the top level, the
-    cross-attention ones under ``cross_attention`` (absent when the output has no ``cross.png``)."""
+    cross-attention ones under ``cross_attention`` (absent when the output has no ``cross.png``). Images named in
+    ``background_only`` are scored as predicted background (no class to look for)."""
     names = dataset.class_names
     matrices = {method: ConfusionMatrix(len(names)) for method in METHODS}
     wanted = {item.name: item for item in dataset.images}
     scored: set[str] = set()
     methods_seen: set[str] = set()
-    for sample in raw_samples(predictions):
-        key = sample["__key__"]
+    for name in background_only:
+        target = read_label_map(wanted[name].label)
+        for matrix in matrices.values():
+            matrix.update(target, np.zeros_like(target))
+        scored.add(name)
+    for sample in raw_samples(predictions) if predictions else ():
+        key = source_key(sample)
         item = wanted.get(key)
         if item is None or key in scored:
             continue
@@ -60,6 +85,11 @@ def score_predictions(dataset: LabelledDataset, predictions: str) -> dict[str, A
         missing_examples=[item.name for item in missing[:10]],
     )
     return report
+
+
+def source_key(sample: dict[str, Any]) -> str:
+    """The input's own key of an annotated sample (recorded in ``mask.json``), else the sample's key."""
+    return sample_record(sample).get("source_key") or sample["__key__"]
 
 
 def _check_size(prediction: np.ndarray, target: np.ndarray, where: str) -> None:

@@ -22,7 +22,6 @@ Everything goes through fsspec, so ROOT and the export directory may be any URL.
 from __future__ import annotations
 
 import io
-import json
 import posixpath
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,9 +31,9 @@ import fsspec
 import numpy as np
 from PIL import Image
 
-from seediff.pipeline.readers import IMAGE_FIELDS, MASK_FIELD, raw_samples
+from seediff.pipeline.readers import IMAGE_FIELDS, raw_samples, sample_record
 from seediff.schemas.config import ConfigError
-from seediff.schemas.records import decode_mask, sample_classes
+from seediff.schemas.records import MASK_FIELD, decode_mask, sample_classes
 from seediff.storage import output_fs, write_file
 
 IGNORE = 255
@@ -218,7 +217,7 @@ def export_voc(out_url: str, directory: str, split: str = "train") -> dict[str, 
     for sample in raw_samples(out_url):
         image_id = sample["__key__"].replace("/", "_")
         labels = decode_mask(sample[MASK_FIELD])
-        names.update(sample_classes(json.loads(sample["json"])))
+        names.update(sample_classes(sample_record(sample)))
         write_file(fs, f"{root}/{VOC_IMAGES}/{image_id}.jpg", _jpeg(sample))
         write_file(fs, f"{root}/{VOC_LABELS}/{image_id}.png", _palette_png(labels, palette))
         ids.append(image_id)
@@ -233,7 +232,7 @@ def export_voc(out_url: str, directory: str, split: str = "train") -> dict[str, 
 
 def _jpeg(sample: dict[str, Any]) -> bytes:
     field = next(f for f in IMAGE_FIELDS if f in sample)
-    if field == "jpg":
+    if field in ("jpg", "jpeg"):
         return sample[field]
     with Image.open(io.BytesIO(sample[field])) as im:
         buf = io.BytesIO()

@@ -36,12 +36,16 @@ class Plan:
         self.num_samples = self._ends[-1] if self._ends else 0
         self.num_shards = shard_count(self.num_samples, samples_per_shard)
 
-    def sample(self, sample_id: int) -> SampleSpec:
+    def locate(self, sample_id: int) -> tuple[int, int]:
+        """(row index, index of the sample within its row)."""
         if not 0 <= sample_id < self.num_samples:
             raise IndexError(f"sample id {sample_id} outside [0, {self.num_samples})")
         ci = bisect.bisect_right(self._ends, sample_id)
-        first = self._ends[ci - 1] if ci else 0
-        return SampleSpec(sample_id, ci, sample_id - first, sample_seed(self.global_seed, sample_id), self.rows[ci])
+        return ci, sample_id - (self._ends[ci - 1] if ci else 0)
+
+    def sample(self, sample_id: int) -> SampleSpec:
+        ci, index = self.locate(sample_id)
+        return SampleSpec(sample_id, ci, index, sample_seed(self.global_seed, sample_id), self.rows[ci])
 
     def shard_range(self, shard_id: int) -> range:
         if not 0 <= shard_id < self.num_shards:

@@ -29,10 +29,10 @@ import webdataset as wds
 from PIL import Image
 
 from seediff.schemas.records import DATASET_JSON, PARQUET_SUFFIX, SIZES_JSON, SUCCESS, TAR_SUFFIX
-from seediff.schemas.records import decode_mask, quality_columns
+from seediff.schemas.records import ANNOTATION_FIELD, MASK_FIELD, decode_mask, quality_columns
 
-IMAGE_FIELDS = ("jpg", "png", "webp")  # config.image_format values; exactly one is present per sample
-MASK_FIELD = "mask.png"
+# generate writes one of config.image_format's values; annotate keeps its input's own image field (jpeg too)
+IMAGE_FIELDS = ("jpg", "png", "webp", "jpeg")
 SHARD_SHUFFLE_DEFAULT = 100  # shards held in the per-worker shard shuffle buffer (webdataset's own default)
 
 Sample = tuple[torch.Tensor, torch.Tensor, dict[str, Any]]
@@ -122,19 +122,32 @@ def _passes(quality: QualityFilter) -> Callable[[dict[str, Any]], bool]:
 
 def decode_sample(sample: dict[str, Any]) -> Sample:
     """A raw WebDataset sample (field name -> bytes) -> (image float [3,H,W] in [0,1], mask long [H,W], metadata).
-    Field names may carry wids' leading dot (``.jpg``)."""
+    Field names may carry wids' leading dot (``.jpg``). The metadata is ``mask.json`` in annotated outputs, else
+    ``json``."""
     fields = {name.lstrip("."): value for name, value in sample.items()}
     key = fields.get("__key__", "?")
     image_field = next((name for name in IMAGE_FIELDS if name in fields), None)
-    if image_field is None or MASK_FIELD not in fields or "json" not in fields:
-        raise ValueError(f"sample {key}: expected an image ({'/'.join(IMAGE_FIELDS)}), mask.png and json fields, "
-                         f"got {sorted(fields)}")
+    metadata_field = record_field(fields)
+    if image_field is None or MASK_FIELD not in fields or metadata_field not in fields:
+        raise ValueError(f"sample {key}: expected an image ({'/'.join(IMAGE_FIELDS)}), mask.png and json (or "
+                         f"{ANNOTATION_FIELD}) fields, got {sorted(fields)}")
     with Image.open(io.BytesIO(_bytes(fields[image_field]))) as im:
         rgb = np.array(im.convert("RGB"))  # a writable copy, as torch.from_numpy wants
     image = torch.from_numpy(rgb).permute(2, 0, 1).float().div_(255.0)
     mask = torch.from_numpy(decode_mask(_bytes(fields[MASK_FIELD]))).long()
-    metadata = json.loads(_bytes(fields["json"]))
+    metadata = json.loads(_bytes(fields[metadata_field]))
     return image, mask, metadata
+
+
+def record_field(fields: dict[str, Any]) -> str:
+    """The field holding a sample's seediff record: ``mask.json`` in annotated outputs (their ``json``, if any, is
+    the input's own), else ``json``."""
+    return ANNOTATION_FIELD if ANNOTATION_FIELD in fields else "json"
+
+
+def sample_record(sample: dict[str, Any]) -> dict[str, Any]:
+    """A raw sample's seediff record (see ``record_field``), parsed."""
+    return json.loads(_bytes(sample[record_field(sample)]))
 
 
 def _bytes(value: bytes | io.IOBase) -> bytes:

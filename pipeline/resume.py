@@ -19,6 +19,7 @@ from typing import Any
 
 from fsspec import AbstractFileSystem
 
+from seediff.pipeline.sources import ImageInput
 from seediff.schemas.config import ConfigError, InputError, RunConfig
 from seediff.schemas.manifest import Manifest
 from seediff.schemas.records import (
@@ -39,6 +40,8 @@ log = logging.getLogger(__name__)
 LOCATION_FIELDS = frozenset({"output_url"})
 MANIFEST_FIELD = "manifest_sha256"
 CLASSES_FIELD = "classes_sha256"  # the resolved classes, counts and prompts
+INPUT_FIELD = "input_sha256"  # annotate: the input units, their sample counts and the class list
+FINGERPRINT_FIELDS = (MANIFEST_FIELD, CLASSES_FIELD, INPUT_FIELD)
 
 
 class RunConfigMismatch(InputError):
@@ -91,18 +94,30 @@ def clean_leftovers(config: RunConfig, committed: Collection[int]) -> list[str]:
     return doomed
 
 
-def run_record(config: RunConfig, manifest: Manifest) -> dict[str, Any]:
-    """The ``run.json`` contents: the run config plus what identifies the manifest."""
+def run_record(config: RunConfig, source: Manifest | ImageInput) -> dict[str, Any]:
+    """The ``run.json`` contents: the run config plus what identifies the run's input (``source_record``)."""
+    return {"config": config.model_dump(mode="json"), **source_record(source)}
+
+
+def source_record(source: Manifest | ImageInput) -> dict[str, Any]:
+    """What identifies a run's input in ``run.json``: a manifest (generate) or the images to label (annotate).
+    The ``FINGERPRINT_FIELDS`` among them must match on resume."""
+    if isinstance(source, ImageInput):
+        return {
+            INPUT_FIELD: source.fingerprint(),
+            "input_source": source.source,
+            "num_samples": source.num_samples,
+            "classes": list(source.class_names),
+        }
     return {
-        "config": config.model_dump(mode="json"),
-        MANIFEST_FIELD: manifest.sha256,
-        "manifest_source": manifest.source,
-        "samples_per_class": manifest.samples_per_class,
-        "classes_source": manifest.classes_source,
-        "prompts_source": manifest.prompts_source,
-        "num_classes": len(manifest.classes),
-        "num_samples": manifest.num_samples,
-        CLASSES_FIELD: classes_sha256(manifest),
+        MANIFEST_FIELD: source.sha256,
+        "manifest_source": source.source,
+        "samples_per_class": source.samples_per_class,
+        "classes_source": source.classes_source,
+        "prompts_source": source.prompts_source,
+        "num_classes": len(source.classes),
+        "num_samples": source.num_samples,
+        CLASSES_FIELD: classes_sha256(source),
     }
 
 
@@ -135,15 +150,13 @@ def read_run_json(output_url: str) -> dict[str, Any] | None:
     return record
 
 
-def check_resume(record: dict[str, Any], config: RunConfig, manifest: Manifest, source: str) -> None:
-    """Raise RunConfigMismatch naming the output-changing fields in which ``config``/``manifest`` differ from the
-    stored run record ``source``."""
+def check_resume(record: dict[str, Any], config: RunConfig, manifest: Manifest | ImageInput, source: str) -> None:
+    """Raise RunConfigMismatch naming the output-changing fields in which ``config``/``manifest`` (or the annotate
+    input) differ from the stored run record ``source``."""
     stored = RunConfig.from_json(json.dumps(record["config"]), source=source)
     fields = [f for f in config.differences(stored) if f not in LOCATION_FIELDS]
-    if record.get(MANIFEST_FIELD) != manifest.sha256:
-        fields.append(MANIFEST_FIELD)
-    if record.get(CLASSES_FIELD) != classes_sha256(manifest):
-        fields.append(CLASSES_FIELD)
+    current = source_record(manifest)
+    fields += [f for f in FINGERPRINT_FIELDS if f in current and record.get(f) != current[f]]
     if fields:
         raise RunConfigMismatch(
             f"{source}: this output was started with different settings; differing fields: {', '.join(fields)}. "
@@ -151,7 +164,7 @@ def check_resume(record: dict[str, Any], config: RunConfig, manifest: Manifest, 
         )
 
 
-def prepare_output(config: RunConfig, manifest: Manifest, overwrite: bool) -> None:
+def prepare_output(config: RunConfig, manifest: Manifest | ImageInput, overwrite: bool) -> None:
     """First start: write run.json. Resume: refuse when an output-changing field differs and a shard of the stored
     run is committed; with nothing committed yet (a typo corrected before the first shard), the new settings simply
     replace the old. ``overwrite``: first delete the seediff files (of this and of the stored run's shard naming)."""

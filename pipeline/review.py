@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw
 
 from seediff.pipeline import fonts
 from seediff.pipeline.plan import shard_count
-from seediff.pipeline.readers import IMAGE_FIELDS, MASK_FIELD, raw_samples
+from seediff.pipeline.readers import IMAGE_FIELDS, MASK_FIELD, raw_samples, sample_record
 from seediff.pipeline.resume import read_committed_stats, read_run_json
 from seediff.pipeline.summary import human_bytes
 from seediff.schemas.config import RunConfig, flatten_settings
@@ -40,10 +40,11 @@ from seediff.schemas.records import (
 )
 from seediff.schemas.records import BACKGROUND_LABEL as BACKGROUND
 from seediff.schemas.records import IGNORE_LABEL as IGNORE
-from seediff.schemas.records import decode_mask, sample_classes
+from seediff.schemas.records import ANNOTATION_FIELD, decode_mask, sample_classes
 from seediff.storage import output_fs
 
 REQUIRED_FIELDS = (MASK_FIELD, "cls", "txt", "json")  # plus one of IMAGE_FIELDS
+ANNOTATED_FIELDS = (MASK_FIELD, ANNOTATION_FIELD)  # annotate: plus the input's own fields, one of them an image
 OVERLAY_ALPHA = 0.5
 IGNORE_COLOUR = (255, 255, 255)  # the ignore band: white, unlike any class colour (saturation 0.9)
 LEGEND_ROW = 14  # px per legend line under the sheet
@@ -181,7 +182,7 @@ def preview_grid(out_url: str, path: str, n: int = 64, class_name: str | None = 
 def _first_samples(out_url: str, n: int, class_name: str | None) -> Iterator[dict[str, Any]]:
     taken = 0
     for sample in raw_samples(out_url):
-        if class_name is not None and class_name not in sample_classes(json.loads(sample["json"])).values():
+        if class_name is not None and class_name not in sample_classes(sample_record(sample)).values():
             continue
         yield sample
         taken += 1
@@ -192,7 +193,7 @@ def _first_samples(out_url: str, n: int, class_name: str | None) -> Iterator[dic
 def _legend_entries(samples: list[dict[str, Any]]) -> list[tuple[tuple[int, int, int], str]]:
     names: dict[int, str] = {}
     for sample in samples:
-        names.update(sample_classes(json.loads(sample["json"])))
+        names.update(sample_classes(sample_record(sample)))
     return [(class_colour(i), f"{i} {names[i]}") for i in sorted(names)] + [(IGNORE_COLOUR, f"{IGNORE} ignore")]
 
 
@@ -236,7 +237,7 @@ def render_overlay(sample: dict[str, Any], cell: int) -> Image.Image:
     with Image.open(io.BytesIO(sample[image_field])) as im:
         rgb = np.asarray(im.convert("RGB").resize((cell, cell), Image.Resampling.BILINEAR), dtype=np.float32)
     labels = np.asarray(Image.fromarray(decode_mask(sample[MASK_FIELD])).resize((cell, cell), Image.Resampling.NEAREST))
-    meta = json.loads(sample["json"])
+    meta = sample_record(sample)
     overlay = rgb.copy()
     for value in np.unique(labels):
         if value == BACKGROUND:
@@ -351,7 +352,8 @@ class _Verifier:
     def _check_tar(self, name: str, stats: ShardStats | None) -> list[str]:
         tar_path = f"{self.root}/{name}{TAR_SUFFIX}"
         table = self.tables.get(stats.shard_id) if stats else None
-        contents = _read_tar(self.fs, tar_path, _checksums(table))
+        required = ANNOTATED_FIELDS if self.config.annotate else REQUIRED_FIELDS
+        contents = _read_tar(self.fs, tar_path, _checksums(table), required)
         problems = contents.problems
         entry = self.entries.get(name, {})
         counts = {
@@ -394,9 +396,9 @@ class _TarContents:
     problems: list[str] = field(default_factory=list)
 
 
-def _read_tar(fs, path: str, checksums: dict[str, dict[str, str]]) -> _TarContents:
-    """Stream the whole tar: readable to the end, fields of a key contiguous, required fields present, each field's
-    sha256 as the parquet says (``checksums``: key -> column -> sha256), mask values allowed."""
+def _read_tar(fs, path: str, checksums: dict[str, dict[str, str]], required: tuple[str, ...]) -> _TarContents:
+    """Stream the whole tar: readable to the end, fields of a key contiguous, ``required`` fields present, each
+    field's sha256 as the parquet says (``checksums``: key -> column -> sha256), mask values allowed."""
     result = _TarContents()
     seen: set[str] = set()
     current: str | None = None
@@ -405,7 +407,7 @@ def _read_tar(fs, path: str, checksums: dict[str, dict[str, str]]) -> _TarConten
     def finish() -> None:
         if current is not None:
             result.samples += 1
-            result.problems.extend(_check_sample(path, current, sample, checksums.get(current, {})))
+            result.problems.extend(_check_sample(path, current, sample, checksums.get(current, {}), required))
 
     try:
         with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
@@ -427,20 +429,22 @@ def _read_tar(fs, path: str, checksums: dict[str, dict[str, str]]) -> _TarConten
     return result
 
 
-def _check_sample(path: str, key: str, sample: dict[str, bytes], checksums: dict[str, str]) -> list[str]:
+def _check_sample(
+    path: str, key: str, sample: dict[str, bytes], checksums: dict[str, str], required: tuple[str, ...]
+) -> list[str]:
     where = f"{path}: sample {key}"
     corrupt = [
         f"{where}: {ext} sha256 {actual[:12]}... differs from the parquet's {expected[:12]}..."
         for ext, data in sorted(sample.items())
         if (expected := checksums.get(checksum_column(ext))) and (actual := hashlib.sha256(data).hexdigest()) != expected
     ]
-    missing = [f for f in REQUIRED_FIELDS if f not in sample]
+    missing = [f for f in required if f not in sample]
     if not any(f in sample for f in IMAGE_FIELDS):
         missing.append("/".join(IMAGE_FIELDS))
     if missing:
         return [*corrupt, f"{where}: missing fields {', '.join(missing)}"]
     try:
-        allowed = {BACKGROUND, IGNORE, *sample_classes(json.loads(sample["json"]))}
+        allowed = {BACKGROUND, IGNORE, *sample_classes(sample_record(sample))}
     except (ValueError, KeyError, TypeError) as e:
         return [*corrupt, f"{where}: json unreadable or without class ids: {e}"]
     try:

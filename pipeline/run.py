@@ -20,6 +20,7 @@ from seediff.pipeline.resume import (
     read_committed_stats,
     read_run_json,
 )
+from seediff.pipeline.sources import AnnotatePlan, ImageInput
 from seediff.pipeline.summary import RunSummary, human_bytes
 from seediff.schemas.config import RunConfig, RuntimeOptions
 from seediff.schemas.manifest import Manifest
@@ -95,7 +96,7 @@ class RunInterrupted(KeyboardInterrupt):
 
 
 def run_generation(
-    manifest: Manifest,
+    source: Manifest | ImageInput,
     config: RunConfig,
     runtime: RuntimeOptions,
     *,
@@ -103,14 +104,15 @@ def run_generation(
     actor_class: type | None = None,
     stream: TextIO = sys.stderr,
 ) -> RunSummary:
-    """Take the output lease, write or check run.json, remove leftovers, generate the uncommitted shards on Ray
-    (connecting if not yet connected), write sizes.json/dataset.json. ``actor_class`` (a ShardActor subclass)
+    """Take the output lease, write or check run.json, remove leftovers, run the uncommitted shards on Ray
+    (connecting if not yet connected), write sizes.json/dataset.json. ``source``: the manifest (generate) or the
+    images to label (annotate, ``AnnotatePlan``); run.json records it. ``actor_class`` (a ShardActor subclass)
     defaults to ShardActor, built in the actor process (``ModelFreeShardActor``). Ctrl-C raises RunInterrupted once
     the actors are stopped."""
-    plan = plan_of(manifest, config)
+    plan = AnnotatePlan(source, config) if isinstance(source, ImageInput) else plan_of(source, config)
     try:
         with OutputLease(config.output_url, uuid.uuid4().hex[:12]) as lease:
-            return _run_under_lease(manifest, config, runtime, plan, lease, overwrite, actor_class, stream)
+            return _run_under_lease(source, config, runtime, plan, lease, overwrite, actor_class, stream)
     except KeyboardInterrupt:
         committed = len(read_committed_stats(config))
         raise RunInterrupted(
@@ -119,10 +121,10 @@ def run_generation(
 
 
 def _run_under_lease(
-    manifest: Manifest, config: RunConfig, runtime: RuntimeOptions, plan: Plan, lease: OutputLease,
+    source: Manifest | ImageInput, config: RunConfig, runtime: RuntimeOptions, plan: Plan, lease: OutputLease,
     overwrite: bool, actor_class: type | None, stream: TextIO,
 ) -> RunSummary:
-    prepare_output(config, manifest, overwrite)
+    prepare_output(config, source, overwrite)
     committed = read_committed_stats(config)
     removed = clean_leftovers(config, committed)
     if removed:

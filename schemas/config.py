@@ -87,6 +87,35 @@ class MaskConfig(_Strict):
         return v
 
 
+class AnnotateConfig(_Strict):
+    """Labelling real images (``seediff annotate``): how the image is shown to the model."""
+
+    classes_field: str | None = Field(
+        None, description="key of each input sample's json holding its list of class names; unset: every image "
+        "gets the --classes list", json_schema_extra={"flag": "--classes-field"}
+    )
+    timesteps: tuple[int, ...] = Field(
+        (100,), min_length=1, description="noise levels (of the scheduler's training steps, 0 = clean) at which the "
+        "UNet reads the encoded image, one UNet call each; the maps are averaged over the calls. 100 is what "
+        "DiffSegmenter and GoCA use on real images"
+    )
+    cross_attention_labels: bool = Field(
+        False, json_schema_extra={"flag": "--cross-attention-labels"}, description="also write cross.png: the plain cross-attention label map (each class's coarse cross "
+        "map above cross_attention_threshold, the strongest class wins), the baseline eval compares against"
+    )
+    cross_attention_threshold: float = Field(
+        0.5, gt=0, lt=1, json_schema_extra={"flag": "--cross-attention-threshold"},
+        description="threshold of the min-max normalised coarse cross-attention map for cross.png",
+    )
+
+    @field_validator("timesteps")
+    @classmethod
+    def _timesteps(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if any(not 0 <= t < 1000 for t in v) or len(set(v)) != len(v):
+            raise ValueError("timesteps must be distinct integers in [0, 1000)")
+        return v
+
+
 class RunConfig(_Strict):
     """Every setting that changes the bytes of the output. Two runs with equal RunConfig and manifest write
     byte-identical tars and parquets."""
@@ -118,6 +147,7 @@ class RunConfig(_Strict):
         OUTPUT_FORMAT, ge=1, description="version of the shard layout (files, fields, columns), compared on resume",
         json_schema_extra={"flag": RECORDED},
     )
+    annotate: AnnotateConfig | None = Field(None, description="set for runs that label real images (seediff annotate)")
 
     @field_validator("prompt_template")
     @classmethod

@@ -9,7 +9,7 @@ import json
 import math
 import re
 from collections import Counter
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from functools import cached_property
 from typing import Any
 
@@ -71,6 +71,13 @@ class ShardSpec:
 
     def __len__(self) -> int:
         return self.stop - self.start
+
+
+# ---- the sample's fields --------------------------------------------------------------------------------------------
+
+MASK_FIELD = "mask.png"  # the label map
+ANNOTATION_FIELD = "mask.json"  # annotate's record (the input's own json passes through untouched)
+CROSS_FIELD = "cross.png"  # annotate, on request: the plain cross-attention label map eval compares against
 
 
 # ---- the mask.png field ------------------------------------------------------------------------------------------
@@ -135,15 +142,25 @@ FAILED = "failed"
 
 
 @dataclass(frozen=True)
+class InputSample:
+    """A sample to label (``seediff annotate``): its spec (id, seed, classes, prompt) and the input sample's
+    fields exactly as read."""
+
+    spec: SampleSpec
+    fields: dict[str, Any]  # field name -> bytes, plus webdataset's "__key__" / "__url__"
+
+
+@dataclass(frozen=True)
 class SampleOutcome:
     """One attempted sample, encoded and ready for the shard writer."""
 
     spec: SampleSpec
     status: str  # SUCCESS | FAILED
     error: str | None
-    image: bytes | None  # encoded image (config.image_format), None on failure
+    image: bytes | None  # the stored image's bytes, None on failure
     mask: bytes | None  # encoded mask.png, None on failure
-    metadata: dict[str, Any]  # the flat record written as the sample's `json` field
+    metadata: dict[str, Any]  # the sample's record (the `json` field of generate, `mask.json` of annotate)
+    fields: dict[str, bytes] = field(default_factory=dict)  # the tar sample: field name -> bytes (empty on failure)
 
 
 def sample_metadata(
@@ -255,22 +272,13 @@ IMAGE_EXTENSIONS = ("jpg", "png", "webp")
 
 def checksum_column(extension: str) -> str:
     """The parquet column holding the sha256 of a tar field: ``jpg``/``png``/``webp`` -> image_sha256,
-    ``mask.png`` -> mask_sha256, ``json`` -> json_sha256."""
+    ``mask.png`` -> mask_sha256, ``json`` -> json_sha256; other fields (annotate's ``mask.json``, an input's own
+    fields) get names the schema lacks, so they are not checksummed."""
     if extension in IMAGE_EXTENSIONS:
         return "image_sha256"
-    return f"{extension.split('.')[0]}_sha256"
-
-
-def tar_fields(outcome: SampleOutcome, image_format: str) -> dict[str, bytes]:
-    """The fields a successful sample stores in the tar, by extension (the webdataset sample minus ``__key__``)."""
-    spec = outcome.spec
-    return {
-        image_format: outcome.image,
-        "mask.png": outcome.mask,
-        "cls": str(spec.class_id).encode("ascii"),
-        "txt": spec.prompt.text.encode("utf-8"),
-        "json": metadata_json(outcome.metadata),
-    }
+    if extension == MASK_FIELD:
+        return "mask_sha256"
+    return f"{extension.replace('.', '_')}_sha256"
 
 
 def quality_columns(metadata: dict[str, Any]) -> dict[str, Any]:
@@ -286,7 +294,7 @@ def quality_columns(metadata: dict[str, Any]) -> dict[str, Any]:
 
 
 def parquet_row(outcome: SampleOutcome, shard_id: int, fields: dict[str, bytes] | None) -> dict[str, Any]:
-    """The sample's parquet row; ``fields``: its tar fields (``tar_fields``), None when it failed."""
+    """The sample's parquet row; ``fields``: its tar fields (``SampleOutcome.fields``), None when it failed."""
     spec, image = outcome.spec, outcome.image
     checksums = {checksum_column(ext): hashlib.sha256(data).hexdigest() for ext, data in (fields or {}).items()}
     quality = quality_columns(outcome.metadata)

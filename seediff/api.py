@@ -16,22 +16,27 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from functools import partial
 from typing import Any, TextIO
 
 from seediff.pipeline.plan import shard_count
 from seediff.pipeline.resume import RunConfigMismatch, read_run_json
+from seediff.pipeline.sources import ImageInput, open_input
 from seediff.pipeline.summary import RunSummary
-from seediff.schemas.config import ConfigError, InputError, RunConfig, RuntimeOptions
+from seediff.schemas.config import AnnotateConfig, ConfigError, InputError, RunConfig, RuntimeOptions
 from seediff.schemas.manifest import Manifest, ManifestError, load_manifest
 from seediff.schemas.records import RUN_JSON
 from seediff.storage import check_access
 
 __all__ = [
-    "generate", "dry_run", "resume", "inspect", "verify", "repair", "preview", "report", "export", "evaluate",
+    "generate", "dry_run", "resume", "annotate", "inspect", "verify", "repair", "preview", "report", "export",
+    "evaluate",
     "InputError", "ManifestError", "ConfigError", "RunConfigMismatch", "NotAnOutputError", "RunSummary",
 ]
+
+
+ANNOTATIONS_DIR = "annotations"  # evaluate: the annotate output under its out folder
 
 
 class NotAnOutputError(InputError, FileNotFoundError):
@@ -93,20 +98,27 @@ def resume(
     """Continue the run recorded in ``out``'s ``run.json``: the same manifest (its recorded URL, checked against
     the recorded hash) and settings; only the runtime options may differ. Generates exactly the shards that are
     not committed, so a killed run resumed this way writes the same bytes as an uninterrupted one."""
-    run_config, manifest_ = recorded_inputs(out)
+    run_config, recorded = recorded_inputs(out)
     check_access(run_config.output_url, write=True)
     from seediff.pipeline.run import run_generation
 
-    return run_generation(manifest_, run_config, _runtime(runtime), stream=progress)
+    return run_generation(recorded, run_config, _runtime(runtime), stream=progress)
 
 
-def recorded_inputs(out: str | os.PathLike[str]) -> tuple[RunConfig, Manifest]:
-    """The run config and manifest recorded in ``out``'s ``run.json``."""
+def recorded_inputs(out: str | os.PathLike[str]) -> tuple[RunConfig, Any]:
+    """The run config and the input recorded in ``out``'s ``run.json``: the manifest, or an annotate run's input
+    (``seediff.pipeline.sources.ImageInput``)."""
     url = absolute_url(out)
     record = read_run_json(url)
     source = f"{url}/{RUN_JSON}"
     if record is None:
         raise NotAnOutputError(f"{source}: missing; not a seediff output root")
+    if record["config"].get("annotate") is not None:
+        config = RunConfig.from_mapping({**record["config"], "output_url": url}, source)
+        if not record.get("input_source"):
+            raise ConfigError(f"{source}: input_source: not recorded")
+        classes = None if config.annotate.classes_field else record.get("classes")
+        return config, annotate_input(record["input_source"], config, classes)
     if not record.get("manifest_source"):
         raise ConfigError(f"{source}: manifest_source: not recorded")
     config = RunConfig.from_mapping({**record["config"], "output_url": url}, source)
@@ -172,19 +184,82 @@ def export(out: str | os.PathLike[str], directory: str | os.PathLike[str], *, la
     return export_voc(os.fspath(out), os.fspath(directory), split=split)
 
 
+def annotate(
+    input: str | os.PathLike[str] | ImageInput,
+    out: str | os.PathLike[str],
+    config: RunConfig | Mapping[str, Any] | None = None,
+    runtime: RuntimeOptions | Mapping[str, Any] | None = None,
+    *,
+    classes: Sequence[str] | None = None,
+    overwrite: bool = False,
+    progress: TextIO = sys.stderr,
+) -> RunSummary:
+    """Label the images of ``input`` (WebDataset tar URLs or brace pattern, a ``dataset.json``, a folder of images,
+    or a ``.txt`` list of image paths/URLs) with ``classes`` (one vocabulary for every image) or, when
+    ``config.annotate.classes_field`` is set, with the class names in each sample's ``json``; shards under ``out``
+    like ``generate`` (resumable, indexed, verifiable). Returns the run's ``RunSummary``."""
+    run_config = annotate_config(config, out)
+    check_access(run_config.output_url, write=True)
+    image_input = input if isinstance(input, ImageInput) else annotate_input(input, run_config, classes)
+    from seediff.pipeline.run import run_generation
+
+    return run_generation(image_input, run_config, _runtime(runtime), overwrite=overwrite, stream=progress)
+
+
 def evaluate(
-    root: str | os.PathLike[str], predictions: str | os.PathLike[str], out: str | os.PathLike[str], *,
-    layout: str, split: str | None = None, classes_file: str | None = None,
+    root: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    layout: str,
+    config: RunConfig | Mapping[str, Any] | None = None,
+    runtime: RuntimeOptions | Mapping[str, Any] | None = None,
+    predictions: str | os.PathLike[str] | None = None,
+    split: str | None = None,
+    classes_file: str | None = None,
+    progress: TextIO = sys.stderr,
 ) -> tuple[dict[str, Any], str]:
-    """Score the label maps of the output ``predictions`` against the labelled dataset at ``root`` (``voc`` or
-    ``labels`` layout): mIoU, pixel accuracy, per-class IoU. Writes ``metrics.json`` under ``out``; returns the
-    metrics and its path."""
-    from seediff.pipeline.evaluate import score_predictions, write_report
+    """Measure mask quality on the labelled dataset at ``root`` (``voc`` or ``labels`` layout): annotate its images
+    under ``out/annotations`` with each image's ground-truth classes (the "known classes" protocol), with
+    ``config``'s model and settings, plus plain cross-attention label maps; then score both against the ground
+    truth (mIoU, pixel accuracy, ignore fraction, per-class IoU) into ``out/metrics.json``. ``predictions``: score
+    that output root instead, without running a model. Returns the metrics and the path of metrics.json."""
+    from seediff.pipeline.evaluate import known_classes, score_predictions, write_report
     from seediff.pipeline.layouts import open_labelled_dataset
 
     dataset = open_labelled_dataset(os.fspath(root), layout, split=split, classes_file=classes_file)
-    metrics = score_predictions(dataset, os.fspath(predictions))
-    return metrics, write_report(metrics, absolute_url(out))
+    out_url = absolute_url(out)
+    background_only: list[str] = []
+    if predictions is None:
+        run_config = annotate_config(config, f"{out_url.rstrip('/')}/{ANNOTATIONS_DIR}")
+        run_config = run_config.model_copy(
+            update={"annotate": run_config.annotate.model_copy(update={"cross_attention_labels": True})}
+        )
+        units, background_only = known_classes(dataset)
+        image_input = ImageInput(dataset.root, tuple(units), dataset.class_names[1:])
+        from seediff.pipeline.run import run_generation
+
+        if units:
+            summary = run_generation(image_input, run_config, _runtime(runtime), stream=progress)
+            if not summary.ok:
+                raise RuntimeError(f"annotating {dataset.root} failed: {summary.format()}")
+        predictions = run_config.output_url
+    metrics = score_predictions(dataset, os.fspath(predictions), background_only)
+    return metrics, write_report(metrics, out_url)
+
+
+def annotate_config(config: RunConfig | Mapping[str, Any] | None, out: str | os.PathLike[str]) -> RunConfig:
+    """``config`` for an annotate run writing to ``out``: its ``annotate`` settings default to ``AnnotateConfig()``."""
+    run_config = _validated(RunConfig, config, "config")
+    return run_config.model_copy(
+        update={"output_url": absolute_url(out), "annotate": run_config.annotate or AnnotateConfig()}
+    )
+
+
+def annotate_input(input: str | os.PathLike[str], config: RunConfig, classes: Sequence[str] | None) -> ImageInput:
+    """The images of INPUT and the run's classes (``classes``, or ``config.annotate.classes_field``); reads tars
+    only when their sample counts or class names require it. Raises an ``InputError`` naming the file."""
+    source = os.fspath(input)
+    return open_input(source if "://" in source else absolute_url(source), classes, config.annotate.classes_field)
 
 
 def report(out: str | os.PathLike[str], path: str | os.PathLike[str]) -> dict[str, Any]:

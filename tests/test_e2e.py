@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import pytest
-import ray
 
 import pyarrow.parquet as pq
 import webdataset as wds
@@ -75,11 +74,7 @@ class StallsOnce(ShardActor):
         return super().generate_shard(shard, attempt)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("local_ray")  # one local Ray for the module (tests/plugins/local_ray.py)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ does not exist"); the ``labels`` layout with nested folders; errors that name th
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
@@ -27,8 +26,7 @@ from seediff.pipeline.resume import prepare_output
 from seediff.pipeline.readers import raw_samples
 from seediff.schemas.config import RunConfig
 from seediff.schemas.manifest import Manifest, class_row
-from seediff.schemas.records import SUCCESS, SampleOutcome, sample_metadata
-from seediff.workers.encode import encode_image
+from seediff.workers.encode import encode_sample
 from seediff.workers.shards import ShardWriter
 
 CLASSES = ((3, "bird", 3), (12, "dog", 2))  # VOC ids: labelmap lines for the ids in between get placeholder names
@@ -48,15 +46,10 @@ def label_map(sample_id: int, class_id: int, size: tuple[int, int]) -> np.ndarra
 IGNORE_BORDER = 255
 
 
-def png_bytes(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 @pytest.fixture(scope="module")
 def output_root(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """An output root written by the real shard writer: png images of several sizes, label maps with 255."""
+    """An output root written by the real encoder and shard writer: png images of several sizes, label maps with
+    255."""
     out = str(tmp_path_factory.mktemp("export") / "out")
     rows = tuple(class_row(name, cid, n, f"a photo of a {name}", "", line) for line, (cid, name, n) in enumerate(CLASSES, 2))
     config = RunConfig(model="synthetic", samples_per_shard=2, image_format="png", output_url=out)
@@ -71,8 +64,7 @@ def output_root(tmp_path_factory: pytest.TempPathFactory) -> dict:
                 rng = np.random.default_rng(spec.sample_id)
                 image = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
                 labels = label_map(spec.sample_id, spec.class_id, size)
-                meta = sample_metadata(spec, config, size, {})
-                writer.add(SampleOutcome(spec, SUCCESS, None, encode_image(image, "png", 95), png_bytes(labels), meta))
+                writer.add(encode_sample(spec, image, labels, {}, None, config))
                 expected[spec.key] = (image, labels)
             writer.commit({})
     write_index(config, plan.num_shards)

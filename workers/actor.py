@@ -16,9 +16,10 @@ import ray
 import torch
 
 from seediff.schemas.config import RunConfig, RuntimeOptions
-from seediff.schemas.records import SampleOutcome, SampleSpec, ShardSpec
+from seediff.schemas.records import InputSample, SampleOutcome, SampleSpec, ShardSpec
 from seediff.storage import SHARD, failure_kind
-from seediff.workers.encode import encode_sample
+from seediff.workers.annotate import AnnotatedSample, annotate_batch
+from seediff.workers.encode import encode_annotated, encode_sample
 from seediff.workers.generate import GeneratedSample, generate_batch
 from seediff.workers.models import load_model, resolve_device
 from seediff.workers.shards import ShardWriter
@@ -27,7 +28,8 @@ from seediff.workers.shards import ShardWriter
 class ShardActor:
     """``ShardActor(config, runtime, plan, torch_threads=, progress=, run_id=)``; ``generate_shard(shard, attempt)``
     writes and commits one shard, expanding its sample-id range from ``plan`` (``seediff.pipeline.plan.Plan``,
-    O(classes)). ``torch_threads`` caps intra-op threads so several CPU actors on one machine do not oversubscribe it.
+    O(classes); for annotate ``seediff.pipeline.sources.AnnotatePlan``, which reads the shard's input images here).
+    ``torch_threads`` caps intra-op threads so several CPU actors on one machine do not oversubscribe it.
     ``progress``: a Ray actor handle of ``seediff.pipeline.progress.PartialCounts`` told the samples written after every
     batch (fire-and-forget), so the driver's bar moves between shard commits. ``run_id`` and the attempt number go into
     the shard stats."""
@@ -78,18 +80,21 @@ class ShardActor:
             }
             return writer.commit(runtime_info)
 
-    def _generate(self, batch: tuple[SampleSpec, ...]) -> list[GeneratedSample]:
-        """One batch. When it raises an error of the samples themselves (not storage, memory or the device), each
-        sample is run alone: one that raises again becomes a failed row with the error, its neighbours are kept.
-        The same input fails the same way on every run, so the result stays deterministic."""
+    def _generate(self, batch: tuple[SampleSpec, ...] | tuple[InputSample, ...]) -> list[Any]:
+        """One batch: generated from SampleSpecs, or labelled from InputSamples (annotate). When it raises an error of
+        the samples themselves (not storage, memory or the device), each sample is run alone: one that raises again
+        becomes a failed row with the error, its neighbours are kept. The same input fails the same way on every
+        run, so the result stays deterministic."""
         try:
+            if self.config.annotate is not None:
+                return annotate_batch(self.pipe, batch, self.config)
             return generate_batch(self.pipe, batch, self.config)
         except Exception as error:
             if not _sample_error(error):
                 raise
             if len(batch) > 1:
-                return [sample for spec in batch for sample in self._generate((spec,))]
-            return [GeneratedSample(batch[0], None, None, {}, f"{type(error).__name__}: {error}")]
+                return [sample for item in batch for sample in self._generate((item,))]
+            return [_failed(batch[0], f"{type(error).__name__}: {error}")]
 
     def _drain(self, writer: ShardWriter, encoding: list[Future[SampleOutcome]], shard_id: int) -> None:
         for future in encoding:
@@ -97,13 +102,28 @@ class ShardActor:
         if encoding and self.progress is not None:
             self.progress.report.remote(shard_id, writer.added)
 
-    def _encode(self, sample: GeneratedSample) -> SampleOutcome:
+    def _encode(self, sample: GeneratedSample | AnnotatedSample) -> SampleOutcome:
         try:
-            return encode_sample(sample.spec, sample.image, sample.labels, sample.mask_stats, sample.error, self.config)
+            return self._encoded(sample)
         except Exception as error:
             if not _sample_error(error):
                 raise
-            return encode_sample(sample.spec, None, None, {}, f"{type(error).__name__}: {error}", self.config)
+            item = sample.sample if isinstance(sample, AnnotatedSample) else sample.spec
+            return self._encoded(_failed(item, f"{type(error).__name__}: {error}"))
+
+    def _encoded(self, sample: GeneratedSample | AnnotatedSample) -> SampleOutcome:
+        if isinstance(sample, AnnotatedSample):
+            return encode_annotated(
+                sample.sample, sample.labels, sample.cross_labels, sample.mask_stats, sample.error, self.config
+            )
+        return encode_sample(sample.spec, sample.image, sample.labels, sample.mask_stats, sample.error, self.config)
+
+
+def _failed(item: SampleSpec | InputSample, error: str) -> GeneratedSample | AnnotatedSample:
+    """A failed sample of a generate batch (a SampleSpec) or of an annotate batch (an InputSample)."""
+    if isinstance(item, InputSample):
+        return AnnotatedSample(item, None, None, {}, error)
+    return GeneratedSample(item, None, None, {}, error)
 
 
 def _sample_error(error: Exception) -> bool:

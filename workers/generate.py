@@ -87,13 +87,16 @@ def generate_with_capture(
         return out, capture.result(), positions
 
 
-def new_capture(pipe: StableDiffusionPipeline, config: RunConfig, max_samples: int) -> SeeDiffCapture:
-    """Capture processors for ``pipe``'s UNet sized for batches of up to ``max_samples`` under ``config``."""
+def new_capture(
+    pipe: StableDiffusionPipeline, config: RunConfig, max_samples: int, guided: bool | None = None
+) -> SeeDiffCapture:
+    """Capture processors for ``pipe``'s UNet sized for batches of up to ``max_samples`` under ``config``.
+    ``guided``: the UNet sees [unconditional, conditional] batches; default: the generation's guidance."""
     return SeeDiffCapture(
         pipe.unet,
         config.resolution // pipe.vae_scale_factor,
         max_samples,
-        guided=config.guidance_scale > 1,  # diffusers' do_classifier_free_guidance for SD UNets
+        guided=config.guidance_scale > 1 if guided is None else guided,  # diffusers' do_classifier_free_guidance
         text_tokens=pipe.tokenizer.model_max_length,
         query_chunk=config.mask.query_chunk,
     )

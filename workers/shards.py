@@ -31,7 +31,6 @@ from seediff.schemas.records import (
     failure_histogram,
     parquet_row,
     shard_name,
-    tar_fields,
 )
 from seediff.storage import StagedFile, output_fs, write_file
 
@@ -68,7 +67,7 @@ class ShardWriter:
         expected = self.shard.start + self.added
         if outcome.spec.sample_id != expected:
             raise ValueError(f"shard {self.name}: expected sample {expected}, got {outcome.spec.sample_id}")
-        fields = tar_fields(outcome, self.config.image_format) if outcome.status == SUCCESS else None
+        fields = outcome.fields if outcome.status == SUCCESS else None
         if fields is not None:
             self._tar.write({"__key__": outcome.spec.key, **fields})
         self._rows.append(parquet_row(outcome, self.shard.shard_id, fields))

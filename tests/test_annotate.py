@@ -1,0 +1,165 @@
+"""``seediff annotate`` and ``seediff eval`` end to end on local Ray with the tiny model: WebDataset shards made here
+(real JPEG and PNG images of several sizes and aspect ratios, class names in their json) and an image folder; every
+input field passes through byte for byte, masks come at each image's own size, the output passes ``seediff
+verify``, a killed driver's rerun is byte-identical to an uninterrupted run; ``eval`` on a small VOC-layout fixture
+runs annotate on it and its mIoU equals torchmetrics' on the same predictions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+from torchmetrics.classification import MulticlassJaccardIndex
+
+from seediff.pipeline.cli import main
+from seediff.pipeline.layouts import voc_palette
+from seediff.pipeline.readers import segmentation_dataset
+from seediff.schemas.records import decode_mask
+from tests.annotate_support import IMAGES, image_bytes, write_image_folder, write_input_shards
+from tests.e2e_support import digests, run_cli
+from tests.test_e2e_driver_kill import kill_after_first_commit
+from tests.e2e_support import cli_command
+
+# 64 px model input (latent 8), 2 timesteps, short PAMR, 2-sample output shards over 5 inputs: 3 shards.
+FLAGS = ["--model", "tiny", "--resolution", "64", "--timestep", "100", "--timestep", "300",
+         "--samples-per-shard", "2", "--batch-size", "2", "--mask-pamr-iterations", "5"]
+CLASS_IDS = {"dog": 1, "cat": 2, "bird": 3}  # first appearance in the shards' json
+
+
+pytestmark = pytest.mark.usefixtures("local_ray")  # one local Ray for the module (tests/plugins/local_ray.py)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> tuple[Path, list[dict]]:
+    directory = tmp_path_factory.mktemp("input") / "shards"
+    return directory, write_input_shards(directory)
+
+
+@pytest.fixture(scope="module")
+def annotated(shards, tmp_path_factory) -> Path:
+    directory, _ = shards
+    out = tmp_path_factory.mktemp("annotated") / "out"
+    pattern = str(directory / "in-{000000..000002}.tar")
+    assert main(["annotate", pattern, "--out", str(out), "--classes-field", "labels", *FLAGS, "--num-actors", "2"]) == 0
+    return out
+
+
+def output_samples(out: Path) -> list[dict]:
+    return [s for tar in sorted(out.glob("*.tar")) for s in wds.WebDataset(str(tar), shardshuffle=False)]
+
+
+def test_shards_pass_through_byte_for_byte_with_masks_of_the_image_size(shards, annotated) -> None:
+    _, written = shards
+    samples = output_samples(annotated)
+    assert [s["__key__"] for s in samples] == [f"{i:012d}" for i in range(len(IMAGES))]
+    for sample, source, (width, height, fmt, classes) in zip(samples, written, IMAGES):
+        for name, value in source.items():
+            if name != "__key__":
+                assert sample[name] == value, name  # every input field, byte for byte
+        assert set(sample) - set(source) - {"__url__", "__local_path__"} == {"mask.png", "mask.json"}
+        labels = decode_mask(sample["mask.png"])
+        assert labels.shape == (height, width)
+        assert set(np.unique(labels).tolist()) <= {0, 255, *(CLASS_IDS[c] for c in classes)}
+        meta = json.loads(sample["mask.json"])
+        assert meta["source_key"] == source["__key__"] and meta["source_url"].endswith(".tar")
+        assert [c["class_name"] for c in meta["classes"]] == classes
+        assert meta["width"] == width and meta["height"] == height
+    assert run_cli("verify", str(annotated)).returncode == 0
+    decoded = list(segmentation_dataset(str(annotated), shuffle_shards=False))
+    assert [tuple(m.shape) for _, m, _ in decoded] == [(h, w) for w, h, _, _ in IMAGES]
+
+
+def test_image_folder_with_one_vocabulary(tmp_path: Path) -> None:
+    paths = write_image_folder(tmp_path / "images")
+    out = tmp_path / "out"
+    assert main(["annotate", str(tmp_path / "images"), "--out", str(out), "--classes", "dog,cat", *FLAGS]) == 0
+    samples = output_samples(out)
+    assert len(samples) == len(paths)
+    for sample, path, (width, height, fmt, _) in zip(samples, paths, IMAGES):
+        assert sample[fmt] == path.read_bytes()
+        assert decode_mask(sample["mask.png"]).shape == (height, width)
+        meta = json.loads(sample["mask.json"])
+        assert meta["source_url"].endswith(path.name) and [c["class_id"] for c in meta["classes"]] == [1, 2]
+    assert run_cli("verify", str(out)).returncode == 0
+
+
+def test_killed_driver_resumed_is_byte_identical(shards, annotated, tmp_path: Path) -> None:
+    directory, _ = shards
+    out = tmp_path / "out"
+    args = ("annotate", str(directory / "in-{000000..000002}.tar"), "--out", str(out), "--classes-field", "labels",
+            *FLAGS[:-4], "--samples-per-shard", "1", "--batch-size", "1", "--mask-pamr-iterations", "5", "--num-actors", "2")
+    reference = tmp_path / "reference"
+    assert run_cli(*args[:3], str(reference), *args[4:]).returncode == 0
+    kill_after_first_commit(cli_command(*args), out)
+    survivors = {p.name: p.read_bytes() for p in out.glob("*_stats.json")}
+    assert 1 <= len(survivors) < len(IMAGES)
+    done = run_cli("resume", str(out), "--num-actors", "2")  # the input and settings recorded in run.json
+    assert done.returncode == 0, done.stderr
+    assert {p.name: p.read_bytes() for p in out.glob("*_stats.json") if p.name in survivors} == survivors
+    assert digests(out) == digests(reference)
+    assert run_cli("verify", str(out)).returncode == 0
+
+
+# ---- eval on a VOC-layout fixture ---------------------------------------------------------------------------------
+
+
+def write_voc_fixture(root: Path) -> list[str]:
+    """Four images of several sizes, palette label maps with objects of VOC classes and a 255 border, val.txt."""
+    ids = []
+    for i, (width, height, _, _) in enumerate(IMAGES[:4]):
+        name = f"2007_{i:06d}"
+        (root / "JPEGImages").mkdir(parents=True, exist_ok=True)
+        (root / "SegmentationClass").mkdir(parents=True, exist_ok=True)
+        (root / "JPEGImages" / f"{name}.jpg").write_bytes(image_bytes(i, width, height, "jpg"))
+        labels = np.zeros((height, width), np.uint8)
+        if i != 3:  # the last image has no object: scored as background without the model
+            labels[height // 4 : 3 * height // 4, width // 4 : width // 2] = 255
+            labels[height // 4 + 1 : 3 * height // 4 - 1, width // 4 + 1 : width // 2 - 1] = (8, 12, 15)[i]
+        if i == 0:
+            labels[2:8, -10:-2] = 12  # a second class in one image
+        image = Image.frombytes("P", (width, height), labels.tobytes())
+        image.putpalette(voc_palette())
+        image.save(root / "SegmentationClass" / f"{name}.png")
+        ids.append(name)
+    (root / "ImageSets/Segmentation").mkdir(parents=True)
+    (root / "ImageSets/Segmentation/val.txt").write_text("\n".join(ids) + "\n")
+    return ids
+
+
+def test_eval_end_to_end_matches_torchmetrics(tmp_path: Path, capsys) -> None:
+    root = tmp_path / "VOC2012"
+    ids = write_voc_fixture(root)
+    out = tmp_path / "eval"
+    assert main(["eval", str(root), "--layout", "voc", "--out", str(out), *FLAGS]) == 0
+    report = json.loads((out / "metrics.json").read_text())
+    for key in ("miou", "pixel_accuracy", "ignore_fraction", "per_class"):
+        assert key in report and key in report["cross_attention"]
+    assert set(report["per_class"]) == set(json.loads((out / "metrics.json").read_text())["per_class"])
+    assert report["missing_predictions"] == 0 and report["dataset"]["images"] == 4
+    printed = capsys.readouterr().out
+    assert "seediff: mIoU" in printed and "cross-attention: mIoU" in printed
+
+    # The same predictions through torchmetrics: predicted 255 as an extra class, ground-truth 255 ignored.
+    predictions = {}
+    for sample in output_samples(out / "annotations"):
+        predictions[json.loads(sample["mask.json"])["source_key"]] = decode_mask(sample["mask.png"])
+    metric = MulticlassJaccardIndex(num_classes=22, ignore_index=255, average="none")
+    present = np.zeros(21, bool)
+    for name in ids:
+        with Image.open(root / "SegmentationClass" / f"{name}.png") as im:
+            target = np.array(im)
+        prediction = predictions.get(name, np.zeros_like(target))  # the object-free image: background
+        metric.update(torch.from_numpy(np.where(prediction == 255, 21, prediction).astype(np.int64)),
+                      torch.from_numpy(target.astype(np.int64)))
+        present[np.unique(target[target != 255])] = True
+        present[np.unique(prediction[(prediction != 255) & (target != 255)])] = True
+    reference = metric.compute().double().numpy()[:21]
+    assert report["miou"] == pytest.approx(reference[present].mean(), abs=1e-6)
+    for class_id in np.flatnonzero(present):
+        assert report["classes"][class_id]["iou"] == pytest.approx(reference[class_id], abs=1e-6)
+    assert report["gt_ignore_fraction"] > 0

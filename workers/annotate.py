@@ -1,0 +1,137 @@
+"""One annotate batch: real images -> SeeDiff label maps, with the attention captured exactly as in generation.
+
+Per image: decode, resize to the run's size (a size every SeeDiff side is exact for), VAE-encode (the latent
+distribution's mean), add noise at each configured timestep with the sample's own generator, run the UNet once per
+timestep with the prompt naming the image's classes under the same capture as generation, then ``label_maps`` on
+the resized image and a nearest-neighbour resize of the labels back to the image's own size. No classifier-free
+guidance: every captured row is conditional."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import DDPMScheduler, DiffusionPipeline
+from PIL import Image
+
+from seediff.schemas.config import RunConfig
+from seediff.schemas.records import InputSample, SampleSpec
+from seediff.workers.encode import INPUT_IMAGE_FIELDS
+from seediff.workers import seediff
+from seediff.workers.generate import attention_maps, new_capture, sample_token_positions
+
+@dataclass
+class AnnotatedSample:
+    sample: InputSample
+    labels: np.ndarray | None  # H x W uint8 at the image's own size: 0 background, class ids, 255 ignore
+    cross_labels: np.ndarray | None  # the same from plain thresholded cross-attention, when configured
+    mask_stats: dict = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def spec(self) -> SampleSpec:
+        return self.sample.spec
+
+
+def image_field(fields: dict[str, Any]) -> str | None:
+    return next((name for name in INPUT_IMAGE_FIELDS if name in fields), None)
+
+
+def decode_rgb(fields: dict[str, Any]) -> np.ndarray:
+    """The sample's image as H x W x 3 uint8, pixels as stored (no EXIF rotation: the mask must match the pixels
+    every reader decodes)."""
+    name = image_field(fields)
+    if name is None:
+        raise ValueError(f"no image field (one of {', '.join(INPUT_IMAGE_FIELDS)}) among {sorted(fields)}")
+    with Image.open(io.BytesIO(fields[name])) as im:
+        return np.array(im.convert("RGB"))
+
+
+def annotate_batch(pipe: DiffusionPipeline, samples: Sequence[InputSample], config: RunConfig) -> list[AnnotatedSample]:
+    """Label maps for a batch; an image that does not decode becomes a failed sample, its neighbours go on."""
+    decoded: list[np.ndarray | None] = []
+    errors: list[str | None] = []
+    for sample in samples:
+        try:
+            decoded.append(decode_rgb(sample.fields))
+            errors.append(None)
+        except (OSError, ValueError) as e:  # PIL raises OSError subclasses for truncated or unknown data
+            decoded.append(None)
+            errors.append(f"decode: {e}")
+    ok = [i for i, rgb in enumerate(decoded) if rgb is not None]
+    results = [AnnotatedSample(s, None, None, {}, errors[i]) for i, s in enumerate(samples)]
+    if ok:
+        labelled = _label([samples[i] for i in ok], [decoded[i] for i in ok], pipe, config)
+        for i, result in zip(ok, labelled):
+            results[i] = result
+    return results
+
+
+def _label(samples: list[InputSample], images: list[np.ndarray], pipe: DiffusionPipeline, config: RunConfig) -> list[AnnotatedSample]:
+    size = config.resolution
+    pixels = torch.stack([
+        torch.from_numpy(np.array(Image.fromarray(rgb).resize((size, size), Image.Resampling.BICUBIC))) for rgb in images
+    ]).permute(0, 3, 1, 2).float()  # [B, 3, H, W] in 0..255: what the VAE encodes and PAMR refines on
+    specs = [s.spec for s in samples]
+    positions = [sample_token_positions(pipe.tokenizer, spec) for spec in specs]
+    with torch.no_grad(), new_capture(pipe, config, len(specs), guided=False) as capture:
+        latents = _encode(pipe, pixels)
+        noise = torch.cat([
+            torch.randn(1, *latents.shape[1:], generator=torch.Generator("cpu").manual_seed(spec.seed)) for spec in specs
+        ]).to(latents.device, latents.dtype)
+        embeddings = pipe.encode_prompt([spec.prompt.text for spec in specs], latents.device, 1, False)[0]
+        noising = DDPMScheduler.from_config(pipe.scheduler.config)
+        capture.begin([sum(p, []) for p in positions], config.mask.capture_steps)
+        for t in config.annotate.timesteps:
+            step = torch.full((len(specs),), t, dtype=torch.long, device=latents.device)
+            pipe.unet(noising.add_noise(latents, noise, step), step, encoder_hidden_states=embeddings)
+            capture.advance()
+        captured = capture.result()
+    maps = attention_maps(captured, positions)
+    class_ids = [[c.class_id for c in spec.classes] for spec in specs]
+    result = seediff.label_maps(maps, class_ids, (size, size), config.mask, pixels.to(latents.device))
+    labels = result.labels.cpu().numpy()
+    cross = _cross_labels(maps, class_ids, (size, size), config) if config.annotate.cross_attention_labels else None
+    annotated = []
+    for i, (sample, rgb) in enumerate(zip(samples, images)):
+        original = (rgb.shape[1], rgb.shape[0])
+        stats = result.stats[i]
+        for entry, tokens in zip(stats["classes"], positions[i]):
+            entry["tokens"] = len(tokens)
+        annotated.append(AnnotatedSample(
+            sample, _resize_labels(labels[i], original), None if cross is None else _resize_labels(cross[i], original),
+            stats,
+        ))
+    return annotated
+
+
+def _encode(pipe: DiffusionPipeline, pixels: torch.Tensor) -> torch.Tensor:
+    """VAE latents (the posterior mean, scaled as the UNet expects) of images in 0..255."""
+    vae = pipe.vae
+    x = (pixels / 127.5 - 1.0).to(vae.device, vae.dtype)
+    return vae.encode(x).latent_dist.mean * vae.config.scaling_factor
+
+
+def _cross_labels(maps: seediff.AttentionMaps, class_ids: list[list[int]], size: tuple[int, int],
+                  config: RunConfig) -> np.ndarray:
+    """Plain cross-attention labels: each class's coarse seed map (the variance-gated, min-max normalised sum of its
+    cross maps) upsampled bicubically; a pixel takes the strongest class whose map exceeds the threshold."""
+    labels = []
+    for per_class, ids in zip(maps.cross, class_ids):
+        coarse, _ = seediff.coarse_seed_map(list(per_class))  # [K, s, s]: one "sample" per class
+        scores = seediff.bicubic(coarse, size)  # [K, H, W]
+        best, winner = scores.max(0)
+        chosen = torch.tensor(ids, device=winner.device)[winner]
+        labels.append(torch.where(best > config.annotate.cross_attention_threshold, chosen, 0).to(torch.uint8))
+    return torch.stack(labels).cpu().numpy()
+
+
+def _resize_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A label map at (width, height) by nearest neighbour: every value stays a label."""
+    if (labels.shape[1], labels.shape[0]) == size:
+        return labels
+    return np.array(Image.fromarray(labels).resize(size, Image.Resampling.NEAREST))
