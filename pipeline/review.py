@@ -115,6 +115,7 @@ def inspect_dataset(out_url: str) -> dict[str, Any]:
         "bytes": {"tar": tar_bytes, "parquet": parquet_bytes, "total": tar_bytes + parquet_bytes},
         "settings": {k: v for k, v in config.model_dump(mode="json").items() if k != "output_url"},
         "manifest": {k: record.get(k) for k in ("manifest_source", "manifest_sha256", "num_classes")},
+        "input": {k: record.get(k) for k in ("input_source", "input_sha256", "classes")} if config.annotate else None,
     }
 
 
@@ -129,7 +130,9 @@ def format_inspection(info: dict[str, Any]) -> str:
         + (f" (missing: {_id_list(info['missing_shards'])})" if info["missing_shards"] else ""),
         f"bytes      {human_bytes(info['bytes']['total'])} (tar {human_bytes(info['bytes']['tar'])}, "
         f"parquet {human_bytes(info['bytes']['parquet'])})",
-        f"manifest   {info['manifest']['manifest_source']} ({info['manifest']['num_classes']} classes)",
+        f"input      {info['input']['input_source']} ({len(info['input']['classes'])} classes, annotated)"
+        if info.get("input")
+        else f"manifest   {info['manifest']['manifest_source']} ({info['manifest']['num_classes']} classes)",
     ]
     if info["failures_by_reason"]:
         lines.append("failures   " + ", ".join(f"{k}: {v}" for k, v in info["failures_by_reason"].items()))
