@@ -83,12 +83,12 @@ def _label(samples: list[InputSample], images: list[np.ndarray], pipe: Diffusion
         noise = torch.cat([
             torch.randn(1, *latents.shape[1:], generator=torch.Generator("cpu").manual_seed(spec.seed)) for spec in specs
         ]).to(latents.device, latents.dtype)
-        embeddings = pipe.encode_prompt([spec.prompt.text for spec in specs], latents.device, 1, False)[0]
+        embeddings, conditioning = _text_conditioning(pipe, [spec.prompt.text for spec in specs], (size, size))
         noising = DDPMScheduler.from_config(pipe.scheduler.config)
         capture.begin([sum(p, []) for p in positions], config.mask.capture_steps)
         for t in config.annotate.timesteps:
             step = torch.full((len(specs),), t, dtype=torch.long, device=latents.device)
-            pipe.unet(noising.add_noise(latents, noise, step), step, encoder_hidden_states=embeddings)
+            pipe.unet(noising.add_noise(latents, noise, step), step, encoder_hidden_states=embeddings, **conditioning)
             capture.advance()
         captured = capture.result()
     maps = attention_maps(captured, positions)
@@ -107,6 +107,18 @@ def _label(samples: list[InputSample], images: list[np.ndarray], pipe: Diffusion
             stats,
         ))
     return annotated
+
+
+def _text_conditioning(pipe: DiffusionPipeline, prompts: list[str], size: tuple[int, int]) -> tuple[torch.Tensor, dict]:
+    """The prompts' text states for the UNet's cross-attention, plus what else the UNet is conditioned on: SDXL's
+    pooled text embedding and size/crop ids (image size, no crop, target size), as its pipeline builds them."""
+    encoded = pipe.encode_prompt(prompt=prompts, device=pipe.unet.device, num_images_per_prompt=1,
+                                 do_classifier_free_guidance=False)
+    if getattr(pipe, "tokenizer_2", None) is None:
+        return encoded[0], {}
+    embeddings, pooled = encoded[0], encoded[2]
+    time_ids = torch.tensor([[*size, 0, 0, *size]], dtype=embeddings.dtype, device=embeddings.device)
+    return embeddings, {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids.repeat(len(prompts), 1)}}
 
 
 def _encode(pipe: DiffusionPipeline, pixels: torch.Tensor) -> torch.Tensor:
