@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 import webdataset as wds
@@ -76,10 +77,13 @@ def test_shards_pass_through_byte_for_byte_with_masks_of_the_image_size(shards, 
 
 def test_image_folder_with_one_vocabulary(tmp_path: Path) -> None:
     paths = write_image_folder(tmp_path / "images")
+    (tmp_path / "images/b/99.jpg").write_bytes(b"not a jpeg")  # a broken file fails alone, its shard still commits
     out = tmp_path / "out"
     assert main(["annotate", str(tmp_path / "images"), "--out", str(out), "--classes", "dog,cat", *FLAGS]) == 0
     samples = output_samples(out)
     assert len(samples) == len(paths)
+    rows = pq.read_table(out / "seediff-000002.parquet").to_pylist()
+    assert [r["status"] for r in rows] == ["success", "failed"] and rows[1]["error"].startswith("decode: ")
     for sample, path, (width, height, fmt, _) in zip(samples, paths, IMAGES):
         assert sample[fmt] == path.read_bytes()
         assert decode_mask(sample["mask.png"]).shape == (height, width)

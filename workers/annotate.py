@@ -20,9 +20,10 @@ from PIL import Image
 
 from seediff.schemas.config import RunConfig
 from seediff.schemas.records import InputSample, SampleSpec
-from seediff.workers.encode import INPUT_IMAGE_FIELDS
 from seediff.workers import seediff
+from seediff.workers.encode import INPUT_IMAGE_FIELDS
 from seediff.workers.generate import attention_maps, new_capture, sample_token_positions
+
 
 @dataclass
 class AnnotatedSample:
@@ -37,14 +38,10 @@ class AnnotatedSample:
         return self.sample.spec
 
 
-def image_field(fields: dict[str, Any]) -> str | None:
-    return next((name for name in INPUT_IMAGE_FIELDS if name in fields), None)
-
-
 def decode_rgb(fields: dict[str, Any]) -> np.ndarray:
     """The sample's image as H x W x 3 uint8, pixels as stored (no EXIF rotation: the mask must match the pixels
     every reader decodes)."""
-    name = image_field(fields)
+    name = next((name for name in INPUT_IMAGE_FIELDS if name in fields), None)
     if name is None:
         raise ValueError(f"no image field (one of {', '.join(INPUT_IMAGE_FIELDS)}) among {sorted(fields)}")
     with Image.open(io.BytesIO(fields[name])) as im:
@@ -71,7 +68,9 @@ def annotate_batch(pipe: DiffusionPipeline, samples: Sequence[InputSample], conf
     return results
 
 
-def _label(samples: list[InputSample], images: list[np.ndarray], pipe: DiffusionPipeline, config: RunConfig) -> list[AnnotatedSample]:
+def _label(
+    samples: list[InputSample], images: list[np.ndarray], pipe: DiffusionPipeline, config: RunConfig
+) -> list[AnnotatedSample]:
     size = config.resolution
     pixels = torch.stack([
         torch.from_numpy(np.array(Image.fromarray(rgb).resize((size, size), Image.Resampling.BICUBIC))) for rgb in images
