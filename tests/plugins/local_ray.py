@@ -9,6 +9,6 @@ import ray
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)  # never join a cluster another process left
     yield
     ray.shutdown()
