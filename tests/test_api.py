@@ -63,3 +63,12 @@ def test_bad_setting_and_changed_setting_raise_typed_errors_before_ray(tmp_path)
 def test_facade_exports_the_api():
     for name in ("generate", "resume", "dry_run", "inspect", "verify", "preview", "RunSummary", "InputError"):
         assert name in dir(seediff) and getattr(seediff, name) is not None
+
+
+def test_a_plan_with_more_shards_than_shard_digits_can_number_is_refused(tmp_path):
+    manifest = tmp_path / "eleven.csv"
+    manifest.write_text("class_name,num_samples\ncat,11\n")  # 11 one-sample shards: ids 0..10 need 2 digits
+    settings = {**SETTINGS, "samples_per_shard": 1, "shard_digits": 1}
+    out = probe(f"dry_run({str(manifest)!r}, {str(tmp_path / 'out')!r}, config={settings!r})")
+    assert "ERROR ConfigError --shard-digits: 1 digits number at most 10 shards, the plan has 11" in out
+    assert "LOADED []" in out
