@@ -1,5 +1,7 @@
 """Two Ray nodes on one machine (ray.cluster_utils.Cluster, one CPU each) and the CLI run against that cluster's
-address: the two actors land on different nodes and the output is complete and byte-identical to a clean run."""
+address: the output is complete and byte-identical to a clean run. Shards go only to actors whose model has loaded,
+so on a loaded machine the first ready actor may take every shard of this small run; that a second node's actor
+gets shards is checked with paced shards in tests/test_e2e_elastic.py."""
 
 from __future__ import annotations
 
@@ -29,6 +31,6 @@ def test_actors_on_both_nodes(two_nodes, tmp_path):
     assert done.returncode == 0, done.stderr
     nodes = {node.node_id for node in two_nodes.list_all_nodes()}
     assert len(nodes) == 2
-    assert {s["runtime"]["node_id"] for s in stats_files(out).values()} == nodes
+    assert {s["runtime"]["node_id"] for s in stats_files(out).values()} <= nodes
     check_dataset(out, 9)
     assert digests(out) == reference
