@@ -140,6 +140,14 @@ class RunConfig(_Strict):
         DEFAULT_PROMPT_TEMPLATE, description="prompt for manifest rows without one; must contain {class_name}"
     )
     mask: MaskConfig = Field(MaskConfig(), description="SeeDiff mask settings")
+    # Output settings, not runtime options: compiled kernels round floats differently (on the CPU some pixels move
+    # by one grey level), so compiled and eager runs write different bytes.
+    compile: bool = Field(
+        False, description="torch.compile the UNet (with capture installed) and the VAE decoder once per actor"
+    )
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = Field(
+        "default", description="torch.compile mode with --compile: reduce-overhead adds CUDA graphs"
+    )
     output_url: str = Field("", description="output root: local path, s3://..., gs://...", json_schema_extra={"flag": "--out"})
     shard_prefix: str = Field("seediff", pattern=r"^[A-Za-z0-9_]+$", description="shard file name prefix")
     shard_digits: int = Field(6, ge=1, le=12, description="digits of the shard number in file names")

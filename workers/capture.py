@@ -222,6 +222,14 @@ class SeeDiffCapture:
     def buffer_bytes(self) -> int:
         return sum(p.sum.numel() * p.sum.element_size() for p in self.processors().values())
 
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor the processors keep between UNet calls (weight, sums, workspaces): the inputs a compiled UNet
+        reads and updates in place."""
+        kept = [self.weight]
+        for p in self.processors().values():
+            kept += [p.sum, *(p.workspace.buffers.values() if p.workspace is not None else ())]
+        return kept
+
     def begin(self, token_positions: Sequence[Sequence[int]], window: tuple[int, int] | None = None) -> "SeeDiffCapture":
         """Start a batch: zero the sums and weight the first UNet call. ``window``: [start, stop) UNet call indices
         averaged into the maps; None: every call."""
@@ -290,12 +298,18 @@ def default_path(device: torch.device) -> str:
     return "fused" if device.type == "cuda" and add_head_summed_probabilities is not None else "explicit"
 
 
-@contextmanager
-def installed_processors(unet: torch.nn.Module, processors: dict) -> Iterator[None]:
-    """Set ``processors`` on their layers (all others keep theirs) and restore the saved set on exit.
-    set_attn_processor consumes the dict it gets, so each call gets a fresh copy."""
+def install_processors(unet: torch.nn.Module, processors: dict) -> dict:
+    """Set ``processors`` on their layers (all others keep theirs); returns the previous set. set_attn_processor
+    consumes the dict it gets, so each call gets a fresh copy."""
     saved = dict(unet.attn_processors)
     unet.set_attn_processor({**saved, **processors})
+    return saved
+
+
+@contextmanager
+def installed_processors(unet: torch.nn.Module, processors: dict) -> Iterator[None]:
+    """``install_processors`` for the block; the saved set is restored on exit."""
+    saved = install_processors(unet, processors)
     try:
         yield
     finally:

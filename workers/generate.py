@@ -3,6 +3,7 @@ torch.Generator seeded with spec.seed, so a sample's image does not depend on it
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -16,7 +17,8 @@ from seediff.schemas.config import RunConfig
 from seediff.schemas.records import SampleSpec
 from seediff.workers import seediff
 from seediff.tokens import PhrasePositionError, class_token_positions
-from seediff.workers.capture import CapturedAttention, SeeDiffCapture
+from seediff.workers.capture import CapturedAttention, SeeDiffCapture, install_processors
+from seediff.workers.models import compile_model
 
 NSFW_ERROR = "nsfw: blanked by the safety checker"
 
@@ -31,10 +33,13 @@ class GeneratedSample:
 
 
 def generate_batch(
-    pipe: StableDiffusionPipeline, samples: Sequence[SampleSpec], config: RunConfig
+    pipe: StableDiffusionPipeline,
+    samples: Sequence[SampleSpec],
+    config: RunConfig,
+    capture: SeeDiffCapture | None = None,
 ) -> list[GeneratedSample]:
     """A sample whose labelled phrase falls past the text encoder's context fails alone (``prompt: ...``); the dry
-    run refuses such templates up front."""
+    run refuses such templates up front. ``capture``: see ``generate_with_capture``."""
     failures = {}
     for spec in samples:
         try:
@@ -42,13 +47,15 @@ def generate_batch(
         except PhrasePositionError as e:
             failures[spec.sample_id] = f"prompt: {e}"
     runnable = [s for s in samples if s.sample_id not in failures]
-    generated = {g.spec.sample_id: g for g in _generate(pipe, runnable, config)} if runnable else {}
+    generated = {g.spec.sample_id: g for g in _generate(pipe, runnable, config, capture)} if runnable else {}
     return [generated.get(s.sample_id) or GeneratedSample(s, None, None, {}, failures[s.sample_id]) for s in samples]
 
 
-def _generate(pipe: StableDiffusionPipeline, samples: Sequence[SampleSpec], config: RunConfig) -> list[GeneratedSample]:
+def _generate(
+    pipe: StableDiffusionPipeline, samples: Sequence[SampleSpec], config: RunConfig, capture: SeeDiffCapture | None
+) -> list[GeneratedSample]:
     size = config.resolution
-    out, captured, positions = generate_with_capture(pipe, samples, config)
+    out, captured, positions = generate_with_capture(pipe, samples, config, capture)
     # Quantise once, the way diffusers makes PIL images, so masks are refined on exactly the stored pixels.
     pixels = (out.images.float() * 255).round().clamp(0, 255)
     class_ids = [[c.class_id for c in s.classes] for s in samples]
@@ -100,6 +107,31 @@ def new_capture(
         text_tokens=pipe.tokenizer.model_max_length,
         query_chunk=config.mask.query_chunk,
     )
+
+
+def compile_with_capture(pipe: StableDiffusionPipeline, config: RunConfig) -> tuple[SeeDiffCapture, float]:
+    """Install a capture for batches of ``config.batch_size`` on ``pipe``'s UNet for good (compiled code is
+    specialised to its processors), compile the UNet and the VAE decoder (``compile_model``), and pay the compile cost
+    now with a one-step warm-up batch of that size. Returns the capture and the compile seconds. A shard's smaller
+    last batch compiles once more, on first use."""
+    capture = new_capture(pipe, config, config.batch_size)
+    install_processors(pipe.unet, capture.processors())
+    for tensor in capture.tensors():  # updated in place between calls: CUDA graphs must replay on these very tensors
+        torch._dynamo.mark_static_address(tensor)
+    compile_model(pipe, config.compile_mode)
+    started = time.perf_counter()
+    capture.begin([[1]] * config.batch_size)
+    pipe(
+        prompt=[""] * config.batch_size,
+        height=config.resolution,
+        width=config.resolution,
+        num_inference_steps=1,
+        guidance_scale=config.guidance_scale,
+        generator=torch.Generator("cpu").manual_seed(0),
+        output_type="pt",
+        callback_on_step_end=capture.step_end,
+    )
+    return capture, time.perf_counter() - started
 
 
 def sample_token_positions(tokenizer, spec: SampleSpec) -> list[list[int]]:

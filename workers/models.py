@@ -95,6 +95,16 @@ def load_model(config: RunConfig, device: torch.device) -> StableDiffusionPipeli
     return pipe
 
 
+def compile_model(pipe: StableDiffusionPipeline, mode: str) -> None:
+    """torch.compile the UNet and the VAE decoder in place (the modules keep their identity, so the pipeline and its
+    attention processors still reach them): whole graphs (a graph break is an error, not a silent slow path) and
+    static shapes (batch size and resolution are fixed by the run config). ``mode``: torch.compile's; "default",
+    "reduce-overhead" (CUDA graphs) or "max-autotune". Compilation itself happens on the first call."""
+    options = dict(fullgraph=True, dynamic=False, mode=None if mode == "default" else mode)
+    pipe.unet.compile(**options)
+    pipe.vae.decoder.compile(**options)
+
+
 def build_tiny_model(
     unet_overrides: dict[str, Any] | None = None,
     text_overrides: dict[str, Any] | None = None,
