@@ -12,7 +12,7 @@ backend, and in mode reduce-overhead (CUDA graphs). Cells run in that order of p
 PAMR). Compiled cells build their pipelines the way an actor does (workers/models.compile_model, and
 workers/generate.compile_with_capture for masks); the first call of each compiles and is reported separately.
 
-    python bench/bench_compile.py [--batch-size 2] [--steps 30] [--repeats 3]
+    python bench/bench_compile.py [--batch-size 2] [--resolution 256] [--steps 30] [--repeats 3] [--threads N]
     python bench/bench_compile.py --gpu
 """
 
@@ -52,6 +52,8 @@ GPU_VARIANTS = {
 def main() -> None:
     args = parse_args()
     device = torch.device("cuda" if args.gpu else "cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.gpu and not torch.cuda.is_available():
         raise SystemExit("--gpu needs a CUDA GPU")
     steps_list = GPU_STEPS if args.gpu else (args.steps,)
@@ -61,7 +63,7 @@ def main() -> None:
         cells += [(16, v) for v in GPU_VARIANTS]
     where = torch.cuda.get_device_name() if args.gpu else f"CPU, {torch.get_num_threads()} threads"
     print(f"{'SD1.5-shaped' if args.gpu else 'tiny'} random-weight model, {where}, torch {torch.__version__}, "
-          f"{'float16, 512' if args.gpu else 'float32, 256'} px, CFG 7.5, median of {args.repeats}")
+          f"{'float16, 512' if args.gpu else f'float32, {args.resolution}'} px, CFG 7.5, median of {args.repeats}")
     started = time.perf_counter()
     results: dict[tuple[int, int, str, str], tuple[float, int]] = {}
     for batch, variant in cells:
@@ -69,25 +71,28 @@ def main() -> None:
             print(f"  skipped (budget {args.budget_s:.0f} s spent): batch {batch}, {variant}")
             continue
         memory_format, backend, mode = GPU_VARIANTS.get(variant, PLAIN_OPTIONS)
-        config = RunConfig(model=TINY_MODEL, resolution=512 if args.gpu else 256, steps=max(steps_list),
+        config = RunConfig(model=TINY_MODEL, resolution=512 if args.gpu else args.resolution, steps=max(steps_list),
                            guidance_scale=7.5, batch_size=batch, dtype="float16" if args.gpu else "float32",
                            compile=variant != "eager", compile_mode=mode)
-        with ExitStack() as cell:
-            cell.enter_context(sdpa_backend(backend))
-            modes, compile_s = prepare(config, device, memory_format)
-            print(f"  batch {batch:3d} {variant:26s} ready; first calls (compile) {compile_s:7.1f} s", flush=True)
-            for steps in steps_list:
-                specs, run_config = bench_specs(config, batch), config.model_copy(update={"steps": steps})
-                times: dict[str, list[float]] = {name: [] for name in modes}
-                peaks: dict[str, int] = {}
-                for _ in range(args.repeats):  # interleaved, so drift affects both modes alike
-                    for name, run in modes.items():
-                        seconds, peak = timed(lambda: run(specs, run_config), device)
-                        times[name].append(seconds)
-                        peaks[name] = max(peaks.get(name, 0), peak)
-                for name in modes:
-                    results[batch, steps, variant, name] = statistics.median(times[name]), peaks[name]
-            del modes
+        try:  # one cell failing (an SDPA backend without a kernel for these head dims, OOM) must not end the run
+            with ExitStack() as cell:
+                cell.enter_context(sdpa_backend(backend))
+                modes, compile_s = prepare(config, device, memory_format)
+                print(f"  batch {batch:3d} {variant:26s} ready; first calls (compile) {compile_s:7.1f} s", flush=True)
+                for steps in steps_list:
+                    specs, run_config = bench_specs(config, batch), config.model_copy(update={"steps": steps})
+                    times: dict[str, list[float]] = {name: [] for name in modes}
+                    peaks: dict[str, int] = {}
+                    for _ in range(args.repeats):  # interleaved, so drift affects both modes alike
+                        for name, run in modes.items():
+                            seconds, peak = timed(lambda: run(specs, run_config), device)
+                            times[name].append(seconds)
+                            peaks[name] = max(peaks.get(name, 0), peak)
+                    for name in modes:
+                        results[batch, steps, variant, name] = statistics.median(times[name]), peaks[name]
+                del modes
+        except Exception as e:  # noqa: BLE001 -- reported, and the next cell runs
+            print(f"  batch {batch:3d} {variant:26s} FAILED: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
         release(device)
     report(results, device)
     print(f"total {time.perf_counter() - started:.0f} s")
@@ -141,7 +146,7 @@ def report(results: dict, device: torch.device) -> None:
     gpu = device.type == "cuda"
     print(f"  {'batch':>5s} {'steps':>5s} {'variant':26s} {'plain s':>8s} {'masks s':>8s} {'masks/plain':>11s} "
           f"{'plain img/s':>11s} {'masks img/s':>11s}" + (f" {'peak plain / masks GiB':>23s}" if gpu else ""))
-    cells = sorted({k[:3] for k in results})
+    cells = sorted({k[:3] for k in results if all((*k[:3], m) in results for m in ("plain", "masks"))})
     for batch, steps, variant in cells:
         (plain, plain_peak), (masks, masks_peak) = (results[batch, steps, variant, m] for m in ("plain", "masks"))
         memory = f" {plain_peak / 2**30:11.2f} / {masks_peak / 2**30:5.2f}" if gpu else ""
@@ -163,6 +168,8 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gpu", action="store_true", help="the SD1.5-shaped grid on a CUDA GPU")
     parser.add_argument("--batch-size", type=int, default=2, help="CPU only")
+    parser.add_argument("--resolution", type=int, default=256, help="CPU only")
+    parser.add_argument("--threads", type=int, default=None, help="CPU only: torch threads (default: torch's)")
     parser.add_argument("--steps", type=int, default=RunConfig().steps, help="CPU only (default %(default)s)")
     parser.add_argument("--repeats", type=int, default=None, help="default: 3 on the CPU, 2 on a GPU")
     # a cell takes up to ~3 minutes on an H100 (two compiles and the runs), hence 400 s for a 10-minute script

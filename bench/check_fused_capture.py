@@ -52,9 +52,10 @@ def main() -> None:
             k = torch.randn(8, 8, n, dim, device=device, dtype=dtype)
             scale = dim**-0.5
             acc = torch.zeros(8, n, n, device=device)
-            add_head_summed_probabilities(q, k, scale, acc)
+            weight = torch.ones((), device=device)
+            add_head_summed_probabilities(q, k, scale, weight, acc)
             err = (acc.double() - reference(q, k, scale)).abs().max().item()
-            kernel = timed_ms(lambda: add_head_summed_probabilities(q, k, scale, acc))
+            kernel = timed_ms(lambda: add_head_summed_probabilities(q, k, scale, weight, acc))
             eager = timed_ms(lambda: chunked_torch(q, k, scale, acc))
             print(f"{n:>6} {dim:>4} {str(dtype)[6:]:>8} {err:>10.2e} {kernel:>10.3f} {eager:>9.3f} {eager / kernel:>7.1f}x")
 
