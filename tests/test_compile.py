@@ -92,7 +92,7 @@ def test_compiled_capture_images_within_one_grey_level_of_compiled_plain(compile
 
 @pytest.fixture
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)  # a new instance, never another process's cluster
     yield
     ray.shutdown()
 
