@@ -33,7 +33,7 @@ def random_batch(batch: int, side: int, image: int, device: torch.device, seed: 
         return (8 * torch.randn(batch, n, n, generator=g).mul(2).softmax(-1)).to(device)
 
     cross = [torch.rand(5, side, side, generator=g).pow(3).to(device) for _ in range(batch)]
-    maps = AttentionMaps(cross, attn(side**2), attn((2 * side) ** 2), attn((4 * side) ** 2))
+    maps = AttentionMaps(cross, [attn(side**2), attn((2 * side) ** 2), attn((4 * side) ** 2)])
     images = (torch.rand(batch, 3, image, image, generator=g) * 255).to(device)
     return maps, images
 
@@ -85,7 +85,7 @@ def main() -> None:
     print(f"PAMR x{args.iterations}: ours {ms_pamr:.1f} ms/batch, official kernels {ms_pamr_official:.1f} ms/batch, "
           f"speed-up {ms_pamr_official / ms_pamr:.1f}x")
 
-    fine = maps.self_fine.float()
+    fine = maps.self_attn[-1].float()
     background = torch.rand(fine.shape[:2], device=device) < 0.7  # a fine-scale background seed set
     ms_batched, ours = timed(lambda: seed_affinity(fine, background[:, None])[:, 0], device)
     ms_loop, theirs = timed(lambda: per_seed_loop(fine, background), device, repeat=1)
@@ -94,8 +94,7 @@ def main() -> None:
           f"{ms_loop:.1f} ms, speed-up {ms_loop / ms_batched:.0f}x, max rel diff {rel:.1e}")
 
     if device.type != "cpu":
-        cpu_maps = AttentionMaps([m.cpu() for m in maps.cross], maps.self_coarse.cpu(), maps.self_middle.cpu(),
-                                 maps.self_fine.cpu())
+        cpu_maps = AttentionMaps([m.cpu() for m in maps.cross], [a.cpu() for a in maps.self_attn])
         cpu = seeded_masks(cpu_maps, size, MaskConfig(refine="none"))
         diff = (cpu.soft - result.soft.cpu()).abs().max().item()
         agree = (cpu.mask == result.mask.cpu()).float().mean().item()

@@ -7,6 +7,10 @@
    32 (--latent 64 gives the captured maps exactly SD1.5's shapes); a DDIM loop with guidance, with and without
    capture.
 3. --cuda: the SD1.5 UNet in fp16 with random weights on the GPU, the same loop, torch.cuda.max_memory_allocated.
+4. Computed from shapes per model family (SD1.5, SD2-base, SD2.1-768, SDXL; square and non-square sizes): each
+   family's UNet on the meta device, its layer choice (workers/families.py) and the default cap on self-attention
+   entries (mask.max_self_entries): accumulators per image against SD1.5 512² (issue 11 target: <= 1.5x for every
+   family), and without the cap.
 
     python -m bench.bench_memory [--batch 2] [--steps 2 20] [--latent 32] [--query-chunk 1024]
     python -m bench.bench_memory --cuda --batch 8 [--steps 2 5]
@@ -29,12 +33,19 @@ import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel
 from diffusers.utils import logging as diffusers_logging
 
-from bench.sd15 import SD15_LATENT, SD15_TEXT_DIM, SD15_TEXT_TOKENS, build_sd15_unet
+from bench.sd15 import FAMILY_UNETS, SD15_LATENT, SD15_TEXT_DIM, SD15_TEXT_TOKENS, build_sd15_unet, build_unet
 from seediff.schemas.config import MaskConfig
 from seediff.workers.capture import AttentionLayer, SeeDiffCapture, locate_attention_layers, plan_seediff_layers
-from seediff.workers.models import TINY_UNET
+from seediff.workers.families import TINY_UNET, default_layers
 
 TARGET_BYTES = 80e6  # issue 5: capture memory per image at SD1.5 512²
+FAMILY_TARGET = 1.5  # issue 11: every family's capture memory per image within 1.5x of SD1.5's at 512²
+# (family, width, height): native squares, and 2:3 / 16:9 sizes in each family's size unit (64 px; SDXL 32 px)
+FAMILY_SIZES = [
+    ("SD1.5", 512, 512), ("SD1.5", 512, 768), ("SD1.5", 1024, 576), ("SD2-base", 512, 512),
+    ("SD2.1-768", 768, 768), ("SD2.1-768", 1024, 576), ("SDXL", 1024, 1024), ("SDXL", 832, 1216),
+    ("SDXL", 1024, 576), ("SDXL", 1344, 768),
+]
 OFFICIAL_CALLS = 51  # the official code: PNDM with 50 steps repeats one timestep, 51 UNet calls
 CLASS_TOKEN = [2]  # a one-token class word (the cross sums keep every text token: the count costs nothing)
 FP32 = 4
@@ -61,10 +72,10 @@ def fine_self_transient(unet: UNet2DConditionModel, latent: int, query_chunk: in
     conditional half's queries and keys, one chunk's scores in the model dtype, their fp32 softmax, and the fp32
     head-summed blocks (two while chunking: the consumer still holds the previous one while the next is computed).
     Fused Triton path (CUDA, ``query_chunk`` None): queries, keys and the per-head row log-sum-exp in fp32."""
-    layer = plan_seediff_layers(locate_attention_layers(unet, latent), latent).self_attn["fine"]
+    layer = plan_seediff_layers(locate_attention_layers(unet, latent), latent).self_attn[-1]
     inner_dim = unet.get_submodule(layer.key.removesuffix(".processor")).inner_dim
     dtype_bytes = unet.dtype.itemsize
-    n, heads = layer.side**2, layer.heads
+    n, heads = layer.tokens, layer.heads
     queries_keys = {"queries + keys": 2 * n * inner_dim * dtype_bytes}
     if query_chunk is None:
         return {"row log-sum-exp (heads x queries, fp32)": heads * n * FP32, **queries_keys}
@@ -79,7 +90,7 @@ def fine_self_transient(unet: UNet2DConditionModel, latent: int, query_chunk: in
 
 def store_all_bytes_per_call(layers: list[AttentionLayer], text_tokens: int) -> int:
     """Every layer's map, all heads, conditional half, fp32, one UNet call (what the official AttentionStore adds)."""
-    return FP32 * sum(l.heads * l.side**2 * (l.side**2 if l.kind == "self" else text_tokens) for l in layers)
+    return FP32 * sum(l.heads * l.tokens * (l.tokens if l.kind == "self" else text_tokens) for l in layers)
 
 
 def computed_sd15(query_chunk: int) -> None:
@@ -91,19 +102,19 @@ def computed_sd15(query_chunk: int) -> None:
 
     capture = SeeDiffCapture(unet, SD15_LATENT, 1, query_chunk=query_chunk)  # meta: nothing allocated
     print("accumulators per image (fp32, head-summed, running sums; shapes from the capture module's buffers):")
-    for scale, layer in capture.plan.self_attn.items():
-        buffer = capture.self_attn[scale].sum
-        print(f"  self {scale:6s} {layer.side:2d}²  {tuple(buffer.shape)!s:22s} {fmt(buffer.nbytes)}  {layer.key}")
+    for scale, layer, processor in zip(("coarse", "middle", "fine"), capture.plan.self_attn, capture.self_attn):
+        buffer = processor.sum
+        print(f"  self {scale:6s} {layer.grid[0]:2d}²  {tuple(buffer.shape)!s:22s} {fmt(buffer.nbytes)}  {layer.key}")
     cross_bytes = sum(p.sum.nbytes for p in capture.cross)
-    print(f"  cross x{len(capture.cross)} at {capture.plan.cross[0].side}², all {SD15_TEXT_TOKENS} text tokens"
+    print(f"  cross x{len(capture.cross)} at {capture.plan.cross[0].grid[0]}², all {SD15_TEXT_TOKENS} text tokens"
           f"{'':2s} {fmt(cross_bytes)}")
     ours = capture.buffer_bytes()
     print(f"  total                                {fmt(ours)}   target <= {TARGET_BYTES / 1e6:.0f} MB: "
           f"{'met' if ours <= TARGET_BYTES else 'MISSED'}")
 
-    fine = capture.plan.self_attn["fine"]
+    fine = capture.plan.self_attn[-1]
     fp16_unet = unet.to(torch.float16)  # meta: only the dtype changes
-    print(f"peak transient of the captured fine self layer ({fine.side}², {fine.side**2} keys, {fine.heads} heads), "
+    print(f"peak transient of the captured fine self layer ({fine.grid[0]}², {fine.tokens} keys, {fine.heads} heads), "
           "per image, fp16 model, chunked torch path (CPU; CUDA without Triton):")
     for chunk in sorted({256, 512, 1024, 4096, query_chunk}):
         parts = fine_self_transient(fp16_unet, SD15_LATENT, chunk)
@@ -125,13 +136,41 @@ def computed_sd15(query_chunk: int) -> None:
     print(f"    this call's step store, until between_steps folds it in                   2M = {fmt_gib(2 * per_call)}")
     print(f"    held at the end of every UNet call                                        4M = {fmt_gib(4 * per_call)}"
           "  (the notes' '~10 GiB or more')")
-    explicit_64 = 2 * 2 * fine.heads * fine.side**4 * FP32  # scores and softmax, [2 * heads, 4096, 4096] fp32 each
+    explicit_64 = 2 * 2 * fine.heads * fine.tokens**2 * FP32  # scores and softmax, [2 * heads, 4096, 4096] fp32 each
     print(f"    + while a 64² layer runs: its scores and softmax, both CFG halves          {fmt_gib(explicit_64)}")
     print(f"  ratio store-all (4M) / ours: {4 * per_call / ours:.0f}x")
     print("constant in steps? per image, by number of UNet calls:")
     for calls in (2, 20, OFFICIAL_CALLS):
         print(f"  {calls:3d} calls: ours {fmt(ours)} | store-all running {fmt_gib(4 * per_call)} "
               f"| kept per step (calls x M) {fmt_gib(calls * per_call)}")
+
+
+def computed_families(query_chunk: int) -> None:
+    cap = MaskConfig().max_self_entries
+    print(f"\n== 4. computed from shapes per family: accumulators per image (fp32), default cap {cap} = 4096² entries "
+          "per self sum; ratio against SD1.5 512²")
+    print("| family | size (w x h) | sides, coarse -> fine (key pool) | cross layers | accumulators | vs SD1.5 | "
+          "without the cap | fine-layer transient, chunked path |")
+    print("|---|---|---|---|---|---|---|---|")
+    unets, reference = {}, None
+    for family, width, height in FAMILY_SIZES:
+        config, _ = FAMILY_UNETS[family]
+        unet = unets.setdefault(family, build_unet(config).to(torch.float16))  # meta: nothing allocated
+        latent = (height // 8, width // 8)
+        layers = default_layers(config)
+        capped, uncapped = (SeeDiffCapture(unet, latent, 1, layers=layers, max_self_entries=c, path="explicit",
+                                           query_chunk=query_chunk) for c in (cap, None))
+        ours = capped.buffer_bytes()
+        reference = reference or ours
+        sides = " → ".join(f"{l.grid[1]}x{l.grid[0]}" + (f" (f={f})" if f > 1 else "")
+                           for l, f in zip(capped.plan.self_attn, capped.plan.key_pool))
+        fine = capped.self_attn[-1]
+        chunk = min(query_chunk, capped.plan.self_attn[-1].tokens)
+        transient = chunk * capped.plan.self_attn[-1].tokens * capped.plan.self_attn[-1].heads * (2 + FP32)
+        verdict = "" if ours <= FAMILY_TARGET * reference else " MISSED"
+        print(f"| {family} | {width}x{height} | {sides} | {len(capped.plan.cross)} | {ours / 1e6:.1f} MB | "
+              f"{ours / reference:.2f}x{verdict} | {uncapped.buffer_bytes() / 1e6:.1f} MB | "
+              f"{transient / 1e6:.0f} MB (fp16 scores + fp32 softmax, {chunk} rows; sum {tuple(fine.sum.shape)}) |")
 
 
 # ---------------------------------------------------------------- 2./3. measured
@@ -230,6 +269,7 @@ def main() -> None:
     diffusers_logging.set_verbosity_error()  # .to(float16) warns about fp32-kept modules that SD1.5 does not have
 
     computed_sd15(args.query_chunk)
+    computed_families(args.query_chunk)
     if args.cuda:
         batch, steps = args.batch or 8, args.steps or [2, 5]
         print(f"\n== 3. measured on {torch.cuda.get_device_name()}: SD1.5 UNet, random weights, fp16, latent "

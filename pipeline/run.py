@@ -57,6 +57,9 @@ def format_plan(manifest: Manifest, config: RunConfig, overwrite: bool) -> str:
     lines = [
         f"manifest: {manifest.source} ({len(manifest.rows)} rows, {len(manifest.classes)} classes, "
         f"sha256 {manifest.sha256[:12]})",
+        f"model: {config.model} (family {config.family}; {config.size[0]}x{config.size[1]} px; SeeDiff cascade at "
+        f"depths {list(config.layers.cascade or [])} below the latent, seeds from "
+        f"{'/'.join(config.layers.seed_blocks)} cross-attention)",
         f"plan: {plan.num_samples} samples in {plan.num_shards} shards of up to {config.samples_per_shard} "
         f"({first}.tar .. {last}.tar)",
         f"output: {config.output_url} ({'overwrite' if overwrite else 'resume' if record else 'new'})",
@@ -83,9 +86,9 @@ def _bytes_per_sample(config: RunConfig, committed: Any) -> tuple[float, str]:
     count = sum(s.count for s in stats)
     if count:
         return sum(s.tar_bytes + s.parquet_bytes for s in stats) / count, "measured on the committed shards"
-    pixels = config.resolution**2
-    guess = pixels * (IMAGE_BYTES_PER_PIXEL[config.image_format] + MASK_BYTES_PER_PIXEL) + TAR_BYTES_PER_SAMPLE
-    return guess, f"rough guess for {config.image_format} at {config.resolution}px"
+    width, height = config.size
+    guess = width * height * (IMAGE_BYTES_PER_PIXEL[config.image_format] + MASK_BYTES_PER_PIXEL) + TAR_BYTES_PER_SAMPLE
+    return guess, f"rough guess for {config.image_format} at {width}x{height} px"
 
 
 # ---- the run ------------------------------------------------------------------------------------------------------

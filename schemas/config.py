@@ -78,6 +78,12 @@ class MaskConfig(_Strict):
     query_chunk: int = Field(
         1024, ge=16, description="query rows per chunk of captured self-attention; bounds the transient memory"
     )
+    max_self_entries: int = Field(
+        4096**2,
+        ge=1,
+        description="cap on the entries (queries x keys) of one captured self-attention sum per image (SD1.5's "
+        "64x64 side: 4096^2, 67 MB in fp32); a larger side sums its keys in f x f blocks, the smallest f that fits",
+    )
 
     @field_validator("capture_steps")
     @classmethod
@@ -116,6 +122,33 @@ class AnnotateConfig(_Strict):
         return v
 
 
+class LayerChoice(_Strict):
+    """Which UNet attention layers SeeDiff reads. Sides are named by downsampling depth below the latent: 0 is the
+    latent, 1 latent/2, 2 latent/4. Each model family has a default (workers/families.py); a config may override
+    any of these fields, the rest come from the family."""
+
+    cascade: tuple[int, ...] | None = Field(
+        None,
+        description="depths of the self-attention sides, coarse first, each one level finer than the last "
+        "(SD 1.x/2.x: [2, 1, 0]; SDXL: [2, 1]); seeds come from cross-attention at the first; unset: the family's",
+    )
+    seed_blocks: tuple[Literal["down", "mid", "up"], ...] = Field(
+        ("down", "up"), min_length=1, description="UNet block groups whose cross-attention layers at the coarse side "
+        "give the seeds (every such layer is read)"
+    )
+    expand_layer: int = Field(
+        0, ge=0, description="which decoder self-attention layer at each side expands the seeds (0 = the first in "
+        "forward order)"
+    )
+
+    @field_validator("cascade")
+    @classmethod
+    def _cascade(cls, v: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        if v is not None and (not v or v[-1] < 0 or any(b != a - 1 for a, b in zip(v, v[1:]))):
+            raise ValueError("cascade must be depths >= 0, coarse first, each one less than the last (e.g. [2, 1, 0])")
+        return v
+
+
 class RunConfig(_Strict):
     """Every setting that changes the bytes of the output. Two runs with equal RunConfig and manifest write
     byte-identical tars and parquets."""
@@ -125,9 +158,28 @@ class RunConfig(_Strict):
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
         "auto", description="weights and activations; auto: float16 on CUDA, float32 on the CPU"
     )
-    resolution: int = Field(512, ge=64, le=4096, multiple_of=8, description="image side in pixels")
-    scheduler: Literal["default", "ddim", "pndm", "euler", "euler_a", "dpm++"] = Field(
-        "default", description="noise scheduler; default: the model's own"
+    family: str | None = Field(
+        None, description="model family (sd1, sd2, sdxl), recognised from the model's config files before any "
+        "weights load and recorded in run.json; if set, a model of another family is refused"
+    )
+    resolution: int | None = Field(
+        None, ge=64, le=4096, multiple_of=8, description="square shorthand: width = height = resolution; unset: the "
+        "model's native size"
+    )
+    width: int | None = Field(
+        None, ge=64, le=4096, multiple_of=8, description="image width in pixels, a multiple of the model's size unit "
+        "(64 for SD 1.x/2.x, 32 for SDXL); unset: resolution"
+    )
+    height: int | None = Field(
+        None, ge=64, le=4096, multiple_of=8, description="image height in pixels, a multiple of the model's size unit; "
+        "unset: resolution"
+    )
+    layers: LayerChoice = Field(
+        LayerChoice(), description="the attention layers SeeDiff reads; unset fields come from the model family's "
+        "table, and run.json records the result"
+    )
+    scheduler: Literal["default", "ddim", "pndm", "euler", "euler_a", "dpm++", "dpm++_2m_karras", "unipc"] = Field(
+        "default", description="noise scheduler; default: the model's own (its prediction type is always kept)"
     )
     steps: int = Field(30, ge=1, le=1000, description="denoising steps per image")
     guidance_scale: float = Field(7.5, ge=0, le=50, description="classifier-free guidance scale")
@@ -156,6 +208,16 @@ class RunConfig(_Strict):
         json_schema_extra={"flag": RECORDED},
     )
     annotate: AnnotateConfig | None = Field(None, description="set for runs that label real images (seediff annotate)")
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) in pixels: width and height, each defaulting to resolution (the square shorthand). Set
+        for every run once the model is recognised (workers/families.py fills the native size)."""
+        width, height = self.width or self.resolution, self.height or self.resolution
+        if width is None or height is None:
+            raise ConfigError("width/height: not set; give resolution or width and height, or resolve the model's "
+                              "native size first")
+        return width, height
 
     @field_validator("prompt_template")
     @classmethod

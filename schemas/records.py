@@ -185,6 +185,7 @@ def sample_metadata(
         "seed": spec.seed,
         "model": config.model,
         "revision": config.revision,
+        "family": config.family,
         "dtype": config.dtype,
         "scheduler": config.scheduler,
         "steps": config.steps,
@@ -198,6 +199,8 @@ def sample_metadata(
     }
     for name, value in config.mask.model_dump(mode="json").items():
         record[f"mask_{name}"] = value
+    for name, value in config.layers.model_dump(mode="json").items():  # the attention layers the mask was read from
+        record[f"layers_{name}"] = value
     for name, value in sorted(mask_stats.items()):
         if name != "classes":
             record[f"mask_stat_{name}"] = _json_scalar(value, f"sample {spec.key}: mask_stats[{name!r}]")

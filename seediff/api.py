@@ -28,6 +28,7 @@ from seediff.schemas.config import AnnotateConfig, ConfigError, InputError, RunC
 from seediff.schemas.manifest import Manifest, ManifestError, load_manifest
 from seediff.schemas.records import RUN_JSON
 from seediff.storage import check_access
+from seediff.workers.families import resolve as resolve_model
 
 __all__ = [
     "generate", "dry_run", "resume", "annotate", "inspect", "verify", "repair", "preview", "report", "export",
@@ -248,11 +249,13 @@ def evaluate(
 
 
 def annotate_config(config: RunConfig | Mapping[str, Any] | None, out: str | os.PathLike[str]) -> RunConfig:
-    """``config`` for an annotate run writing to ``out``: its ``annotate`` settings default to ``AnnotateConfig()``."""
+    """``config`` for an annotate run writing to ``out``: its ``annotate`` settings default to ``AnnotateConfig()``;
+    the model's family, size and layers resolved from its config files (an unsupported model or size fails here)."""
     run_config = _validated(RunConfig, config, "config")
-    return run_config.model_copy(
+    run_config, _ = resolve_model(run_config.model_copy(
         update={"output_url": absolute_url(out), "annotate": run_config.annotate or AnnotateConfig()}
-    )
+    ))
+    return run_config
 
 
 def annotate_input(input: str | os.PathLike[str], config: RunConfig, classes: Sequence[str] | None) -> ImageInput:
@@ -295,6 +298,8 @@ def _inputs(
     permission, the manifest's for reading; a plan whose shard numbers overflow ``shard_digits`` refused."""
     run_config = _validated(RunConfig, config, "config").model_copy(update={"output_url": absolute_url(out)})
     check_access(run_config.output_url, write=write)
+    # the model's family, size and layers, from its config files: an unsupported model or size fails here
+    run_config, _ = resolve_model(run_config)
     if not isinstance(manifest, Manifest):
         check_access(absolute_url(manifest), write=False)
         manifest = _load_manifest(manifest, run_config, samples_per_class, classes, prompts, check_tokens)

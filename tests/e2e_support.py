@@ -20,6 +20,7 @@ from seediff.pipeline.resume import prepare_output
 from seediff.schemas.config import RunConfig, RuntimeOptions
 from seediff.schemas.manifest import Manifest, load_manifest
 from seediff.workers.actor import ShardActor
+from seediff.workers.families import resolve
 
 REPO = Path(__file__).resolve().parents[1]
 # 64 px, 2 steps, short PAMR, 2-sample shards: 9 samples -> 5 shards, the last one partial.
@@ -44,7 +45,9 @@ def write_inputs(directory: Path, settings: dict | None = None) -> tuple[Path, P
 
 
 def run_config(out: str, settings: dict | None = None) -> RunConfig:
-    return RunConfig.model_validate({**(settings or SETTINGS), "output_url": out})
+    """The config as a run resolves it against the model (family, size, layers: what run.json and the samples
+    record)."""
+    return resolve(RunConfig.model_validate({**(settings or SETTINGS), "output_url": out}))[0]
 
 
 def reference_run(

@@ -49,8 +49,11 @@ def test_bad_setting_and_changed_setting_raise_typed_errors_before_ray(tmp_path)
     from seediff.schemas.config import RunConfig
     from seediff.schemas.manifest import load_manifest
     from seediff.schemas.records import ShardStats
+    from seediff.workers.families import resolve
 
-    prepare_output(RunConfig(**SETTINGS, output_url=str(out_dir)), load_manifest(manifest), overwrite=False)
+    # run.json as a run writes it: the config resolved against the model (family, size, layers)
+    config, _ = resolve(RunConfig(**SETTINGS, output_url=str(out_dir)))
+    prepare_output(config, load_manifest(manifest), overwrite=False)
     # run.json binds once a shard is committed: a stats file (the commit marker) of shard 0
     stats = ShardStats(0, "seediff-000000", 2, 2, 0, {}, 0, 0, 0.0, 0.0, 0.0, "host", {}, {})
     (out_dir / "seediff-000000_stats.json").write_text(stats.to_json())

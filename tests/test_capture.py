@@ -15,6 +15,8 @@ from seediff.workers.capture import (
     locate_attention_layers,
     plan_seediff_layers,
 )
+from seediff.workers.families import default_layers
+from seediff.workers.models import SCHEDULERS
 
 LATENT = 8  # 64 px with the VAE's factor 8
 
@@ -67,30 +69,32 @@ def test_locate_layers_from_structure(tiny_pipe):
     assert len(layers) == len(tiny_pipe.unet.attn_processors) == 20
     assert [l.order for l in layers] == list(range(20))
     assert {l.key for l in layers} == set(tiny_pipe.unet.attn_processors)
-    by_block = {(l.block, l.block_index, l.kind): l.side for l in layers}
-    assert by_block[("down", 0, "self")] == 8 and by_block[("down", 2, "cross")] == 2
-    assert by_block[("mid", 0, "self")] == 1
-    assert by_block[("up", 1, "self")] == 2 and by_block[("up", 3, "cross")] == 8
+    by_block = {(l.block, l.block_index, l.kind): l.grid for l in layers}
+    assert by_block[("down", 0, "self")] == (8, 8) and by_block[("down", 2, "cross")] == (2, 2)
+    assert by_block[("mid", 0, "self")] == (1, 1)
+    assert by_block[("up", 1, "self")] == (2, 2) and by_block[("up", 3, "cross")] == (8, 8)
     assert all(l.heads == 2 for l in layers)
-    # the side follows the latent size, including odd sizes (stride-2 convolutions round up)
-    assert {l.side for l in locate_attention_layers(tiny_pipe.unet, 13)} == {13, 7, 4, 2}
+    # the grid follows the latent size, including odd sizes (stride-2 convolutions round up) and h != w
+    assert {l.grid for l in locate_attention_layers(tiny_pipe.unet, 13)} == {(13, 13), (7, 7), (4, 4), (2, 2)}
+    assert {l.grid for l in locate_attention_layers(tiny_pipe.unet, (8, 12))} == {(8, 12), (4, 6), (2, 3), (1, 2)}
 
 
 def test_plan_picks_coarse_cross_and_first_up_self_layers(tiny_pipe):
     plan = plan_seediff_layers(locate_attention_layers(tiny_pipe.unet, LATENT), LATENT)
     assert [(l.block, l.block_index) for l in plan.cross] == [("down", 2), ("up", 1), ("up", 1)]
-    assert all(l.kind == "cross" and l.side == 2 for l in plan.cross)
-    assert {s: l.key for s, l in plan.self_attn.items()} == {
-        "coarse": "up_blocks.1.attentions.0.transformer_blocks.0.attn1.processor",
-        "middle": "up_blocks.2.attentions.0.transformer_blocks.0.attn1.processor",
-        "fine": "up_blocks.3.attentions.0.transformer_blocks.0.attn1.processor",
-    }
+    assert all(l.kind == "cross" and l.grid == (2, 2) for l in plan.cross)
+    assert [l.key for l in plan.self_attn] == [
+        "up_blocks.1.attentions.0.transformer_blocks.0.attn1.processor",
+        "up_blocks.2.attentions.0.transformer_blocks.0.attn1.processor",
+        "up_blocks.3.attentions.0.transformer_blocks.0.attn1.processor",
+    ]
+    assert plan.grids == ((2, 2), (4, 4), (8, 8)) and plan.key_pool == (1, 1, 1)
 
 
 def test_only_planned_layers_are_captured_and_restored(tiny_pipe):
     before = dict(tiny_pipe.unet.attn_processors)
     capture = SeeDiffCapture(tiny_pipe.unet, LATENT, 1)
-    planned = {l.key for l in capture.plan.cross} | {l.key for l in capture.plan.self_attn.values()}
+    planned = {l.key for l in capture.plan.cross} | {l.key for l in capture.plan.self_attn}
     with capture:
         inside = tiny_pipe.unet.attn_processors
         assert {k for k, p in inside.items() if isinstance(p, AttentionSum)} == planned
@@ -137,13 +141,13 @@ def test_captured_sums_equal_naive_reference(tiny_pipe, guidance):
     got = capture.result()
     assert got.calls == 3
 
-    layers = list(capture.plan.cross) + list(capture.plan.self_attn.values())
+    layers = list(capture.plan.cross) + list(capture.plan.self_attn)
     reference = {l.key: RecordingAttnProcessor(len(prompts)) for l in layers}
     with installed_processors(tiny_pipe.unet, dict(reference)):
         run(tiny_pipe, prompts, steps=3, guidance=guidance, output_type="latent")
 
-    for scale, layer in capture.plan.self_attn.items():
-        torch.testing.assert_close(got.self_attn[scale], reference[layer.key].average(), rtol=1e-4, atol=1e-5)
+    for maps, layer in zip(got.self_attn, capture.plan.self_attn):
+        torch.testing.assert_close(maps, reference[layer.key].average(), rtol=1e-4, atol=1e-5)
     side = 2
     for i, cols in enumerate(positions):
         expected = torch.cat([reference[l.key].average()[i][:, cols].T for l in capture.plan.cross])
@@ -163,8 +167,8 @@ def test_fused_path_gives_the_explicit_paths_maps_and_outputs(request, pipe_name
     got, expected = fused.result(), explicit.result()
     for a, b in zip(got.cross, expected.cross):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
-    for scale, maps in got.self_attn.items():
-        torch.testing.assert_close(maps, expected.self_attn[scale], rtol=0, atol=1e-5)
+    for maps, alone in zip(got.self_attn, expected.self_attn):
+        torch.testing.assert_close(maps, alone, rtol=0, atol=1e-5)
     torch.testing.assert_close(fused_latents, explicit_latents, rtol=0, atol=2e-5)
 
 
@@ -181,12 +185,12 @@ def test_fused_kernel_matches_fp64_reference(dtype):
 
 def test_capture_window_averages_only_chosen_calls(tiny_pipe):
     _, capture = captured_run(tiny_pipe, ["a dog"], [[5]], steps=4, window=(1, 3))
-    layer = capture.plan.self_attn["fine"]
+    layer = capture.plan.self_attn[-1]
     reference = RecordingAttnProcessor(1)
     with installed_processors(tiny_pipe.unet, {layer.key: reference}):
         run(tiny_pipe, ["a dog"], steps=4, output_type="latent")
     assert capture.result().calls == 2
-    torch.testing.assert_close(capture.result().self_attn["fine"], reference.average(slice(1, 3)), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(capture.result().self_attn[-1], reference.average(slice(1, 3)), atol=1e-5, rtol=1e-4)
 
 
 def test_window_past_the_last_call_is_an_error(tiny_pipe):
@@ -237,8 +241,8 @@ def test_batch_maps_equal_single_runs(tiny_pipe):
     for i, (prompt, cols) in enumerate(zip(prompts, positions)):
         _, single = captured_run(tiny_pipe, [prompt], [cols], seed=i)
         torch.testing.assert_close(batch.result().cross[i], single.result().cross[0], rtol=1e-4, atol=1e-5)
-        for scale, maps in batch.result().self_attn.items():
-            torch.testing.assert_close(maps[i], single.result().self_attn[scale][0], rtol=1e-4, atol=1e-5)
+        for maps, alone in zip(batch.result().self_attn, single.result().self_attn):
+            torch.testing.assert_close(maps[i], alone[0], rtol=1e-4, atol=1e-5)
 
 
 def test_processors_keep_no_python_state(tiny_pipe):
@@ -264,11 +268,11 @@ def test_one_capture_serves_successive_batches_up_to_its_size(tiny_pipe):
             capture.begin(positions[:n])
             run(tiny_pipe, prompts[:n], seed=n, output_type="latent", callback_on_step_end=capture.step_end)
             got = capture.result()
-            assert len(got.cross) == n and all(m.shape[0] == n for m in got.self_attn.values())
+            assert len(got.cross) == n and all(m.shape[0] == n for m in got.self_attn)
             for a, b in zip(got.cross, expected.cross):
                 torch.testing.assert_close(a, b, rtol=0, atol=0)
-            for scale, maps in got.self_attn.items():
-                torch.testing.assert_close(maps, expected.self_attn[scale], rtol=0, atol=0)
+            for maps, alone in zip(got.self_attn, expected.self_attn):
+                torch.testing.assert_close(maps, alone, rtol=0, atol=0)
     with pytest.raises(ValueError, match="batch of 4 samples exceeds the capture's 3"):
         capture.begin(positions + [[5]])
 
@@ -289,11 +293,11 @@ def test_processors_restored_after_exception_in_generation(tiny_pipe):
 def test_sd2_style_unet_is_captured(tiny_sd2_pipe):
     assert {l.heads for l in locate_attention_layers(tiny_sd2_pipe.unet, LATENT)} == {2, 4}
     _, capture = captured_run(tiny_sd2_pipe, ["a dog"], [[5]])
-    fine = capture.plan.self_attn["fine"]
+    fine = capture.plan.self_attn[-1]
     reference = RecordingAttnProcessor(1)
     with installed_processors(tiny_sd2_pipe.unet, {fine.key: reference}):
         run(tiny_sd2_pipe, ["a dog"], output_type="latent")
-    torch.testing.assert_close(capture.result().self_attn["fine"], reference.average(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(capture.result().self_attn[-1], reference.average(), rtol=1e-4, atol=1e-5)
     assert capture.result().cross[0].shape == (3, 2, 2)
 
 
@@ -310,5 +314,103 @@ def test_unet_without_the_three_scales_fails_clearly():
         cross_attention_dim=8,
         norm_num_groups=2,
     )
-    with pytest.raises(UnsupportedUNetError, match=r"cross-attention at coarse \(8x8\).*self-attention at fine"):
+    with pytest.raises(UnsupportedUNetError, match=r"cross-attention in down/up blocks at 8x8.*self-attention #0 at depth 0"):
         SeeDiffCapture(unet, 32, 1)
+
+
+
+# ---------------------------------------------------------------- every family, h != w, against a store-all reference
+
+
+class StoreAll:
+    """Naive reference for a whole UNet: RecordingAttnProcessor on every attention layer (explicit attention, every
+    call kept). Picks SeeDiff's layers by its own reading of the recorded maps (block name, layer kind and query
+    count), not through the capture's plan."""
+
+    def __init__(self, unet, n_samples):
+        self.recorders = {key: RecordingAttnProcessor(n_samples) for key in unet.attn_processors}
+
+    def maps(self, kind: str, blocks: tuple[str, ...], tokens: int) -> list[tuple[str, torch.Tensor]]:
+        """(key, time-averaged head-summed map) of every recorded layer of ``kind`` in ``blocks`` with ``tokens``
+        queries, in forward order (block group, then index within it)."""
+        attn = "attn1" if kind == "self" else "attn2"
+        order = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
+        found = [
+            (key, rec) for key, rec in self.recorders.items()
+            if f".{attn}." in key and key.split(".")[0] in blocks and rec.maps[0].shape[2] == tokens
+        ]
+        found.sort(key=lambda kr: (order[kr[0].split(".")[0]], int(kr[0].split(".")[1]) if kr[0][0] != "m" else 0))
+        return [(key, rec.average()) for key, rec in found]
+
+
+def pooled_keys(maps: torch.Tensor, grid: tuple[int, int], f: int) -> torch.Tensor:
+    """[B, N, N] -> [B, N, N / f²]: each row's keys summed over f x f blocks of the grid, by explicit loops."""
+    h, w = grid
+    out = torch.zeros(maps.shape[0], maps.shape[1], (h // f) * (w // f))
+    for y in range(h):
+        for x in range(w):
+            out[:, :, (y // f) * (w // f) + x // f] += maps[:, :, y * w + x]
+    return out
+
+
+FAMILY_CASES = [  # (saved model, latent (h, w), expected self grids coarse -> fine, cap on self entries, path)
+    ("sd1", (8, 12), ((2, 3), (4, 6), (8, 12)), None, "explicit"),
+    ("sd2-base", (16, 16), ((4, 4), (8, 8), (16, 16)), None, "explicit"),
+    ("sd21-768", (24, 24), ((6, 6), (12, 12), (24, 24)), 24**2 * 12**2, "explicit"),  # fine: 2x2 key blocks
+    ("sd21-768", (8, 8), ((2, 2), (4, 4), (8, 8)), 8**2 * 4**2, "fused"),  # the GPU path, pooled side included
+    ("sdxl", (16, 16), ((4, 4), (8, 8)), None, "explicit"),
+    ("sdxl", (24, 16), ((6, 4), (12, 8)), None, "explicit"),
+]
+
+
+@pytest.mark.parametrize("name,latent,grids,cap,path", FAMILY_CASES,
+                         ids=[f"{c[0]}-{c[1][0]}x{c[1][1]}-{c[4]}" for c in FAMILY_CASES])
+def test_every_family_captures_what_a_store_all_reference_sees(family_pipes, name, latent, grids, cap, path):
+    pipe = family_pipes[name]
+    prompts = ["a photograph of a dog", "a long shot of a potted plant"]
+    positions = [[18], [17, 18, 19]]
+    height, width = (n * pipe.vae_scale_factor for n in latent)
+    capture = SeeDiffCapture(pipe.unet, latent, len(prompts), layers=default_layers(dict(pipe.unet.config)),
+                             max_self_entries=cap, path=path)
+    assert capture.plan.grids == grids
+    kwargs = dict(prompt=prompts, num_inference_steps=2, guidance_scale=6.0, height=height, width=width,
+                  output_type="latent")
+    with capture.begin(positions):
+        pipe(**kwargs, generator=[torch.Generator().manual_seed(i) for i in range(2)],
+             callback_on_step_end=capture.step_end)
+    got = capture.result()
+
+    store = StoreAll(pipe.unet, len(prompts))
+    with installed_processors(pipe.unet, dict(store.recorders)):
+        pipe(**kwargs, generator=[torch.Generator().manual_seed(i) for i in range(2)])
+    coarse_tokens = grids[0][0] * grids[0][1]
+    cross = store.maps("cross", ("down_blocks", "up_blocks"), coarse_tokens)
+    assert [key for key, _ in cross] == [l.key for l in capture.plan.cross]
+    for i, cols in enumerate(positions):
+        expected = torch.cat([maps[i][:, cols].T for _, maps in cross]).view(-1, *grids[0])
+        torch.testing.assert_close(got.cross[i], expected, rtol=1e-4, atol=1e-5)
+    for grid, pool, maps in zip(grids, capture.plan.key_pool, got.self_attn):
+        key, full = store.maps("self", ("up_blocks",), grid[0] * grid[1])[0]  # the first decoder layer there
+        expected = full if pool == 1 else pooled_keys(full, grid, pool)
+        torch.testing.assert_close(maps, expected, rtol=1e-4, atol=1e-5)
+    assert capture.plan.key_pool == ((1, 1, 2) if cap else (1,) * len(grids))
+
+
+@pytest.mark.parametrize("scheduler", sorted(SCHEDULERS))
+def test_capture_averages_every_unet_call_of_every_scheduler(family_pipes, scheduler):
+    """Multistep and PNDM schedulers call the UNet a different number of times per step: the capture counts calls,
+    whatever the scheduler (here on the v-prediction model)."""
+    pipe = family_pipes["sd21-768"]
+    saved = pipe.scheduler
+    scheduler_class, settings = SCHEDULERS[scheduler]
+    pipe.scheduler = scheduler_class.from_config(saved.config, **settings)
+    calls = []
+    hook = pipe.unet.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        capture = SeeDiffCapture(pipe.unet, (8, 8), 1, layers=default_layers(dict(pipe.unet.config)))
+        with capture.begin([[5]]):
+            run(pipe, ["a dog"], steps=3, callback_on_step_end=capture.step_end)
+    finally:
+        hook.remove()
+        pipe.scheduler = saved
+    assert capture.result().calls == len(calls) == (4 if scheduler == "pndm" else 3)  # PLMS repeats one timestep

@@ -159,7 +159,7 @@ def test_changed_setting_on_resume_is_refused(inputs, tmp_path, capsys):
     capsys.readouterr()
     assert main([*base, "--steps", "3", "--resolution", "128"]) == 2
     err = capsys.readouterr().err
-    assert "differing fields: resolution, steps" in err
+    assert "differing fields: height, resolution, steps, width" in err  # the size as resolved: width x height
     assert err.count("\n") <= 2  # the tiny-model note and one error line, no traceback
     assert digests(out) == before
     # runtime options are not output settings: a resume with other actors/retries is accepted

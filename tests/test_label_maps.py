@@ -78,10 +78,7 @@ def synthetic_scene(objects: list[SceneObject], seed: int, size: int = IMAGE, si
 
 def scene_batch(scenes: list[SyntheticScene]) -> tuple[AttentionMaps, list[list[int]], torch.Tensor]:
     maps = AttentionMaps(
-        cross=[s.cross for s in scenes],
-        self_coarse=torch.stack([s.self_attn[0] for s in scenes]),
-        self_middle=torch.stack([s.self_attn[1] for s in scenes]),
-        self_fine=torch.stack([s.self_attn[2] for s in scenes]),
+        cross=[s.cross for s in scenes], self_attn=[torch.stack([s.self_attn[i] for s in scenes]) for i in range(3)]
     )
     return maps, [s.class_ids for s in scenes], torch.stack([s.image for s in scenes])
 
@@ -129,7 +126,7 @@ def test_one_class_with_the_band_off_is_exactly_the_seeded_mask(config):
     maps.cross[1] = maps.cross[1][:3]  # samples with different map counts
     ids = [[b + 1] for b in range(len(scenes))]
     expected = seeded_masks(maps, (IMAGE, IMAGE), config, images)
-    one_class = AttentionMaps([[c] for c in maps.cross], maps.self_coarse, maps.self_middle, maps.self_fine)
+    one_class = AttentionMaps([[c] for c in maps.cross], maps.self_attn)
     result = label_maps(one_class, ids, (IMAGE, IMAGE), config, images)
     assert result.labels.dtype == torch.uint8 and result.scores.shape == (len(scenes), 1, IMAGE, IMAGE)
     for b in range(len(scenes)):

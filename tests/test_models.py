@@ -1,6 +1,6 @@
 import pytest
 import torch
-from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionPipeline
+from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from seediff.schemas.config import RunConfig
 from seediff.workers.models import (
@@ -46,9 +46,25 @@ def test_tiny_pipeline_is_deterministic_and_leaves_global_rng_alone():
 
 
 @pytest.mark.parametrize("name", sorted(SCHEDULERS))
-def test_scheduler_choice_maps_to_diffusers_scheduler(name):
+def test_scheduler_choice_maps_to_diffusers_scheduler_and_keeps_the_prediction_type(name, saved_models):
     pipe = load_model(RunConfig(model=TINY_MODEL, scheduler=name), CPU)
-    assert type(pipe.scheduler) is SCHEDULERS[name]
+    scheduler_class, settings = SCHEDULERS[name]
+    assert type(pipe.scheduler) is scheduler_class
+    assert all(pipe.scheduler.config[k] == v for k, v in settings.items())
+    v_model = load_model(RunConfig(model=saved_models["sd21-768"], scheduler=name), CPU)
+    assert v_model.scheduler.config.prediction_type == "v_prediction"
+
+
+def test_dpm_2m_karras_is_the_second_order_multistep_solver_on_karras_sigmas():
+    pipe = load_model(RunConfig(model=TINY_MODEL, scheduler="dpm++_2m_karras"), CPU)
+    config = pipe.scheduler.config
+    assert (config.algorithm_type, config.solver_order, config.use_karras_sigmas) == ("dpmsolver++", 2, True)
+
+
+def test_each_family_loads_by_path_with_its_pipeline_class(saved_models):
+    classes = {name: type(load_model(RunConfig(model=path), CPU)) for name, path in saved_models.items()}
+    assert classes == {"sd1": StableDiffusionPipeline, "sd2-base": StableDiffusionPipeline,
+                       "sd21-768": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline}
 
 
 def test_load_pipeline_from_saved_directory(tmp_path, tiny_pipe):

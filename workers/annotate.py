@@ -71,18 +71,19 @@ def annotate_batch(pipe: DiffusionPipeline, samples: Sequence[InputSample], conf
 def _label(
     samples: list[InputSample], images: list[np.ndarray], pipe: DiffusionPipeline, config: RunConfig
 ) -> list[AnnotatedSample]:
-    size = config.resolution
+    width, height = config.size
     pixels = torch.stack([
-        torch.from_numpy(np.array(Image.fromarray(rgb).resize((size, size), Image.Resampling.BICUBIC))) for rgb in images
+        torch.from_numpy(np.array(Image.fromarray(rgb).resize((width, height), Image.Resampling.BICUBIC)))
+        for rgb in images
     ]).permute(0, 3, 1, 2).float()  # [B, 3, H, W] in 0..255: what the VAE encodes and PAMR refines on
     specs = [s.spec for s in samples]
-    positions = [sample_token_positions(pipe.tokenizer, spec) for spec in specs]
+    positions = [sample_token_positions(pipe, spec) for spec in specs]
     with torch.no_grad(), new_capture(pipe, config, len(specs), guided=False) as capture:
         latents = _encode(pipe, pixels)
         noise = torch.cat([
             torch.randn(1, *latents.shape[1:], generator=torch.Generator("cpu").manual_seed(spec.seed)) for spec in specs
         ]).to(latents.device, latents.dtype)
-        embeddings, conditioning = _text_conditioning(pipe, [spec.prompt.text for spec in specs], (size, size))
+        embeddings, conditioning = _text_conditioning(pipe, [spec.prompt.text for spec in specs], (height, width))
         noising = DDPMScheduler.from_config(pipe.scheduler.config)
         capture.begin([sum(p, []) for p in positions], config.mask.capture_steps)
         for t in config.annotate.timesteps:
@@ -92,9 +93,9 @@ def _label(
         captured = capture.result()
     maps = attention_maps(captured, positions)
     class_ids = [[c.class_id for c in spec.classes] for spec in specs]
-    result = seediff.label_maps(maps, class_ids, (size, size), config.mask, pixels.to(latents.device))
+    result = seediff.label_maps(maps, class_ids, (height, width), config.mask, pixels.to(latents.device))
     labels = result.labels.cpu().numpy()
-    cross = _cross_labels(maps, class_ids, (size, size), config) if config.annotate.cross_attention_labels else None
+    cross = _cross_labels(maps, class_ids, (height, width), config) if config.annotate.cross_attention_labels else None
     annotated = []
     for i, (sample, rgb) in enumerate(zip(samples, images)):
         original = (rgb.shape[1], rgb.shape[0])

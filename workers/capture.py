@@ -1,8 +1,8 @@
 """Capture the few attention maps SeeDiff reads, through diffusers' attention-processor API.
 
-Locate every attention layer from the UNet's module structure, choose SeeDiff's layers (every cross-attention layer at
-latent/4 and the first decoder self-attention at latent/4, latent/2 and latent), install capture processors on those
-layers only, and restore the previous processors on exit. A capture processor returns the layer's normal output and,
+Locate every attention layer from the UNet's module structure, choose SeeDiff's layers (a ``LayerChoice``, from the
+model's family: SD 1.x/2.x read every down/up cross-attention layer at latent/4 and the first decoder self-attention at
+latent/4, latent/2 and latent; grids may be h x w), install capture processors on those layers only, and restore the previous processors on exit. A capture processor returns the layer's normal output and,
 for the conditional half only, adds the head-summed softmax probabilities, times a per-call weight tensor set
 between UNet calls, to a preallocated fp32 running sum: it keeps no Python state, so a compiled UNet traces it into
 one graph. Two paths compute it: "fused" (fused SDPA for the whole batch, a Triton kernel adds the probabilities;
@@ -20,14 +20,18 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 
+from seediff.schemas.config import LayerChoice
+
 try:  # the fused path needs Triton (CUDA builds of torch ship it; on the CPU it runs under TRITON_INTERPRET=1)
     from seediff.workers.attention_kernels import add_head_summed_probabilities
 except ImportError:
     add_head_summed_probabilities = None
 
 CAPTURE_PATHS = ("fused", "explicit")
-SCALE_DEPTHS = {"fine": 0, "middle": 1, "coarse": 2}  # SeeDiff's scales as downsampling depth below the latent
 _BLOCK_RANK = {"down": 0, "mid": 1, "up": 2}  # forward order of the UNet's block groups
+# SeeDiff's recipe (the official code's layers): seeds at latent/4 from down and up cross-attention, expansion by the
+# first decoder self-attention at latent/4, latent/2 and latent. Model families choose theirs (workers/families.py).
+SD_LAYERS = LayerChoice(cascade=(2, 1, 0))
 # Off the GPU, explicit attention is memory-bound: a [B, heads, rows, keys] block that fits in cache is several times
 # faster per row than one that does not (bench/RESULTS.md has the measurement).
 CPU_BLOCK_BYTES = 4 * 2**20
@@ -44,26 +48,36 @@ class AttentionLayer:
     block: str  # "down" | "mid" | "up"
     block_index: int
     order: int  # position in the UNet's forward order
-    side: int  # spatial side of the layer's query grid
+    grid: tuple[int, int]  # (height, width) of the layer's query grid
     heads: int
+
+    @property
+    def tokens(self) -> int:
+        return self.grid[0] * self.grid[1]
 
 
 @dataclass(frozen=True)
 class CapturePlan:
-    cross: tuple[AttentionLayer, ...]  # every cross-attention layer at the coarse scale (down and up blocks)
-    self_attn: dict[str, AttentionLayer]  # scale name -> first up-block self-attention layer at that scale
+    cross: tuple[AttentionLayer, ...]  # every cross-attention layer at the coarse side in the seed blocks
+    self_attn: tuple[AttentionLayer, ...]  # one decoder self-attention layer per cascade side, coarse first
+    key_pool: tuple[int, ...]  # per cascade side: keys summed in f x f blocks (1 = every key kept)
+
+    @property
+    def grids(self) -> tuple[tuple[int, int], ...]:
+        return tuple(l.grid for l in self.self_attn)
 
 
 @dataclass
 class CapturedAttention:
-    cross: list[torch.Tensor]  # per sample [n_layers * n_subtokens, s, s], layer-major, time-averaged, head-summed
-    self_attn: dict[str, torch.Tensor]  # scale name -> [B, N, N], rows = queries, time-averaged, head-summed
+    cross: list[torch.Tensor]  # per sample [n_layers * n_subtokens, h, w], layer-major, time-averaged, head-summed
+    self_attn: tuple[torch.Tensor, ...]  # per cascade side, coarse first: [B, h*w, keys], rows = queries
     calls: int  # UNet calls averaged into the maps
 
 
-def locate_attention_layers(unet: torch.nn.Module, latent_size: int) -> list[AttentionLayer]:
-    """Every Attention module of the UNet's down, mid and up blocks, in forward order. The side comes from the
-    block's downsampling depth (stride-2 convs give ceil(n / 2)), not from module names."""
+def locate_attention_layers(unet: torch.nn.Module, latent_size: int | tuple[int, int]) -> list[AttentionLayer]:
+    """Every Attention module of the UNet's down, mid and up blocks, in forward order. ``latent_size``: side, or
+    (height, width). The grid comes from the block's downsampling depth (stride-2 convs give ceil(n / 2)), not from
+    module names."""
     depth_of = _block_depths(unet)
     found = []
     for name, module in unet.named_modules():
@@ -79,30 +93,50 @@ def locate_attention_layers(unet: torch.nn.Module, latent_size: int) -> list[Att
     found.sort(key=lambda f: (_BLOCK_RANK[f[2]], f[3]))  # stable: module order within a block is forward order
     return [
         AttentionLayer(
-            f"{name}.processor", kind, block, index, order, _side_at_depth(latent_size, depth_of[(block, index)]), heads
+            f"{name}.processor", kind, block, index, order, grid_at_depth(latent_size, depth_of[(block, index)]), heads
         )
         for order, (name, kind, block, index, heads) in enumerate(found)
     ]
 
 
-def plan_seediff_layers(layers: Sequence[AttentionLayer], latent_size: int) -> CapturePlan:
-    sides = {scale: _side_at_depth(latent_size, depth) for scale, depth in SCALE_DEPTHS.items()}
-    cross = tuple(l for l in layers if l.kind == "cross" and l.block != "mid" and l.side == sides["coarse"])
-    self_attn = {}
-    for scale, side in sides.items():
-        first = next((l for l in layers if l.kind == "self" and l.block == "up" and l.side == side), None)
-        if first is not None:
-            self_attn[scale] = first
-    missing = [f"up-block self-attention at {s} ({sides[s]}x{sides[s]})" for s in sides if s not in self_attn]
+def plan_seediff_layers(
+    layers: Sequence[AttentionLayer],
+    latent_size: int | tuple[int, int],
+    choice: LayerChoice = SD_LAYERS,
+    max_self_entries: int | None = None,
+) -> CapturePlan:
+    """The layers ``choice`` names, at this latent size. ``max_self_entries`` caps queries x keys of each self
+    sum: a larger side keeps its keys summed in f x f blocks (``key_pool``), the smallest f dividing the side."""
+    grids = [grid_at_depth(latent_size, depth) for depth in choice.cascade]
+    coarse = grids[0]
+    cross = tuple(l for l in layers if l.kind == "cross" and l.block in choice.seed_blocks and l.grid == coarse)
+    self_attn, missing = [], []
+    for depth, grid in zip(choice.cascade, grids):
+        decoder = [l for l in layers if l.kind == "self" and l.block == "up" and l.grid == grid]
+        if len(decoder) > choice.expand_layer:
+            self_attn.append(decoder[choice.expand_layer])
+        else:
+            missing.append(f"decoder self-attention #{choice.expand_layer} at depth {depth} ({grid[0]}x{grid[1]})")
     if not cross:
-        missing.insert(0, f"cross-attention at coarse ({sides['coarse']}x{sides['coarse']})")
+        missing.insert(0, f"cross-attention in {'/'.join(choice.seed_blocks)} blocks at {coarse[0]}x{coarse[1]}")
     if missing:
-        present = sorted({(l.kind, l.block, l.side) for l in layers})
+        present = sorted({(l.kind, l.block, l.grid) for l in layers})
         raise UnsupportedUNetError(
             f"UNet lacks attention SeeDiff reads at latent {latent_size}: missing {', '.join(missing)}; "
-            f"it has (kind, block, side) {present}"
+            f"it has (kind, block, grid) {present}"
         )
-    return CapturePlan(cross, self_attn)
+    pools = tuple(key_pool(l.grid, max_self_entries) for l in self_attn)
+    return CapturePlan(cross, tuple(self_attn), pools)
+
+
+def key_pool(grid: tuple[int, int], max_entries: int | None) -> int:
+    """The smallest f dividing both sides of ``grid`` whose f x f key blocks bring queries x keys within
+    ``max_entries`` (the largest common divisor when none does; 1 without a cap)."""
+    if max_entries is None:
+        return 1
+    tokens = grid[0] * grid[1]
+    divisors = [f for f in range(1, math.gcd(*grid) + 1) if grid[0] % f == 0 and grid[1] % f == 0]
+    return next((f for f in divisors if tokens * (tokens // f**2) <= max_entries), divisors[-1])
 
 
 class AttentionSum:
@@ -115,18 +149,23 @@ class AttentionSum:
 
     ``path`` "fused": fused SDPA for the whole batch, and the Triton kernel adds the probabilities without
     materialising them. "explicit": softmax probabilities per block of query rows; the conditional half's output is
-    computed from them (probs @ V), so no Q Kᵀ is computed twice, and fused SDPA runs on the unconditional half."""
+    computed from them (probs @ V), so no Q Kᵀ is computed twice, and fused SDPA runs on the unconditional half.
+
+    ``key_pool`` f > 1 (a self layer past ``max_self_entries``): each row's keys are summed in f x f blocks of the
+    grid before they are added, [.., queries, keys / f²]; linear, so the time average commutes with it. The Triton
+    kernel adds full rows, so such a layer computes its probabilities in query blocks on either path."""
 
     def __init__(
         self, layer: AttentionLayer, n_keys: int, max_samples: int, guided: bool, weight: torch.Tensor, path: str,
-        query_chunk: int, scores_dtype: torch.dtype,
+        query_chunk: int, scores_dtype: torch.dtype, key_pool: int = 1,
     ):
         self.guided = guided
         self.weight = weight
         self.path = path
+        self.grid, self.key_pool = layer.grid, key_pool
         device = weight.device
-        n_queries = layer.side**2
-        self.sum = torch.zeros(max_samples, n_queries, n_keys, dtype=torch.float32, device=device)
+        n_queries = layer.tokens
+        self.sum = torch.zeros(max_samples, n_queries, n_keys // key_pool**2, dtype=torch.float32, device=device)
         self.query_chunk = min(query_chunk, n_queries)
         self.workspace = None
         if device.type == "cpu":  # off the GPU: blocks of at most CPU_BLOCK_BYTES in reused buffers (see _Workspace)
@@ -145,18 +184,29 @@ class AttentionSum:
         sums = self._sums(query.shape[0] - (cond.start or 0))
         if self.path == "fused":
             out = F.scaled_dot_product_attention(query, key, value)
-            q, k = (query[cond].float(), key[cond].float()) if attn.upcast_attention else (query[cond], key[cond])
-            add_head_summed_probabilities(q, k, attn.scale, self.weight, sums)
+            if self.key_pool == 1:
+                q, k = (query[cond].float(), key[cond].float()) if attn.upcast_attention else (query[cond], key[cond])
+                add_head_summed_probabilities(q, k, attn.scale, self.weight, sums)
+                return out
+            for rows, probs in _probabilities(attn, query[cond], key[cond], self.query_chunk, self.workspace):
+                sums[:, rows].addcmul_(self._pooled(probs.sum(dim=1)), self.weight)
             return out
         out = torch.empty_like(query[cond])
         for rows, probs in _probabilities(attn, query[cond], key[cond], self.query_chunk, self.workspace):
             out[:, :, rows] = probs.to(value.dtype) @ value[cond]
             head_sum = None if self.workspace is None else self.workspace.view("head_sum", _drop(probs.shape, 1))
-            sums[:, rows].addcmul_(torch.sum(probs, dim=1, out=head_sum), self.weight)
+            sums[:, rows].addcmul_(self._pooled(torch.sum(probs, dim=1, out=head_sum)), self.weight)
         if cond.start is None:
             return out
         uncond = slice(None, cond.start)
         return torch.cat([F.scaled_dot_product_attention(query[uncond], key[uncond], value[uncond]), out])
+
+    def _pooled(self, probs: torch.Tensor) -> torch.Tensor:
+        """[B, rows, keys] -> [B, rows, keys / f²]: keys summed over f x f blocks of the layer's grid."""
+        if self.key_pool == 1:
+            return probs
+        (h, w), f = self.grid, self.key_pool
+        return probs.reshape(*probs.shape[:2], h // f, f, w // f, f).sum((3, 5)).flatten(2)
 
     def _sums(self, n_samples: int) -> torch.Tensor:
         """The running sums of a batch of ``n_samples`` (at most the capture's size: a shard's last batch is
@@ -175,23 +225,27 @@ class SeeDiffCapture:
     ``callback_on_step_end=capture.step_end``, which sets the next UNet call's weight (1 inside ``window``, else 0);
     ``result()`` divides by the weights' total. ``token_positions[i]`` are sample i's class sub-token positions in
     its tokenized prompt; ``guided``: the UNet runs classifier-free guidance (batch = [unconditional,
-    conditional]). ``path``: "fused" (SDPA + Triton kernel; default on CUDA when Triton imports) or "explicit"."""
+    conditional]). ``path``: "fused" (SDPA + Triton kernel; default on CUDA when Triton imports) or "explicit".
+    ``latent_size``: side, or (height, width); ``layers``: which layers (default: SD 1.x/2.x's);
+    ``max_self_entries``: see ``plan_seediff_layers``."""
 
     def __init__(
         self,
         unet: torch.nn.Module,
-        latent_size: int,
+        latent_size: int | tuple[int, int],
         max_samples: int,
         *,
         guided: bool = True,
         text_tokens: int = 77,
         path: str | None = None,
         query_chunk: int = 1024,
+        layers: LayerChoice = SD_LAYERS,
+        max_self_entries: int | None = None,
     ):
         self.unet = unet
-        self.latent_size = latent_size
         self.guided = guided
-        self.plan = plan_seediff_layers(locate_attention_layers(unet, latent_size), latent_size)
+        located = locate_attention_layers(unet, latent_size)
+        self.plan = plan_seediff_layers(located, latent_size, layers, max_self_entries)
         device = unet.device
         self.path = path or default_path(device)
         if self.path not in CAPTURE_PATHS:
@@ -200,15 +254,17 @@ class SeeDiffCapture:
             raise ValueError("the fused capture path needs Triton (pip install triton; TRITON_INTERPRET=1 off CUDA)")
         self.weight = torch.zeros((), dtype=torch.float32, device=device)  # the running UNet call's weight
 
-        def processor(layer: AttentionLayer, n_keys: int) -> AttentionSum:
+        def processor(layer: AttentionLayer, n_keys: int, pool: int = 1) -> AttentionSum:
             upcast = unet.get_submodule(layer.key.removesuffix(".processor")).upcast_attention
             scores_dtype = torch.float32 if upcast else unet.dtype
-            return AttentionSum(layer, n_keys, max_samples, guided, self.weight, self.path, query_chunk, scores_dtype)
+            return AttentionSum(
+                layer, n_keys, max_samples, guided, self.weight, self.path, query_chunk, scores_dtype, pool
+            )
 
         # Full [queries, 77] rows of the coarse cross layers (0.08 MB per image and layer at SD1.5): which columns
         # are class tokens changes per batch, and is applied in result(), outside the UNet.
         self.cross = [processor(l, text_tokens) for l in self.plan.cross]
-        self.self_attn = {scale: processor(l, l.side**2) for scale, l in self.plan.self_attn.items()}
+        self.self_attn = [processor(l, l.tokens, pool) for l, pool in zip(self.plan.self_attn, self.plan.key_pool)]
         self.token_positions: list[list[int]] = []
         self.window: tuple[int, int] | None = None
         self.calls = 0  # UNet calls of this batch reported by step_end
@@ -216,7 +272,7 @@ class SeeDiffCapture:
 
     def processors(self) -> dict[str, AttentionSum]:
         out = {l.key: p for l, p in zip(self.plan.cross, self.cross)}
-        out.update({self.plan.self_attn[s].key: p for s, p in self.self_attn.items()})
+        out.update({l.key: p for l, p in zip(self.plan.self_attn, self.self_attn)})
         return out
 
     def buffer_bytes(self) -> int:
@@ -280,15 +336,15 @@ class SeeDiffCapture:
                 "it must cover at least one call"
             )
         n = len(self.token_positions)
-        side = _side_at_depth(self.latent_size, SCALE_DEPTHS["coarse"])
+        grid = self.plan.cross[0].grid
         averages = [p.sum[:n] / total for p in self.cross]  # [layer] -> [n, N, text tokens]
         cross = [
-            torch.cat([a[i][:, columns].T for a in averages]).view(-1, side, side)
+            torch.cat([a[i][:, columns].T for a in averages]).view(-1, *grid)
             for i, columns in enumerate(self.token_positions)
         ]
         return CapturedAttention(
             cross=cross,
-            self_attn={scale: p.sum[:n] / total for scale, p in self.self_attn.items()},
+            self_attn=tuple(p.sum[:n] / total for p in self.self_attn),
             calls=sum(w > 0 for w in weights),
         )
 
@@ -340,11 +396,13 @@ def _block_of(module_name: str) -> tuple[str | None, int]:
     return None, 0
 
 
-def _side_at_depth(latent_size: int, depth: int) -> int:
-    side = latent_size
+def grid_at_depth(latent_size: int | tuple[int, int], depth: int) -> tuple[int, int]:
+    """(height, width) of the feature grid ``depth`` downsamplings below a latent of ``latent_size`` (side or
+    (height, width))."""
+    grid = (latent_size, latent_size) if isinstance(latent_size, int) else tuple(latent_size)
     for _ in range(depth):
-        side = math.ceil(side / 2)
-    return side
+        grid = tuple(math.ceil(n / 2) for n in grid)
+    return grid
 
 
 def _conditional_half(batch: int, guided: bool) -> slice:

@@ -11,13 +11,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline
 
 from seediff.schemas.config import RunConfig
 from seediff.schemas.records import SampleSpec
 from seediff.workers import seediff
 from seediff.tokens import PhrasePositionError, class_token_positions
 from seediff.workers.capture import CapturedAttention, SeeDiffCapture, install_processors
+from seediff.workers.families import choose_layers
 from seediff.workers.models import compile_model
 
 NSFW_ERROR = "nsfw: blanked by the safety checker"
@@ -33,7 +34,7 @@ class GeneratedSample:
 
 
 def generate_batch(
-    pipe: StableDiffusionPipeline,
+    pipe: DiffusionPipeline,
     samples: Sequence[SampleSpec],
     config: RunConfig,
     capture: SeeDiffCapture | None = None,
@@ -43,7 +44,7 @@ def generate_batch(
     failures = {}
     for spec in samples:
         try:
-            sample_token_positions(pipe.tokenizer, spec)
+            sample_token_positions(pipe, spec)
         except PhrasePositionError as e:
             failures[spec.sample_id] = f"prompt: {e}"
     runnable = [s for s in samples if s.sample_id not in failures]
@@ -52,17 +53,18 @@ def generate_batch(
 
 
 def _generate(
-    pipe: StableDiffusionPipeline, samples: Sequence[SampleSpec], config: RunConfig, capture: SeeDiffCapture | None
+    pipe: DiffusionPipeline, samples: Sequence[SampleSpec], config: RunConfig, capture: SeeDiffCapture | None
 ) -> list[GeneratedSample]:
-    size = config.resolution
+    width, height = config.size
     out, captured, positions = generate_with_capture(pipe, samples, config, capture)
     # Quantise once, the way diffusers makes PIL images, so masks are refined on exactly the stored pixels.
     pixels = (out.images.float() * 255).round().clamp(0, 255)
     class_ids = [[c.class_id for c in s.classes] for s in samples]
-    result = seediff.label_maps(attention_maps(captured, positions), class_ids, (size, size), config.mask, pixels)
+    result = seediff.label_maps(attention_maps(captured, positions), class_ids, (height, width), config.mask, pixels)
     images = pixels.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     labels = result.labels.cpu().numpy()
-    nsfw = out.nsfw_content_detected or [False] * len(samples)
+    # SDXL pipelines have no safety checker (their output has no nsfw field)
+    nsfw = getattr(out, "nsfw_content_detected", None) or [False] * len(samples)
     generated = []
     for i, spec in enumerate(samples):
         if nsfw[i]:
@@ -76,7 +78,7 @@ def _generate(
 
 
 def generate_with_capture(
-    pipe: StableDiffusionPipeline,
+    pipe: DiffusionPipeline,
     samples: Sequence[SampleSpec],
     config: RunConfig,
     capture: SeeDiffCapture | None = None,
@@ -85,7 +87,7 @@ def generate_with_capture(
     tensors, the captured maps, per sample the token positions of each of its classes). ``capture``: one kept
     installed on ``pipe.unet`` (a compiled UNet's, see ``compile_with_capture``); None installs one for this batch
     only. The capture keeps each sample's class tokens concatenated; ``attention_maps`` splits them by class."""
-    positions = [sample_token_positions(pipe.tokenizer, s) for s in samples]
+    positions = [sample_token_positions(pipe, s) for s in samples]
     with ExitStack() as installed:
         if capture is None:
             capture = installed.enter_context(new_capture(pipe, config, len(samples)))
@@ -95,21 +97,24 @@ def generate_with_capture(
 
 
 def new_capture(
-    pipe: StableDiffusionPipeline, config: RunConfig, max_samples: int, guided: bool | None = None
+    pipe: DiffusionPipeline, config: RunConfig, max_samples: int, guided: bool | None = None
 ) -> SeeDiffCapture:
-    """Capture processors for ``pipe``'s UNet sized for batches of up to ``max_samples`` under ``config``.
+    """Capture processors for ``pipe``'s UNet sized for batches of up to ``max_samples`` under ``config``: the layers
+    of ``config.layers``, the family's cascade where it leaves it unset (derived from the UNet's config).
     ``guided``: the UNet sees [unconditional, conditional] batches; default: the generation's guidance."""
     return SeeDiffCapture(
         pipe.unet,
-        config.resolution // pipe.vae_scale_factor,
+        latent_grid(pipe, config),
         max_samples,
         guided=config.guidance_scale > 1 if guided is None else guided,  # diffusers' do_classifier_free_guidance
         text_tokens=pipe.tokenizer.model_max_length,
         query_chunk=config.mask.query_chunk,
+        layers=choose_layers(dict(pipe.unet.config), config.layers),
+        max_self_entries=config.mask.max_self_entries,
     )
 
 
-def compile_with_capture(pipe: StableDiffusionPipeline, config: RunConfig) -> tuple[SeeDiffCapture, float]:
+def compile_with_capture(pipe: DiffusionPipeline, config: RunConfig) -> tuple[SeeDiffCapture, float]:
     """Install a capture for batches of ``config.batch_size`` on ``pipe``'s UNet for good (compiled code is
     specialised to its processors), compile the UNet and the VAE decoder (``compile_model``), and pay the compile cost
     now with a one-step warm-up batch of that size. Returns the capture and the compile seconds. A shard's smaller
@@ -121,10 +126,11 @@ def compile_with_capture(pipe: StableDiffusionPipeline, config: RunConfig) -> tu
     compile_model(pipe, config.compile_mode)
     started = time.perf_counter()
     capture.begin([[1]] * config.batch_size)
+    width, height = config.size
     pipe(
         prompt=[""] * config.batch_size,
-        height=config.resolution,
-        width=config.resolution,
+        height=height,
+        width=width,
         num_inference_steps=1,
         guidance_scale=config.guidance_scale,
         generator=torch.Generator("cpu").manual_seed(0),
@@ -134,23 +140,38 @@ def compile_with_capture(pipe: StableDiffusionPipeline, config: RunConfig) -> tu
     return capture, time.perf_counter() - started
 
 
-def sample_token_positions(tokenizer, spec: SampleSpec) -> list[list[int]]:
-    """Token positions of each class of the sample, from where its phrases were placed in the rendered prompt."""
+def sample_token_positions(pipe: DiffusionPipeline, spec: SampleSpec) -> list[list[int]]:
+    """Token positions of each class of the sample, from where its phrases were placed in the rendered prompt.
+    SDXL's cross-attention keys are both text encoders' states at the same positions, so both tokenizers must
+    place every phrase at the same positions: one that disagrees is an error, never a silently shifted map."""
+    tokenizers = [t for t in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)) if t is not None]
+    where = f"manifest line {spec.row.line} (sample {spec.sample_id})"
     try:
-        return class_token_positions(tokenizer, spec.prompt)
+        found = [class_token_positions(t, spec.prompt) for t in tokenizers]
     except PhrasePositionError as e:
-        raise PhrasePositionError(f"manifest line {spec.row.line} (sample {spec.sample_id}): {e}") from e
+        raise PhrasePositionError(f"{where}: {e}") from e
+    if any(p != found[0] for p in found[1:]):
+        raise ValueError(f"{where}: the model's tokenizers place the class phrases at different token positions "
+                         f"{found}; SeeDiff cannot read its cross-attention")
+    return found[0]
 
 
-def diffusion_inputs(pipe: StableDiffusionPipeline, samples: Sequence[SampleSpec], config: RunConfig) -> dict:
+def latent_grid(pipe: DiffusionPipeline, config: RunConfig) -> tuple[int, int]:
+    """(height, width) of the latent."""
+    width, height = config.size
+    return height // pipe.vae_scale_factor, width // pipe.vae_scale_factor
+
+
+def diffusion_inputs(pipe: DiffusionPipeline, samples: Sequence[SampleSpec], config: RunConfig) -> dict:
     """Keyword arguments of the pipeline call for a batch (all but output_type)."""
     generators = [torch.Generator("cpu").manual_seed(s.seed) for s in samples]
-    latents = initial_latents(generators, pipe.unet.config.in_channels, config.resolution // pipe.vae_scale_factor)
+    latents = initial_latents(generators, pipe.unet.config.in_channels, latent_grid(pipe, config))
+    width, height = config.size
     return dict(
         prompt=[s.prompt.text for s in samples],
         negative_prompt=[s.row.negative_prompt for s in samples],
-        height=config.resolution,
-        width=config.resolution,
+        height=height,
+        width=width,
         num_inference_steps=config.steps,
         guidance_scale=config.guidance_scale,
         generator=generators,  # per-sample noise for stochastic schedulers too
@@ -167,14 +188,9 @@ def attention_maps(captured: CapturedAttention, positions: Sequence[Sequence[Seq
         by_layer = maps.view(-1, tokens, *maps.shape[-2:])
         bounds = np.cumsum([0] + [len(p) for p in per_class])
         cross.append([by_layer[:, a:b].reshape(-1, *maps.shape[-2:]) for a, b in zip(bounds[:-1], bounds[1:])])
-    return seediff.AttentionMaps(
-        cross=cross,
-        self_coarse=captured.self_attn["coarse"],
-        self_middle=captured.self_attn["middle"],
-        self_fine=captured.self_attn["fine"],
-    )
+    return seediff.AttentionMaps(cross=cross, self_attn=captured.self_attn)
 
 
-def initial_latents(generators: Sequence[torch.Generator], channels: int, latent_size: int) -> torch.Tensor:
+def initial_latents(generators: Sequence[torch.Generator], channels: int, grid: tuple[int, int]) -> torch.Tensor:
     """Standard-normal fp32 latents on the CPU, one draw per sample generator: the same for any batch and device."""
-    return torch.cat([torch.randn(1, channels, latent_size, latent_size, generator=g) for g in generators])
+    return torch.cat([torch.randn(1, channels, *grid, generator=g) for g in generators])

@@ -1,60 +1,51 @@
-"""Load a diffusers Stable Diffusion pipeline: a hub id or local path, or ``tiny`` (a miniature random-weight SD1.x
-with attention at latent, latent/2 and latent/4, and an offline byte-level CLIP tokenizer) for tests and benches."""
+"""Load a diffusers Stable Diffusion pipeline of a supported family (workers/families.py picks the pipeline class:
+SD 1.x/2.x or SDXL): a hub id or local path, or ``tiny`` (a miniature random-weight SD1.x with attention at latent,
+latent/2 and latent/4, and an offline byte-level CLIP tokenizer) for tests and benches; ``build_tiny_model`` also
+builds miniature SD2 and SDXL shapes."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import diffusers
 import torch
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
+    DiffusionPipeline,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     PNDMScheduler,
     StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
     UNet2DConditionModel,
+    UniPCMultistepScheduler,
 )
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from seediff.schemas.config import TINY_MODEL, RunConfig
 from seediff.tokens import offline_clip_tokenizer
+from seediff.workers import families
+from seediff.workers.families import TINY_UNET, TINY_VAE
 
+# config.scheduler -> (class, settings over the model's own scheduler config). from_config keeps the model's
+# prediction_type (v-prediction for SD 2.x 768), beta schedule and timestep spacing.
 SCHEDULERS = {
-    "ddim": DDIMScheduler,
-    "pndm": PNDMScheduler,
-    "euler": EulerDiscreteScheduler,
-    "euler_a": EulerAncestralDiscreteScheduler,
-    "dpm++": DPMSolverMultistepScheduler,
+    "ddim": (DDIMScheduler, {}),
+    "pndm": (PNDMScheduler, {"skip_prk_steps": True}),  # PLMS, as SD ships it (50 steps = 51 UNet calls)
+    "euler": (EulerDiscreteScheduler, {}),
+    "euler_a": (EulerAncestralDiscreteScheduler, {}),
+    "dpm++": (DPMSolverMultistepScheduler, {}),
+    "dpm++_2m_karras": (
+        DPMSolverMultistepScheduler,
+        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
+    ),
+    "unipc": (UniPCMultistepScheduler, {}),
 }
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
-# SD1.x layout in miniature: three cross-attention levels (latent, latent/2, latent/4) and a plain bottom level.
-TINY_UNET = dict(
-    sample_size=16,
-    in_channels=4,
-    out_channels=4,
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    block_out_channels=(16, 16, 32, 32),
-    layers_per_block=1,
-    norm_num_groups=8,
-    cross_attention_dim=32,
-    attention_head_dim=2,  # diffusers' legacy name: the number of heads in SD1.x-style UNets
-)
-# Downsampling factor 8 like SD's VAE (three downsamplers), so resolution / 8 = latent side.
-TINY_VAE = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(8, 8, 16, 16),
-    layers_per_block=1,
-    norm_num_groups=4,
-    latent_channels=4,
-)
 TINY_TEXT = dict(
     hidden_size=32,
     intermediate_size=64,
@@ -79,17 +70,22 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def load_model(config: RunConfig, device: torch.device) -> StableDiffusionPipeline:
+def load_model(config: RunConfig, device: torch.device) -> DiffusionPipeline:
+    """The model with the pipeline class of its family (recognised from its config files when the config does not
+    name the family yet) and the configured scheduler."""
     dtype = resolve_dtype(config.dtype, device)
     if config.model == TINY_MODEL:
         pipe = build_tiny_model()  # built in fp32; casting to the same dtype only makes diffusers warn
         if dtype != torch.float32:
             pipe = pipe.to(dtype=dtype)
     else:
+        name = config.family or families.recognise(families.read_model_files(config.model, config.revision)).family.name
+        pipeline_class = getattr(diffusers, families.family(name).pipeline)
         # The safety checker stays as the model ships it; flagged samples become failures in generate.py.
-        pipe = StableDiffusionPipeline.from_pretrained(config.model, revision=config.revision, torch_dtype=dtype)
+        pipe = pipeline_class.from_pretrained(config.model, revision=config.revision, dtype=dtype)
     if config.scheduler != "default":
-        pipe.scheduler = SCHEDULERS[config.scheduler].from_config(pipe.scheduler.config)
+        scheduler_class, settings = SCHEDULERS[config.scheduler]
+        pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config, **settings)
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -109,27 +105,39 @@ def build_tiny_model(
     unet_overrides: dict[str, Any] | None = None,
     text_overrides: dict[str, Any] | None = None,
     vae_overrides: dict[str, Any] | None = None,
-) -> StableDiffusionPipeline:
+    scheduler_overrides: dict[str, Any] | None = None,
+    xl: bool = False,
+) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
     """A deterministic random-weight SD pipeline (same weights on every call). Overrides change the UNet, text
-    encoder or VAE config, e.g. an SD2-style variant with other head counts and linear projections, or full-size
-    SD1.5 shapes for benchmarks."""
+    encoder, VAE or scheduler config, e.g. an SD2-style variant with other head counts, linear projections and
+    v-prediction, or full-size SD1.5 shapes for benchmarks. ``xl``: an SDXL pipeline (a second text encoder with a
+    projection, pooled embeddings and added time ids; the UNet's cross-attention width is both encoders' widths)."""
     text_cfg = {**TINY_TEXT, **(text_overrides or {})}
-    unet_cfg = {**TINY_UNET, "cross_attention_dim": text_cfg["hidden_size"], **(unet_overrides or {})}
+    width = text_cfg["hidden_size"]
+    xl_unet = dict(
+        cross_attention_dim=2 * width,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + width,  # six time ids x 8 + the pooled text embedding
+    )
+    unet_cfg = {**TINY_UNET, **(xl_unet if xl else {"cross_attention_dim": width}), **(unet_overrides or {})}
     tokenizer = offline_clip_tokenizer()
+    text_config = CLIPTextConfig(
+        **text_cfg,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        projection_dim=width,
+    )
     with torch.random.fork_rng(devices=[]):  # fixed weights without disturbing the caller's RNG
         torch.manual_seed(0)
         unet = UNet2DConditionModel(**unet_cfg)
         torch.manual_seed(0)
         vae = AutoencoderKL(**{**TINY_VAE, **(vae_overrides or {})})
         torch.manual_seed(0)
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                **text_cfg,
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        )
+        text_encoder = CLIPTextModel(text_config)
+        torch.manual_seed(1)
+        text_encoder_2 = CLIPTextModelWithProjection(text_config) if xl else None
     scheduler = DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -137,14 +145,15 @@ def build_tiny_model(
         clip_sample=False,
         set_alpha_to_one=False,
         steps_offset=1,
+        **(scheduler_overrides or {}),
     )
+    common = dict(vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(),
+                  scheduler=scheduler)
+    if xl:
+        return StableDiffusionXLPipeline(
+            **common, text_encoder_2=text_encoder_2.eval(), tokenizer_2=offline_clip_tokenizer(), add_watermarker=False
+        )
     return StableDiffusionPipeline(
-        vae=vae.eval(),
-        text_encoder=text_encoder.eval(),
-        tokenizer=tokenizer,
-        unet=unet.eval(),
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+        **common, safety_checker=None, feature_extractor=None, requires_safety_checker=False
     )
+

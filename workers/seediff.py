@@ -6,9 +6,13 @@ batch:
 1. coarse seed map C from the class-token cross-attention maps (variance-gated minmax, summed, minmax);
 2. foreground seeds = floor(255 C^2) strictly above OpenCV's Otsu threshold;
 3. expansion E = sum over seeds of the cosine similarity between self-attention rows, F = minmax(E);
-4. at the middle and fine scales: P = bicubic x2 of F, background seeds = floor(255 P^2) at or below Otsu,
-   G = sum of cosine similarities to the background seeds, F = minmax(minmax(1 - G) * minmax(P));
+4. at each finer side of the cascade (SD 1.x/2.x: middle and fine; SDXL: one): P = bicubic x2 of F, background
+   seeds = floor(255 P^2) at or below Otsu, G = sum of cosine similarities to the background seeds,
+   F = minmax(minmax(1 - G) * minmax(P));
 5. soft = minmax(bicubic(F -> image size)); mask = soft > threshold, or PAMR boundary refinement.
+
+Grids may be h x w. A self-attention row may hold its keys summed in blocks (fewer keys than queries, see
+workers/capture.py): cosines between rows need only the rows to share their key layout.
 
 Several classes per image (``label_maps``) run the same cascade: each class seeds from its own cross-attention maps,
 and its seed set expands over the sample's shared self-attention as one more row of the same batched products
@@ -46,17 +50,38 @@ _FLT_EPSILON = float(np.finfo(np.float32).eps)
 _NEIGHBOURS = tuple((dy, dx) for dy in range(3) for dx in range(3) if (dy, dx) != (1, 1))
 
 
-@dataclass
 class AttentionMaps:
-    """Time-averaged, head-summed attention for a batch. Coarse side s, middle 2s, fine 4s.
+    """Time-averaged, head-summed attention for a batch. Coarse grid h x w; each further side of the cascade doubles
+    it (SD1.x at 512 px: 16, 32, 64; SDXL at 1024 px: 32, 64).
 
-    ``cross[b]``: for ``label_maps`` a list with one [n_maps, s, s] tensor per class of sample b (one map per
-    (layer, class sub-token)); for ``seeded_masks`` the one class's [n_maps, s, s] tensor itself."""
+    ``cross[b]``: for ``label_maps`` a list with one [n_maps, h, w] tensor per class of sample b (one map per
+    (layer, class sub-token)); for ``seeded_masks`` the one class's [n_maps, h, w] tensor itself.
+    ``self_attn``: per side, coarse first, [B, (2^i h)(2^i w), keys], rows = queries. The sides may also be given
+    by name, coarse → middle → fine (``self_coarse=, self_middle=, self_fine=``: the API callers of the SD 1.x
+    three-side cascade use); a shorter cascade leaves the last names unset."""
 
-    cross: Sequence[torch.Tensor | Sequence[torch.Tensor]]
-    self_coarse: torch.Tensor  # [B, s^2, s^2], rows = queries
-    self_middle: torch.Tensor  # [B, (2s)^2, (2s)^2]
-    self_fine: torch.Tensor  # [B, (4s)^2, (4s)^2]
+    _SIDE_NAMES = ("self_coarse", "self_middle", "self_fine")
+
+    def __init__(
+        self,
+        cross: Sequence[torch.Tensor | Sequence[torch.Tensor]],
+        self_attn: Sequence[torch.Tensor] | None = None,
+        *,
+        self_coarse: torch.Tensor | None = None,
+        self_middle: torch.Tensor | None = None,
+        self_fine: torch.Tensor | None = None,
+    ):
+        named = [t for t in (self_coarse, self_middle, self_fine) if t is not None]
+        if (self_attn is None) == (not named):
+            raise TypeError("AttentionMaps: give the sides either as self_attn or as self_coarse/self_middle/self_fine")
+        self.cross = cross
+        self.self_attn = tuple(self_attn) if self_attn is not None else tuple(named)
+
+    def __getattr__(self, name: str) -> torch.Tensor | None:
+        if name in AttentionMaps._SIDE_NAMES:
+            index = AttentionMaps._SIDE_NAMES.index(name)
+            return self.self_attn[index] if index < len(self.self_attn) else None
+        raise AttributeError(name)
 
 
 @dataclass
@@ -64,7 +89,7 @@ class MaskResult:
     soft: torch.Tensor  # [B, H, W] float32 in [0, 1]
     mask: torch.Tensor  # [B, H, W] bool final mask (PAMR-refined when config.refine == "pamr")
     stats: list[dict]  # per sample, flat JSON-able numbers
-    seeds: torch.Tensor | None = field(default=None)  # [B, s, s] bool coarse foreground seeds
+    seeds: torch.Tensor | None = field(default=None)  # [B, h, w] bool coarse foreground seeds
     unrefined: torch.Tensor | None = field(default=None)  # [B, H, W] bool soft > config.threshold
 
 
@@ -92,12 +117,12 @@ def bicubic(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 def coarse_seed_map(cross: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per sample: gate each map (unbiased variance > 1e-4 -> minmax, else 0.01 * minmax), sum, minmax.
 
-    Returns C [B, s, s] and the number of gated (near-flat) maps per sample [B]. Samples may have different map
+    Returns C [B, h, w] and the number of gated (near-flat) maps per sample [B]. Samples may have different map
     counts; they are zero-padded, which is exact because a zero map contributes zero."""
     n_max = max(max(len(m) for m in cross), 1)
-    side = cross[0].shape[-1]
+    grid = cross[0].shape[-2:]
     device = cross[0].device
-    maps = torch.zeros(len(cross), n_max, side, side, device=device)
+    maps = torch.zeros(len(cross), n_max, *grid, device=device)
     present = torch.zeros(len(cross), n_max, dtype=torch.bool, device=device)
     for b, m in enumerate(cross):
         maps[b, : len(m)] = m.float()
@@ -164,16 +189,16 @@ def seed_affinity(attn: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
 def _refine(
     previous: torch.Tensor, attn: torch.Tensor, classes: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One background-seeded refinement step at twice the side of `previous` [B*K, s, s] (K = ``classes`` seed sets
+    """One background-seeded refinement step at twice the grid of `previous` [B*K, h, w] (K = ``classes`` seed sets
     per sample of ``attn``).
 
-    Returns (F [B*K, 2s, 2s], Otsu thresholds [B*K], background-seed counts [B*K])."""
-    entries, side = previous.shape[0], previous.shape[-1] * 2
-    upsampled = bicubic(previous, (side, side))
+    Returns (F [B*K, 2h, 2w], Otsu thresholds [B*K], background-seed counts [B*K])."""
+    entries, grid = previous.shape[0], (previous.shape[-2] * 2, previous.shape[-1] * 2)
+    upsampled = bicubic(previous, grid)
     levels = quantise(upsampled).flatten(1)
     thresholds = otsu_thresholds(levels)
     background = levels <= thresholds[:, None]
-    affinity = seed_affinity(attn, background.view(-1, classes, side * side)).reshape(entries, side, side)
+    affinity = seed_affinity(attn, background.view(-1, classes, grid[0] * grid[1])).reshape(entries, *grid)
     return minmax(minmax(1 - affinity) * minmax(upsampled)), thresholds, background.sum(-1)
 
 
@@ -217,22 +242,30 @@ def pamr_with(weights: torch.Tensor, masks: torch.Tensor, iterations: int) -> to
     return m[:, 0]
 
 
-def _check_shapes(maps: AttentionMaps, entries: Sequence[tuple[str, torch.Tensor]]) -> int:
-    """Validate the batch; ``entries`` are the (name, cross maps) seed sources. Returns the coarse side s."""
+def _check_shapes(maps: AttentionMaps, entries: Sequence[tuple[str, torch.Tensor]]) -> tuple[int, int]:
+    """Validate the batch; ``entries`` are the (name, cross maps) seed sources. Returns the coarse grid (h, w)."""
     if len(maps.cross) == 0:
         raise ValueError("AttentionMaps.cross: empty batch")
-    side = entries[0][1].shape[-1]
+    grid = tuple(entries[0][1].shape[-2:])
     for name, m in entries:
-        if not isinstance(m, torch.Tensor) or m.dim() != 3 or m.shape[-2:] != (side, side):
+        if not isinstance(m, torch.Tensor) or m.dim() != 3 or tuple(m.shape[-2:]) != grid:
             got = list(m.shape) if isinstance(m, torch.Tensor) else type(m).__name__
-            raise ValueError(f"AttentionMaps.{name}: expected [n_maps, {side}, {side}], got {got}")
+            raise ValueError(f"AttentionMaps.{name}: expected [n_maps, {grid[0]}, {grid[1]}], got {got}")
+    if not maps.self_attn:
+        raise ValueError("AttentionMaps.self_attn: no sides")
     batch = len(maps.cross)
-    for name, factor in (("self_coarse", 1), ("self_middle", 2), ("self_fine", 4)):
-        n = (side * factor) ** 2
-        got = getattr(maps, name)
-        if tuple(got.shape) != (batch, n, n):
-            raise ValueError(f"AttentionMaps.{name}: expected [{batch}, {n}, {n}], got {list(got.shape)}")
-    return side
+    for i, got in enumerate(maps.self_attn):
+        n = grid[0] * grid[1] * 4**i
+        if got.dim() != 3 or tuple(got.shape[:2]) != (batch, n) or not 0 < got.shape[2] <= n:
+            raise ValueError(f"AttentionMaps.self_attn[{i}]: expected [{batch}, {n}, <= {n} keys], got {list(got.shape)}")
+    return grid
+
+
+def _refinement_names(count: int) -> list[str]:
+    """Stat names of the refinement sides: the last is "fine", the one before "middle" (SD1.x's names)."""
+    if count <= 2:
+        return ["middle", "fine"][2 - count :]
+    return [f"middle{i + 1}" for i in range(count - 1)] + ["fine"]
 
 
 @dataclass
@@ -240,8 +273,8 @@ class _Cascade:
     """The cascade over B samples x K seed sets, every tensor with the batch as B*K rows, sample-major."""
 
     soft: torch.Tensor  # [B*K, H, W]
-    coarse: torch.Tensor  # [B*K, s, s]
-    seeds: torch.Tensor  # [B*K, s*s] bool
+    coarse: torch.Tensor  # [B*K, h, w]
+    seeds: torch.Tensor  # [B*K, h*w] bool
     stats: dict[str, torch.Tensor]  # name -> [B*K]
 
 
@@ -249,29 +282,28 @@ def _cascade(
     maps: AttentionMaps, cross: Sequence[torch.Tensor], classes: int, image_size: tuple[int, int]
 ) -> _Cascade:
     """Seeds of every cross entry (``classes`` per sample, sample-major), expanded over their sample's shared
-    self-attention 16 -> 32 -> 64, upsampled to the image."""
-    side = cross[0].shape[-1]
+    self-attention side by side (SD1.x at 512 px: 16 -> 32 -> 64), upsampled to the image."""
+    grid = tuple(cross[0].shape[-2:])
     coarse, gated = coarse_seed_map(cross)
     levels = quantise(coarse).flatten(1)
     otsu_coarse = otsu_thresholds(levels)
     seeds = levels > otsu_coarse[:, None]
-    affinity = seed_affinity(maps.self_coarse.float(), seeds.view(-1, classes, side * side))
-    expanded = minmax(affinity.reshape(len(cross), side, side))
-    middle, otsu_middle, background_middle = _refine(expanded, maps.self_middle.float(), classes)
-    fine, otsu_fine, background_fine = _refine(middle, maps.self_fine.float(), classes)
+    affinity = seed_affinity(maps.self_attn[0].float(), seeds.view(-1, classes, grid[0] * grid[1]))
+    current = minmax(affinity.reshape(len(cross), *grid))
+    refinements = {}
+    for name, attn in zip(_refinement_names(len(maps.self_attn) - 1), maps.self_attn[1:]):
+        current, otsu, background = _refine(current, attn.float(), classes)
+        refinements[f"otsu_{name}"], refinements[f"background_seeds_{name}"] = otsu, background
     stats = {
         "num_cross_maps": torch.tensor([len(m) for m in cross]),
         "gated_maps": gated,
         "num_seeds": seeds.sum(-1),
         "seed_fraction": seeds.float().mean(-1),
         "otsu_coarse": otsu_coarse,
-        "otsu_middle": otsu_middle,
-        "otsu_fine": otsu_fine,
-        "background_seeds_middle": background_middle,
-        "background_seeds_fine": background_fine,
+        **refinements,
         "degenerate": (coarse.flatten(1).amax(-1) == 0) | (seeds.sum(-1) == 0) | seeds.all(-1),
     }
-    return _Cascade(minmax(bicubic(fine, tuple(image_size))), coarse, seeds, stats)
+    return _Cascade(minmax(bicubic(current, tuple(image_size))), coarse, seeds, stats)
 
 
 def _check_images(images: torch.Tensor | None, batch: int, image_size: tuple[int, int], config: MaskConfig) -> None:
@@ -285,7 +317,7 @@ def seeded_masks(
 ) -> MaskResult:
     """SeeDiff masks for a batch, one class per sample. images: [B, 3, H, W] float 0-255, required when
     config.refine == "pamr"."""
-    side = _check_shapes(maps, [(f"cross[{b}]", m) for b, m in enumerate(maps.cross)])
+    grid = _check_shapes(maps, [(f"cross[{b}]", m) for b, m in enumerate(maps.cross)])
     batch = len(maps.cross)
     _check_images(images, batch, image_size, config)
     cascade = _cascade(maps, list(maps.cross), 1, image_size)
@@ -307,7 +339,7 @@ def seeded_masks(
     }
     columns = {k: v.cpu().tolist() for k, v in per_sample.items()}
     stats = [{k: _plain(v[b]) for k, v in columns.items()} for b in range(batch)]
-    return MaskResult(soft=soft, mask=mask, stats=stats, seeds=seeds.view(batch, side, side), unrefined=unrefined)
+    return MaskResult(soft=soft, mask=mask, stats=stats, seeds=seeds.view(batch, *grid), unrefined=unrefined)
 
 
 def label_maps(
@@ -329,11 +361,11 @@ def label_maps(
     if any(not 1 <= i < IGNORE for ids in class_ids for i in ids):
         raise ValueError(f"class_ids: ids must lie in 1..{IGNORE - 1}, got {class_ids}")
     entries = [(f"cross[{b}][{k}]", m) for b, per_class in enumerate(maps.cross) for k, m in enumerate(per_class)]
-    side = _check_shapes(maps, entries)
+    grid = _check_shapes(maps, entries)
     _check_images(images, batch, image_size, config)
     classes = max(len(ids) for ids in class_ids)
     device = entries[0][1].device
-    absent = torch.zeros(0, side, side, device=device)  # a class slot the sample does not use: no maps, no seeds
+    absent = torch.zeros(0, *grid, device=device)  # a class slot the sample does not use: no maps, no seeds
     cross = [per_class[k] if k < len(per_class) else absent for per_class in maps.cross for k in range(classes)]
     present = torch.tensor([[k < len(ids) for k in range(classes)] for ids in class_ids], device=device)
     ids = torch.tensor([list(ids) + [0] * (classes - len(ids)) for ids in class_ids], device=device)

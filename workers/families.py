@@ -1,0 +1,295 @@
+"""Model families: which diffusers pipeline runs a checkpoint, which image sizes its UNet takes exactly, and which
+attention layers SeeDiff reads, recognised from the checkpoint's ``model_index.json``, ``unet/config.json`` and
+``vae/config.json`` (kilobytes: a local folder, or only those files from the hub) before any weights load.
+
+Plain data and json only (no torch, no diffusers), so the driver's validation and dry run use it before Ray starts.
+A family is one row of ``FAMILIES``; what differs between checkpoints of one family (sides, head counts, how many
+transformer layers) is read from the UNet config, never hard-coded."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from seediff.schemas.config import TINY_MODEL, ConfigError, LayerChoice, RunConfig
+
+# The offline miniature SD1.x (workers/models.py builds it): three cross-attention levels (latent, latent/2,
+# latent/4) and a plain bottom level. Its configs are recognised like any checkpoint's.
+TINY_UNET = dict(
+    sample_size=16,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(16, 16, 32, 32),
+    layers_per_block=1,
+    norm_num_groups=8,
+    cross_attention_dim=32,
+    attention_head_dim=2,  # diffusers' legacy name: the number of heads in SD1.x-style UNets
+)
+# Downsampling factor 8 like SD's VAE (three downsamplers), so width / 8 = latent width.
+TINY_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(8, 8, 16, 16),
+    layers_per_block=1,
+    norm_num_groups=4,
+    latent_channels=4,
+)
+_TINY_INDEX = {
+    "_class_name": "StableDiffusionPipeline",
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+}
+
+COARSE_DEPTH = 2  # SeeDiff seeds at latent/4 (16x16 for SD1.x at 512 px), as the official code
+_DEFAULT_VAE_FACTOR = 8  # Stable Diffusion's VAE, when a checkpoint ships no vae/config.json
+
+
+@dataclass(frozen=True)
+class Family:
+    """One row of the family table."""
+
+    name: str  # recorded in run.json and each sample's metadata
+    pipeline: str  # the diffusers pipeline class that runs it
+    components: tuple[str, ...]  # model_index.json entries it cannot run without
+    description: str
+
+
+FAMILIES = (
+    Family("sd1", "StableDiffusionPipeline", ("unet", "vae", "text_encoder", "tokenizer"), "Stable Diffusion 1.x"),
+    Family("sd2", "StableDiffusionPipeline", ("unet", "vae", "text_encoder", "tokenizer"),
+           "Stable Diffusion 2.x (512 base or 768 v-prediction; linear attention projections)"),
+    Family("sdxl", "StableDiffusionXLPipeline",
+           ("unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"),
+           "Stable Diffusion XL base (two text encoders, pooled embeddings, added time ids)"),
+)
+_BY_NAME = {f.name: f for f in FAMILIES}
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """The small config files of a checkpoint."""
+
+    source: str  # where they were read, for messages
+    index: dict[str, Any]  # model_index.json
+    unet: dict[str, Any] | None  # unet/config.json; None when the pipeline has no UNet
+    vae: dict[str, Any] | None  # vae/config.json
+    scheduler: dict[str, Any] | None  # scheduler/scheduler_config.json
+
+
+@dataclass(frozen=True)
+class Recognised:
+    """A checkpoint recognised as a family, with what the run needs from its configs."""
+
+    family: Family
+    files: ModelFiles
+    layers: LayerChoice  # the family's default layer choice for this UNet
+    unit: int  # valid widths and heights are multiples of this many pixels
+    vae_factor: int
+    native_size: int  # the UNet's sample size in pixels
+    prediction_type: str | None
+
+    def latent_size(self, width: int, height: int) -> tuple[int, int]:
+        """(latent height, latent width)."""
+        return height // self.vae_factor, width // self.vae_factor
+
+
+def family(name: str) -> Family:
+    return _BY_NAME[name]
+
+
+# ---- reading the config files ---------------------------------------------------------------------------------------
+
+
+def read_model_files(model: str, revision: str | None = None) -> ModelFiles:
+    """The checkpoint's config files, from a local folder or the hub (only these files are downloaded)."""
+    if model == TINY_MODEL:
+        return ModelFiles("the tiny model", _TINY_INDEX, dict(TINY_UNET), dict(TINY_VAE), {})
+    local = Path(model).expanduser()
+    if local.exists():
+        if local.is_file():
+            raise ConfigError(
+                f"model: {model} is a single file; seediff loads diffusers folders (model_index.json + components): "
+                "convert it with the pipeline's from_single_file(...).save_pretrained(folder)"
+            )
+        return ModelFiles(str(local), _read_json(local / "model_index.json", required=True),
+                          *(_read_json(local / name) for name in _CONFIG_FILES))
+    return ModelFiles(f"{model} (hub)", _hub_json(model, revision, "model_index.json", required=True),
+                      *(_hub_json(model, revision, name) for name in _CONFIG_FILES))
+
+
+_CONFIG_FILES = ("unet/config.json", "vae/config.json", "scheduler/scheduler_config.json")
+
+
+def _read_json(path: Path, required: bool = False) -> dict[str, Any] | None:
+    if not path.is_file():
+        if required:
+            raise ConfigError(f"model: {path} not found: not a diffusers pipeline folder")
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"model: {path}: not valid JSON: {e}") from e
+
+
+def _hub_json(repo: str, revision: str | None, name: str, required: bool = False) -> dict[str, Any] | None:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    try:
+        return _read_json(Path(hf_hub_download(repo, name, revision=revision)), required)
+    except LocalEntryNotFoundError as e:  # offline (HF_HUB_OFFLINE or no network) and not in the local cache
+        raise ConfigError(f"model: cannot read {name} of {repo!r} from the hub: not cached and offline ({e})") from e
+    except EntryNotFoundError:
+        if required:
+            raise ConfigError(f"model: {repo} has no {name} on the hub: not a diffusers pipeline") from None
+        return None
+    except Exception as e:  # noqa: BLE001 - offline, unknown repo, gated repo: each means the run cannot start
+        raise ConfigError(f"model: cannot read {name} of {repo!r} from the hub: {type(e).__name__}: {e}") from e
+
+
+# ---- recognition -----------------------------------------------------------------------------------------------------
+
+
+def recognise(files: ModelFiles) -> Recognised:
+    """The family of a checkpoint, or ConfigError naming the pipeline class and what is missing."""
+    index, unet = files.index, files.unet
+    pipeline = index.get("_class_name", "<no _class_name>")
+    supported = sorted({f.pipeline for f in FAMILIES})
+    candidates = [f for f in FAMILIES if f.pipeline == pipeline]
+    if not candidates:
+        has = "a transformer (DiT/MMDiT), no UNet" if "transformer" in index and "unet" not in index else None
+        raise ConfigError(
+            f"model: {files.source}: pipeline {pipeline} is not supported"
+            f"{f' ({has})' if has else ''}; supported pipelines: {', '.join(supported)}"
+        )
+    missing = [c for c in candidates[0].components if not _present(index, c)]
+    if missing or unet is None:
+        raise ConfigError(
+            f"model: {files.source}: {pipeline} is missing {', '.join(missing or ['unet/config.json'])}"
+            + (" (an SDXL refiner has no first text encoder)" if "text_encoder" in missing else "")
+        )
+    if unet.get("in_channels", 4) != 4 or unet.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
+        raise ConfigError(
+            f"model: {files.source}: {pipeline} with a {unet.get('_class_name', 'UNet')} of {unet.get('in_channels')} "
+            "input channels (an inpainting or image-conditioned UNet); SeeDiff generates from noise: 4 latent channels"
+        )
+    xl = unet.get("addition_embed_type") == "text_time"
+    if pipeline == "StableDiffusionXLPipeline" and not xl:
+        raise ConfigError(f"model: {files.source}: {pipeline} whose UNet has no added time embedding (text_time)")
+    name = "sdxl" if xl else ("sd2" if unet.get("use_linear_projection") else "sd1")
+    found = family(name)
+    if found.pipeline != pipeline:
+        raise ConfigError(f"model: {files.source}: {pipeline} with an {name} UNet; expected {found.pipeline}")
+    vae_factor = 2 ** (len(files.vae["block_out_channels"]) - 1) if files.vae else _DEFAULT_VAE_FACTOR
+    layers = default_layers(unet)
+    check_layers(unet, layers, files.source)
+    return Recognised(
+        family=found,
+        files=files,
+        layers=layers,
+        unit=vae_factor * 2 ** _downsamplings(unet),
+        vae_factor=vae_factor,
+        native_size=unet.get("sample_size", 64) * vae_factor,
+        prediction_type=(files.scheduler or {}).get("prediction_type"),
+    )
+
+
+def _present(index: dict[str, Any], component: str) -> bool:
+    entry = index.get(component)
+    return isinstance(entry, (list, tuple)) and entry[0] is not None
+
+
+def _downsamplings(unet: dict[str, Any]) -> int:
+    """diffusers' UNet2DConditionModel downsamples after every down block but the last."""
+    return len(unet["down_block_types"]) - 1
+
+
+def attention_depths(unet: dict[str, Any], group: str) -> set[int]:
+    """Depths below the latent at which the ``group`` ("down", "mid", "up") blocks carry attention."""
+    if group == "mid":
+        mid = unet.get("mid_block_type", "UNetMidBlock2DCrossAttn")
+        return {_downsamplings(unet)} if mid and "CrossAttn" in mid else set()
+    types = unet[f"{group}_block_types"]
+    depth_of = (lambda i: i) if group == "down" else (lambda i: len(types) - 1 - i)
+    return {depth_of(i) for i, t in enumerate(types) if "CrossAttn" in t}
+
+
+def default_layers(unet: dict[str, Any]) -> LayerChoice:
+    """SeeDiff's recipe on this UNet: seeds from every down/up cross-attention layer at latent/4, expansion by the
+    first decoder self-attention there, then background-seeded refinement at each finer side that has decoder
+    self-attention (SD 1.x/2.x: latent/4 -> latent/2 -> latent; SDXL: latent/4 -> latent/2)."""
+    decoder = attention_depths(unet, "up")
+    cascade = [COARSE_DEPTH]
+    while cascade[-1] - 1 in decoder:
+        cascade.append(cascade[-1] - 1)
+    return LayerChoice(cascade=tuple(cascade))
+
+
+def choose_layers(unet: dict[str, Any], override: LayerChoice) -> LayerChoice:
+    """``override`` (a config's ``layers``) with the family's cascade where it leaves the cascade unset."""
+    if override.cascade is not None:
+        return override
+    return override.model_copy(update={"cascade": default_layers(unet).cascade})
+
+
+def check_layers(unet: dict[str, Any], layers: LayerChoice, source: str) -> None:
+    """ConfigError naming what the layer choice needs and this UNet lacks (counted from its config)."""
+    coarse = layers.cascade[0]
+    missing = []
+    if not any(coarse in attention_depths(unet, g) for g in layers.seed_blocks):
+        missing.append(f"cross-attention in {'/'.join(layers.seed_blocks)} blocks at depth {coarse}")
+    decoder = attention_depths(unet, "up")
+    missing += [f"decoder self-attention at depth {d}" for d in layers.cascade if d not in decoder]
+    if missing:
+        raise ConfigError(
+            f"model: {source}: its UNet lacks attention SeeDiff reads: {'; '.join(missing)} (depth 0 = latent, "
+            f"1 = latent/2, ...); decoder attention at depths {sorted(decoder)}"
+        )
+
+
+# ---- sizes -------------------------------------------------------------------------------------------------------
+
+
+def check_size(config: RunConfig, recognised: Recognised) -> tuple[int, int]:
+    """(width, height): given, or the model's native size; ConfigError naming the field and the nearest valid sizes
+    when one is not a multiple of the unit that makes every UNet side (and so every SeeDiff side) exact."""
+    unit = recognised.unit
+    width = config.width or config.resolution or recognised.native_size
+    height = config.height or config.resolution or recognised.native_size
+    for name, value, given in (("width", width, config.width), ("height", height, config.height)):
+        if value % unit:
+            field = name if given else "resolution"
+            lower, upper = max(unit, value // unit * unit), math.ceil(value / unit) * unit
+            raise ConfigError(
+                f"{field}: {value} px is not a multiple of {unit} px, the size unit of this {recognised.family.name} "
+                f"model (VAE factor {recognised.vae_factor} x 2^{_downsamplings(recognised.files.unet)} UNet "
+                f"downsamplings); nearest valid: {lower} or {upper}"
+            )
+    return width, height
+
+
+def resolve(config: RunConfig) -> tuple[RunConfig, Recognised]:
+    """Recognise the model and return the config with family, size and layer choice filled in (what run.json
+    records), checked against the model: ConfigError (exit 2 on the command line) before any weights load."""
+    recognised = recognise(read_model_files(config.model, config.revision))
+    if config.family is not None and config.family != recognised.family.name:
+        raise ConfigError(
+            f"family: the config says {config.family}, but {config.model} is {recognised.family.name} "
+            f"({recognised.family.description})"
+        )
+    layers = choose_layers(recognised.files.unet, config.layers)
+    check_layers(recognised.files.unet, layers, recognised.files.source)
+    width, height = check_size(config, recognised)
+    resolved = config.model_copy(
+        update={"family": recognised.family.name, "layers": layers, "width": width, "height": height}
+    )
+    return resolved, recognised
