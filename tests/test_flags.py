@@ -5,6 +5,7 @@ or the config-file key (with its line) that the user wrote."""
 from __future__ import annotations
 
 import re
+import typing
 
 import pytest
 from pydantic import BaseModel
@@ -16,13 +17,21 @@ from seediff.schemas.config import MaskConfig, RunConfig, RuntimeOptions
 MODELS = {"": RunConfig, "mask.": MaskConfig, "runtime:": RuntimeOptions}
 
 
-def fields():
-    """(dotted name, FieldInfo) of every setting, nested models flattened."""
-    for prefix, model in MODELS.items():
-        for name, info in model.model_fields.items():
-            if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
-                continue  # its fields are listed under their own prefix
-            yield f"{prefix.replace('runtime:', '')}{name}", info
+def fields(models=MODELS):
+    """(dotted name, FieldInfo) of every setting, nested models (optional ones too) flattened."""
+    for prefix, model in models.items():
+        yield from _flattened(model, prefix.replace("runtime:", ""))
+
+
+def _flattened(model: type[BaseModel], prefix: str):
+    for name, info in model.model_fields.items():
+        annotation = info.annotation
+        options = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+        nested = [a for a in options if isinstance(a, type) and issubclass(a, BaseModel)]
+        if nested:
+            yield from _flattened(nested[0], f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", info
 
 
 def help_text(command: str, capsys) -> str:
@@ -34,7 +43,8 @@ def help_text(command: str, capsys) -> str:
 def test_every_field_has_a_description_and_a_flag_with_its_default_in_help(capsys):
     text = help_text("generate", capsys)
     checked = 0
-    for field, info in fields():
+    settings_fields = [(f, i) for f, i in fields() if not f.startswith("annotate.")]  # annotate's own: below
+    for field, info in settings_fields:
         assert info.description, f"{field} has no description"
         flag = flag_name(field, info)
         if flag is None:  # recorded in run.json, not a setting (output_format)
@@ -47,7 +57,17 @@ def test_every_field_has_a_description_and_a_flag_with_its_default_in_help(capsy
         assert re.search(re.escape(flag) + r"[ ,]", text), f"no flag for {field}"  # "--x INT" or "--x, --no-x"
         assert f"{info.description} (default: {shown})" in text, f"{flag}: help lacks description or default"
         checked += 1
-    assert checked == len(list(fields())) - 2  # every field but --out and the recorded output_format
+    assert checked == len(settings_fields) - 2  # every field but --out and the recorded output_format
+
+
+def test_every_annotate_setting_has_a_flag_in_annotate_help(capsys):
+    text = help_text("annotate", capsys)
+    annotate_fields = [(f, i) for f, i in fields() if f.startswith("annotate.")]
+    assert annotate_fields
+    for field, info in annotate_fields:
+        assert info.description, f"{field} has no description"
+        flag = "--timestep" if field == "annotate.timesteps" else flag_name(field, info)  # repeatable
+        assert re.search(re.escape(flag) + r"[ ,]", text), f"no flag for {field}"
 
 
 def test_resume_takes_only_runtime_options(capsys):

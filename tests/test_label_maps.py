@@ -173,6 +173,22 @@ def test_a_batch_mixing_one_and_three_classes_equals_one_by_one():
         assert len(batched.stats[b]["classes"]) == len(ids[b])
 
 
+def test_the_fixed_api_names_the_three_sides():
+    """``AttentionMaps(cross=, self_coarse=, self_middle=, self_fine=)`` (the form the scenes issue fixes) is the same
+    maps as ``self_attn=[coarse, middle, fine]``."""
+    scenes = [synthetic_scene(TWO_APART, 3)]
+    maps, ids, images = scene_batch(scenes)
+    coarse, middle, fine = maps.self_attn
+    named = AttentionMaps(cross=maps.cross, self_coarse=coarse, self_middle=middle, self_fine=fine)
+    assert named.self_coarse is coarse and named.self_fine is fine
+    config = MaskConfig(pamr_iterations=20)
+    a = label_maps(named, ids, (IMAGE, IMAGE), config, images)
+    b = label_maps(maps, ids, (IMAGE, IMAGE), config, images)
+    assert torch.equal(a.labels, b.labels) and torch.equal(a.scores, b.scores)
+    with pytest.raises(TypeError, match="either as self_attn or as self_coarse"):
+        AttentionMaps(cross=maps.cross)
+
+
 def test_bad_class_ids_are_refused():
     maps, ids, images = scene_batch([synthetic_scene(TWO_APART, 0)])
     with pytest.raises(ValueError, match="class_ids: expected one non-empty list per sample"):

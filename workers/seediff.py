@@ -75,7 +75,7 @@ class AttentionMaps:
         if (self_attn is None) == (not named):
             raise TypeError("AttentionMaps: give the sides either as self_attn or as self_coarse/self_middle/self_fine")
         self.cross = cross
-        self.self_attn = tuple(self_attn) if self_attn is not None else tuple(named)
+        self.self_attn = list(self_attn) if self_attn is not None else named
 
     def __getattr__(self, name: str) -> torch.Tensor | None:
         if name in AttentionMaps._SIDE_NAMES:
