@@ -154,7 +154,8 @@ def _run_under_lease(
             )
             bind_device(config, {"kind": pool.device, "dtype": config.resolved_dtype(pool.device)},
                         runtime.allow_device_change)
-            loading = "loading the model on the actors"
+            actors = pool.size()
+            loading = f"loading the model on {actors} actor{'s' if actors > 1 else ''}"
             progress.phase(loading)
 
             def shard_done(record: ShardRecord) -> None:
