@@ -183,8 +183,10 @@ def _run_under_lease(
 
 
 def _against_cluster(runtime: RuntimeOptions) -> bool:
-    """Connecting to an existing cluster (--address or RAY_ADDRESS, as under ``ray job submit``), not starting one."""
-    return bool(runtime.address or os.environ.get("RAY_ADDRESS"))
+    """Connecting to an existing cluster (--address or RAY_ADDRESS, as under ``ray job submit``), not starting one.
+    ``local`` is Ray's name for "start a new local cluster", whose GPUs are known at once: nothing to wait for."""
+    address = runtime.address or os.environ.get("RAY_ADDRESS")
+    return bool(address) and address != "local"
 
 
 class ModelFreeShardActor:
