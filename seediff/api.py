@@ -202,6 +202,8 @@ def annotate(
     run_config = annotate_config(config, out)
     check_access(run_config.output_url, write=True)
     image_input = input if isinstance(input, ImageInput) else annotate_input(input, run_config, classes)
+    # the model's family, size and layers, from its config files, once the input is known to be good
+    run_config, _ = resolve_model(run_config)
     from seediff.pipeline.run import run_generation
 
     return run_generation(image_input, run_config, _runtime(runtime), overwrite=overwrite, stream=progress)
@@ -232,9 +234,9 @@ def evaluate(
     background_only: list[str] = []
     if predictions is None:
         run_config = annotate_config(config, f"{out_url.rstrip('/')}/{ANNOTATIONS_DIR}")
-        run_config = run_config.model_copy(
+        run_config, _ = resolve_model(run_config.model_copy(
             update={"annotate": run_config.annotate.model_copy(update={"cross_attention_labels": True})}
-        )
+        ))
         units, background_only = known_classes(dataset)
         image_input = ImageInput(dataset.root, tuple(units), dataset.class_names[1:])
         from seediff.pipeline.run import run_generation
@@ -249,13 +251,11 @@ def evaluate(
 
 
 def annotate_config(config: RunConfig | Mapping[str, Any] | None, out: str | os.PathLike[str]) -> RunConfig:
-    """``config`` for an annotate run writing to ``out``: its ``annotate`` settings default to ``AnnotateConfig()``;
-    the model's family, size and layers resolved from its config files (an unsupported model or size fails here)."""
+    """``config`` for an annotate run writing to ``out``: its ``annotate`` settings default to ``AnnotateConfig()``."""
     run_config = _validated(RunConfig, config, "config")
-    run_config, _ = resolve_model(run_config.model_copy(
+    return run_config.model_copy(
         update={"output_url": absolute_url(out), "annotate": run_config.annotate or AnnotateConfig()}
-    ))
-    return run_config
+    )
 
 
 def annotate_input(input: str | os.PathLike[str], config: RunConfig, classes: Sequence[str] | None) -> ImageInput:
