@@ -60,8 +60,6 @@ class AttentionMaps:
     by name, coarse → middle → fine (``self_coarse=, self_middle=, self_fine=``: the API callers of the SD 1.x
     three-side cascade use); a shorter cascade leaves the last names unset."""
 
-    _SIDE_NAMES = ("self_coarse", "self_middle", "self_fine")
-
     def __init__(
         self,
         cross: Sequence[torch.Tensor | Sequence[torch.Tensor]],
@@ -77,11 +75,12 @@ class AttentionMaps:
         self.cross = cross
         self.self_attn = list(self_attn) if self_attn is not None else named
 
-    def __getattr__(self, name: str) -> torch.Tensor | None:
-        if name in AttentionMaps._SIDE_NAMES:
-            index = AttentionMaps._SIDE_NAMES.index(name)
-            return self.self_attn[index] if index < len(self.self_attn) else None
-        raise AttributeError(name)
+    def _side(self, index: int) -> torch.Tensor | None:
+        return self.self_attn[index] if index < len(self.self_attn) else None
+
+    self_coarse = property(lambda self: self._side(0))
+    self_middle = property(lambda self: self._side(1))
+    self_fine = property(lambda self: self._side(2))
 
 
 @dataclass
