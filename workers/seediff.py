@@ -153,24 +153,27 @@ def otsu_thresholds(levels: torch.Tensor) -> torch.Tensor:
     scale = 1.0 / n
     bins = np.arange(top, dtype=np.float64)
     # OpenCV sums i * h[i] in float64 bin by bin; every partial sum is an integer below 2^53, so this is exact.
-    mu = (hist * np.arange(top)).sum(1).astype(np.float64) * scale
-    mu1 = np.zeros(batch)
-    q1 = np.zeros(batch)
-    max_sigma = np.zeros(batch)
-    max_val = np.zeros(batch)
+    mu = (hist * np.arange(top)).sum(1).astype(np.float64)[:, None] * scale
+    # Everything but mu1 is elementwise or a running sum (np.cumsum adds in order, as OpenCV's q1 += p_i does), so
+    # only mu1's recurrence runs bin by bin: [bins, batch] columns, each step's operands contiguous.
+    p = (hist * scale).T
+    q1 = np.cumsum(p, axis=0)
+    q1_before = np.concatenate([np.zeros((1, batch)), q1[:-1]])
+    q2 = 1.0 - q1
+    valid = ~((np.minimum(q1, q2) < _FLT_EPSILON) | (np.maximum(q1, q2) > 1.0 - _FLT_EPSILON))
+    weighted = bins[:, None] * p
+    mu1 = np.empty_like(p)
+    running = np.zeros(batch)
     with np.errstate(divide="ignore", invalid="ignore"):
-        for i in range(top):
-            p_i = hist[:, i] * scale
-            mu1 = mu1 * q1
-            q1 = q1 + p_i
-            q2 = 1.0 - q1
-            valid = ~((np.minimum(q1, q2) < _FLT_EPSILON) | (np.maximum(q1, q2) > 1.0 - _FLT_EPSILON))
-            mu1 = np.where(valid, (mu1 + bins[i] * p_i) / q1, mu1)
-            mu2 = (mu - q1 * mu1) / q2
-            sigma = q1 * q2 * (mu1 - mu2) * (mu1 - mu2)
-            better = valid & (sigma > max_sigma)
-            max_sigma = np.where(better, sigma, max_sigma)
-            max_val = np.where(better, bins[i], max_val)
+        for i in range(top):  # OpenCV: mu1 *= q1; q1 += p_i; if valid: mu1 = (mu1 + i * p_i) / q1
+            running = running * q1_before[i]
+            running = np.where(valid[i], (running + weighted[i]) / q1[i], running)
+            mu1[i] = running
+        mu2 = (mu.T - q1 * mu1) / q2
+        sigma = np.where(valid, q1 * q2 * (mu1 - mu2) * (mu1 - mu2), 0.0)
+    # OpenCV keeps the first bin whose sigma beats every earlier one (and 0): argmax's first maximum, or bin 0
+    best = sigma.argmax(0)
+    max_val = np.where(sigma[best, np.arange(batch)] > 0, best, 0)
     return torch.from_numpy(max_val.astype(np.int64)).to(levels.device)
 
 
