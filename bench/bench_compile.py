@@ -9,8 +9,9 @@ backend, and in mode reduce-overhead (CUDA graphs). Cells run in that order of p
 --budget-s (default 400 s), which lists what was skipped: the whole run stays under 10 minutes.
 
 "plain" is the pipeline with fused SDPA everywhere; "masks" is generate_batch (capture, maps, seeded masks without
-PAMR). Compiled cells build their pipelines the way an actor does (workers/models.compile_model, and
-workers/generate.compile_with_capture for masks); the first call of each compiles and is reported separately.
+PAMR). Cells build their pipelines the way an actor does: the masks pipeline with its capture installed for good
+(workers/generate.install_capture), compiled cells through workers/models.compile_model; the first call of each
+compiles and is reported separately.
 
     python bench/bench_compile.py [--batch-size 2] [--resolution 256] [--steps 30] [--repeats 3] [--threads N]
     python bench/bench_compile.py --gpu
@@ -33,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_mask_overhead import bench_specs, sd15_pipeline, timed, with_refine  # noqa: E402
 from seediff.schemas.config import RunConfig  # noqa: E402
-from seediff.workers.generate import compile_with_capture, diffusion_inputs, generate_batch  # noqa: E402
+from seediff.workers.generate import diffusion_inputs, generate_batch, install_capture  # noqa: E402
 from seediff.workers.models import TINY_MODEL, compile_model, load_model  # noqa: E402
 
 GPU_BATCHES = (16, 8, 32)  # priority order: the batch of the H100 reference figures first
@@ -109,14 +110,11 @@ def prepare(config: RunConfig, device: torch.device, memory_format: str | None) 
             pipe.unet.to(memory_format=torch.channels_last)
         return pipe
 
-    plain_pipe = build()
+    plain_pipe, masks_pipe = build(), build()
     if config.compile:
         compile_model(plain_pipe, config.compile_mode)
-        masks_pipe = build()
-        started = time.perf_counter()
-        capture, _ = compile_with_capture(masks_pipe, masks_config)
-    else:
-        masks_pipe, capture, started = plain_pipe, None, time.perf_counter()
+    started = time.perf_counter()
+    capture, _ = install_capture(masks_pipe, masks_config)  # as an actor does: installed for good
     modes = {
         "plain": lambda specs, cfg: plain_pipe(**diffusion_inputs(plain_pipe, specs, cfg), output_type="pt"),
         "masks": lambda specs, cfg: generate_batch(masks_pipe, specs, with_refine(cfg, "none"), capture),

@@ -17,7 +17,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from seediff.pipeline.cli import main
-from seediff.workers.generate import compile_with_capture, diffusion_inputs, generate_with_capture
+from seediff.workers.generate import install_capture, diffusion_inputs, generate_with_capture
 from seediff.workers.models import compile_model, load_model
 from tests.e2e_support import SETTINGS, check_dataset, digests, reference_run, run_config, stats_files, write_inputs
 
@@ -45,7 +45,7 @@ def compiled(config, one_thread):
     """(pipeline, capture, compile seconds): the actor's compile path."""
     counters.clear()
     pipe = load_model(config, torch.device("cpu"))
-    capture, seconds = compile_with_capture(pipe, config)
+    capture, seconds = install_capture(pipe, config)
     return pipe, capture, seconds
 
 

@@ -20,7 +20,7 @@ from seediff.schemas.records import InputSample, SampleOutcome, SampleSpec, Shar
 from seediff.storage import SHARD, failure_kind
 from seediff.workers.annotate import AnnotatedSample, annotate_batch
 from seediff.workers.encode import encode_annotated, encode_sample
-from seediff.workers.generate import GeneratedSample, compile_with_capture, generate_batch
+from seediff.workers.generate import GeneratedSample, generate_batch, install_capture
 from seediff.workers.models import load_model, resolve_device
 from seediff.workers.shards import ShardWriter
 
@@ -52,7 +52,7 @@ class ShardActor:
         started = time.perf_counter()
         self.pipe = load_model(config, self.device)
         self.load_s = time.perf_counter() - started
-        self.capture, self.compile_s = compile_with_capture(self.pipe, config) if config.compile else (None, None)
+        self.capture, self.compile_s = install_capture(self.pipe, config)
         # Encoding (PIL/zlib release the GIL) of batch k runs here while batch k+1 is generated.
         self.encoder = ThreadPoolExecutor(max_workers=runtime.encode_threads, thread_name_prefix="encode")
         self.identity = _identity(self.device, torch.get_num_threads())
@@ -89,7 +89,7 @@ class ShardActor:
         run, so the result stays deterministic."""
         try:
             if self.config.annotate is not None:
-                return annotate_batch(self.pipe, batch, self.config)
+                return annotate_batch(self.pipe, batch, self.config, self.capture)
             return generate_batch(self.pipe, batch, self.config, self.capture)
         except Exception as error:
             if not _sample_error(error):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +23,7 @@ from seediff.schemas.config import RunConfig
 from seediff.schemas.records import InputSample, SampleSpec
 from seediff.workers import seediff
 from seediff.workers.encode import INPUT_IMAGE_FIELDS
+from seediff.workers.capture import SeeDiffCapture
 from seediff.workers.generate import attention_maps, new_capture, sample_token_positions
 
 
@@ -48,8 +50,12 @@ def decode_rgb(fields: dict[str, Any]) -> np.ndarray:
         return np.array(im.convert("RGB"))
 
 
-def annotate_batch(pipe: DiffusionPipeline, samples: Sequence[InputSample], config: RunConfig) -> list[AnnotatedSample]:
-    """Label maps for a batch; an image that does not decode becomes a failed sample, its neighbours go on."""
+def annotate_batch(
+    pipe: DiffusionPipeline, samples: Sequence[InputSample], config: RunConfig, capture: SeeDiffCapture | None = None
+) -> list[AnnotatedSample]:
+    """Label maps for a batch; an image that does not decode becomes a failed sample, its neighbours go on.
+    ``capture``: one kept installed on ``pipe.unet`` (an actor's, ``install_capture``); None installs one for this
+    batch only."""
     decoded: list[np.ndarray | None] = []
     errors: list[str | None] = []
     for sample in samples:
@@ -62,14 +68,18 @@ def annotate_batch(pipe: DiffusionPipeline, samples: Sequence[InputSample], conf
     ok = [i for i, rgb in enumerate(decoded) if rgb is not None]
     results = [AnnotatedSample(s, None, None, {}, errors[i]) for i, s in enumerate(samples)]
     if ok:
-        labelled = _label([samples[i] for i in ok], [decoded[i] for i in ok], pipe, config)
+        labelled = _label([samples[i] for i in ok], [decoded[i] for i in ok], pipe, config, capture)
         for i, result in zip(ok, labelled):
             results[i] = result
     return results
 
 
 def _label(
-    samples: list[InputSample], images: list[np.ndarray], pipe: DiffusionPipeline, config: RunConfig
+    samples: list[InputSample],
+    images: list[np.ndarray],
+    pipe: DiffusionPipeline,
+    config: RunConfig,
+    capture: SeeDiffCapture | None,
 ) -> list[AnnotatedSample]:
     width, height = config.size
     pixels = torch.stack([
@@ -78,7 +88,9 @@ def _label(
     ]).permute(0, 3, 1, 2).float()  # [B, 3, H, W] in 0..255: what the VAE encodes and PAMR refines on
     specs = [s.spec for s in samples]
     positions = [sample_token_positions(pipe, spec) for spec in specs]
-    with torch.no_grad(), new_capture(pipe, config, len(specs), guided=False) as capture:
+    with torch.no_grad(), ExitStack() as installed:
+        if capture is None:
+            capture = installed.enter_context(new_capture(pipe, config, len(specs)))
         latents = _encode(pipe, pixels)
         noise = torch.cat([
             torch.randn(1, *latents.shape[1:], generator=torch.Generator("cpu").manual_seed(spec.seed)) for spec in specs

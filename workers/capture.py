@@ -167,11 +167,16 @@ class AttentionSum:
         n_queries = layer.tokens
         self.sum = torch.zeros(max_samples, n_queries, n_keys // key_pool**2, dtype=torch.float32, device=device)
         self.query_chunk = min(query_chunk, n_queries)
-        self.workspace = None
-        if device.type == "cpu":  # off the GPU: blocks of at most CPU_BLOCK_BYTES in reused buffers (see _Workspace)
+        # Off the GPU, the per-block scores and probabilities go into buffers allocated once: fresh multi-MiB tensors
+        # every block are returned to the OS and page-faulted back in by glibc malloc (140k faults per 30-step batch
+        # on the 2-core dev machine, most of the capture overhead then). On CUDA the caching allocator recycles them.
+        self.scores = self.probs = None
+        if device.type == "cpu":
             row_bytes = max_samples * layer.heads * n_keys * 4
             self.query_chunk = max(1, min(self.query_chunk, CPU_BLOCK_BYTES // row_bytes))
-            self.workspace = _Workspace((max_samples, layer.heads, self.query_chunk, n_keys), scores_dtype, device)
+            block = max_samples * layer.heads * self.query_chunk * n_keys
+            self.scores = torch.empty(block, dtype=scores_dtype, device=device)  # the dtype Q Kᵀ is computed in
+            self.probs = torch.empty(block, dtype=torch.float32, device=device)
 
     def __call__(self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
         if attention_mask is not None:
@@ -182,31 +187,28 @@ class AttentionSum:
         """The attention product of a captured call; the capture reuses the layer's own Q, K (and V) projections."""
         cond = _conditional_half(query.shape[0], self.guided)
         sums = self._sums(query.shape[0] - (cond.start or 0))
+        q, k = (query[cond].float(), key[cond].float()) if attn.upcast_attention else (query[cond], key[cond])
         if self.path == "fused":
             out = F.scaled_dot_product_attention(query, key, value)
             if self.key_pool == 1:
-                q, k = (query[cond].float(), key[cond].float()) if attn.upcast_attention else (query[cond], key[cond])
                 add_head_summed_probabilities(q, k, attn.scale, self.weight, sums)
                 return out
-            for rows, probs in _probabilities(attn, query[cond], key[cond], self.query_chunk, self.workspace):
-                sums[:, rows].addcmul_(self._pooled(probs.sum(dim=1)), self.weight)
+            for rows, probs in _probabilities(q, k, attn.scale, self.query_chunk, self.scores, self.probs):
+                _accumulate(sums, rows, probs, self.weight, self.grid, self.key_pool)
             return out
-        out = torch.empty_like(query[cond])
-        for rows, probs in _probabilities(attn, query[cond], key[cond], self.query_chunk, self.workspace):
-            out[:, :, rows] = probs.to(value.dtype) @ value[cond]
-            head_sum = None if self.workspace is None else self.workspace.view("head_sum", _drop(probs.shape, 1))
-            sums[:, rows].addcmul_(self._pooled(torch.sum(probs, dim=1, out=head_sum)), self.weight)
+        # Under torch.compile, a layer done in several blocks calls the op: ATen's kernels beat inductor's code for
+        # them (16 vs 29 ms, tiny model's 32x32 layer, CPU). A one-block layer is left to inductor, which fuses it
+        # (0.16 vs 0.37 ms at 2x2). Eager calls the function itself: the op's dispatch alone costs ~0.1 ms a call.
+        opaque = torch.compiler.is_compiling() and self.query_chunk < q.shape[2]
+        explicit = conditional_attention if opaque else _conditional_attention
+        out = explicit(
+            q, k, value[cond], attn.scale, self.weight, sums, self.scores, self.probs, self.query_chunk,
+            list(self.grid), self.key_pool,
+        )
         if cond.start is None:
             return out
         uncond = slice(None, cond.start)
         return torch.cat([F.scaled_dot_product_attention(query[uncond], key[uncond], value[uncond]), out])
-
-    def _pooled(self, probs: torch.Tensor) -> torch.Tensor:
-        """[B, rows, keys] -> [B, rows, keys / f²]: keys summed over f x f blocks of the layer's grid."""
-        if self.key_pool == 1:
-            return probs
-        (h, w), f = self.grid, self.key_pool
-        return probs.reshape(*probs.shape[:2], h // f, f, w // f, f).sum((3, 5)).flatten(2)
 
     def _sums(self, n_samples: int) -> torch.Tensor:
         """The running sums of a batch of ``n_samples`` (at most the capture's size: a shard's last batch is
@@ -279,11 +281,11 @@ class SeeDiffCapture:
         return sum(p.sum.numel() * p.sum.element_size() for p in self.processors().values())
 
     def tensors(self) -> list[torch.Tensor]:
-        """Every tensor the processors keep between UNet calls (weight, sums, workspaces): the inputs a compiled UNet
+        """Every tensor the processors keep between UNet calls (weight, sums, block buffers): the inputs a compiled UNet
         reads and updates in place."""
         kept = [self.weight]
         for p in self.processors().values():
-            kept += [p.sum, *(p.workspace.buffers.values() if p.workspace is not None else ())]
+            kept += [t for t in (p.sum, p.scores, p.probs) if t is not None]
         return kept
 
     def begin(self, token_positions: Sequence[Sequence[int]], window: tuple[int, int] | None = None) -> "SeeDiffCapture":
@@ -454,44 +456,78 @@ def _projections(attn: Attention, hidden_states: torch.Tensor, context: torch.Te
     return query, key, value
 
 
+def _conditional_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scale: float,
+    weight: torch.Tensor,
+    sums: torch.Tensor,
+    scores: torch.Tensor | None,
+    probs: torch.Tensor | None,
+    chunk: int,
+    grid: list[int],
+    key_pool: int,
+) -> torch.Tensor:
+    """The explicit path's conditional half: softmax probabilities per block of ``chunk`` query rows, the attention
+    output computed from them (probs @ V, so no Q Kᵀ is computed twice), and ``sums += weight · Σ_heads probs``
+    (keys summed in ``key_pool`` x ``key_pool`` blocks of ``grid``). ``scores``/``probs``: flat buffers for the
+    blocks (off the GPU), or None."""
+    out = torch.empty((*query.shape[:3], value.shape[-1]), dtype=value.dtype, device=value.device)
+    values_t = value.transpose(-1, -2)
+    for rows, block in _probabilities(query, key, scale, chunk, scores, probs):
+        # probs @ V computed as (Vᵀ probsᵀ)ᵀ: oneDNN's CPU GEMM is ~3x slower with few output columns (head
+        # dim 8) than with few output rows; with SD's head dims (40-64) both forms cost the same.
+        out[:, :, rows] = (values_t @ block.to(value.dtype).transpose(-1, -2)).transpose(-1, -2)
+        _accumulate(sums, rows, block, weight, tuple(grid), key_pool)
+    return out
+
+
+# The same as a custom op: a compiled UNet calls it as one opaque, ATen-backed node where inductor's own code is slower
+# (AttentionSum._attend says where; bench/RESULTS.md has the figures).
+conditional_attention = torch.library.custom_op(
+    "seediff::conditional_attention", _conditional_attention, mutates_args=("sums", "scores", "probs")
+)
+
+
+@conditional_attention.register_fake
+def _(query, key, value, scale, weight, sums, scores, probs, chunk, grid, key_pool) -> torch.Tensor:
+    """Shapes only, for torch.compile's tracing."""
+    return query.new_empty((*query.shape[:3], value.shape[-1]), dtype=value.dtype)
+
+
 def _probabilities(
-    attn: Attention, query: torch.Tensor, key: torch.Tensor, chunk: int, workspace: "_Workspace | None"
+    query: torch.Tensor,
+    key: torch.Tensor,
+    scale: float,
+    chunk: int,
+    scores: torch.Tensor | None = None,
+    probs: torch.Tensor | None = None,
 ) -> Iterator[tuple[slice, torch.Tensor]]:
     """softmax(Q Kᵀ · scale) per head in fp32, one block of ``chunk`` query rows at a time so the transient stays
-    [B, heads, rows, n_keys]. With a ``workspace`` (off the GPU) scores and probabilities go into its buffers (valid
-    until the next block); on CUDA the caching allocator recycles the transients."""
-    if attn.upcast_attention:
-        query, key = query.float(), key.float()
+    [B, heads, rows, n_keys]. With flat ``scores``/``probs`` buffers the block goes into them (valid until the next
+    block)."""
     key_t = key.transpose(-1, -2)
     for start in range(0, query.shape[2], chunk):
         rows = slice(start, start + chunk)
-        block = query[:, :, rows] * attn.scale
+        block = query[:, :, rows] * scale
         shape = (*block.shape[:3], key.shape[2])
-        if workspace is None:
+        if scores is None or probs is None:
             yield rows, torch.softmax(block @ key_t, dim=-1, dtype=torch.float32)
             continue
-        scores = torch.matmul(block, key_t, out=workspace.view("scores", shape))
-        yield rows, torch.softmax(scores, dim=-1, dtype=torch.float32, out=workspace.view("probs", shape))
+        size = math.prod(shape)
+        products = torch.matmul(block, key_t, out=scores[:size].view(shape))
+        yield rows, torch.softmax(products, dim=-1, dtype=torch.float32, out=probs[:size].view(shape))
 
 
-class _Workspace:
-    """Buffers for the per-block transients, allocated once per processor for its largest block. Fresh multi-MiB
-    tensors every block are returned to the OS and page-faulted back in by glibc malloc: 140k faults per 30-step
-    batch on the 2-core dev machine, most of the capture overhead. Preallocated, they are also plain inputs of a
-    compiled graph."""
-
-    def __init__(self, block: Sequence[int], dtype: torch.dtype, device: torch.device):
-        size = math.prod(block)
-        self.buffers = {
-            "scores": torch.empty(size, dtype=dtype, device=device),  # the dtype Q Kᵀ is computed in
-            "probs": torch.empty(size, dtype=torch.float32, device=device),
-            "head_sum": torch.empty(size // block[1], dtype=torch.float32, device=device),
-        }
-
-    def view(self, name: str, shape: Sequence[int]) -> torch.Tensor:
-        """A contiguous view of ``shape`` (at most the block's size); its contents are whatever the last user left."""
-        return self.buffers[name][: math.prod(shape)].view(shape)
-
-
-def _drop(shape: Sequence[int], dim: int) -> tuple[int, ...]:
-    return tuple(n for i, n in enumerate(shape) if i != dim)
+def _accumulate(
+    sums: torch.Tensor, rows: slice, probs: torch.Tensor, weight: torch.Tensor, grid: tuple[int, int], key_pool: int
+) -> None:
+    """``sums[:, rows] += weight · Σ_heads probs`` ([B, heads, rows, keys] probabilities) as one batched product of a
+    weight row [1, heads] and each sample's [heads, rows·keys]: probs are read once, no head-sum temporary. With
+    ``key_pool`` f > 1 each row's keys are first summed in f x f blocks of the layer's ``grid``."""
+    batch, heads = probs.shape[:2]
+    if key_pool > 1:
+        (h, w), f = grid, key_pool
+        probs = probs.reshape(*probs.shape[:-1], h // f, f, w // f, f).sum((-3, -1)).flatten(-2)
+    sums[:, rows].view(batch, 1, -1).baddbmm_(weight.expand(batch, 1, heads), probs.reshape(batch, heads, -1))

@@ -85,7 +85,7 @@ def generate_with_capture(
 ) -> tuple[Any, CapturedAttention, list[list[list[int]]]]:
     """Run the pipeline on a batch with SeeDiff's attention capture installed: (pipeline output with images as
     tensors, the captured maps, per sample the token positions of each of its classes). ``capture``: one kept
-    installed on ``pipe.unet`` (a compiled UNet's, see ``compile_with_capture``); None installs one for this batch
+    installed on ``pipe.unet`` for good (an actor's, see ``install_capture``); None installs one for this batch
     only. The capture keeps each sample's class tokens concatenated; ``attention_maps`` splits them by class."""
     positions = [sample_token_positions(pipe, s) for s in samples]
     with ExitStack() as installed:
@@ -96,17 +96,16 @@ def generate_with_capture(
         return out, capture.result(), positions
 
 
-def new_capture(
-    pipe: DiffusionPipeline, config: RunConfig, max_samples: int, guided: bool | None = None
-) -> SeeDiffCapture:
+def new_capture(pipe: DiffusionPipeline, config: RunConfig, max_samples: int) -> SeeDiffCapture:
     """Capture processors for ``pipe``'s UNet sized for batches of up to ``max_samples`` under ``config``: the layers
-    of ``config.layers``, the family's cascade where it leaves it unset (derived from the UNet's config).
-    ``guided``: the UNet sees [unconditional, conditional] batches; default: the generation's guidance."""
+    of ``config.layers``, the family's cascade where it leaves it unset (derived from the UNet's config). The UNet
+    sees [unconditional, conditional] batches when the generation uses guidance (diffusers'
+    do_classifier_free_guidance); annotate runs condition every row."""
     return SeeDiffCapture(
         pipe.unet,
         latent_grid(pipe, config),
         max_samples,
-        guided=config.guidance_scale > 1 if guided is None else guided,  # diffusers' do_classifier_free_guidance
+        guided=config.annotate is None and config.guidance_scale > 1,
         text_tokens=pipe.tokenizer.model_max_length,
         query_chunk=config.mask.query_chunk,
         layers=choose_layers(dict(pipe.unet.config), config.layers),
@@ -114,29 +113,34 @@ def new_capture(
     )
 
 
-def compile_with_capture(pipe: DiffusionPipeline, config: RunConfig) -> tuple[SeeDiffCapture, float]:
-    """Install a capture for batches of ``config.batch_size`` on ``pipe``'s UNet for good (compiled code is
-    specialised to its processors), compile the UNet and the VAE decoder (``compile_model``), and pay the compile cost
-    now with a one-step warm-up batch of that size. Returns the capture and the compile seconds. A shard's smaller
-    last batch compiles once more, on first use."""
+def install_capture(pipe: DiffusionPipeline, config: RunConfig) -> tuple[SeeDiffCapture, float | None]:
+    """The actor's capture: one for batches of ``config.batch_size``, installed on ``pipe``'s UNet for good (building
+    and installing one per batch walks the UNet twice: ~4 % of a tiny-model batch). With ``config.compile`` also
+    compile the UNet and the VAE decoder (``compile_model``; compiled code is specialised to these processors) and
+    pay the compile cost now with a one-step generation of that size. Returns the capture and the compile seconds
+    (None without compile). A shard's smaller last batch, and an annotate run's first batch, compile once more on
+    first use."""
     capture = new_capture(pipe, config, config.batch_size)
     install_processors(pipe.unet, capture.processors())
+    if not config.compile:
+        return capture, None
     for tensor in capture.tensors():  # updated in place between calls: CUDA graphs must replay on these very tensors
         torch._dynamo.mark_static_address(tensor)
     compile_model(pipe, config.compile_mode)
     started = time.perf_counter()
-    capture.begin([[1]] * config.batch_size)
-    width, height = config.size
-    pipe(
-        prompt=[""] * config.batch_size,
-        height=height,
-        width=width,
-        num_inference_steps=1,
-        guidance_scale=config.guidance_scale,
-        generator=torch.Generator("cpu").manual_seed(0),
-        output_type="pt",
-        callback_on_step_end=capture.step_end,
-    )
+    if config.annotate is None:
+        capture.begin([[1]] * config.batch_size)
+        width, height = config.size
+        pipe(
+            prompt=[""] * config.batch_size,
+            height=height,
+            width=width,
+            num_inference_steps=1,
+            guidance_scale=config.guidance_scale,
+            generator=torch.Generator("cpu").manual_seed(0),
+            output_type="pt",
+            callback_on_step_end=capture.step_end,
+        )
     return capture, time.perf_counter() - started
 
 
