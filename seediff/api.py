@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Mapping, Sequence
-from functools import partial
 from typing import Any, TextIO
 
 from seediff.pipeline.plan import shard_count
@@ -26,6 +25,7 @@ from seediff.pipeline.sources import ImageInput, open_input
 from seediff.pipeline.summary import RunSummary
 from seediff.schemas.config import AnnotateConfig, ConfigError, InputError, RunConfig, RuntimeOptions
 from seediff.schemas.manifest import Manifest, ManifestError, load_manifest
+from seediff.schemas.prompts import Template
 from seediff.schemas.records import RUN_JSON
 from seediff.storage import check_access
 from seediff.workers.families import resolve as resolve_model
@@ -315,17 +315,28 @@ def _load_manifest(
     prompts: str | os.PathLike[str] | None,
     check_tokens: bool = False,
 ) -> Manifest:
-    """The manifest with its files as absolute URLs (recorded for resume). ``check_tokens`` (the dry run): each
-    distinct template checked with only the model's tokenizer. A real run leaves that to the workers (the driver
-    imports no model library, transformers included), where the phrase's samples fail with the same message."""
-    check_prompt = None
-    if check_tokens:
-        from seediff.tokens import latest_phrase_tokens, load_tokenizer
+    """The manifest with its files as absolute URLs (recorded for resume). Each distinct labelled template is checked
+    against the text encoder's context (``seediff.tokens``). ``check_tokens`` (the dry run): every one with the model's
+    tokenizer, loaded up front. Otherwise the tokenizer (and transformers, which the driver otherwise never imports)
+    loads only for a template too long to clear by counting characters."""
+    from seediff.tokens import fits_clip_context, latest_phrase_tokens, load_tokenizer
 
-        try:
-            check_prompt = partial(latest_phrase_tokens, load_tokenizer(config.model, config.revision))
-        except OSError as e:
-            raise ConfigError(f"model: cannot load the tokenizer of {config.model!r}: {e}") from e
+    tokenizers = []
+
+    def tokenizer():
+        if not tokenizers:
+            try:
+                tokenizers.append(load_tokenizer(config.model, config.revision))
+            except OSError as e:
+                raise ConfigError(f"model: cannot load the tokenizer of {config.model!r}: {e}") from e
+        return tokenizers[0]
+
+    def check_prompt(template: Template) -> None:
+        if check_tokens or not fits_clip_context(template):
+            latest_phrase_tokens(tokenizer(), template)
+
+    if check_tokens:
+        tokenizer()
     return load_manifest(
         absolute_url(url),
         samples_per_class=samples_per_class,

@@ -1,8 +1,9 @@
 """Token positions of labelled phrases, from the character spans the prompt renderer placed them at.
 
-Shared by both sides: the workers pick each class's cross-attention columns with ``class_token_positions``; the dry
-run loads only the model's tokenizer files (``load_tokenizer``) and refuses, before any model or Ray starts, a
-template whose labelled phrase could fall past the text encoder's context (``latest_phrase_tokens``).
+Shared by both sides: the workers pick each class's cross-attention columns with ``class_token_positions``; the
+driver refuses, before any model or Ray starts, a template whose labelled phrase could fall past the text encoder's
+context (``latest_phrase_tokens``), loading only the model's tokenizer files (``load_tokenizer``) and, in a real run,
+only for templates too long to be cleared by counting characters (``fits_clip_context``).
 
 A token belongs to a class when its character offsets overlap one of the class's phrase spans; nothing else in the
 prompt is ever matched, so ``bus`` in "a busy street with a {bus}" takes only the marked word, and every occurrence
@@ -13,7 +14,8 @@ from __future__ import annotations
 
 import json
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ from seediff.schemas.config import TINY_MODEL
 from seediff.schemas.prompts import RenderedPrompt, Template
 
 _BOS, _EOS = "<|startoftext|>", "<|endoftext|>"
+CLIP_CONTEXT = 77
 
 
 class PhrasePositionError(ValueError):
@@ -52,30 +55,55 @@ def class_token_positions(tokenizer: Any, prompt: RenderedPrompt) -> list[list[i
 
 def latest_phrase_tokens(tokenizer: Any, template: Template) -> None:
     """Raise ``PhrasePositionError`` when some rendering of ``template`` puts a labelled phrase past the context.
+    Checks the renderings that bound every other (``_bounding_renderings``), counted in the tokenizer's tokens."""
+    for rendering in _bounding_renderings(template, partial(_token_count, tokenizer)):
+        class_token_positions(tokenizer, rendering)
 
-    Checks the bound that matters instead of every combination: each choice before a phrase at its longest
-    alternative (most tokens). That is one rendering, plus one per alternative that holds a phrase (forced, the other
-    choices longest), so the cost grows with the number of alternatives, not their product. CLIP tokenizes words
-    separately, so the token count of a rendering is the sum of its pieces' counts wherever alternatives are
-    delimited by spaces or punctuation."""
+
+def fits_clip_context(template: Template) -> bool:
+    """True when every rendering of ``template`` certainly keeps its labelled phrases inside a 77-token CLIP context
+    (every text encoder of the supported families reads 77), judged without a tokenizer, so a run checks most
+    templates without importing transformers. For ASCII text CLIP's byte-level BPE makes at most one token per
+    non-space character (lowercasing and its text cleaning never lengthen ASCII), and BOS takes position 0: a phrase
+    ending within 75 non-space characters ends by token 75. False (ask the tokenizer) otherwise, and for any
+    non-ASCII rendering, where normalisation may change the count."""
+    for rendering in _bounding_renderings(template, _characters):
+        end = max(end for _, spans in rendering.spans for _, end in spans)
+        if not rendering.text.isascii() or _characters(rendering.text[:end]) >= CLIP_CONTEXT - 1:
+            return False
+    return True
+
+
+def _bounding_renderings(template: Template, count: Callable[[str], int]) -> list[RenderedPrompt]:
+    """Renderings whose phrase positions bound every rendering's, instead of every combination: each choice at its
+    longest alternative by ``count``, plus one per alternative that holds a phrase (forced, the other choices
+    longest), so the number grows with the alternatives, not their product. CLIP tokenizes words separately, so the
+    token count of a rendering is the sum of its pieces' counts wherever alternatives are delimited by spaces or
+    punctuation. None when the template labels nothing."""
     if not template.phrases:
-        return
+        return []
     longest = tuple(
-        max(range(len(c.alternatives)), key=lambda k: _token_count(tokenizer, c.alternatives[k]))
-        for c in template.choices
+        max(range(len(c.alternatives)), key=lambda k: count(_plain_text(c.alternatives[k]))) for c in template.choices
     )
     variants = {longest}
     for index, choice in enumerate(template.choices):
         for k, alternative in enumerate(choice.alternatives):
             if any(not isinstance(piece, str) for piece in alternative):
                 variants.add(longest[:index] + (k,) + longest[index + 1:])
-    for picks in sorted(variants):
-        class_token_positions(tokenizer, template.render(0, picks))
+    return [template.render(0, picks) for picks in sorted(variants)]
 
 
-def _token_count(tokenizer: Any, pieces: Sequence[Any]) -> int:
-    text = "".join(p if isinstance(p, str) else p.text for p in pieces)
+def _plain_text(pieces: Sequence[Any]) -> str:
+    return "".join(p if isinstance(p, str) else p.text for p in pieces)
+
+
+def _token_count(tokenizer: Any, text: str) -> int:
     return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _characters(text: str) -> int:
+    """Non-space characters: CLIP splits words on whitespace, which takes no token."""
+    return sum(not c.isspace() for c in text)
 
 
 def _offsets(tokenizer: Any, text: str) -> list[tuple[int, int]]:

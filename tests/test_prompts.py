@@ -15,7 +15,13 @@ from seediff.pipeline.cli import main
 from seediff.pipeline.plan import Plan
 from seediff.schemas.manifest import ManifestError, class_row, load_manifest
 from seediff.schemas.prompts import Choice, Phrase, PromptSyntaxError, label_literal, parse
-from seediff.tokens import PhrasePositionError, class_token_positions, latest_phrase_tokens, offline_clip_tokenizer
+from seediff.tokens import (
+    PhrasePositionError,
+    class_token_positions,
+    fits_clip_context,
+    latest_phrase_tokens,
+    offline_clip_tokenizer,
+)
 
 BYTES = offline_clip_tokenizer()  # the tiny model's: BOS, then one token per non-space character
 
@@ -183,6 +189,34 @@ def test_the_bound_uses_each_choice_at_its_longest_alternative():
         latest_phrase_tokens(BYTES, parse("x " * 74 + "[a {cat}|a dog]"))
     # alternatives after every phrase do not matter
     latest_phrase_tokens(BYTES, parse("a {dog} " + "[" + "z " * 90 + "|w]"))
+
+
+def test_counting_characters_clears_only_templates_that_certainly_fit():
+    # the byte-level tokenizer makes exactly one token per non-space character, so it meets the bound: 72 x's and
+    # "dog" end at token 75, the last a phrase may take
+    assert fits_clip_context(parse("x " * 72 + "{dog}"))
+    assert not fits_clip_context(parse("x " * 73 + "{dog}"))
+    # each choice counts at its longest alternative, a phrase in an alternative with that alternative chosen
+    assert not fits_clip_context(parse("[a|" + "y" * 4 + "] " + "x " * 70 + "{dog}"))
+    assert not fits_clip_context(parse("x " * 74 + "[a {cat}|a dog]"))
+    assert fits_clip_context(parse("a {dog} " + "[" + "z " * 90 + "|w]"))
+    # outside ASCII the count may change under normalisation: the tokenizer decides
+    assert not fits_clip_context(parse("une {crème brûlée:dessert}"))
+    # wherever the count clears a template, the tokenizer agrees
+    for n in range(60, 80):
+        template = parse("x " * n + "[a|bb] {dog} [c|d]")
+        if fits_clip_context(template):
+            latest_phrase_tokens(BYTES, template)
+
+
+def test_real_run_refuses_a_phrase_past_token_77_before_ray(tmp_path, capsys):
+    scenes = tmp_path / "scenes.csv"
+    scenes.write_text(f"prompt,num_samples\na {{dog}} and a {{cat}},2\n\"{'x ' * 70}[a|a big] {{cat}}\",1\n")
+    code = main(["generate", str(scenes), "--out", str(tmp_path / "out"), "--model", "tiny"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"{scenes}:3: prompt: labelled phrase 'cat' (class 'cat') ends at token 78, past the text encoder's 77" in err
+    assert not (tmp_path / "out").exists()  # refused before any output, model or Ray
 
 
 def test_dry_run_refuses_a_phrase_past_token_77_with_exit_2(tmp_path, capsys):
