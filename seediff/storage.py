@@ -2,15 +2,18 @@
 
 Local disk: a file grows under a hidden temp name next to its final path and is renamed when complete (atomic).
 Object stores: an upload becomes visible only when it completes, so a file is staged on local disk and uploaded to its
-final key."""
+final key. The staging folder is per process; a process killed mid-upload leaves its folder behind, and the next
+actor on that machine removes it (``sweep_staging``)."""
 
 from __future__ import annotations
 
 import errno
 import os
 import posixpath
+import shutil
 import tempfile
 import uuid
+from pathlib import Path
 from typing import IO
 
 import fsspec
@@ -21,6 +24,9 @@ from seediff.schemas.config import InputError
 from seediff.schemas.records import temp_name
 
 
+STAGING_ROOT = Path(tempfile.gettempdir()) / "seediff-staging"  # <root>/<pid>/: one folder per process
+
+
 def output_fs(output_url: str) -> tuple[AbstractFileSystem, str]:
     """The filesystem and root path (no trailing slash) of an output URL."""
     fs, root = fsspec.core.url_to_fs(output_url)
@@ -29,6 +35,27 @@ def output_fs(output_url: str) -> tuple[AbstractFileSystem, str]:
 
 def is_local(fs: AbstractFileSystem) -> bool:
     return isinstance(fs, LocalFileSystem)
+
+
+def sweep_staging() -> list[Path]:
+    """Remove the staging folders of processes that are gone: what an actor killed mid-upload left on this machine's
+    disk. Folders of live processes (other actors uploading now) are kept. Returns the folders removed."""
+    removed = []
+    for folder in sorted(STAGING_ROOT.glob("*")) if STAGING_ROOT.is_dir() else ():
+        if folder.name.isdigit() and not _alive(int(folder.name)):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
 
 
 class StagedFile:
@@ -42,7 +69,7 @@ class StagedFile:
     def __init__(self, fs: AbstractFileSystem, path: str):
         self.fs, self.path = fs, path
         directory, base = posixpath.split(path)
-        staging_dir = directory if is_local(fs) else tempfile.gettempdir()
+        staging_dir = directory if is_local(fs) else str(STAGING_ROOT / str(os.getpid()))
         os.makedirs(staging_dir, exist_ok=True)
         self.temp_path = os.path.join(staging_dir, temp_name(base, uuid.uuid4().hex))
         self.file: IO[bytes] = open(self.temp_path, "wb")  # noqa: SIM115 - closed by publish/discard

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -20,6 +23,7 @@ from seediff.schemas.config import RunConfig
 from seediff.schemas.manifest import class_row
 from seediff.schemas.records import SampleSpec, ShardSpec, shard_name
 from seediff.schemas.records import decode_mask
+from seediff import storage
 from seediff.workers.encode import encode_sample
 from seediff.workers.shards import ShardWriter
 
@@ -164,6 +168,30 @@ def test_killed_writer_leaves_only_a_temp_file_that_resume_removes(tmp_path: Pat
     assert set(read_committed_stats(config)) == set()
     assert [Path(p).name for p in clean_leftovers(config, set(read_committed_stats(config)))] == [temp]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_uploads_staged_by_a_killed_process_are_swept_live_ones_kept(
+    s3_output_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # local outputs stage next to the final path, where resume's clean_leftovers removes them; object-store uploads
+    # stage on the worker's disk, one folder per process
+    monkeypatch.setattr(storage, "STAGING_ROOT", tmp_path / "staging")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = storage.STAGING_ROOT / gone.stdout.strip()  # a process that has exited, as an actor killed mid-upload
+    dead.mkdir(parents=True)
+    (dead / ".seediff-000007.tar.tmp-0a").write_bytes(b"half an upload")
+    config = make_config(s3_output_url)
+    shard = Plan(ROWS, config.seed, config.samples_per_shard).shard(0)
+    mine = storage.STAGING_ROOT / str(os.getpid())
+    with ShardWriter(config, shard) as writer:  # this process is uploading now
+        for outcome in outcomes(shard, config):
+            writer.add(outcome)
+        assert [p.name.startswith(".seediff-000000.tar.tmp-") for p in mine.iterdir()] == [True]
+        assert storage.sweep_staging() == [dead]
+        assert not dead.exists() and len(list(mine.iterdir())) == 1
+        writer.commit({"actor": "test"})
+    assert list(mine.iterdir()) == []
+    assert storage.sweep_staging() == []  # the live process's (empty) folder stays
 
 
 def test_leaving_the_writer_without_commit_publishes_nothing(storage_url: str) -> None:

@@ -17,7 +17,7 @@ import torch
 
 from seediff.schemas.config import RunConfig, RuntimeOptions
 from seediff.schemas.records import InputSample, SampleOutcome, SampleSpec, ShardSpec
-from seediff.storage import SHARD, failure_kind
+from seediff.storage import SHARD, failure_kind, sweep_staging
 from seediff.workers.annotate import AnnotatedSample, annotate_batch
 from seediff.workers.encode import encode_annotated, encode_sample
 from seediff.workers.generate import GeneratedSample, generate_batch, install_capture
@@ -47,6 +47,7 @@ class ShardActor:
         self.config, self.plan, self.run_id = config, plan, run_id
         self.progress = progress
         self.device = resolve_device(runtime.device)
+        sweep_staging()  # uploads staged by actors killed on this machine earlier
         if torch_threads is not None:
             torch.set_num_threads(torch_threads)
         started = time.perf_counter()
