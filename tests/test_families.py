@@ -179,3 +179,9 @@ def test_unreachable_hub_model_is_an_input_error(tmp_path):
     done = dry_run(tmp_path, "--model", "nobody/no-such-model", env={"HF_HUB_OFFLINE": "1"})
     assert done.returncode == 2, done.stderr
     assert "model: cannot read model_index.json of 'nobody/no-such-model' from the hub" in done.stderr
+    # without HF_HUB_OFFLINE, a hub whose host does not resolve (no network) is read from the cache alone, at once:
+    # no five retries per file
+    done = dry_run(tmp_path, "--model", "nobody/no-such-model", env={"HF_ENDPOINT": "https://hub.invalid"})
+    assert done.returncode == 2, done.stderr
+    assert "cannot read model_index.json of 'nobody/no-such-model' from the hub: not cached and offline" in done.stderr
+    assert "Retrying" not in done.stderr and "Traceback" not in done.stderr

@@ -8,11 +8,14 @@ transformer layers) is read from the UNet config, never hard-coded."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from seediff.schemas.config import TINY_MODEL, ConfigError, LayerChoice, RunConfig
 
@@ -145,15 +148,32 @@ def _hub_json(repo: str, revision: str | None, name: str, required: bool = False
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     try:
-        return _read_json(Path(hf_hub_download(repo, name, revision=revision)), required)
+        return _read_json(Path(hf_hub_download(repo, name, revision=revision, local_files_only=not hub_resolves())),
+                          required)
     except LocalEntryNotFoundError as e:  # offline (HF_HUB_OFFLINE or no network) and not in the local cache
-        raise ConfigError(f"model: cannot read {name} of {repo!r} from the hub: not cached and offline ({e})") from e
+        from huggingface_hub import constants
+
+        why = e if hub_resolves() else f"{urlsplit(constants.ENDPOINT).hostname} does not resolve"
+        raise ConfigError(f"model: cannot read {name} of {repo!r} from the hub: not cached and offline ({why})") from e
     except EntryNotFoundError:
         if required:
             raise ConfigError(f"model: {repo} has no {name} on the hub: not a diffusers pipeline") from None
         return None
     except Exception as e:  # noqa: BLE001 - offline, unknown repo, gated repo: each means the run cannot start
         raise ConfigError(f"model: cannot read {name} of {repo!r} from the hub: {type(e).__name__}: {e}") from e
+
+
+@functools.cache
+def hub_resolves() -> bool:
+    """Whether the hub's host name resolves. On a machine without network it does not, and the files come from the
+    local cache alone: huggingface_hub would retry each file five times with backoff (24 s) to say the same."""
+    from huggingface_hub import constants
+
+    try:
+        socket.getaddrinfo(urlsplit(constants.ENDPOINT).hostname, 443)
+    except OSError:
+        return False
+    return True
 
 
 # ---- recognition -----------------------------------------------------------------------------------------------------

@@ -82,7 +82,10 @@ def load_model(config: RunConfig, device: torch.device) -> DiffusionPipeline:
         name = config.family or families.recognise(families.read_model_files(config.model, config.revision)).family.name
         pipeline_class = getattr(diffusers, families.family(name).pipeline)
         # The safety checker stays as the model ships it; flagged samples become failures in generate.py.
-        pipe = pipeline_class.from_pretrained(config.model, revision=config.revision, dtype=dtype)
+        # Without network, straight to the local cache (what the driver's validation read too), not 5 retries a file.
+        pipe = pipeline_class.from_pretrained(
+            config.model, revision=config.revision, dtype=dtype, local_files_only=not families.hub_resolves()
+        )
     if config.scheduler != "default":
         scheduler_class, settings = SCHEDULERS[config.scheduler]
         pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config, **settings)
