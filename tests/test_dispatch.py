@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import ray
 
+from seediff.pipeline import dispatch
 from seediff.pipeline.dispatch import DispatchError, Dispatcher
 from seediff.pipeline.plan import Plan
 from seediff.schemas.config import RuntimeOptions
@@ -123,6 +124,18 @@ def test_timeout_kills_actor_and_requeues(tmp_path):
     assert_all_completed(result)
     assert result.shards[0].attempts == 2
     assert result.shards[0].actor_id != (tmp_path / "fault-0").read_text()
+
+
+def test_without_a_fixed_timeout_a_shard_far_slower_than_the_completed_ones_is_retried(tmp_path, monkeypatch):
+    # adaptive: ADAPTIVE_FACTOR x the slowest completed shard (~0.3 s here); the floor (600 s in production) is
+    # lowered so the test takes seconds. The sleeping shard is the last, so it starts after others have completed.
+    monkeypatch.setattr(dispatch, "ADAPTIVE_FLOOR_S", 3.0)
+    runtime = RuntimeOptions(max_attempts=3, shards_in_flight_per_actor=1)
+    assert runtime.shard_timeout_s is None
+    result = run(tmp_path, runtime=runtime, fault="sleep", fault_shard=len(SHARDS) - 1, work_s=0.3)
+    assert_all_completed(result)
+    assert result.shards[len(SHARDS) - 1].attempts == 2
+    assert all(r.attempts == 1 for r in result.shards.values() if r.shard_id != len(SHARDS) - 1)
 
 
 def test_timeout_counts_from_start_not_submission(tmp_path):

@@ -15,6 +15,7 @@ from seediff.pipeline.resume import (
     LeaseHeld,
     OutputLease,
     RunConfigMismatch,
+    bind_device,
     clean_leftovers,
     read_committed_stats,
     prepare_output,
@@ -109,6 +110,25 @@ def test_before_any_commit_changed_settings_replace_run_json(storage_url: str) -
     prepare_output(make_config(storage_url, steps=3), MANIFEST, overwrite=False)
     assert read_run_json(storage_url)["config"]["steps"] == 3
     assert "seediff-000000.tar" not in names(storage_url)
+
+
+def test_the_device_binds_once_a_shard_is_committed_unless_a_change_is_allowed(storage_url: str) -> None:
+    config = make_config(storage_url)
+    prepare_output(config, MANIFEST, overwrite=False)
+    gpu, cpu = {"kind": "cuda", "dtype": "float16"}, {"kind": "cpu", "dtype": "float32"}
+    bind_device(config, gpu, allow_change=False)
+    assert read_run_json(storage_url)["device"] == gpu
+    bind_device(config, cpu, allow_change=False)  # nothing committed yet: the new device simply replaces it
+    assert read_run_json(storage_url)["device"] == cpu
+    bind_device(config, gpu, allow_change=False)
+    write_shard(config, 0)
+    bind_device(config, gpu, allow_change=False)  # the same device resumes
+    with pytest.raises(RunConfigMismatch, match=r"run\.json: this output was generated on cuda in float16; this run "
+                       r"would use cpu in float32\. .* --allow-device-change"):
+        bind_device(config, cpu, allow_change=False)
+    assert read_run_json(storage_url)["device"] == gpu
+    bind_device(config, cpu, allow_change=True)  # asked for explicitly: mixed fp16 and fp32 images from here on
+    assert read_run_json(storage_url)["device"] == cpu
 
 
 def test_the_same_root_under_another_url_resumes(tmp_path: Path) -> None:
