@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +24,7 @@ from seediff.pipeline.readers import QualityFilter, segmentation_dataset, shard_
 from seediff.pipeline.review import IGNORE_COLOUR, class_colour, preview_grid, verify_dataset
 from seediff.schemas.manifest import load_manifest
 from seediff.schemas.records import decode_mask, quality_columns
-from tests.e2e_support import REPO, reference_run
+from tests.e2e_support import REPO, digests, reference_run
 
 SCENES = REPO / "examples" / "scenes.csv"
 CLASSES = REPO / "examples" / "voc_classes.csv"
@@ -164,3 +165,20 @@ def test_prompts_do_not_depend_on_shard_size_batch_size_or_actors(scene_dataset:
     second = sorted(tuple(str(r[c]) for c in columns) for r in parquet_rows(other))
     assert first == second
     assert len({p for _, p, _, _ in first}) >= 4  # the alternatives vary across samples
+
+
+def test_resume_reads_the_recorded_class_table(scene_dataset: Path, tmp_path: Path) -> None:
+    """`seediff resume OUT` of the run made with --classes: the class table comes from run.json, so the regenerated
+    shard is byte-identical (without it the class ids, and so the manifest's class hash, would differ)."""
+    out = tmp_path / "out"
+    shutil.copytree(scene_dataset, out)
+    before = digests(out)
+    (out / "seediff-000001_stats.json").unlink()  # shard 1 un-committed: its tar and parquet are redone
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    run = subprocess.run([sys.executable, "-m", "seediff", "resume", str(out), "--num-actors", "1"], cwd=REPO,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    stats = json.loads((out / "seediff-000001_stats.json").read_text())
+    assert stats["runtime"]["run_id"] != json.loads((scene_dataset / "seediff-000001_stats.json").read_text())[
+        "runtime"]["run_id"]  # it was regenerated, by the resumed run
+    assert digests(out) == before
