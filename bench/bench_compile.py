@@ -11,7 +11,8 @@ backend, and in mode reduce-overhead (CUDA graphs). Cells run in that order of p
 "plain" is the pipeline with fused SDPA everywhere; "masks" is generate_batch (capture, maps, seeded masks without
 PAMR). Cells build their pipelines the way an actor does: the masks pipeline with its capture installed for good
 (workers/generate.install_capture), compiled cells through workers/models.compile_model; the first call of each
-compiles and is reported separately.
+compiles and is reported separately. Both pipelines stay loaded, so each peak includes both sets of weights: compare
+plain and masks within a cell (the difference is what the capture adds).
 
     python bench/bench_compile.py [--batch-size 2] [--resolution 256] [--steps 30] [--repeats 3] [--threads N]
     python bench/bench_compile.py --gpu
