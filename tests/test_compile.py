@@ -21,8 +21,11 @@ from seediff.workers.generate import install_capture, diffusion_inputs, generate
 from seediff.workers.models import compile_model, load_model
 from tests.e2e_support import SETTINGS, check_dataset, digests, reference_run, run_config, stats_files, write_inputs
 
-# The e2e manifest's 9 samples in one shard of three full batches of 3: one compiled shape.
-COMPILED = {**SETTINGS, "batch_size": 3, "samples_per_shard": 9, "compile": True}
+# The e2e manifest's 9 samples in one shard of three full batches of 3: one compiled shape. Query blocks of 16 rows put
+# the 8x8 self layer in 4 blocks, so both kinds of captured layer are compiled: one-block layers traced by inductor,
+# multi-block ones as the seediff::conditional_attention custom op.
+COMPILED = {**SETTINGS, "batch_size": 3, "samples_per_shard": 9, "compile": True,
+            "mask": {**SETTINGS["mask"], "query_chunk": 16}}
 PROMPTS = [("dog", "a photograph of a dog"), ("cat", "Cat sleeping on a sofa"), ("potted plant", "a potted plant")]
 
 
@@ -59,6 +62,8 @@ def test_captured_layers_trace_into_one_graph_without_recompiles(compiled, confi
     assert seconds > 0
     # fullgraph=True (compile_model) turns any break into an error; the counter shows none was even attempted
     assert counters["graph_break"] == {}
+    blocks = [p.sum.shape[1] // p.query_chunk for p in capture.processors().values()]
+    assert 1 in blocks and max(blocks) > 1  # one-block and multi-block layers, both inside the one graph
     graphs = counters["stats"]["unique_graphs"]
     assert graphs == 2  # the UNet and the VAE decoder
     for window in (None, (1, 2)):  # other weights per call and per batch: the guards still hold
