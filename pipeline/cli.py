@@ -18,6 +18,7 @@ from typing import TextIO
 
 from seediff import api
 from seediff.pipeline.flags import HelpFormatter, add_flags, given
+from seediff.pipeline.sources import class_list
 from seediff.pipeline.summary import RunSummary, human_bytes
 from seediff.pipeline.terminal import default_log_path, run_terminal
 from seediff.schemas.config import (
@@ -107,9 +108,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_annotate(args: argparse.Namespace) -> int:
     config, runtime, _ = settings(args)
-    classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes is not None else None
-    if args.classes is not None and not classes:
-        raise InputError("--classes: no class names (expected e.g. --classes \"dog,cat\")")
+    classes = None if args.classes is None else class_list(args.classes)
     image_input = api.annotate_input(args.input, api.annotate_config(config, args.out), classes)  # before Ray
     return _run(args, lambda terminal: api.annotate(
         image_input, args.out, config, runtime, overwrite=args.overwrite, progress=terminal,
@@ -290,8 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     ann.add_argument("input", metavar="INPUT", help="tar URLs or brace pattern, dataset.json, image folder, or .txt "
                      "list of image paths/URLs (local or any fsspec URL)")
     ann.add_argument("--out", required=True, help=f"{RunConfig.model_fields['output_url'].description} (required)")
-    ann.add_argument("--classes", help='one vocabulary for every image, e.g. "dog,cat" (ids 1, 2, ...); or '
-                     "--classes-field")
+    ann.add_argument("--classes", help='the class list, "dog,cat" or @FILE (one name per line), ids 1, 2, ... in '
+                     "order: alone, every image's classes; with --classes-field, the table each sample's integers "
+                     "index (e.g. its cls field; index 0 = the first name); with --caption-field, the first ids")
     ann.add_argument("--config", help="YAML/JSON file with run settings and runtime options; flags override it")
     ann.add_argument("--overwrite", action="store_true", help="delete this output's seediff files and start over")
     _add_output_flags(ann)

@@ -108,6 +108,7 @@ def source_record(source: Manifest | ImageInput) -> dict[str, Any]:
             "input_source": source.source,
             "num_samples": source.num_samples,
             "classes": list(source.class_names),
+            "class_table": source.class_table,  # classes is the table a classes_field indexes: resume passes it back
         }
     return {
         MANIFEST_FIELD: source.sha256,

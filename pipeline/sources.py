@@ -7,14 +7,20 @@ INPUT is one of: WebDataset tar URLs or a brace pattern (``.../shard-{000000..00
 ``dataset.json`` (or a folder holding one, or ``.tar`` files), a folder of images (searched recursively), or a text
 file of image paths/URLs (one per line). Every URL is opened with fsspec.
 
+A sample's classes: the ``--classes`` list for every image; or, per sample, the names listed in its json
+(``--classes-field``), the integers of its own field (WebDataset's ``cls``) indexing the ``--classes`` table
+(``--classes-field`` with ``--classes``), or the marked phrases of its caption, which is then its prompt
+(``--caption-field``, the scene-prompt syntax of ``seediff.schemas.prompts``).
+
 Sample counts of tar units come from ``dataset.json`` (``nsamples``) when there is one; otherwise the tars are read
-once when the plan is made (also needed when class names come from each sample's ``json``)."""
+once when the plan is made (also whenever classes come from the samples, so bad ones are refused before Ray)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import posixpath
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,13 +31,15 @@ import fsspec
 from seediff.pipeline.plan import Plan, sample_seed
 from seediff.schemas.config import InputError, RunConfig
 from seediff.schemas.manifest import LabelledClass, ManifestRow
-from seediff.schemas.prompts import Phrase, Template
+from seediff.schemas.prompts import Phrase, PromptSyntaxError, Template, parse
 from seediff.schemas.records import DATASET_JSON, TAR_SUFFIX, InputSample, SampleSpec, ShardSpec
 
 PLACEHOLDER = "{class_name}"
 
 IMAGE_SUFFIXES = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}  # file suffix -> sample field
 LIST_SUFFIX = ".txt"
+TABLE_FILE = "@"  # --classes @FILE: the class list from a file, one name per line
+INDEX_SEPARATORS = re.compile(r"[\s,]+")  # between the integers of a multi-label cls field
 
 
 class AnnotateInputError(InputError):
@@ -54,6 +62,7 @@ class ImageInput:
     source: str  # INPUT as given
     units: tuple[InputUnit, ...]
     class_names: tuple[str, ...] = field(default=())  # index + 1 = class id (0 is background)
+    class_table: bool = False  # the samples' classes_field holds indexes into class_names (0 = the first)
 
     @property
     def num_samples(self) -> int:
@@ -133,14 +142,45 @@ def _listed_files(source: str, fs: Any, path: str) -> list[InputUnit]:
 # ---- counting and classes -----------------------------------------------------------------------------------------
 
 
-def open_input(source: str | Sequence[InputUnit], classes: Sequence[str] | None, classes_field: str | None) -> ImageInput:
+def class_list(value: str) -> list[str]:
+    """``--classes`` as written: ``"dog,cat"``, or ``@FILE`` (local or any fsspec URL) with one class name per line,
+    blank lines and lines starting with ``#`` skipped (ImageNet-sized tables do not fit a comma list)."""
+    if value.startswith(TABLE_FILE):
+        try:
+            with fsspec.open(value[len(TABLE_FILE):], "rt", encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        except FileNotFoundError:
+            raise AnnotateInputError(f"--classes {value}: not found") from None
+        names = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+    else:
+        names = [name.strip() for name in value.split(",") if name.strip()]
+    if not names:
+        raise AnnotateInputError(f'--classes {value!r}: no class names (expected e.g. --classes "dog,cat" or @classes.txt)')
+    return names
+
+
+def open_input(
+    source: str | Sequence[InputUnit],
+    classes: Sequence[str] | None,
+    classes_field: str | None,
+    caption_field: str | None = None,
+) -> ImageInput:
     """Resolve INPUT (or ready-made units, as eval makes them) into units with sample counts and the run's class
-    list: ``classes`` (one vocabulary for every image) or the names found under ``classes_field`` in the samples'
-    ``json``, in order of first appearance. Reads the tars only when counts or class names require it."""
+    list: ``classes`` (one vocabulary for every image; with ``classes_field``, the table its integers index; with
+    ``caption_field``, the first ids) followed by the names the samples' own fields give (``sample_labels``), in
+    order of first appearance. Reads the tars when counts or per-sample classes require it, so a sample whose classes
+    cannot be read is refused here, before Ray."""
     units = list_units(source) if isinstance(source, str) else list(source)
     name = source if isinstance(source, str) else "input"
-    if (classes is None) == (classes_field is None) and not all(u.classes for u in units):
-        raise AnnotateInputError("annotate: give exactly one of --classes and --classes-field")
+    per_sample = classes_field or caption_field
+    if classes_field and caption_field:
+        raise AnnotateInputError("annotate: give --classes-field or --caption-field, not both")
+    if classes is None and not per_sample and not all(u.classes for u in units):
+        raise AnnotateInputError("annotate: give --classes, --classes-field or --caption-field")
+    table = tuple(classes) if classes is not None and classes_field else None
+    if table and len(set(table)) < len(table):
+        twice = next(n for n in table if table.count(n) > 1)
+        raise AnnotateInputError(f"--classes: class {twice!r} listed twice; --classes-field indexes the table by position")
     found: dict[str, None] = dict.fromkeys(classes or ())
     for u in units:
         found.update(dict.fromkeys(u.classes or ()))
@@ -148,38 +188,110 @@ def open_input(source: str | Sequence[InputUnit], classes: Sequence[str] | None,
 
     resolved = []
     for unit in units:
-        if unit.kind == "tar" and (unit.num_samples < 0 or classes_field):
+        if unit.kind == "tar" and (unit.num_samples < 0 or per_sample):
             count = 0
             for sample in raw_samples(unit.url):
                 count += 1
-                if classes_field:
-                    found.update(dict.fromkeys(listed_classes(sample, classes_field)))
+                if per_sample:
+                    found.update(dict.fromkeys(sample_labels(sample, classes_field, caption_field, table)[0]))
             unit = InputUnit(unit.url, unit.kind, count)
-        elif unit.kind == "file" and classes_field:
-            raise AnnotateInputError(f"{unit.url}: --classes-field needs WebDataset input (image files have no json field)")
+        elif unit.kind == "file" and per_sample:
+            flag = "--caption-field" if caption_field else "--classes-field"
+            raise AnnotateInputError(f"{unit.url}: {flag} needs WebDataset input (an image file has no other fields)")
         resolved.append(unit)
     class_names = tuple(found)
     if not class_names:
-        raise AnnotateInputError(f"{name}: no class names (--classes, or --classes-field {classes_field!r} in the samples)")
+        raise AnnotateInputError(f"{name}: no class names (--classes, --classes-field or --caption-field)")
     if len(class_names) > 254:
         raise AnnotateInputError(f"{name}: {len(class_names)} classes; label maps hold ids 1..254")
-    return ImageInput(name, tuple(resolved), class_names)
+    return ImageInput(name, tuple(resolved), class_names, class_table=table is not None)
+
+
+def sample_labels(
+    sample: dict[str, Any], classes_field: str | None, caption_field: str | None, table: Sequence[str] | None
+) -> tuple[list[str], Template | None]:
+    """One sample's class names, from its own fields, and its caption when the caption is its prompt (None: the
+    prompt template names the classes): the phrases marked in its ``caption_field``, the names its
+    ``classes_field`` indexes in ``table``, or the names listed under ``classes_field`` in its json."""
+    if caption_field:
+        caption = caption_template(sample, caption_field)
+        return [phrase.class_name for phrase in caption.phrases], caption
+    if table is not None:
+        return indexed_classes(sample, classes_field, table), None
+    return listed_classes(sample, classes_field), None
 
 
 def listed_classes(sample: dict[str, Any], classes_field: str) -> list[str]:
     """The class names listed under ``classes_field`` in a sample's ``json`` field."""
-    where = f"{sample.get('__url__', '?')}: sample {sample.get('__key__', '?')}"
-    if "json" not in sample:
-        raise AnnotateInputError(f"{where}: no json field to read --classes-field {classes_field!r} from")
-    try:
-        names = json.loads(sample["json"])[classes_field]
-    except (ValueError, KeyError, TypeError):
-        raise AnnotateInputError(f"{where}: json has no key {classes_field!r}") from None
+    names = json_value(sample, classes_field, "--classes-field")
     if isinstance(names, str):
         names = [names]
     if not isinstance(names, list) or not all(isinstance(n, str) and n.strip() for n in names):
-        raise AnnotateInputError(f"{where}: json[{classes_field!r}] must be a list of class names, got {names!r}")
+        raise AnnotateInputError(
+            f"{sample_where(sample)}: json[{classes_field!r}] must be a list of class names, got {names!r}"
+        )
     return [n.strip() for n in names]
+
+
+def indexed_classes(sample: dict[str, Any], classes_field: str, table: Sequence[str]) -> list[str]:
+    """The names of ``table`` that a sample's ``classes_field`` indexes, 0 = the first (WebDataset's and ImageNet's
+    convention): text of integers separated by spaces or commas (a ``cls`` field: b"3", b"3 7"), or a json integer
+    or list of integers."""
+    value = field_value(sample, classes_field, "--classes-field")
+    where = f"{sample_where(sample)}: {classes_field} (--classes-field)"
+    items = INDEX_SEPARATORS.split(value.strip()) if isinstance(value, str) else value if isinstance(value, list) else [value]
+    if not all(type(i) is int or isinstance(i, str) and i.isascii() and i.isdigit() for i in items):
+        raise AnnotateInputError(f"{where}: expected class indexes (integers, 0 = {table[0]!r}), got {value!r}")
+    indexes = [int(i) for i in items]
+    outside = [i for i in indexes if not 0 <= i < len(table)]
+    if outside:
+        raise AnnotateInputError(f"{where}: class index {outside[0]} is outside the --classes table of {len(table)} "
+                                 f"names (0..{len(table) - 1})")
+    return [table[i] for i in indexes]
+
+
+def caption_template(sample: dict[str, Any], caption_field: str) -> Template:
+    """A sample's caption in the scene-prompt syntax (``a {dog} on a {sofa:couch}``), parsed: rendered, it is the
+    sample's prompt, and its marked phrases place its classes, exactly as a scene prompt of ``generate``."""
+    caption = field_value(sample, caption_field, "--caption-field")
+    where = f"{sample_where(sample)}: {caption_field} (--caption-field)"
+    if not isinstance(caption, str):
+        raise AnnotateInputError(f"{where}: expected a caption, got {caption!r}")
+    try:
+        template = parse(caption.strip())
+    except PromptSyntaxError as e:
+        raise AnnotateInputError(f"{where}: {e}") from None
+    if not template.always_labels:
+        raise AnnotateInputError(f"{where}: caption {caption.strip()!r} marks no class; mark each as {{dog}} or "
+                                 "{phrase:dog}")
+    return template
+
+
+def field_value(sample: dict[str, Any], key: str, flag: str) -> Any:
+    """A sample's own field ``key`` (``cls``, ``txt``: its bytes as UTF-8 text) or, when it has none, ``key`` of its
+    ``json``."""
+    if key not in sample:
+        return json_value(sample, key, flag)
+    try:
+        return sample[key].decode("utf-8")
+    except UnicodeDecodeError:
+        raise AnnotateInputError(f"{sample_where(sample)}: {key} ({flag}): not UTF-8 text") from None
+
+
+def json_value(sample: dict[str, Any], key: str, flag: str) -> Any:
+    """``key`` of a sample's ``json`` field."""
+    where = sample_where(sample)
+    if "json" not in sample:
+        raise AnnotateInputError(f"{where}: no field {key!r} and no json field to read {flag} {key!r} from")
+    try:
+        return json.loads(sample["json"])[key]
+    except (ValueError, KeyError, TypeError):
+        raise AnnotateInputError(f"{where}: json has no key {key!r} ({flag})") from None
+
+
+def sample_where(sample: dict[str, Any]) -> str:
+    """``url: sample key``, the start of every message about one input sample."""
+    return f"{sample.get('__url__', '?')}: sample {sample.get('__key__', '?')}"
 
 
 # ---- reading samples on the actor -------------------------------------------------------------------------------
@@ -217,6 +329,7 @@ class AnnotatePlan(Plan):
         self.input = image_input
         self.prefix, _, self.suffix = config.prompt_template.partition(PLACEHOLDER)
         self.classes_field = config.annotate.classes_field if config.annotate else None
+        self.caption_field = config.annotate.caption_field if config.annotate else None
 
     def sample(self, sample_id: int) -> SampleSpec:
         raise TypeError("an annotate sample is known only once its input is read: use samples(shard)")
@@ -240,16 +353,22 @@ class AnnotatePlan(Plan):
         return tuple(read)
 
     def row(self, unit: InputUnit, fields: dict[str, Any]) -> ManifestRow:
-        """A one-sample manifest row labelling the sample's classes: the prompt template with ``{class_name}``
-        replaced by the class phrases ("a photograph of a dog and cat")."""
+        """A one-sample manifest row labelling the sample's classes: its caption (``--caption-field``), or the
+        prompt template with ``{class_name}`` replaced by the class phrases ("a photograph of a dog and cat")."""
         where = f"{unit.url}: sample {fields.get('__key__')}"
+        caption = None
         if unit.classes is not None:
             names = list(unit.classes)
-        elif self.classes_field:
-            names = listed_classes(fields, self.classes_field)
+        elif self.classes_field or self.caption_field:
+            table = self.input.class_names if self.input.class_table else None
+            names, caption = sample_labels(fields, self.classes_field, self.caption_field, table)
         else:
             names = list(self.input.class_names)
         classes = tuple(LabelledClass(n, self.input.class_id(n, where)) for n in dict.fromkeys(names))
+        return ManifestRow(classes, 1, (caption or self.listing(classes),), "", 0)  # no manifest line
+
+    def listing(self, classes: tuple[LabelledClass, ...]) -> Template:
+        """The prompt template with ``{class_name}`` replaced by the labelled class names, "dog, cat and bird"."""
         parts: list[Any] = [self.prefix]
         for k, labelled in enumerate(classes):
             if k:
@@ -257,4 +376,4 @@ class AnnotatePlan(Plan):
             parts.append(Phrase(labelled.name, labelled.name))
         parts.append(self.suffix)
         source = PLACEHOLDER.join([self.prefix, self.suffix]).replace(PLACEHOLDER, ", ".join(c.name for c in classes))
-        return ManifestRow(classes, 1, (Template(source, tuple(p for p in parts if p)),), "", 0)  # no manifest line
+        return Template(source, tuple(p for p in parts if p))

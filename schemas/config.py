@@ -97,8 +97,16 @@ class AnnotateConfig(_Strict):
     """Labelling real images (``seediff annotate``): how the image is shown to the model."""
 
     classes_field: str | None = Field(
-        None, description="key of each input sample's json holding its list of class names; unset: every image "
-        "gets the --classes list", json_schema_extra={"flag": "--classes-field"}
+        None, description="key of each input sample's json holding its list of class names; with --classes (then a "
+        "class table), the sample's own field of that name (e.g. cls; else its json key) holding integer indexes into "
+        "the table, 0 = its first name, several separated by spaces or commas; unset: every image gets the --classes "
+        "list", json_schema_extra={"flag": "--classes-field"}
+    )
+    caption_field: str | None = Field(
+        None, description="the input sample's own field (e.g. txt; else its json key) holding a caption with marked "
+        "class phrases, \"a {dog} on a {sofa:couch}\" (the generate prompt syntax): the rendered caption is the "
+        "prompt, its marked phrases are the image's classes; instead of --classes-field",
+        json_schema_extra={"flag": "--caption-field"},
     )
     timesteps: tuple[int, ...] = Field(
         (100,), min_length=1, description="noise levels (of the scheduler's training steps, 0 = clean) at which the "

@@ -118,7 +118,8 @@ def recorded_inputs(out: str | os.PathLike[str]) -> tuple[RunConfig, Any]:
         config = RunConfig.from_mapping({**record["config"], "output_url": url}, source)
         if not record.get("input_source"):
             raise ConfigError(f"{source}: input_source: not recorded")
-        classes = None if config.annotate.classes_field else record.get("classes")
+        # the list given (alone, a caption run's first ids, or the table a classes_field indexes), else found again
+        classes = None if config.annotate.classes_field and not record.get("class_table") else record.get("classes")
         return config, annotate_input(record["input_source"], config, classes)
     if not record.get("manifest_source"):
         raise ConfigError(f"{source}: manifest_source: not recorded")
@@ -196,9 +197,11 @@ def annotate(
     progress: TextIO = sys.stderr,
 ) -> RunSummary:
     """Label the images of ``input`` (WebDataset tar URLs or brace pattern, a ``dataset.json``, a folder of images,
-    or a ``.txt`` list of image paths/URLs) with ``classes`` (one vocabulary for every image) or, when
-    ``config.annotate.classes_field`` is set, with the class names in each sample's ``json``; shards under ``out``
-    like ``generate`` (resumable, indexed, verifiable). Returns the run's ``RunSummary``."""
+    or a ``.txt`` list of image paths/URLs) with ``classes`` (one vocabulary for every image) or per sample: when
+    ``config.annotate.classes_field`` is set, the class names in each sample's ``json`` or, with ``classes`` as the
+    table, the names its field's integers index (0 = the first); when ``config.annotate.caption_field`` is set, the
+    phrases marked in its caption, which is its prompt. Shards under ``out`` like ``generate`` (resumable, indexed,
+    verifiable). Returns the run's ``RunSummary``."""
     run_config = annotate_config(config, out)
     check_access(run_config.output_url, write=True)
     image_input = input if isinstance(input, ImageInput) else annotate_input(input, run_config, classes)
@@ -259,10 +262,13 @@ def annotate_config(config: RunConfig | Mapping[str, Any] | None, out: str | os.
 
 
 def annotate_input(input: str | os.PathLike[str], config: RunConfig, classes: Sequence[str] | None) -> ImageInput:
-    """The images of INPUT and the run's classes (``classes``, or ``config.annotate.classes_field``); reads tars
-    only when their sample counts or class names require it. Raises an ``InputError`` naming the file."""
+    """The images of INPUT and the run's classes (``classes``, ``config.annotate.classes_field`` or
+    ``caption_field``); reads tars only when their sample counts or classes require it. Raises an ``InputError``
+    naming the file (and the sample and field)."""
     source = os.fspath(input)
-    return open_input(source if "://" in source else absolute_url(source), classes, config.annotate.classes_field)
+    settings = config.annotate
+    return open_input(source if "://" in source else absolute_url(source), classes, settings.classes_field,
+                      settings.caption_field)
 
 
 def report(out: str | os.PathLike[str], path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """Inputs for the annotate tests: real JPEG and PNG images of several sizes and aspect ratios, written as WebDataset
-shards (with class names in each sample's json and an extra field that must pass through untouched) and as an image
-folder."""
+shards (each sample's classes three ways: names in its json, indexes into CLASS_TABLE in its cls field, marked phrases
+in its txt caption) and as an image folder."""
 
 from __future__ import annotations
 
@@ -20,6 +20,18 @@ IMAGES = (
     (120, 40, "png", ["bird", "dog"]),
     (30, 22, "jpg", ["cat"]),
 )
+CLASS_TABLE = ("dog", "cat", "bird")  # what the cls fields index, 0 = dog
+PHRASES = {"dog": "{puppy:dog}", "cat": "{cat}", "bird": "{bird}"}  # how the captions mark each class
+
+
+def cls_field(index: int, classes: list[str]) -> bytes:
+    """The sample's classes as indexes into CLASS_TABLE, separated by commas or spaces (both are read)."""
+    return (", " if index % 2 else " ").join(str(CLASS_TABLE.index(c)) for c in classes).encode()
+
+
+def caption(index: int, classes: list[str]) -> str:
+    """A caption marking each class, dog as "puppy"; "dog" also appears unmarked (not a class phrase)."""
+    return f"dog-eared photo {index} of " + " and ".join(f"a {PHRASES[c]}" for c in classes)
 
 
 def image_bytes(index: int, width: int, height: int, fmt: str) -> bytes:
@@ -45,7 +57,8 @@ def write_input_shards(directory: Path, per_shard: int = 2) -> list[dict]:
             "__key__": f"img{i:04d}",
             fmt: image_bytes(i, width, height, fmt),
             "json": json.dumps(meta, indent=1).encode(),  # unusual formatting: must be kept byte for byte
-            "txt": f"caption {i}\n".encode(),
+            "txt": f"{caption(i, classes)}\n".encode(),
+            "cls": cls_field(i, classes),
         })
     for shard in range(0, len(samples), per_shard):
         with wds.TarWriter(str(directory / f"in-{shard // per_shard:06d}.tar"), encoder=False) as sink:

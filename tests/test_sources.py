@@ -1,5 +1,6 @@
 """Annotate inputs: tar URLs, brace patterns, dataset.json, folders of tars or images, text lists; sample counts,
-class names from a json field, reading a unit's samples byte for byte, and errors that name the file."""
+class names from a json field, cls indexes into a class table, captions with marked phrases, reading a unit's samples
+byte for byte, and errors that name the file (and the sample and field)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,19 @@ from pathlib import Path
 
 import pytest
 
-from seediff.pipeline.sources import AnnotateInputError, list_units, open_input, read_unit
-from tests.annotate_support import IMAGES, write_image_folder, write_input_shards
+from seediff.pipeline.sources import (
+    AnnotateInputError,
+    AnnotatePlan,
+    class_list,
+    indexed_classes,
+    list_units,
+    open_input,
+    read_unit,
+    sample_labels,
+)
+from seediff.schemas.config import AnnotateConfig, RunConfig
+from seediff.tokens import class_token_positions, offline_clip_tokenizer
+from tests.annotate_support import CLASS_TABLE, IMAGES, caption, write_image_folder, write_input_shards
 
 
 @pytest.fixture
@@ -64,8 +76,13 @@ def test_bad_inputs_name_the_file(tmp_path: Path, shards) -> None:
     (tmp_path / "list.txt").write_text("a.jpg\nnotes.pdf\n")
     with pytest.raises(AnnotateInputError, match=r"list.txt:2: 'notes.pdf' is not an image path"):
         list_units(str(tmp_path / "list.txt"))
-    with pytest.raises(AnnotateInputError, match="exactly one of --classes and --classes-field"):
-        open_input(str(directory), ["dog"], "labels")
+    with pytest.raises(AnnotateInputError, match="give --classes, --classes-field or --caption-field"):
+        open_input(str(directory), None, None)
+    with pytest.raises(AnnotateInputError, match="give --classes-field or --caption-field, not both"):
+        open_input(str(directory), None, "labels", "txt")
+    with pytest.raises(AnnotateInputError, match=r"in-000000.tar: sample img0000: labels \(--classes-field\): expected "
+                       r"class indexes \(integers, 0 = 'dog'\), got \['dog', 'cat'\]"):
+        open_input(str(directory), ["dog", "cat"], "labels")  # names where a table's indexes belong
     with pytest.raises(AnnotateInputError, match=r"in-000000.tar: sample img0000: json has no key 'tags'"):
         open_input(str(directory), None, "tags")
     with pytest.raises(AnnotateInputError, match="needs WebDataset input"):
@@ -80,8 +97,84 @@ def test_annotate_refuses_bad_input_before_ray(tmp_path: Path, shards, capsys) -
     assert main(["annotate", str(tmp_path / "nowhere"), "--out", out, "--classes", "dog"]) == 2
     assert "nowhere: not found" in capsys.readouterr().err
     assert main(["annotate", str(directory), "--out", out]) == 2
-    assert "give exactly one of --classes and --classes-field" in capsys.readouterr().err
+    assert "give --classes, --classes-field or --caption-field" in capsys.readouterr().err
+    (tmp_path / "table.txt").write_text("dog\ncat\n")
+    assert main(["annotate", str(directory), "--out", out, "--classes", f"@{tmp_path}/table.txt", "--classes-field", "cls"]) == 2
+    assert "in-000001.tar: sample img0003: cls (--classes-field): class index 2 is outside the --classes table of 2 " \
+           "names (0..1)" in capsys.readouterr().err  # the third image's bird, read while planning
     assert main(["annotate", str(directory), "--out", out, "--classes", "dog", "--timestep", "1000"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("seediff: error: --timestep: ") and "must be distinct integers in [0, 1000) (got [1000])" in err
     assert not (tmp_path / "out").exists()  # nothing written, no model, no Ray
+
+
+# ---- classes from each sample's own fields ------------------------------------------------------------------------
+
+URL, KEY = "s3://bucket/in-000007.tar", "img0042"
+
+
+def sample(**fields: bytes) -> dict:
+    return {"__url__": URL, "__key__": KEY, **fields}
+
+
+def test_cls_indexes_the_class_table_from_zero() -> None:
+    assert indexed_classes(sample(cls=b"2"), "cls", CLASS_TABLE) == ["bird"]
+    assert indexed_classes(sample(cls=b" 2, 0\n"), "cls", CLASS_TABLE) == ["bird", "dog"]  # multi-label, in order
+    assert indexed_classes(sample(cls=b"1 0"), "cls", CLASS_TABLE) == ["cat", "dog"]
+    assert indexed_classes(sample(json=b'{"label": [1, 2]}'), "label", CLASS_TABLE) == ["cat", "bird"]  # no own field
+    where = rf"^{URL}: sample {KEY}: cls \(--classes-field\): "
+    with pytest.raises(AnnotateInputError, match=where + r"class index 3 is outside the --classes table of 3 names \(0..2\)$"):
+        indexed_classes(sample(cls=b"0 3"), "cls", CLASS_TABLE)
+    for bad in (b"-1", b"dog", b"", b"1.5"):
+        with pytest.raises(AnnotateInputError, match=where + r"expected class indexes \(integers, 0 = 'dog'\)"):
+            indexed_classes(sample(cls=bad), "cls", CLASS_TABLE)
+    with pytest.raises(AnnotateInputError, match=rf"^{URL}: sample {KEY}: no field 'cls' and no json field"):
+        indexed_classes(sample(txt=b"1"), "cls", CLASS_TABLE)
+
+
+def test_class_table_from_a_list_or_a_file(tmp_path: Path) -> None:
+    assert class_list(" dog, cat ,bird ") == list(CLASS_TABLE)
+    (tmp_path / "classes.txt").write_text("# ImageNet-style table\ndog\n\ncat\nbird\n")
+    assert class_list(f"@{tmp_path}/classes.txt") == list(CLASS_TABLE)
+    with pytest.raises(AnnotateInputError, match="no class names"):
+        class_list(" , ")
+    with pytest.raises(AnnotateInputError, match="nowhere.txt: not found"):
+        class_list(f"@{tmp_path}/nowhere.txt")
+
+
+def test_caption_phrases_are_the_classes_and_place_their_tokens(shards) -> None:
+    names, template = sample_labels(sample(txt=b"a dog toy by a {puppy:dog} on a {sofa:couch}\n"), None, "txt", None)
+    assert names == ["dog", "couch"] and template.render(0).text == "a dog toy by a puppy on a sofa"
+    assert sample_labels(sample(json=b'{"caption": "a {cat}"}'), None, "caption", None)[0] == ["cat"]
+    where = rf"^{URL}: sample {KEY}: txt \(--caption-field\): "
+    with pytest.raises(AnnotateInputError, match=where + r"caption 'a dog on a sofa' marks no class"):
+        sample_labels(sample(txt=b"a dog on a sofa"), None, "txt", None)
+    with pytest.raises(AnnotateInputError, match=where + r"column 3: unbalanced '\{'"):
+        sample_labels(sample(txt=b"a {dog on a sofa"), None, "txt", None)
+
+    # Through the plan: the rendered caption is the prompt, each class's tokens are its phrase's, ids by first use.
+    directory, _ = shards
+    image_input = open_input(str(directory), None, None, "txt")
+    assert image_input.class_names == ("dog", "cat", "bird") and not image_input.class_table
+    plan = AnnotatePlan(image_input, RunConfig(annotate=AnnotateConfig(caption_field="txt")))
+    specs = [s.spec for s in plan.samples(plan.shard(0))]
+    tokenizer = offline_clip_tokenizer()
+    for spec, (_, _, _, classes) in zip(specs, IMAGES):
+        assert spec.prompt.text == caption(spec.sample_id, classes).replace("{puppy:dog}", "puppy").translate(
+            str.maketrans("", "", "{}"))
+        assert [(c.name, c.class_id) for c in spec.classes] == [(c, image_input.class_id(c, "")) for c in classes]
+        offsets = tokenizer(spec.prompt.text, return_offsets_mapping=True)["offset_mapping"]
+        phrases = ["".join(spec.prompt.text[slice(*offsets[i])] for i in p) for p in class_token_positions(tokenizer, spec.prompt)]
+        assert phrases == [{"dog": "puppy"}.get(c, c) for c in classes]  # the marked span, not the word "dog" before it
+
+
+def test_cls_plan_labels_each_sample_with_its_indexed_classes(shards) -> None:
+    directory, _ = shards
+    image_input = open_input(str(directory), list(CLASS_TABLE), "cls")
+    assert image_input.class_names == CLASS_TABLE and image_input.class_table
+    plan = AnnotatePlan(image_input, RunConfig(annotate=AnnotateConfig(classes_field="cls")))
+    specs = [s.spec for s in plan.samples(plan.shard(0))]
+    assert [[(c.name, c.class_id) for c in s.classes] for s in specs] == [
+        [(c, CLASS_TABLE.index(c) + 1) for c in classes] for _, _, _, classes in IMAGES
+    ]
+    assert specs[0].prompt.text == "a photograph of a dog and cat"
