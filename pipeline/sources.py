@@ -155,7 +155,7 @@ def class_list(value: str) -> list[str]:
     else:
         names = [name.strip() for name in value.split(",") if name.strip()]
     if not names:
-        raise AnnotateInputError(f'--classes {value!r}: no class names (expected e.g. --classes "dog,cat" or @classes.txt)')
+        raise AnnotateInputError(f'--classes {value!r}: no class names (e.g. --classes "dog,cat" or @classes.txt)')
     return names
 
 
@@ -180,7 +180,7 @@ def open_input(
     table = tuple(classes) if classes is not None and classes_field else None
     if table and len(set(table)) < len(table):
         twice = next(n for n in table if table.count(n) > 1)
-        raise AnnotateInputError(f"--classes: class {twice!r} listed twice; --classes-field indexes the table by position")
+        raise AnnotateInputError(f"--classes: {twice!r} listed twice; --classes-field indexes the table by position")
     found: dict[str, None] = dict.fromkeys(classes or ())
     for u in units:
         found.update(dict.fromkeys(u.classes or ()))
@@ -239,8 +239,9 @@ def indexed_classes(sample: dict[str, Any], classes_field: str, table: Sequence[
     or list of integers."""
     value = field_value(sample, classes_field, "--classes-field")
     where = f"{sample_where(sample)}: {classes_field} (--classes-field)"
-    items = INDEX_SEPARATORS.split(value.strip()) if isinstance(value, str) else value if isinstance(value, list) else [value]
-    if not all(type(i) is int or isinstance(i, str) and i.isascii() and i.isdigit() for i in items):
+    items = INDEX_SEPARATORS.split(value.strip()) if isinstance(value, str) else value
+    items = items if isinstance(items, list) else [items]
+    if not items or not all(type(i) is int or isinstance(i, str) and i.isascii() and i.isdigit() for i in items):
         raise AnnotateInputError(f"{where}: expected class indexes (integers, 0 = {table[0]!r}), got {value!r}")
     indexes = [int(i) for i in items]
     outside = [i for i in indexes if not 0 <= i < len(table)]

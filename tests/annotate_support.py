@@ -21,7 +21,7 @@ IMAGES = (
     (30, 22, "jpg", ["cat"]),
 )
 CLASS_TABLE = ("dog", "cat", "bird")  # what the cls fields index, 0 = dog
-PHRASES = {"dog": "{puppy:dog}", "cat": "{cat}", "bird": "{bird}"}  # how the captions mark each class
+PHRASES = {"dog": ("{puppy:dog}", "puppy"), "cat": ("{cat}", "cat"), "bird": ("{bird}", "bird")}  # marked, rendered
 
 
 def cls_field(index: int, classes: list[str]) -> bytes:
@@ -29,9 +29,10 @@ def cls_field(index: int, classes: list[str]) -> bytes:
     return (", " if index % 2 else " ").join(str(CLASS_TABLE.index(c)) for c in classes).encode()
 
 
-def caption(index: int, classes: list[str]) -> str:
-    """A caption marking each class, dog as "puppy"; "dog" also appears unmarked (not a class phrase)."""
-    return f"dog-eared photo {index} of " + " and ".join(f"a {PHRASES[c]}" for c in classes)
+def caption(index: int, classes: list[str], marked: bool = True) -> str:
+    """A caption with each class's phrase marked (dog as "puppy"), or as its prompt renders it; "dog" also appears
+    unmarked, which is no class phrase."""
+    return f"dog-eared photo {index} of " + " and ".join(f"a {PHRASES[c][0 if marked else 1]}" for c in classes)
 
 
 def image_bytes(index: int, width: int, height: int, fmt: str) -> bytes:

@@ -2,7 +2,8 @@
 (real JPEG and PNG images of several sizes and aspect ratios, class names in their json) and an image folder; every
 input field passes through byte for byte, masks come at each image's own size, the output passes ``seediff
 verify``, a killed driver's rerun is byte-identical to an uninterrupted run; ``eval`` on a small VOC-layout fixture
-runs annotate on it and its mIoU equals torchmetrics' on the same predictions."""
+runs annotate on it and its mIoU equals torchmetrics' on the same predictions. The classes come from each sample's
+json, its cls indexes into a class table, or the marked phrases of its caption (then its prompt)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,9 @@ from seediff.pipeline.cli import main
 from seediff.pipeline.layouts import voc_palette
 from seediff.pipeline.readers import segmentation_dataset
 from seediff.schemas.records import decode_mask
-from tests.annotate_support import IMAGES, image_bytes, write_image_folder, write_input_shards
+from tests.annotate_support import (
+    CLASS_TABLE, IMAGES, PHRASES, caption, image_bytes, write_image_folder, write_input_shards,
+)
 from tests.e2e_support import digests, run_cli
 from tests.test_e2e_driver_kill import kill_after_first_commit
 from tests.e2e_support import cli_command
@@ -29,7 +32,7 @@ from tests.e2e_support import cli_command
 # 64 px model input (latent 8), 2 timesteps, short PAMR, 2-sample output shards over 5 inputs: 3 shards.
 FLAGS = ["--model", "tiny", "--resolution", "64", "--timestep", "100", "--timestep", "300",
          "--samples-per-shard", "2", "--batch-size", "2", "--mask-pamr-iterations", "5"]
-CLASS_IDS = {"dog": 1, "cat": 2, "bird": 3}  # first appearance in the shards' json
+CLASS_IDS = {"dog": 1, "cat": 2, "bird": 3}  # first appearance in the shards' json and captions; CLASS_TABLE order
 
 
 pytestmark = pytest.mark.usefixtures("local_ray")  # one local Ray for the module (tests/plugins/local_ray.py)
@@ -73,6 +76,25 @@ def test_shards_pass_through_byte_for_byte_with_masks_of_the_image_size(shards, 
     assert run_cli("verify", str(annotated)).returncode == 0
     decoded = list(segmentation_dataset(str(annotated), shuffle_shards=False))
     assert [tuple(m.shape) for _, m, _ in decoded] == [(h, w) for w, h, _, _ in IMAGES]
+
+
+@pytest.mark.parametrize("source", [["--classes-field", "cls", "--classes", ",".join(CLASS_TABLE)],
+                                    ["--caption-field", "txt"]], ids=["cls-table", "caption"])
+def test_classes_from_cls_indexes_or_caption_phrases(shards, tmp_path: Path, source: list[str]) -> None:
+    directory, _ = shards
+    out = tmp_path / "out"
+    assert main(["annotate", str(directory / "in-{000000..000002}.tar"), "--out", str(out), *source, *FLAGS]) == 0
+    samples = output_samples(out)
+    assert len(samples) == len(IMAGES)
+    for i, (sample, (_, _, _, classes)) in enumerate(zip(samples, IMAGES)):
+        assert set(np.unique(decode_mask(sample["mask.png"])).tolist()) <= {0, 255, *(CLASS_IDS[c] for c in classes)}
+        meta = json.loads(sample["mask.json"])
+        assert [(c["class_name"], c["class_id"]) for c in meta["classes"]] == [(c, CLASS_IDS[c]) for c in classes]
+        if "--caption-field" in source:  # the caption, rendered, was the prompt; dog's phrase is "puppy"
+            assert meta["prompt"] == caption(i, classes, marked=False)
+            assert [c["phrase"] for c in meta["classes"]] == [PHRASES[c][1] for c in classes]
+    assert run_cli("verify", str(out)).returncode == 0
+    assert main(["resume", str(out)]) == 0  # run.json decides the classes again: the same input fingerprint
 
 
 def test_image_folder_with_one_vocabulary(tmp_path: Path) -> None:
