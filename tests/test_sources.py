@@ -157,13 +157,15 @@ def test_caption_phrases_are_the_classes_and_place_their_tokens(shards) -> None:
     # Through the plan: the rendered caption is the prompt, each class's tokens are its phrase's, ids by first use.
     directory, _ = shards
     image_input = open_input(str(directory), None, None, "txt")
-    assert image_input.class_names == ("dog", "cat", "bird") and not image_input.class_table
+    assert image_input.class_names == CLASS_TABLE and not image_input.class_table  # first use
+    assert open_input(str(directory), ["bird"], None, "txt").class_names == ("bird", "dog", "cat")  # --classes first
     plan = AnnotatePlan(image_input, RunConfig(annotate=AnnotateConfig(caption_field="txt")))
     specs = [s.spec for s in plan.samples(plan.shard(0))]
+    assert len(specs) == len(IMAGES)
     tokenizer = offline_clip_tokenizer()
     for spec, (_, _, _, classes) in zip(specs, IMAGES):
         assert spec.prompt.text == caption(spec.sample_id, classes, marked=False)
-        assert [(c.name, c.class_id) for c in spec.classes] == [(c, image_input.class_id(c, "")) for c in classes]
+        assert [(c.name, c.class_id) for c in spec.classes] == [(c, CLASS_TABLE.index(c) + 1) for c in classes]
         offsets = tokenizer(spec.prompt.text, return_offsets_mapping=True)["offset_mapping"]
         positions = class_token_positions(tokenizer, spec.prompt)
         phrases = ["".join(spec.prompt.text[slice(*offsets[i])] for i in tokens) for tokens in positions]
