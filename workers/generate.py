@@ -149,7 +149,7 @@ def sample_token_positions(pipe: DiffusionPipeline, spec: SampleSpec) -> list[li
     SDXL's cross-attention keys are both text encoders' states at the same positions, so both tokenizers must
     place every phrase at the same positions: one that disagrees is an error, never a silently shifted map."""
     tokenizers = [t for t in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)) if t is not None]
-    where = f"manifest line {spec.row.line} (sample {spec.sample_id})"
+    where = f"manifest line {spec.row.line} (sample {spec.sample_id})" if spec.row.line else f"sample {spec.sample_id}"
     try:
         found = [class_token_positions(t, spec.prompt) for t in tokenizers]
     except PhrasePositionError as e:
