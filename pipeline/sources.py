@@ -21,7 +21,7 @@ import hashlib
 import json
 import posixpath
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +33,7 @@ from seediff.schemas.config import InputError, RunConfig
 from seediff.schemas.manifest import LabelledClass, ManifestRow
 from seediff.schemas.prompts import Phrase, PromptSyntaxError, Template, parse
 from seediff.schemas.records import DATASET_JSON, TAR_SUFFIX, InputSample, SampleSpec, ShardSpec
+from seediff.tokens import PhrasePositionError
 
 PLACEHOLDER = "{class_name}"
 
@@ -164,12 +165,14 @@ def open_input(
     classes: Sequence[str] | None,
     classes_field: str | None,
     caption_field: str | None = None,
+    check_caption: Callable[[Template], None] | None = None,
 ) -> ImageInput:
     """Resolve INPUT (or ready-made units, as eval makes them) into units with sample counts and the run's class
     list: ``classes`` (one vocabulary for every image; with ``classes_field``, the table its integers index; with
     ``caption_field``, the first ids) followed by the names the samples' own fields give (``sample_labels``), in
     order of first appearance. Reads the tars when counts or per-sample classes require it, so a sample whose classes
-    cannot be read is refused here, before Ray."""
+    cannot be read is refused here, before Ray; so is a caption ``check_caption`` refuses (a labelled phrase past the
+    text encoder's context)."""
     units = list_units(source) if isinstance(source, str) else list(source)
     name = source if isinstance(source, str) else "input"
     per_sample = classes_field or caption_field
@@ -193,7 +196,14 @@ def open_input(
             for sample in raw_samples(unit.url):
                 count += 1
                 if per_sample:
-                    found.update(dict.fromkeys(sample_labels(sample, classes_field, caption_field, table)[0]))
+                    names, caption = sample_labels(sample, classes_field, caption_field, table)
+                    if caption is not None and check_caption is not None:
+                        try:
+                            check_caption(caption)
+                        except PhrasePositionError as e:
+                            where = f"{sample_where(sample)}: {caption_field} (--caption-field)"
+                            raise AnnotateInputError(f"{where}: {e}") from None
+                    found.update(dict.fromkeys(names))
             unit = InputUnit(unit.url, unit.kind, count)
         elif unit.kind == "file" and per_sample:
             flag = "--caption-field" if caption_field else "--classes-field"

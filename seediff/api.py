@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TextIO
 
 from seediff.pipeline.plan import shard_count
@@ -267,8 +267,9 @@ def annotate_input(input: str | os.PathLike[str], config: RunConfig, classes: Se
     naming the file (and the sample and field)."""
     source = os.fspath(input)
     settings = config.annotate
+    check_caption = _context_check(config, exact=False) if settings.caption_field else None
     return open_input(source if "://" in source else absolute_url(source), classes, settings.classes_field,
-                      settings.caption_field)
+                      settings.caption_field, check_caption)
 
 
 def report(out: str | os.PathLike[str], path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -321,10 +322,24 @@ def _load_manifest(
     prompts: str | os.PathLike[str] | None,
     check_tokens: bool = False,
 ) -> Manifest:
-    """The manifest with its files as absolute URLs (recorded for resume). Each distinct labelled template is checked
-    against the text encoder's context (``seediff.tokens``). ``check_tokens`` (the dry run): every one with the model's
-    tokenizer, loaded up front. Otherwise the tokenizer (and transformers, which the driver otherwise never imports)
-    loads only for a template too long to clear by counting characters."""
+    """The manifest with its files as absolute URLs (recorded for resume), each distinct labelled template checked
+    against the text encoder's context (``_context_check``; ``check_tokens``: the dry run's exact check)."""
+    check_prompt = _context_check(config, exact=check_tokens)
+    return load_manifest(
+        absolute_url(url),
+        samples_per_class=samples_per_class,
+        prompt_template=config.prompt_template,
+        classes=None if classes is None else absolute_url(classes),
+        prompts=None if prompts is None else absolute_url(prompts),
+        check_prompt=check_prompt,
+    )
+
+
+def _context_check(config: RunConfig, exact: bool) -> Callable[[Template], None]:
+    """A check that raises ``PhrasePositionError`` for a template whose labelled phrase could fall past the text
+    encoder's context (``seediff.tokens``). ``exact`` (the dry run): every template with the model's tokenizer,
+    loaded now. Otherwise the tokenizer (and transformers, which the driver otherwise never imports) loads only for
+    a template too long to clear by counting characters."""
     from seediff.tokens import fits_clip_context, latest_phrase_tokens, load_tokenizer
 
     tokenizers = []
@@ -337,20 +352,13 @@ def _load_manifest(
                 raise ConfigError(f"model: cannot load the tokenizer of {config.model!r}: {e}") from e
         return tokenizers[0]
 
-    def check_prompt(template: Template) -> None:
-        if check_tokens or not fits_clip_context(template):
+    def check(template: Template) -> None:
+        if exact or not fits_clip_context(template):
             latest_phrase_tokens(tokenizer(), template)
 
-    if check_tokens:
+    if exact:
         tokenizer()
-    return load_manifest(
-        absolute_url(url),
-        samples_per_class=samples_per_class,
-        prompt_template=config.prompt_template,
-        classes=None if classes is None else absolute_url(classes),
-        prompts=None if prompts is None else absolute_url(prompts),
-        check_prompt=check_prompt,
-    )
+    return check
 
 
 def _check_shard_digits(manifest: Manifest, config: RunConfig) -> None:

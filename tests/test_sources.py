@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import webdataset as wds
 
 from seediff.pipeline.sources import (
     AnnotateInputError,
@@ -103,6 +104,14 @@ def test_annotate_refuses_bad_input_before_ray(tmp_path: Path, shards, capsys) -
     assert main(["annotate", str(directory), "--out", out, *table]) == 2
     assert "in-000001.tar: sample img0003: cls (--classes-field): class index 2 is outside the --classes table of 2 " \
            "names (0..1)" in capsys.readouterr().err  # the third image's bird, read while planning
+    long_caption = directory / "long" / "in-000000.tar"  # a phrase past the 77 tokens the text encoder reads
+    long_caption.parent.mkdir()
+    with wds.TarWriter(str(long_caption)) as tar:
+        tar.write({"__key__": "img0099", "jpg": (directory / "in-000000.tar").read_bytes()[:16],
+                   "txt": ("x " * 80 + "a {dog}").encode()})
+    assert main(["annotate", str(long_caption), "--out", out, "--caption-field", "txt", "--model", "tiny"]) == 2
+    assert f"{long_caption}: sample img0099: txt (--caption-field): labelled phrase 'dog' (class 'dog') ends at " \
+           "token" in capsys.readouterr().err  # checked while planning, like a manifest's templates
     assert main(["annotate", str(directory), "--out", out, "--classes", "dog", "--timestep", "1000"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("seediff: error: --timestep: ") and "must be distinct integers in [0, 1000) (got [1000])" in err
