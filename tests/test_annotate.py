@@ -21,6 +21,10 @@ from torchmetrics.classification import MulticlassJaccardIndex
 from seediff.pipeline.cli import main
 from seediff.pipeline.layouts import voc_palette
 from seediff.pipeline.readers import segmentation_dataset
+from seediff.pipeline.sources import AnnotatePlan, open_input
+from seediff.schemas.config import AnnotateConfig, MaskConfig, RunConfig
+from seediff.workers.annotate import annotate_batch
+from seediff.workers.families import resolve
 from seediff.schemas.records import decode_mask
 from tests.annotate_support import (
     CLASS_TABLE, IMAGES, PHRASES, caption, image_bytes, write_image_folder, write_input_shards,
@@ -189,3 +193,18 @@ def test_eval_end_to_end_matches_torchmetrics(tmp_path: Path, capsys) -> None:
     for class_id in np.flatnonzero(present):
         assert report["classes"][class_id]["iou"] == pytest.approx(reference[class_id], abs=1e-6)
     assert report["gt_ignore_fraction"] > 0
+
+
+def test_sdxl_annotates_with_its_pooled_text_and_size_conditioning(family_pipes, saved_models, tmp_path) -> None:
+    """The SDXL family's UNet also needs the pooled text embedding and the size/crop ids (``added_cond_kwargs``):
+    annotate builds them as the SDXL pipeline does, and labels every image at its own size with the run's ids."""
+    config, _ = resolve(RunConfig(model=saved_models["sdxl"], resolution=128, batch_size=len(IMAGES),
+                                  annotate=AnnotateConfig(timesteps=(100, 300)), mask=MaskConfig(pamr_iterations=5)))
+    write_image_folder(tmp_path / "images")
+    plan = AnnotatePlan(open_input(str(tmp_path / "images"), ["dog", "cat"], None), config)
+    annotated = annotate_batch(family_pipes["sdxl"], plan.samples(plan.shard(0)), config)
+    assert [a.error for a in annotated] == [None] * len(IMAGES)
+    for result, (width, height, _, _) in zip(annotated, IMAGES):
+        assert result.labels.shape == (height, width)
+        assert set(np.unique(result.labels)) <= {0, 1, 2, 255}
+        assert [c["class_id"] for c in result.mask_stats["classes"]] == [1, 2]
