@@ -22,8 +22,8 @@ from PIL import Image
 from seediff.schemas.config import RunConfig
 from seediff.schemas.records import InputSample, SampleSpec
 from seediff.workers import seediff
-from seediff.workers.encode import INPUT_IMAGE_FIELDS
 from seediff.workers.capture import SeeDiffCapture
+from seediff.workers.encode import INPUT_IMAGE_FIELDS
 from seediff.workers.generate import attention_maps, new_capture, sample_token_positions
 
 
