@@ -22,7 +22,7 @@ from tests.e2e_support import SETTINGS, check_dataset, digests, reference_run, r
 
 # The e2e manifest's 9 samples in one shard of three full batches of 3: one compiled shape. Query blocks of 16 rows put
 # the 8x8 self layer in 4 blocks, so both kinds of captured layer are compiled: one-block layers traced by inductor,
-# multi-block ones as the seediff::conditional_attention custom op.
+# multi-block ones as the seediff::explicit_attention custom op.
 COMPILED = {**SETTINGS, "batch_size": 3, "samples_per_shard": 9, "compile": True,
             "mask": {**SETTINGS["mask"], "query_chunk": 16}}
 PROMPTS = [("dog", "a photograph of a dog"), ("cat", "Cat sleeping on a sofa"), ("potted plant", "a potted plant")]

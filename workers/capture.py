@@ -149,7 +149,9 @@ class AttentionSum:
 
     ``path`` "fused": fused SDPA for the whole batch, and the Triton kernel adds the probabilities without
     materialising them. "explicit": softmax probabilities per block of query rows; the conditional half's output is
-    computed from them (probs @ V), so no Q Kᵀ is computed twice, and fused SDPA runs on the unconditional half.
+    computed from them (probs @ V), so no Q Kᵀ is computed twice, and fused SDPA runs on the unconditional half; on
+    the CPU a layer whose whole batch fits one block (``CPU_BLOCK_BYTES``) takes the explicit product for the whole
+    batch instead (``whole_batch``).
 
     ``key_pool`` f > 1 (a self layer past ``max_self_entries``): each row's keys are summed in f x f blocks of the
     grid before they are added, [.., queries, keys / f²]; linear, so the time average commutes with it. The Triton
@@ -171,10 +173,15 @@ class AttentionSum:
         # every block are returned to the OS and page-faulted back in by glibc malloc (140k faults per 30-step batch
         # on the 2-core dev machine, most of the capture overhead then). On CUDA the caching allocator recycles them.
         self.scores = self.probs = None
+        self.whole_batch = False  # one block of explicit probabilities for the whole batch, not only its conditional half
         if device.type == "cpu":
-            row_bytes = max_samples * layer.heads * n_keys * 4
+            batch_rows = max_samples * (2 if guided else 1)
+            self.whole_batch = (path == "explicit" and self.query_chunk == n_queries
+                                and batch_rows * layer.heads * n_queries * n_keys * 4 <= CPU_BLOCK_BYTES)
+            rows = batch_rows if self.whole_batch else max_samples
+            row_bytes = rows * layer.heads * n_keys * 4
             self.query_chunk = max(1, min(self.query_chunk, CPU_BLOCK_BYTES // row_bytes))
-            block = max_samples * layer.heads * self.query_chunk * n_keys
+            block = rows * layer.heads * self.query_chunk * n_keys
             self.scores = torch.empty(block, dtype=scores_dtype, device=device)  # the dtype Q Kᵀ is computed in
             self.probs = torch.empty(block, dtype=torch.float32, device=device)
 
@@ -187,24 +194,30 @@ class AttentionSum:
         """The attention product of a captured call; the capture reuses the layer's own Q, K (and V) projections."""
         cond = _conditional_half(query.shape[0], self.guided)
         sums = self._sums(query.shape[0] - (cond.start or 0))
-        q, k = (query[cond].float(), key[cond].float()) if attn.upcast_attention else (query[cond], key[cond])
+        if attn.upcast_attention:  # the probabilities in fp32, as the layer's own attention computes them
+            q, k = query.float(), key.float()
+        else:
+            q, k = query, key
         if self.path == "fused":
             out = F.scaled_dot_product_attention(query, key, value)
             if self.key_pool == 1:
-                add_head_summed_probabilities(q, k, attn.scale, self.weight, sums)
+                add_head_summed_probabilities(q[cond], k[cond], attn.scale, self.weight, sums)
                 return out
-            for rows, probs in _probabilities(q, k, attn.scale, self.query_chunk, self.scores, self.probs):
+            for rows, probs in _probabilities(q[cond], k[cond], attn.scale, self.query_chunk, self.scores, self.probs):
                 _accumulate(sums, rows, probs, self.weight, self.grid, self.key_pool)
             return out
+        options = (self.weight, sums, self.scores, self.probs, self.query_chunk, list(self.grid), self.key_pool)
+        if self.whole_batch and not torch.compiler.is_compiling():
+            # In eager mode a small layer costs dispatch more than arithmetic: one explicit product over the whole
+            # batch replaces SDPA on the unconditional half and the concatenation (capture 0.33 vs 0.79 ms per UNet
+            # call, tiny model at 64 px). Compiled code has no per-op dispatch to save.
+            return _explicit_attention(q, k, value, attn.scale, *options, cond.start or 0)
         # Under torch.compile, a layer done in several blocks calls the op: ATen's kernels beat inductor's code for
-        # them (16 vs 29 ms, tiny model's 32x32 layer, CPU). A one-block layer is left to inductor, which fuses it
-        # (0.16 vs 0.37 ms at 2x2). Eager calls the function itself: the op's dispatch alone costs ~0.1 ms a call.
+        # them (16 vs 29 ms, tiny model's 32x32 layer, CPU). Eager calls the function itself: the op's dispatch
+        # alone costs ~0.1 ms a call.
         opaque = torch.compiler.is_compiling() and self.query_chunk < q.shape[2]
-        explicit = conditional_attention if opaque else _conditional_attention
-        out = explicit(
-            q, k, value[cond], attn.scale, self.weight, sums, self.scores, self.probs, self.query_chunk,
-            list(self.grid), self.key_pool,
-        )
+        explicit = explicit_attention if opaque else _explicit_attention
+        out = explicit(q[cond], k[cond], value[cond], attn.scale, *options, 0)
         if cond.start is None:
             return out
         uncond = slice(None, cond.start)
@@ -456,7 +469,7 @@ def _projections(attn: Attention, hidden_states: torch.Tensor, context: torch.Te
     return query, key, value
 
 
-def _conditional_attention(
+def _explicit_attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
@@ -468,30 +481,31 @@ def _conditional_attention(
     chunk: int,
     grid: list[int],
     key_pool: int,
+    sums_from: int,
 ) -> torch.Tensor:
-    """The explicit path's conditional half: softmax probabilities per block of ``chunk`` query rows, the attention
-    output computed from them (probs @ V, so no Q Kᵀ is computed twice), and ``sums += weight · Σ_heads probs``
-    (keys summed in ``key_pool`` x ``key_pool`` blocks of ``grid``). ``scores``/``probs``: flat buffers for the
-    blocks (off the GPU), or None."""
+    """The explicit path: softmax probabilities per block of ``chunk`` query rows, the attention output computed from
+    them (probs @ V, so no Q Kᵀ is computed twice), and ``sums += weight · Σ_heads probs`` of the batch rows from
+    ``sums_from`` on, the conditional ones (keys summed in ``key_pool`` x ``key_pool`` blocks of ``grid``).
+    ``scores``/``probs``: flat buffers for the blocks (off the GPU), or None."""
     out = torch.empty((*query.shape[:3], value.shape[-1]), dtype=value.dtype, device=value.device)
     values_t = value.transpose(-1, -2)
     for rows, block in _probabilities(query, key, scale, chunk, scores, probs):
         # probs @ V computed as (Vᵀ probsᵀ)ᵀ: oneDNN's CPU GEMM is ~3x slower with few output columns (head
         # dim 8) than with few output rows; with SD's head dims (40-64) both forms cost the same.
         out[:, :, rows] = (values_t @ block.to(value.dtype).transpose(-1, -2)).transpose(-1, -2)
-        _accumulate(sums, rows, block, weight, tuple(grid), key_pool)
+        _accumulate(sums, rows, block[sums_from:], weight, tuple(grid), key_pool)
     return out
 
 
 # The same as a custom op: a compiled UNet calls it as one opaque, ATen-backed node where inductor's own code is slower
 # (AttentionSum._attend says where; bench/RESULTS.md has the figures).
-conditional_attention = torch.library.custom_op(
-    "seediff::conditional_attention", _conditional_attention, mutates_args=("sums", "scores", "probs")
+explicit_attention = torch.library.custom_op(
+    "seediff::explicit_attention", _explicit_attention, mutates_args=("sums", "scores", "probs")
 )
 
 
-@conditional_attention.register_fake
-def _(query, key, value, scale, weight, sums, scores, probs, chunk, grid, key_pool) -> torch.Tensor:
+@explicit_attention.register_fake
+def _(query, key, value, scale, weight, sums, scores, probs, chunk, grid, key_pool, sums_from) -> torch.Tensor:
     """Shapes only, for torch.compile's tracing."""
     return query.new_empty((*query.shape[:3], value.shape[-1]), dtype=value.dtype)
 
