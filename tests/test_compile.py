@@ -126,3 +126,19 @@ def test_generate_compile_end_to_end_on_local_ray(compiled, local_ray, tmp_path,
     assert main(base) == 2  # the same run without --compile
     assert "differing fields: compile" in capsys.readouterr().err
     assert digests(out) == compiled_bytes
+
+
+def test_annotate_compile_pays_its_compile_before_the_first_batch(local_ray, tmp_path, capsys):
+    """`seediff annotate --compile`: the actor warms the compiled UNet up with an annotate-shaped call (unguided,
+    the first timestep), so the compile time is in compile_s, and the output is complete and verified."""
+    from tests.annotate_support import write_image_folder
+
+    write_image_folder(tmp_path / "images")  # 5 images: shards of 3 in batches of 3, and a last shard of 2
+    out = tmp_path / "out"
+    assert main(["annotate", str(tmp_path / "images"), "--out", str(out), "--classes", "dog,cat", "--model", "tiny",
+                 "--resolution", "64", "--batch-size", "3", "--samples-per-shard", "3", "--timestep", "100",
+                 "--mask-pamr-iterations", "5", "--compile", "--num-actors", "1"]) == 0, capsys.readouterr().err
+    assert main(["verify", str(out)]) == 0
+    stats = stats_files(out)
+    assert sorted((s["count"], s["successes"]) for s in stats.values()) == [(2, 2), (3, 3)]
+    assert all(s["runtime"]["compile_s"] > 0 for s in stats.values())

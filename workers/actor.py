@@ -18,9 +18,9 @@ import torch
 from seediff.schemas.config import RunConfig, RuntimeOptions
 from seediff.schemas.records import InputSample, SampleOutcome, SampleSpec, ShardSpec
 from seediff.storage import SHARD, failure_kind, sweep_staging
-from seediff.workers.annotate import AnnotatedSample, annotate_batch
+from seediff.workers.annotate import AnnotatedSample, annotate_batch, warm_up_annotation
 from seediff.workers.encode import encode_annotated, encode_sample
-from seediff.workers.generate import GeneratedSample, generate_batch, install_capture
+from seediff.workers.generate import GeneratedSample, generate_batch, install_capture, warm_up_generation
 from seediff.workers.models import load_model, resolve_device
 from seediff.workers.shards import ShardWriter
 
@@ -53,7 +53,8 @@ class ShardActor:
         started = time.perf_counter()
         self.pipe = load_model(config, self.device)
         self.load_s = time.perf_counter() - started
-        self.capture, self.compile_s = install_capture(self.pipe, config)
+        warm_up = warm_up_annotation if config.annotate is not None else warm_up_generation
+        self.capture, self.compile_s = install_capture(self.pipe, config, warm_up)
         # Encoding (PIL/zlib release the GIL) of batch k runs here while batch k+1 is generated.
         self.encoder = ThreadPoolExecutor(max_workers=runtime.encode_threads, thread_name_prefix="encode")
         self.identity = _identity(self.device, torch.get_num_threads())

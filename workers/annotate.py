@@ -24,7 +24,7 @@ from seediff.schemas.records import InputSample, SampleSpec
 from seediff.workers import seediff
 from seediff.workers.capture import SeeDiffCapture
 from seediff.workers.encode import INPUT_IMAGE_FIELDS
-from seediff.workers.generate import attention_maps, new_capture, sample_token_positions
+from seediff.workers.generate import attention_maps, latent_grid, new_capture, sample_token_positions
 
 
 @dataclass
@@ -119,6 +119,21 @@ def _label(
             stats,
         ))
     return annotated
+
+
+def warm_up_annotation(pipe: DiffusionPipeline, config: RunConfig, capture: SeeDiffCapture) -> None:
+    """One UNet call shaped like an annotate batch of ``config.batch_size`` (blank prompts, zero latents in the VAE's
+    dtype, the first timestep) through ``capture``: what a compiled UNet compiles for (``install_capture``)."""
+    width, height = config.size
+    batch = config.batch_size
+    with torch.no_grad():
+        embeddings, conditioning = _text_conditioning(pipe, [""] * batch, (height, width))
+        latents = torch.zeros(batch, pipe.unet.config.in_channels, *latent_grid(pipe, config),
+                              dtype=pipe.vae.dtype, device=pipe.unet.device)
+        step = torch.full((batch,), config.annotate.timesteps[0], dtype=torch.long, device=latents.device)
+        capture.begin([[1]] * batch)
+        pipe.unet(latents, step, encoder_hidden_states=embeddings, **conditioning)
+        capture.advance()
 
 
 def _text_conditioning(pipe: DiffusionPipeline, prompts: list[str], size: tuple[int, int]) -> tuple[torch.Tensor, dict]:

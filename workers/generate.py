@@ -4,7 +4,7 @@ torch.Generator seeded with spec.seed, so a sample's image does not depend on it
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
@@ -113,13 +113,17 @@ def new_capture(pipe: DiffusionPipeline, config: RunConfig, max_samples: int) ->
     )
 
 
-def install_capture(pipe: DiffusionPipeline, config: RunConfig) -> tuple[SeeDiffCapture, float | None]:
+def install_capture(
+    pipe: DiffusionPipeline,
+    config: RunConfig,
+    warm_up: Callable[[DiffusionPipeline, RunConfig, SeeDiffCapture], None] | None = None,
+) -> tuple[SeeDiffCapture, float | None]:
     """The actor's capture: one for batches of ``config.batch_size``, installed on ``pipe``'s UNet for good (building
     and installing one per batch walks the UNet twice: ~4 % of a tiny-model batch). With ``config.compile`` also
     compile the UNet and the VAE decoder (``compile_model``; compiled code is specialised to these processors) and
-    pay the compile cost now with a one-step generation of that size. Returns the capture and the compile seconds
-    (None without compile). A shard's smaller last batch, and an annotate run's first batch, compile once more on
-    first use."""
+    pay the compile cost now with ``warm_up``, one call shaped like the run's batches (default ``warm_up_generation``;
+    annotate runs pass theirs). Returns the capture and the compile seconds (None without compile). A shard's smaller
+    last batch compiles once more, on first use."""
     capture = new_capture(pipe, config, config.batch_size)
     install_processors(pipe.unet, capture.processors())
     if not config.compile:
@@ -128,20 +132,24 @@ def install_capture(pipe: DiffusionPipeline, config: RunConfig) -> tuple[SeeDiff
         torch._dynamo.mark_static_address(tensor)
     compile_model(pipe, config.compile_mode)
     started = time.perf_counter()
-    if config.annotate is None:
-        capture.begin([[1]] * config.batch_size)
-        width, height = config.size
-        pipe(
-            prompt=[""] * config.batch_size,
-            height=height,
-            width=width,
-            num_inference_steps=1,
-            guidance_scale=config.guidance_scale,
-            generator=torch.Generator("cpu").manual_seed(0),
-            output_type="pt",
-            callback_on_step_end=capture.step_end,
-        )
+    (warm_up or warm_up_generation)(pipe, config, capture)
     return capture, time.perf_counter() - started
+
+
+def warm_up_generation(pipe: DiffusionPipeline, config: RunConfig, capture: SeeDiffCapture) -> None:
+    """A one-step generation of ``config.batch_size`` blank prompts through ``capture``."""
+    capture.begin([[1]] * config.batch_size)
+    width, height = config.size
+    pipe(
+        prompt=[""] * config.batch_size,
+        height=height,
+        width=width,
+        num_inference_steps=1,
+        guidance_scale=config.guidance_scale,
+        generator=torch.Generator("cpu").manual_seed(0),
+        output_type="pt",
+        callback_on_step_end=capture.step_end,
+    )
 
 
 def sample_token_positions(pipe: DiffusionPipeline, spec: SampleSpec) -> list[list[int]]:
