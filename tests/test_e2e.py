@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import logging
 import tarfile
 import os
 import subprocess
@@ -89,9 +90,10 @@ def reference(inputs, tmp_path_factory):
     return reference_run(manifest, str(tmp_path_factory.mktemp("reference") / "out"))
 
 
-def test_cli_two_actors_every_sample_once(inputs, reference, tmp_path, capsys):
+def test_cli_two_actors_every_sample_once(inputs, reference, tmp_path, capsys, caplog):
     manifest, config = inputs
     out = tmp_path / "out"
+    caplog.set_level(logging.INFO, logger="seediff.pipeline.dispatch")
     rc = main(["generate", str(manifest), "--out", str(out), "--config", str(config), "--num-actors", "2"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
@@ -99,7 +101,10 @@ def test_cli_two_actors_every_sample_once(inputs, reference, tmp_path, capsys):
     assert "9 samples written" in captured.out
     check_dataset(out, NUM_SAMPLES)
     assert digests(out) == reference
-    assert len({s["runtime"]["actor_id"] for s in stats_files(out).values()}) == 2
+    # Two actors start; shards go only to actors that are ready, so which commits what depends on their start-up
+    # times: the first one ready may commit all five 0.3 s shards before the other has loaded its model.
+    assert "2 CPU actors to start" in caplog.text
+    assert 1 <= len({s["runtime"]["actor_id"] for s in stats_files(out).values()}) <= 2
     assert main(["verify", str(out)]) == 0
 
 
