@@ -194,30 +194,30 @@ class AttentionSum:
         """The attention product of a captured call; the capture reuses the layer's own Q, K (and V) projections."""
         cond = _conditional_half(query.shape[0], self.guided)
         sums = self._sums(query.shape[0] - (cond.start or 0))
+        # In eager mode a small layer costs dispatch more than arithmetic: one explicit product over the whole batch
+        # replaces SDPA on the unconditional half and the concatenation (capture 0.33 vs 0.79 ms per UNet call, tiny
+        # model at 64 px). Compiled code has no per-op dispatch to save.
+        whole = self.whole_batch and not torch.compiler.is_compiling()
+        rows = slice(None) if whole else cond  # the rows whose probabilities are computed
+        q, k = query[rows], key[rows]
         if attn.upcast_attention:  # the probabilities in fp32, as the layer's own attention computes them
-            q, k = query.float(), key.float()
-        else:
-            q, k = query, key
+            q, k = q.float(), k.float()
         if self.path == "fused":
             out = F.scaled_dot_product_attention(query, key, value)
             if self.key_pool == 1:
-                add_head_summed_probabilities(q[cond], k[cond], attn.scale, self.weight, sums)
+                add_head_summed_probabilities(q, k, attn.scale, self.weight, sums)
                 return out
-            for rows, probs in _probabilities(q[cond], k[cond], attn.scale, self.query_chunk, self.scores, self.probs):
-                _accumulate(sums, rows, probs, self.weight, self.grid, self.key_pool)
+            for block_rows, probs in _probabilities(q, k, attn.scale, self.query_chunk, self.scores, self.probs):
+                _accumulate(sums, block_rows, probs, self.weight, self.grid, self.key_pool)
             return out
         options = (self.weight, sums, self.scores, self.probs, self.query_chunk, list(self.grid), self.key_pool)
-        if self.whole_batch and not torch.compiler.is_compiling():
-            # In eager mode a small layer costs dispatch more than arithmetic: one explicit product over the whole
-            # batch replaces SDPA on the unconditional half and the concatenation (capture 0.33 vs 0.79 ms per UNet
-            # call, tiny model at 64 px). Compiled code has no per-op dispatch to save.
+        if whole:
             return _explicit_attention(q, k, value, attn.scale, *options, cond.start or 0)
         # Under torch.compile, a layer done in several blocks calls the op: ATen's kernels beat inductor's code for
         # them (16 vs 29 ms, tiny model's 32x32 layer, CPU). Eager calls the function itself: the op's dispatch
         # alone costs ~0.1 ms a call.
         opaque = torch.compiler.is_compiling() and self.query_chunk < q.shape[2]
-        explicit = explicit_attention if opaque else _explicit_attention
-        out = explicit(q[cond], k[cond], value[cond], attn.scale, *options, 0)
+        out = (explicit_attention if opaque else _explicit_attention)(q, k, value[cond], attn.scale, *options, 0)
         if cond.start is None:
             return out
         uncond = slice(None, cond.start)
