@@ -144,17 +144,17 @@ def _listed_files(source: str, fs: Any, path: str) -> list[InputUnit]:
 
 
 def class_list(value: str) -> list[str]:
-    """``--classes`` as written: ``"dog,cat"``, or ``@FILE`` (local or any fsspec URL) with one class name per line,
-    blank lines and lines starting with ``#`` skipped (ImageNet-sized tables do not fit a comma list)."""
+    """``--classes`` as written: ``"dog,cat"``, or ``@FILE`` (local or any fsspec URL), a class list as ``eval``
+    reads it (``layouts.read_class_list``: one name per line, blank lines and ``#`` lines skipped), since
+    ImageNet-sized tables do not fit a comma list."""
     if value.startswith(TABLE_FILE):
+        from seediff.pipeline.layouts import read_class_list  # eval's class list format; torch only when needed
+
         try:
-            with fsspec.open(value[len(TABLE_FILE):], "rt", encoding="utf-8") as f:
-                lines = f.read().splitlines()
+            return list(read_class_list(value[len(TABLE_FILE):]))
         except FileNotFoundError:
             raise AnnotateInputError(f"--classes {value}: not found") from None
-        names = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
-    else:
-        names = [name.strip() for name in value.split(",") if name.strip()]
+    names = [name.strip() for name in value.split(",") if name.strip()]
     if not names:
         raise AnnotateInputError(f'--classes {value!r}: no class names (e.g. --classes "dog,cat" or @classes.txt)')
     return names
