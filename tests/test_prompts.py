@@ -209,20 +209,11 @@ def test_counting_characters_clears_only_templates_that_certainly_fit():
             latest_phrase_tokens(BYTES, template)
 
 
-def test_real_run_refuses_a_phrase_past_token_77_before_ray(tmp_path, capsys):
+@pytest.mark.parametrize("mode", [[], ["--dry-run"]], ids=["run", "dry-run"])
+def test_a_phrase_past_token_77_is_refused_with_exit_2_before_ray(tmp_path, capsys, mode):
     scenes = tmp_path / "scenes.csv"
     scenes.write_text(f"prompt,num_samples\na {{dog}} and a {{cat}},2\n\"{'x ' * 70}[a|a big] {{cat}}\",1\n")
-    code = main(["generate", str(scenes), "--out", str(tmp_path / "out"), "--model", "tiny"])
-    err = capsys.readouterr().err
-    assert code == 2
-    assert f"{scenes}:3: prompt: labelled phrase 'cat' (class 'cat') ends at token 78, past the text encoder's 77" in err
-    assert not (tmp_path / "out").exists()  # refused before any output, model or Ray
-
-
-def test_dry_run_refuses_a_phrase_past_token_77_with_exit_2(tmp_path, capsys):
-    scenes = tmp_path / "scenes.csv"
-    scenes.write_text(f"prompt,num_samples\na {{dog}} and a {{cat}},2\n\"{'x ' * 70}[a|a big] {{cat}}\",1\n")
-    code = main(["generate", str(scenes), "--out", str(tmp_path / "out"), "--model", "tiny", "--dry-run"])
+    code = main(["generate", str(scenes), "--out", str(tmp_path / "out"), "--model", "tiny", *mode])
     err = capsys.readouterr().err
     assert code == 2
     assert f"{scenes}:3: prompt: labelled phrase 'cat' (class 'cat') ends at token 78, past the text encoder's 77" in err
