@@ -141,4 +141,7 @@ def test_annotate_compile_pays_its_compile_before_the_first_batch(local_ray, tmp
     assert main(["verify", str(out)]) == 0
     stats = stats_files(out)
     assert sorted((s["count"], s["successes"]) for s in stats.values()) == [(2, 2), (3, 3)]
-    assert all(s["runtime"]["compile_s"] > 0 for s in stats.values())
+    # the shard of full batches (the warm-up's shape) runs on compiled code: the compile is in compile_s, not in
+    # its generate_s (without the warm-up: compile_s ~1e-5 s and the compile inside the first shard's generate_s)
+    (full,) = [s["runtime"] for s in stats.values() if s["count"] == 3]
+    assert full["compile_s"] > full["generate_s"]
