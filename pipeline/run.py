@@ -179,7 +179,8 @@ def _run_under_lease(
     finally:
         progress.close()
     run_json = f"{config.output_url.rstrip('/')}/{RUN_JSON}"
-    return RunSummary.from_dispatch(config.output_url, result, len(committed), index, {"run_json": run_json})
+    return RunSummary.from_dispatch(config.output_url, result, len(committed), index, {"run_json": run_json},
+                                    runtime.max_failed_fraction)
 
 
 def _against_cluster(runtime: RuntimeOptions) -> bool:

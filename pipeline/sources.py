@@ -40,6 +40,7 @@ PLACEHOLDER = "{class_name}"
 IMAGE_SUFFIXES = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}  # file suffix -> sample field
 LIST_SUFFIX = ".txt"
 TABLE_FILE = "@"  # --classes @FILE: the class list from a file, one name per line
+MISSING = "__missing__"  # read_unit: the field of a listed file that is not there, holding why
 INDEX_SEPARATORS = re.compile(r"[\s,]+")  # between the integers of a multi-label cls field
 
 
@@ -313,10 +314,12 @@ def read_unit(unit: InputUnit, start: int, stop: int) -> Iterator[dict[str, Any]
     A file unit becomes one sample whose image field is named by its suffix."""
     if unit.kind == "file":
         if start == 0 and stop >= 1:
-            with fsspec.open(unit.url, "rb") as f:
-                data = f.read()
             suffix = posixpath.splitext(unit.url.split("?", 1)[0])[1].lower()
-            yield {"__key__": unit.key, "__url__": unit.url, IMAGE_SUFFIXES[suffix]: data}
+            try:
+                with fsspec.open(unit.url, "rb") as f:
+                    yield {"__key__": unit.key, "__url__": unit.url, IMAGE_SUFFIXES[suffix]: f.read()}
+            except FileNotFoundError:  # this sample's own failure; a network error still fails the shard
+                yield {"__key__": unit.key, "__url__": unit.url, MISSING: f"{unit.url}: not found"}
         return
     from seediff.pipeline.readers import raw_samples
 
@@ -356,7 +359,7 @@ class AnnotatePlan(Plan):
             for fields in read_unit(unit, index, stop):
                 spec = SampleSpec(sample_id, unit_index, index, sample_seed(self.global_seed, sample_id),
                                   self.row(unit, fields))
-                read.append(InputSample(spec, fields))
+                read.append(InputSample(spec, fields, fields.pop(MISSING, None)))
                 sample_id, index = sample_id + 1, index + 1
             if index < stop:
                 raise AnnotateInputError(f"{unit.url}: {index} samples, the plan counted {unit.num_samples}; the input "

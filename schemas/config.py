@@ -295,6 +295,10 @@ class RuntimeOptions(_Strict):
         2, ge=1, description="shards queued per actor", json_schema_extra={"flag": "--shards-in-flight"}
     )
     encode_threads: int = Field(2, ge=1, description="image encoding threads per actor")
+    max_failed_fraction: float = Field(
+        0.01, ge=0, le=1, description="the run succeeds (exit 0) only when at most this fraction of its samples "
+        "failed in a per-sample stage (prompt, image, safety, labels) and every planned shard is committed"
+    )
 
     def actor_bounds(self) -> tuple[int, int | None]:
         """(min, max) actors: --num-actors N means at most N, like --max-actors."""

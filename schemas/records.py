@@ -140,6 +140,22 @@ def shard_file_pattern(prefix: str, digits: int) -> re.Pattern[str]:
 SUCCESS = "success"
 FAILED = "failed"
 
+# The per-sample stages: only an error of one of these fails a sample alone (a failed row of a committed shard);
+# any other error fails the whole shard, which is retried elsewhere and never commits with it.
+PROMPT_STAGE = "prompt"  # the sample's prompt and its class tokens (a phrase past the text encoder's context)
+IMAGE_STAGE = "image"  # reading or decoding the sample's input image (missing, truncated, undecodable)
+SAFETY_STAGE = "safety"  # blanked by the model's safety checker
+LABELS_STAGE = "labels"  # the sample's label map (values other than 0, its class ids and 255)
+
+
+class SampleFailure(ValueError):
+    """An error of one sample in a named per-sample stage; ``str()`` is ``stage: message``, which the failure
+    histogram keys on (``failure_reason``). The message names the sample's source (input URL and key, or sample)."""
+
+    def __init__(self, stage: str, message: str):
+        super().__init__(f"{stage}: {message}")
+        self.stage = stage
+
 
 @dataclass(frozen=True)
 class InputSample:
@@ -148,6 +164,7 @@ class InputSample:
 
     spec: SampleSpec
     fields: dict[str, Any]  # field name -> bytes, plus webdataset's "__key__" / "__url__"
+    error: str | None = None  # why the input could not be read (its image stage's failure message), else None
 
 
 @dataclass(frozen=True)
@@ -328,7 +345,8 @@ MAX_FAILURE_REASONS = 32  # distinct reasons kept in the histogram; the rest are
 
 
 def failure_reason(error: str) -> str:
-    """Histogram bucket of an error message: the text before the first colon ("nsfw: blanked ..." -> "nsfw")."""
+    """Histogram bucket of an error message: its stage, the text before the first colon ("safety: blanked ..." ->
+    "safety"; ``SampleFailure``)."""
     return error.split(":", 1)[0].strip()[:80] or "unknown"
 
 

@@ -14,14 +14,14 @@ import torch
 from diffusers import DiffusionPipeline
 
 from seediff.schemas.config import RunConfig
-from seediff.schemas.records import SampleSpec
+from seediff.schemas.records import PROMPT_STAGE, SAFETY_STAGE, SampleFailure, SampleSpec
 from seediff.workers import seediff
 from seediff.tokens import PhrasePositionError, class_token_positions
 from seediff.workers.capture import CapturedAttention, SeeDiffCapture, install_processors
 from seediff.workers.families import choose_layers
 from seediff.workers.models import compile_model
 
-NSFW_ERROR = "nsfw: blanked by the safety checker"
+NSFW_ERROR = f"{SAFETY_STAGE}: blanked by the safety checker (nsfw)"
 
 
 @dataclass
@@ -40,13 +40,14 @@ def generate_batch(
     capture: SeeDiffCapture | None = None,
 ) -> list[GeneratedSample]:
     """A sample whose labelled phrase falls past the text encoder's context fails alone (``prompt: ...``); the dry
-    run refuses such templates up front. ``capture``: see ``generate_with_capture``."""
+    run refuses such templates up front. Any other error is the batch's and propagates (the shard fails).
+    ``capture``: see ``generate_with_capture``."""
     failures = {}
     for spec in samples:
         try:
             sample_token_positions(pipe, spec)
-        except PhrasePositionError as e:
-            failures[spec.sample_id] = f"prompt: {e}"
+        except SampleFailure as e:
+            failures[spec.sample_id] = str(e)
     runnable = [s for s in samples if s.sample_id not in failures]
     generated = {g.spec.sample_id: g for g in _generate(pipe, runnable, config, capture)} if runnable else {}
     return [generated.get(s.sample_id) or GeneratedSample(s, None, None, {}, failures[s.sample_id]) for s in samples]
@@ -155,16 +156,17 @@ def warm_up_generation(pipe: DiffusionPipeline, config: RunConfig, capture: SeeD
 def sample_token_positions(pipe: DiffusionPipeline, spec: SampleSpec) -> list[list[int]]:
     """Token positions of each class of the sample, from where its phrases were placed in the rendered prompt.
     SDXL's cross-attention keys are both text encoders' states at the same positions, so both tokenizers must
-    place every phrase at the same positions: one that disagrees is an error, never a silently shifted map."""
+    place every phrase at the same positions: one that disagrees is an error, never a silently shifted map. Both
+    are the sample's own failures (``SampleFailure`` of the prompt stage)."""
     tokenizers = [t for t in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)) if t is not None]
     where = f"manifest line {spec.row.line} (sample {spec.sample_id})" if spec.row.line else f"sample {spec.sample_id}"
     try:
         found = [class_token_positions(t, spec.prompt) for t in tokenizers]
     except PhrasePositionError as e:
-        raise PhrasePositionError(f"{where}: {e}") from e
+        raise SampleFailure(PROMPT_STAGE, f"{where}: {e}") from e
     if any(p != found[0] for p in found[1:]):
-        raise ValueError(f"{where}: the model's tokenizers place the class phrases at different token positions "
-                         f"{found}; SeeDiff cannot read its cross-attention")
+        raise SampleFailure(PROMPT_STAGE, f"{where}: the model's tokenizers place the class phrases at different "
+                            f"token positions {found}; SeeDiff cannot read its cross-attention")
     return found[0]
 
 
