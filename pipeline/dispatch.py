@@ -357,6 +357,13 @@ class Dispatcher:
             self.on_shard_done(record)
 
     def _startup_failed(self, reason: str, error: BaseException | None = None) -> None:
+        """Count an actor that failed to start; stop the run only when none is working: a pool asking for more
+        actors than can be placed now (--min-actors above the GPUs present, an autoscaler still adding nodes) keeps
+        running on the actors it has and keeps trying to place the rest."""
+        if self.ready_actors:
+            log.warning("an actor failed to start (%s); running on the %d ready, placing it again", reason,
+                        self.ready_actors)
+            return
         self.startup_failures += 1
         if self.startup_failures >= max(self.runtime.max_attempts, self.target):
             raise DispatchError(

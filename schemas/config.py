@@ -11,6 +11,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from seediff.schemas.prompts import class_template
+
 
 DEFAULT_PROMPT_TEMPLATE = "a photograph of a {class_name}"
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -197,7 +199,9 @@ class RunConfig(_Strict):
     image_format: Literal["jpg", "png", "webp"] = Field("jpg", description="encoding of the image field")
     image_quality: int = Field(95, ge=1, le=100, description="jpg/webp quality")
     prompt_template: str = Field(
-        DEFAULT_PROMPT_TEMPLATE, description="prompt for manifest rows without one; must contain {class_name}"
+        DEFAULT_PROMPT_TEMPLATE, description="prompt for manifest rows without one, and annotate's prompt (the "
+        "image's classes listed in place of the class phrase); the manifest's template syntax, marking the class as "
+        "{class_name} or {phrase:class_name}"
     )
     mask: MaskConfig = Field(MaskConfig(), description="SeeDiff mask settings")
     # Output settings, not runtime options: compiled kernels round floats differently (on the CPU some pixels move
@@ -230,8 +234,7 @@ class RunConfig(_Strict):
     @field_validator("prompt_template")
     @classmethod
     def _template(cls, v: str) -> str:
-        if "{class_name}" not in v:
-            raise ValueError("prompt_template must contain {class_name}")
+        class_template(v)  # the manifest's template syntax, exactly (PromptSyntaxError is a ValueError)
         return v
 
     def resolved_dtype(self, device_kind: str) -> str:

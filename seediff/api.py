@@ -16,16 +16,16 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
 
 from seediff.pipeline.plan import shard_count
 from seediff.pipeline.resume import RunConfigMismatch, read_run_json
 from seediff.pipeline.sources import ImageInput, open_input
 from seediff.pipeline.summary import RunSummary
+from seediff.pipeline.validate import check_run, context_check
 from seediff.schemas.config import AnnotateConfig, ConfigError, InputError, RunConfig, RuntimeOptions
 from seediff.schemas.manifest import Manifest, ManifestError, load_manifest
-from seediff.schemas.prompts import Template
 from seediff.schemas.records import RUN_JSON
 from seediff.storage import check_access
 from seediff.workers.families import resolve as resolve_model
@@ -63,9 +63,11 @@ def generate(
     seediff files first. Progress goes to ``progress``. Returns the run's ``RunSummary``; shards that still failed
     after their retries are in ``failed_shards``."""
     run_config, manifest_ = _inputs(manifest, out, config, samples_per_class, classes, prompts)
+    runtime_ = _runtime(runtime)
+    check_run(run_config, runtime_)
     from seediff.pipeline.run import run_generation
 
-    return run_generation(manifest_, run_config, _runtime(runtime), overwrite=overwrite, stream=progress)
+    return run_generation(manifest_, run_config, runtime_, overwrite=overwrite, stream=progress)
 
 
 def dry_run(
@@ -87,6 +89,7 @@ def dry_run(
     run_config, manifest_ = _inputs(
         manifest, out, config, samples_per_class, classes, prompts, write=False, check_tokens=True
     )
+    check_run(run_config)
     return format_plan(manifest_, run_config, overwrite)
 
 
@@ -100,10 +103,12 @@ def resume(
     the recorded hash) and settings; only the runtime options may differ. Generates exactly the shards that are
     not committed, so a killed run resumed this way writes the same bytes as an uninterrupted one."""
     run_config, recorded = recorded_inputs(out)
+    runtime_ = _runtime(runtime)
+    check_run(run_config, runtime_, recorded if isinstance(recorded, ImageInput) else None)
     check_access(run_config.output_url, write=True)
     from seediff.pipeline.run import run_generation
 
-    return run_generation(recorded, run_config, _runtime(runtime), stream=progress)
+    return run_generation(recorded, run_config, runtime_, stream=progress)
 
 
 def recorded_inputs(out: str | os.PathLike[str]) -> tuple[RunConfig, Any]:
@@ -202,14 +207,15 @@ def annotate(
     table, the names its field's integers index (0 = the first); when ``config.annotate.caption_field`` is set, the
     phrases marked in its caption, which is its prompt. Shards under ``out`` like ``generate`` (resumable, indexed,
     verifiable). Returns the run's ``RunSummary``."""
-    run_config = annotate_config(config, out)
-    check_access(run_config.output_url, write=True)
+    run_config, runtime_ = annotate_config(config, out), _runtime(runtime)
     image_input = input if isinstance(input, ImageInput) else annotate_input(input, run_config, classes)
+    check_run(run_config, runtime_, image_input)
+    check_access(run_config.output_url, write=True)
     # the model's family, size and layers, from its config files, once the input is known to be good
     run_config, _ = resolve_model(run_config)
     from seediff.pipeline.run import run_generation
 
-    return run_generation(image_input, run_config, _runtime(runtime), overwrite=overwrite, stream=progress)
+    return run_generation(image_input, run_config, runtime_, overwrite=overwrite, stream=progress)
 
 
 def evaluate(
@@ -242,14 +248,16 @@ def evaluate(
         ))
         units, background_only = known_classes(dataset)
         image_input = ImageInput(dataset.root, tuple(units), dataset.class_names[1:])
+        runtime_ = _runtime(runtime)
+        check_run(run_config, runtime_, image_input)
         from seediff.pipeline.run import run_generation
 
         if units:
-            summary = run_generation(image_input, run_config, _runtime(runtime), stream=progress)
+            summary = run_generation(image_input, run_config, runtime_, stream=progress)
             if not summary.ok:
                 raise RuntimeError(f"annotating {dataset.root} failed: {summary.format()}")
-        predictions = run_config.output_url
-    metrics = score_predictions(dataset, os.fspath(predictions), background_only)
+        predictions = run_config.output_url if units else None  # every image background-only: nothing to read
+    metrics = score_predictions(dataset, None if predictions is None else os.fspath(predictions), background_only)
     return metrics, write_report(metrics, out_url)
 
 
@@ -267,7 +275,7 @@ def annotate_input(input: str | os.PathLike[str], config: RunConfig, classes: Se
     naming the file (and the sample and field)."""
     source = os.fspath(input)
     settings = config.annotate
-    check_caption = _context_check(config, exact=False) if settings.caption_field else None
+    check_caption = context_check(config, exact=False) if settings.caption_field else None
     return open_input(source if "://" in source else absolute_url(source), classes, settings.classes_field,
                       settings.caption_field, check_caption)
 
@@ -323,8 +331,8 @@ def _load_manifest(
     check_tokens: bool = False,
 ) -> Manifest:
     """The manifest with its files as absolute URLs (recorded for resume), each distinct labelled template checked
-    against the text encoder's context (``_context_check``; ``check_tokens``: the dry run's exact check)."""
-    check_prompt = _context_check(config, exact=check_tokens)
+    against the text encoder's context (``validate.context_check``; ``check_tokens``: the dry run's exact check)."""
+    check_prompt = context_check(config, exact=check_tokens)
     return load_manifest(
         absolute_url(url),
         samples_per_class=samples_per_class,
@@ -333,32 +341,6 @@ def _load_manifest(
         prompts=None if prompts is None else absolute_url(prompts),
         check_prompt=check_prompt,
     )
-
-
-def _context_check(config: RunConfig, exact: bool) -> Callable[[Template], None]:
-    """A check that raises ``PhrasePositionError`` for a template whose labelled phrase could fall past the text
-    encoder's context (``seediff.tokens``). ``exact`` (the dry run): every template with the model's tokenizer,
-    loaded now. Otherwise the tokenizer (and transformers, which the driver otherwise never imports) loads only for
-    a template too long to clear by counting characters."""
-    from seediff.tokens import fits_clip_context, latest_phrase_tokens, load_tokenizer
-
-    tokenizers = []
-
-    def tokenizer():
-        if not tokenizers:
-            try:
-                tokenizers.append(load_tokenizer(config.model, config.revision))
-            except OSError as e:
-                raise ConfigError(f"model: cannot load the tokenizer of {config.model!r}: {e}") from e
-        return tokenizers[0]
-
-    def check(template: Template) -> None:
-        if exact or not fits_clip_context(template):
-            latest_phrase_tokens(tokenizer(), template)
-
-    if exact:
-        tokenizer()
-    return check
 
 
 def _check_shard_digits(manifest: Manifest, config: RunConfig) -> None:

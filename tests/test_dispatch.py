@@ -238,3 +238,19 @@ def test_an_error_failing_every_shard_alike_stops_the_run_with_one_message(tmp_p
         Dispatcher(SHARDS, lambda: remote.remote(str(tmp_path), fault="alike"), 2, runtime,
                    on_shard_done=done.append).run()
     assert done == [] and time.monotonic() - started < 30  # stopped early: no shard spent its attempts
+
+
+def test_a_pool_larger_than_can_be_placed_keeps_running_on_the_placed_actors(tmp_path):
+    # --min-actors above the GPUs present (C9): every actor after the first asks for a resource no node has; their
+    # start-up timeouts must not stop the run while the placed actor works through the shards.
+    made = []
+
+    def make_actor():
+        options = {"resources": {"nobody_has_this": 1}} if made else {}
+        made.append(options)
+        return ray.remote(ScriptedActor).options(num_cpus=1, max_restarts=0, **options).remote(str(tmp_path), work_s=2.5)
+
+    runtime = RuntimeOptions(max_attempts=1, shard_timeout_s=60, actor_startup_timeout_s=6)  # the placed one starts
+    result = Dispatcher(SHARDS, make_actor, 2, runtime).run()
+    assert_all_completed(result)
+    assert len(made) >= 3  # the unplaceable slot failed twice (which stopped the run before) and was placed again
