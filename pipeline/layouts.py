@@ -31,7 +31,8 @@ import fsspec
 import numpy as np
 from PIL import Image
 
-from seediff.pipeline.readers import IMAGE_FIELDS, raw_samples, sample_record
+from seediff.pipeline.readers import raw_samples, sample_record
+from seediff.schemas.records import IMAGE_FIELDS
 from seediff.schemas.config import ConfigError
 from seediff.schemas.records import MASK_FIELD, decode_mask, sample_classes
 from seediff.storage import output_fs, write_file

@@ -25,6 +25,8 @@ def shard_count(num_samples: int, samples_per_shard: int) -> int:
 
 
 class Plan:
+    kind = "generate"  # the actor's choice of how a batch gets its images (workers/actor.py)
+
     def __init__(self, rows: tuple[ManifestRow, ...] | list[ManifestRow], global_seed: int, samples_per_shard: int):
         if samples_per_shard < 1:
             raise ValueError("samples_per_shard must be >= 1")

@@ -31,8 +31,7 @@ from PIL import Image
 from seediff.schemas.records import DATASET_JSON, PARQUET_SUFFIX, SIZES_JSON, SUCCESS, TAR_SUFFIX
 from seediff.schemas.records import ANNOTATION_FIELD, MASK_FIELD, decode_mask, quality_columns
 
-# generate writes one of config.image_format's values; annotate keeps its input's own image field (jpeg too)
-IMAGE_FIELDS = ("jpg", "png", "webp", "jpeg")
+from seediff.schemas.records import IMAGE_FIELDS  # the one image-field vocabulary, in webdataset's order
 SHARD_SHUFFLE_DEFAULT = 100  # shards held in the per-worker shard shuffle buffer (webdataset's own default)
 
 Sample = tuple[torch.Tensor, torch.Tensor, dict[str, Any]]

@@ -22,7 +22,8 @@ from PIL import Image, ImageDraw
 
 from seediff.pipeline import fonts
 from seediff.pipeline.plan import shard_count
-from seediff.pipeline.readers import IMAGE_FIELDS, MASK_FIELD, raw_samples, sample_record
+from seediff.pipeline.readers import MASK_FIELD, raw_samples, sample_record
+from seediff.schemas.records import IMAGE_FIELDS
 from seediff.pipeline.resume import read_committed_stats, read_run_json
 from seediff.pipeline.summary import human_bytes
 from seediff.schemas.config import RunConfig, flatten_settings
@@ -59,7 +60,7 @@ def read_run(out_url: str) -> tuple[dict[str, Any], RunConfig]:
     record = read_run_json(out_url)
     if record is None:
         raise FileNotFoundError(f"{out_url.rstrip('/')}/{RUN_JSON}: missing; not a seediff output root")
-    config = RunConfig.model_validate({**record["config"], "output_url": out_url})
+    config = RunConfig.recorded(record, out_url)
     return record, config
 
 
@@ -439,7 +440,7 @@ def _check_sample(
     corrupt = [
         f"{where}: {ext} sha256 {actual[:12]}... differs from the parquet's {expected[:12]}..."
         for ext, data in sorted(sample.items())
-        if (expected := checksums.get(checksum_column(ext))) and (actual := hashlib.sha256(data).hexdigest()) != expected
+        if (expected := checksums.get(checksum_column(ext, sample))) and (actual := hashlib.sha256(data).hexdigest()) != expected
     ]
     missing = [f for f in required if f not in sample]
     if not any(f in sample for f in IMAGE_FIELDS):

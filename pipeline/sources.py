@@ -21,6 +21,7 @@ import hashlib
 import json
 import posixpath
 import re
+import tarfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,17 +31,19 @@ import fsspec
 
 from seediff.pipeline.plan import Plan, sample_seed
 from seediff.schemas.config import InputError, RunConfig
-from seediff.schemas.manifest import LabelledClass, ManifestRow, class_key
+from seediff.schemas.manifest import LabelledClass, class_key
 from seediff.schemas.prompts import (
     CLASS_PLACEHOLDER, Phrase, PromptSyntaxError, Template, class_template, parse, substituted,
 )
-from seediff.schemas.records import DATASET_JSON, TAR_SUFFIX, InputSample, SampleSpec, ShardSpec
+from seediff.schemas.records import DATASET_JSON, TAR_SUFFIX, InputSample, InputSpec, ShardSpec
 from seediff.tokens import PhrasePositionError
 
-IMAGE_SUFFIXES = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}  # file suffix -> sample field
+# file suffix -> sample field (one of IMAGE_FIELDS): JPEG files are stored as webdataset's usual jpg
+IMAGE_SUFFIXES = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
 LIST_SUFFIX = ".txt"
 TABLE_FILE = "@"  # --classes @FILE: the class list from a file, one name per line
 MISSING = "__missing__"  # read_unit: the field of a listed file that is not there, holding why
+TAR_META = re.compile(r"__[^/]*__($|/)")  # tar members webdataset skips (its tar_file_iterator's skip_meta)
 INDEX_SEPARATORS = re.compile(r"[\s,]+")  # between the integers of a multi-label cls field
 
 
@@ -329,7 +332,11 @@ def read_unit(unit: InputUnit, start: int, stop: int) -> Iterator[dict[str, Any]
             except FileNotFoundError:  # this sample's own failure; a network error still fails the shard
                 yield {"__key__": unit.key, "__url__": unit.url, MISSING: f"{unit.url}: not found"}
         return
-    from seediff.pipeline.readers import raw_samples
+    with fsspec.open(unit.url, "rb") as f:
+        if f.seekable():
+            yield from _seek_samples(f, unit.url, start, stop)
+            return
+    from seediff.pipeline.readers import raw_samples  # a stream that cannot seek: read from the start
 
     for index, sample in enumerate(raw_samples(unit.url)):
         if index >= stop:
@@ -338,35 +345,66 @@ def read_unit(unit: InputUnit, start: int, stop: int) -> Iterator[dict[str, Any]
             yield sample
 
 
+def _seek_samples(f: Any, url: str, start: int, stop: int) -> Iterator[dict[str, Any]]:
+    """Samples ``[start, stop)`` of a seekable tar, grouped as webdataset groups them (``base_plus_ext`` keys,
+    lower-case suffixes, regular files, ``__meta__`` names skipped): only the members' headers are read before
+    ``start`` (tarfile seeks over their data), and reading stops at ``stop``, so the output shards of one input tar
+    read its data once between them."""
+    from webdataset.tariterators import base_plus_ext
+
+    index, key, sample = -1, None, None
+    with tarfile.open(fileobj=f, mode="r:") as tar:
+        for member in tar:
+            if not member.isreg() or TAR_META.match(member.name):
+                continue
+            prefix, suffix = base_plus_ext(member.name)
+            if prefix is None:
+                continue
+            if prefix != key:
+                if sample is not None:
+                    yield sample
+                index, key, sample = index + 1, prefix, None
+                if index >= stop:
+                    return
+                if index >= start:
+                    sample = {"__key__": prefix, "__url__": url}
+            if sample is not None:
+                sample[suffix.lower()] = tar.extractfile(member).read()
+    if sample is not None:
+        yield sample
+
+
 # ---- the annotate plan --------------------------------------------------------------------------------------------
 
 
-class AnnotatePlan(Plan):
-    """The generate plan over input units instead of manifest rows: the same shard arithmetic (sample ids run over
-    the units in order, shards are contiguous id ranges) and seeds. A sample's classes and prompt come from reading
-    the input: ``samples(shard)`` runs on the actor, like the generate plan's."""
+class AnnotatePlan:
+    """The annotate plan: the generate plan's shard arithmetic over input units instead of manifest rows (sample
+    ids run over the units in order, shards are contiguous id ranges, the same seeds). A sample's classes and prompt
+    come from reading the input: ``samples(shard)`` runs on the actor, like the generate plan's."""
+
+    kind = "annotate"  # the actor's choice of how a batch gets its images (workers/actor.py)
 
     def __init__(self, image_input: ImageInput, config: RunConfig):
-        super().__init__(image_input.units, config.seed, config.samples_per_shard)
+        self.ranges = Plan(image_input.units, config.seed, config.samples_per_shard)
+        self.num_samples, self.num_shards = self.ranges.num_samples, self.ranges.num_shards
+        self.shard, self.shard_range = self.ranges.shard, self.ranges.shard_range
         self.input = image_input
         self.template = class_template(config.prompt_template)
         self.classes_field = config.annotate.classes_field if config.annotate else None
         self.caption_field = config.annotate.caption_field if config.annotate else None
-
-    def sample(self, sample_id: int) -> SampleSpec:
-        raise TypeError("an annotate sample is known only once its input is read: use samples(shard)")
 
     def samples(self, shard: ShardSpec) -> tuple[InputSample, ...]:
         """The shard's input samples, read from the units its id range covers, each with its spec."""
         read: list[InputSample] = []
         sample_id = shard.start
         while sample_id < shard.stop:
-            unit_index, index = self.locate(sample_id)
+            unit_index, index = self.ranges.locate(sample_id)
             unit = self.input.units[unit_index]
             stop = min(unit.num_samples, index + shard.stop - sample_id)
             for fields in read_unit(unit, index, stop):
-                spec = SampleSpec(sample_id, unit_index, index, sample_seed(self.global_seed, sample_id),
-                                  self.row(unit, fields))
+                template, classes = self.labelling(unit, fields)
+                spec = InputSpec(sample_id, sample_seed(self.ranges.global_seed, sample_id), unit_index, index,
+                                 template, classes, unit.url, fields.get("__key__"))
                 read.append(InputSample(spec, fields, fields.pop(MISSING, None)))
                 sample_id, index = sample_id + 1, index + 1
             if index < stop:
@@ -374,9 +412,9 @@ class AnnotatePlan(Plan):
                                          "changed since the run was planned")
         return tuple(read)
 
-    def row(self, unit: InputUnit, fields: dict[str, Any]) -> ManifestRow:
-        """A one-sample manifest row labelling the sample's classes: its caption (``--caption-field``), or the
-        prompt template with its class phrase replaced by the class phrases ("a photograph of a dog and cat")."""
+    def labelling(self, unit: InputUnit, fields: dict[str, Any]) -> tuple[Template, tuple[LabelledClass, ...]]:
+        """The sample's prompt template and classes: its caption (``--caption-field``), or the prompt template with
+        its class phrase replaced by the class names ("a photograph of a dog and cat")."""
         where = f"{unit.url}: sample {fields.get('__key__')}"
         caption = None
         if unit.classes is not None:
@@ -390,7 +428,7 @@ class AnnotatePlan(Plan):
         classes = tuple(labelled.values())
         if caption is not None:  # its phrases name the classes as the run first wrote them
             caption = substituted(caption, lambda p: (Phrase(p.text, self.input.labelled(p.class_name, where).name),))
-        return ManifestRow(classes, 1, (caption or listing(self.template, classes),), "", 0)  # no manifest line
+        return caption or listing(self.template, classes), classes
 
 
 def listing(template: Template, classes: Sequence[LabelledClass]) -> Template:

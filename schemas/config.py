@@ -254,6 +254,12 @@ class RunConfig(_Strict):
             raise ConfigError(f"{source}:{e.lineno}: not valid JSON: {e.msg}") from e
         return cls.from_mapping(data, source)
 
+    @classmethod
+    def recorded(cls, record: dict[str, Any], output_url: str, source: str = "run.json") -> "RunConfig":
+        """The config a ``run.json`` record holds (``resume.read_run_json``), with ``output_url`` where the output
+        is now (it may have moved): the one way a recorded config is read back."""
+        return cls.from_mapping({**record["config"], "output_url": output_url}, source)
+
     def differences(self, other: "RunConfig") -> list[str]:
         """Dotted names of the fields whose values differ (nested mask settings as ``mask.<field>``)."""
         a, b = flatten_settings(self.model_dump(mode="json")), flatten_settings(other.model_dump(mode="json"))

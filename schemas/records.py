@@ -19,7 +19,7 @@ from PIL import Image
 
 from seediff.schemas.config import RunConfig
 from seediff.schemas.manifest import LabelledClass, ManifestRow
-from seediff.schemas.prompts import RenderedPrompt
+from seediff.schemas.prompts import RenderedPrompt, Template
 
 KEY_DIGITS = 12  # 254 classes x 10^9 samples fit in 12 digits
 
@@ -59,6 +59,63 @@ class SampleSpec:
         """The first labelled class: the sample's single ``cls`` for classification-style loaders."""
         return self.classes[0].class_id
 
+    @property
+    def where(self) -> str:
+        """The sample, as messages about it name it."""
+        return f"manifest line {self.row.line} (sample {self.sample_id})" if self.row.line else f"sample {self.sample_id}"
+
+    def record(self, config: RunConfig) -> dict[str, Any]:
+        """What only a generated sample's record holds: where it sits in the manifest and how it was sampled."""
+        return {
+            "class_index": self.class_index,
+            "index_in_class": self.index_in_class,
+            "negative_prompt": self.row.negative_prompt,
+            "scheduler": config.scheduler,
+            "steps": config.steps,
+            "guidance_scale": config.guidance_scale,
+            "image_format": config.image_format,
+            "image_quality": config.image_quality,
+        }
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """A sample to label (``seediff annotate``): its id and seed (the noise added to its latents), the input unit and
+    position it is read from, and the classes and prompt it is labelled with (``prompt``: the prompt template
+    listing the classes, or its caption). The same ``key``/``prompt``/``classes`` as a ``SampleSpec``."""
+
+    sample_id: int
+    seed: int
+    unit: int  # index of the input unit (tar or file) in the input
+    index_in_unit: int
+    template: Template
+    labelled: tuple[LabelledClass, ...]  # every class the prompt labels, in order of first use
+    source_url: str | None = None  # the input tar or file it is read from
+    source_key: str | None = None  # its key in the input (a tar's __key__; eval: the image id)
+
+    key = SampleSpec.key
+    class_id = SampleSpec.class_id
+
+    @cached_property
+    def prompt(self) -> RenderedPrompt:
+        return self.template.render(self.seed)
+
+    @property
+    def classes(self) -> tuple[LabelledClass, ...]:
+        by_name = {c.name: c for c in self.labelled}
+        return tuple(by_name[name] for name in self.prompt.class_names)
+
+    @property
+    def where(self) -> str:
+        return f"{self.source_url}" + ("" if self.source_key is None else f": sample {self.source_key}")
+
+    def record(self, config: RunConfig) -> dict[str, Any]:
+        """What only an annotated sample's record holds: where the input came from and the noise levels its
+        attention was read at (one UNet call each); its image field comes with its fields (``InputSample.record``)."""
+        annotate = config.annotate
+        return {"source_url": self.source_url, "source_key": self.source_key, "index_in_unit": self.index_in_unit,
+                "timesteps": list(annotate.timesteps) if annotate else None}
+
 
 @dataclass(frozen=True)
 class ShardSpec:
@@ -75,9 +132,17 @@ class ShardSpec:
 
 # ---- the sample's fields --------------------------------------------------------------------------------------------
 
+# The image fields a sample may hold, in webdataset's order of preference: a sample with several is labelled from,
+# checksummed as and read back as the first it holds (``image_field``). Generate writes jpg, png or webp.
+IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
 MASK_FIELD = "mask.png"  # the label map
 ANNOTATION_FIELD = "mask.json"  # annotate's record (the input's own json passes through untouched)
 CROSS_FIELD = "cross.png"  # annotate, on request: the plain cross-attention label map eval compares against
+
+
+def image_field(fields: dict[str, Any]) -> str | None:
+    """The field holding the image a sample is labelled from: the first of ``IMAGE_FIELDS`` it holds."""
+    return next((name for name in IMAGE_FIELDS if name in fields), None)
 
 
 # ---- the mask.png field ------------------------------------------------------------------------------------------
@@ -162,9 +227,14 @@ class InputSample:
     """A sample to label (``seediff annotate``): its spec (id, seed, classes, prompt) and the input sample's
     fields exactly as read."""
 
-    spec: SampleSpec
+    spec: InputSpec
     fields: dict[str, Any]  # field name -> bytes, plus webdataset's "__key__" / "__url__"
     error: str | None = None  # why the input could not be read (its image stage's failure message), else None
+
+    @property
+    def record(self) -> dict[str, Any]:
+        """The input's own image format for the sample's record: its image field (``image_field``)."""
+        return {"image_format": image_field(self.fields)}
 
 
 @dataclass(frozen=True)
@@ -195,24 +265,17 @@ def sample_metadata(
         "sample_id": spec.sample_id,
         "class_name": spec.classes[0].name,
         "class_id": spec.class_id,
-        "class_index": spec.class_index,
-        "index_in_class": spec.index_in_class,
         "prompt": spec.prompt.text,
-        "negative_prompt": spec.row.negative_prompt,
         "seed": spec.seed,
         "model": config.model,
         "revision": config.revision,
         "family": config.family,
         "dtype": config.dtype,
-        "scheduler": config.scheduler,
-        "steps": config.steps,
-        "guidance_scale": config.guidance_scale,
         "resolution": config.resolution,
         "width": width,
         "height": height,
-        "image_format": config.image_format,
-        "image_quality": config.image_quality,
         "output_format": config.output_format,
+        **spec.record(config),
     }
     for name, value in config.mask.model_dump(mode="json").items():
         record[f"mask_{name}"] = value
@@ -287,14 +350,14 @@ PARQUET_SCHEMA = pa.schema(
         pa.field("confidence", pa.float64()),
     ]
 )
-IMAGE_EXTENSIONS = ("jpg", "png", "webp")
 
 
-def checksum_column(extension: str) -> str:
-    """The parquet column holding the sha256 of a tar field: ``jpg``/``png``/``webp`` -> image_sha256,
-    ``mask.png`` -> mask_sha256, ``json`` -> json_sha256; other fields (annotate's ``mask.json``, an input's own
-    fields) get names the schema lacks, so they are not checksummed."""
-    if extension in IMAGE_EXTENSIONS:
+def checksum_column(extension: str, fields: dict[str, Any]) -> str:
+    """The parquet column holding the sha256 of a tar field of the sample whose fields are ``fields``: its image
+    (``image_field``) -> image_sha256, ``mask.png`` -> mask_sha256, ``json`` -> json_sha256; other fields (a second
+    image, annotate's ``mask.json``, an input's own fields) get names the schema lacks, so they are not
+    checksummed."""
+    if extension == image_field(fields):
         return "image_sha256"
     if extension == MASK_FIELD:
         return "mask_sha256"
@@ -316,7 +379,8 @@ def quality_columns(metadata: dict[str, Any]) -> dict[str, Any]:
 def parquet_row(outcome: SampleOutcome, shard_id: int, fields: dict[str, bytes] | None) -> dict[str, Any]:
     """The sample's parquet row; ``fields``: its tar fields (``SampleOutcome.fields``), None when it failed."""
     spec, image = outcome.spec, outcome.image
-    checksums = {checksum_column(ext): hashlib.sha256(data).hexdigest() for ext, data in (fields or {}).items()}
+    fields = fields or {}
+    checksums = {checksum_column(ext, fields): hashlib.sha256(data).hexdigest() for ext, data in fields.items()}
     quality = quality_columns(outcome.metadata)
     if outcome.status != SUCCESS:  # no mask: keep which classes were asked for, no numbers
         quality = {name: None for name in quality} | {"class_ids": quality["class_ids"]}

@@ -119,8 +119,8 @@ def recorded_inputs(out: str | os.PathLike[str]) -> tuple[RunConfig, Any]:
     source = f"{url}/{RUN_JSON}"
     if record is None:
         raise NotAnOutputError(f"{source}: missing; not a seediff output root")
-    if record["config"].get("annotate") is not None:
-        config = RunConfig.from_mapping({**record["config"], "output_url": url}, source)
+    config = RunConfig.recorded(record, url, source)
+    if config.annotate is not None:  # the one place a recorded run's kind is decided
         if not record.get("input_source"):
             raise ConfigError(f"{source}: input_source: not recorded")
         # the list given (alone, a caption run's first ids, or the table a classes_field indexes), else found again
@@ -128,7 +128,6 @@ def recorded_inputs(out: str | os.PathLike[str]) -> tuple[RunConfig, Any]:
         return config, annotate_input(record["input_source"], config, classes)
     if not record.get("manifest_source"):
         raise ConfigError(f"{source}: manifest_source: not recorded")
-    config = RunConfig.from_mapping({**record["config"], "output_url": url}, source)
     manifest = _load_manifest(
         record["manifest_source"], config, record.get("samples_per_class"), record.get("classes_source"),
         record.get("prompts_source"),
@@ -163,7 +162,7 @@ def repair(out: str | os.PathLike[str]) -> tuple[list[str], list[int]]:
     url = _existing_output(out)
     found = verify_shards(url)
     if found.damaged:
-        config = RunConfig.model_validate({**read_run_json(url)["config"], "output_url": url})
+        config = RunConfig.recorded(read_run_json(url), url)
         with OutputLease(url, f"repair-{uuid.uuid4().hex[:8]}"):
             uncommit(config, found.damaged)
     return found.problems, found.damaged

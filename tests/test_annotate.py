@@ -7,6 +7,7 @@ json, its cls indexes into a class table, or the marked phrases of its caption (
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -157,6 +158,41 @@ def test_killed_driver_resumed_is_byte_identical(shards, annotated, tmp_path: Pa
     assert run_cli("verify", str(out)).returncode == 0
 
 
+def test_an_input_with_two_image_fields_is_labelled_checksummed_and_read_back_as_one(tmp_path: Path) -> None:
+    # jpg + png (C5: verify and --repair looped) and jpeg + png (C6: readers paired the png with the jpeg's mask):
+    # the image labelled, checksummed and read back is the first of IMAGE_FIELDS the sample holds.
+    directory = tmp_path / "in"
+    directory.mkdir()
+    with wds.TarWriter(str(directory / "in-000000.tar"), encoder=False) as sink:
+        sink.write({"__key__": "a", "jpg": image_bytes(0, 64, 64, "jpg"), "png": image_bytes(1, 48, 80, "png")})
+        sink.write({"__key__": "b", "jpeg": image_bytes(2, 64, 64, "jpg"), "png": image_bytes(3, 48, 80, "png")})
+    out = tmp_path / "out"
+    assert main(["annotate", str(directory / "in-000000.tar"), "--out", str(out), "--classes", "dog", *FLAGS]) == 0
+    assert run_cli("verify", str(out)).returncode == 0
+    decoded = list(segmentation_dataset(str(out), shuffle_shards=False))
+    assert [(tuple(image.shape[1:]), tuple(mask.shape)) for image, mask, _ in decoded] == [((64, 64), (64, 64))] * 2
+    assert [meta["image_format"] for _, _, meta in decoded] == ["jpg", "jpeg"]
+
+
+def test_vae_with_force_upcast_encodes_in_float32(tiny_pipe) -> None:
+    # SDXL's VAE overflows in float16; diffusers' img2img upcasts a force_upcast VAE to encode (C16).
+    from types import SimpleNamespace
+
+    from seediff.workers.annotate import encode_latents
+
+    vae = copy.deepcopy(tiny_pipe.vae).to(torch.float16)
+    seen = []
+    encode = vae.encode
+    vae.encode = lambda x: seen.append((x.dtype, next(vae.parameters()).dtype)) or encode(x)
+    pixels = torch.full((1, 3, 64, 64), 128.0)
+    vae.register_to_config(force_upcast=True)
+    latents = encode_latents(SimpleNamespace(vae=vae), pixels)
+    assert seen == [(torch.float32, torch.float32)] and latents.dtype == torch.float16 and vae.dtype == torch.float16
+    vae.register_to_config(force_upcast=False)
+    encode_latents(SimpleNamespace(vae=vae), pixels)
+    assert seen[1] == (torch.float16, torch.float16)
+
+
 # ---- eval on a VOC-layout fixture ---------------------------------------------------------------------------------
 
 
@@ -215,6 +251,21 @@ def test_eval_end_to_end_matches_torchmetrics(tmp_path: Path, capsys) -> None:
     for class_id in np.flatnonzero(present):
         assert report["classes"][class_id]["iou"] == pytest.approx(reference[class_id], abs=1e-6)
     assert report["gt_ignore_fraction"] > 0
+
+
+def test_eval_of_a_background_only_dataset_scores_without_a_model(tmp_path: Path, capsys) -> None:
+    root = tmp_path / "VOC2012"
+    write_voc_fixture(root)
+    for label in (root / "SegmentationClass").glob("*.png"):  # no object anywhere (C14: a traceback before)
+        with Image.open(label) as im:
+            blank = Image.frombytes("P", im.size, bytes(im.size[0] * im.size[1]))
+        blank.putpalette(voc_palette())
+        blank.save(label)
+    out = tmp_path / "eval"
+    assert main(["eval", str(root), "--layout", "voc", "--out", str(out), *FLAGS]) == 0
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["missing_predictions"] == 0 and report["dataset"]["images"] == 4
+    assert "Traceback" not in capsys.readouterr().err
 
 
 def test_sdxl_annotates_with_its_pooled_text_and_size_conditioning(family_pipes, saved_models, tmp_path) -> None:

@@ -191,3 +191,69 @@ def test_cls_plan_labels_each_sample_with_its_indexed_classes(shards) -> None:
         [(c, CLASS_TABLE.index(c) + 1) for c in classes] for _, _, _, classes in IMAGES
     ]
     assert specs[0].prompt.text == "a photograph of a dog and cat"
+
+
+# ---- the annotate plan's prompts, classes, records and reads (C3, C11, C12) ----------------------------------------
+
+
+def one_sample_tar(path: Path, **fields: bytes) -> str:
+    with wds.TarWriter(str(path), encoder=False) as sink:
+        sink.write({"__key__": "img0", "png": b"not decoded here", **fields})
+    return str(path)
+
+
+def test_prompt_template_is_the_manifest_syntax_in_annotate_too(tmp_path: Path) -> None:
+    url = one_sample_tar(tmp_path / "in.tar")
+    template = "a [photo|painting] of a {class_name} beside another {class_name} \\[HD\\]"
+    plan = AnnotatePlan(open_input(url, ["dog", "cat"], None), RunConfig(prompt_template=template,
+                                                                        annotate=AnnotateConfig()))
+    (sample,) = plan.samples(plan.shard(0))
+    assert sample.spec.prompt.text in {f"a {w} of a dog and cat beside another dog and cat [HD]"
+                                       for w in ("photo", "painting")}
+    assert [c.name for c in sample.spec.classes] == ["dog", "cat"]
+    one = AnnotatePlan(open_input(url, ["dog"], None), RunConfig(prompt_template="a {puppy:class_name} on grass",
+                                                                 annotate=AnnotateConfig()))
+    (sample,) = one.samples(one.shard(0))
+    assert sample.spec.prompt.text == "a puppy on grass" and dict(sample.spec.prompt.spans) == {"dog": ((2, 7),)}
+
+
+def test_annotate_classes_fold_case_as_manifests_do(tmp_path: Path) -> None:
+    url = one_sample_tar(tmp_path / "in.tar", txt=b"a {Dog} chasing another {dog}")
+    image_input = open_input(url, None, None, "txt")
+    assert image_input.class_names == ("Dog",)
+    plan = AnnotatePlan(image_input, RunConfig(annotate=AnnotateConfig(caption_field="txt")))
+    (sample,) = plan.samples(plan.shard(0))
+    assert [(c.name, c.class_id) for c in sample.spec.classes] == [("Dog", 1)]
+    assert dict(sample.spec.prompt.spans) == {"Dog": ((2, 5), (22, 25))}
+    assert open_input(url, ["CAT", "cat", "Dog"], None).class_names == ("CAT", "Dog")
+
+
+def test_annotated_records_say_what_was_done_to_the_input(shards) -> None:
+    from seediff.schemas.records import sample_metadata
+
+    directory, written = shards
+    config = RunConfig(resolution=64, annotate=AnnotateConfig(timesteps=(100, 300)))
+    plan = AnnotatePlan(open_input(str(directory / "in-000000.tar"), ["dog", "cat"], None), config)
+    sample = plan.samples(plan.shard(0))[1]
+    record = {**sample_metadata(sample.spec, config, (48, 80), {}), **sample.record}
+    assert (record["source_url"], record["source_key"]) == (str(directory / "in-000000.tar"), written[1]["__key__"])
+    assert record["timesteps"] == [100, 300] and record["image_format"] == "png"  # the input's own field
+    for generated_only in ("steps", "guidance_scale", "scheduler", "class_index", "index_in_class", "image_quality"):
+        assert generated_only not in record
+
+
+def test_each_input_tar_is_read_once_across_its_output_shards(tmp_path: Path, monkeypatch) -> None:
+    import tarfile
+
+    with wds.TarWriter(str(tmp_path / "in.tar"), encoder=False) as sink:
+        for i in range(40):
+            sink.write({"__key__": f"k{i:03d}", "jpg": bytes([i]) * 700, "json": b"{}"})
+    plan = AnnotatePlan(open_input(str(tmp_path / "in.tar"), ["dog"], None),
+                        RunConfig(samples_per_shard=6, annotate=AnnotateConfig()))
+    reads = []
+    extract = tarfile.TarFile.extractfile
+    monkeypatch.setattr(tarfile.TarFile, "extractfile", lambda tar, member: reads.append(member.name) or extract(tar, member))
+    samples = [s for i in range(plan.num_shards) for s in plan.samples(plan.shard(i))]
+    assert [s.fields["__key__"] for s in samples] == [f"k{i:03d}" for i in range(40)]
+    assert samples[17].fields["jpg"] == bytes([17]) * 700
+    assert len(reads) == len(set(reads)) == 80  # every member's data once over the 7 shards (was 1 + 2 + ... per shard)

@@ -10,6 +10,7 @@ import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any
 
 import ray
@@ -18,9 +19,8 @@ import torch
 from seediff.schemas.config import RunConfig, RuntimeOptions
 from seediff.schemas.records import InputSample, SampleFailure, SampleOutcome, SampleSpec, ShardSpec
 from seediff.storage import DEVICE, failure_kind, sweep_staging
-from seediff.workers.annotate import AnnotatedSample, annotate_batch, warm_up_annotation
-from seediff.workers.encode import encode_annotated, encode_sample
-from seediff.workers.generate import GeneratedSample, generate_batch, install_capture, warm_up_generation
+from seediff.workers.annotate import ANNOTATION
+from seediff.workers.generate import GENERATION, install_capture
 from seediff.workers.models import load_model, resolve_device
 from seediff.workers.shards import ShardWriter
 
@@ -28,7 +28,8 @@ from seediff.workers.shards import ShardWriter
 class ShardActor:
     """``ShardActor(config, runtime, plan, torch_threads=, progress=, run_id=)``; ``generate_shard(shard, attempt)``
     writes and commits one shard, expanding its sample-id range from ``plan`` (``seediff.pipeline.plan.Plan``,
-    O(classes); for annotate ``seediff.pipeline.sources.AnnotatePlan``, which reads the shard's input images here).
+    O(classes); for annotate ``seediff.pipeline.sources.AnnotatePlan``, which reads the shard's input images here);
+    the plan's ``kind`` chooses how a batch gets its images and attention (``IMAGES``).
     ``torch_threads`` caps intra-op threads so several CPU actors on one machine do not oversubscribe it.
     ``progress``: a Ray actor handle of ``seediff.pipeline.progress.PartialCounts`` told the samples written after every
     batch (fire-and-forget), so the driver's bar moves between shard commits. ``run_id`` and the attempt number go into
@@ -53,8 +54,9 @@ class ShardActor:
         started = time.perf_counter()
         self.pipe = load_model(config, self.device)
         self.load_s = time.perf_counter() - started
-        warm_up = warm_up_annotation if config.annotate is not None else warm_up_generation
-        self.capture, self.compile_s = install_capture(self.pipe, config, warm_up)
+        self.images = IMAGES[plan.kind]  # chosen once: how a batch gets its images and captured attention
+        self.capture, self.compile_s = install_capture(self.pipe, config, self.images.warm_up,
+                                                       self.images.guided(config))
         # Encoding (PIL/zlib release the GIL) of batch k runs here while batch k+1 is generated.
         self.encoder = ThreadPoolExecutor(max_workers=runtime.encode_threads, thread_name_prefix="encode")
         self.identity = _identity(self.device, torch.get_num_threads())
@@ -100,11 +102,9 @@ class ShardActor:
             return writer.commit(runtime_info)
 
     def _generate(self, batch: tuple[SampleSpec, ...] | tuple[InputSample, ...]) -> list[Any]:
-        """One batch: generated from SampleSpecs, or labelled from InputSamples (annotate). The batch functions
-        return the samples that failed in a per-sample stage as failed samples; anything they raise is the shard's."""
-        if self.config.annotate is not None:
-            return annotate_batch(self.pipe, batch, self.config, self.capture)
-        return generate_batch(self.pipe, batch, self.config, self.capture)
+        """One batch through ``self.images``: the samples that failed in a per-sample stage come back as failed
+        samples; anything raised is the shard's."""
+        return self.images.batch(self.pipe, batch, self.config, self.capture)
 
     def _drain(self, writer: ShardWriter, encoding: list[Future[SampleOutcome]], shard_id: int) -> None:
         for future in encoding:
@@ -112,26 +112,14 @@ class ShardActor:
         if encoding and self.progress is not None:
             self.progress.report.remote(shard_id, writer.added)
 
-    def _encode(self, sample: GeneratedSample | AnnotatedSample) -> SampleOutcome:
+    def _encode(self, sample: Any) -> SampleOutcome:
         try:
-            return self._encoded(sample)
+            return sample.encode(self.config)
         except SampleFailure as error:  # its label map: the sample's own failure
-            item = sample.sample if isinstance(sample, AnnotatedSample) else sample.spec
-            return self._encoded(_failed(item, str(error)))
-
-    def _encoded(self, sample: GeneratedSample | AnnotatedSample) -> SampleOutcome:
-        if isinstance(sample, AnnotatedSample):
-            return encode_annotated(
-                sample.sample, sample.labels, sample.cross_labels, sample.mask_stats, sample.error, self.config
-            )
-        return encode_sample(sample.spec, sample.image, sample.labels, sample.mask_stats, sample.error, self.config)
+            return replace(sample, error=str(error)).encode(self.config)
 
 
-def _failed(item: SampleSpec | InputSample, error: str) -> GeneratedSample | AnnotatedSample:
-    """A failed sample of a generate batch (a SampleSpec) or of an annotate batch (an InputSample)."""
-    if isinstance(item, InputSample):
-        return AnnotatedSample(item, None, None, {}, error)
-    return GeneratedSample(item, None, None, {}, error)
+IMAGES = {"generate": GENERATION, "annotate": ANNOTATION}  # plan kind -> how its batches get their images
 
 
 def _batches(samples: tuple[SampleSpec, ...], size: int) -> Iterator[tuple[SampleSpec, ...]]:

@@ -20,11 +20,13 @@ from diffusers import DDPMScheduler, DiffusionPipeline
 from PIL import Image, UnidentifiedImageError
 
 from seediff.schemas.config import RunConfig
-from seediff.schemas.records import IMAGE_STAGE, InputSample, SampleFailure, SampleSpec
+from seediff.schemas.records import (
+    IMAGE_FIELDS, IMAGE_STAGE, InputSample, InputSpec, SampleFailure, SampleOutcome, image_field,
+)
+from seediff.workers.encode import encode_annotated
 from seediff.workers import seediff
 from seediff.workers.capture import SeeDiffCapture
-from seediff.workers.encode import INPUT_IMAGE_FIELDS
-from seediff.workers.generate import attention_maps, latent_grid, new_capture, sample_token_positions
+from seediff.workers.generate import BatchImages, labelled, latent_grid, new_capture, sample_token_positions
 
 
 @dataclass
@@ -36,8 +38,13 @@ class AnnotatedSample:
     error: str | None = None
 
     @property
-    def spec(self) -> SampleSpec:
+    def spec(self) -> InputSpec:
         return self.sample.spec
+
+    def encode(self, config: RunConfig) -> SampleOutcome:
+        return encode_annotated(self.sample, self.labels, self.cross_labels, self.mask_stats, self.error, config)
+
+
 
 
 def decode_rgb(fields: dict[str, Any]) -> np.ndarray:
@@ -46,9 +53,9 @@ def decode_rgb(fields: dict[str, Any]) -> np.ndarray:
     stage), named by its input URL and key."""
     key = fields.get("__key__")
     where = fields.get("__url__", "?") + ("" if key is None else f": sample {key}")
-    name = next((name for name in INPUT_IMAGE_FIELDS if name in fields), None)
+    name = image_field(fields)
     if name is None:
-        raise SampleFailure(IMAGE_STAGE, f"{where}: no image field (one of {', '.join(INPUT_IMAGE_FIELDS)}) among "
+        raise SampleFailure(IMAGE_STAGE, f"{where}: no image field (one of {', '.join(IMAGE_FIELDS)}) among "
                             f"{sorted(k for k in fields if not k.startswith('__'))}")
     try:
         with Image.open(io.BytesIO(fields[name])) as im:
@@ -102,8 +109,8 @@ def _label(
     positions = [sample_token_positions(pipe, spec) for spec in specs]
     with torch.no_grad(), ExitStack() as installed:
         if capture is None:
-            capture = installed.enter_context(new_capture(pipe, config, len(specs)))
-        latents = _encode(pipe, pixels)
+            capture = installed.enter_context(new_capture(pipe, config, len(specs), guided=False))
+        latents = encode_latents(pipe, pixels)
         noise = torch.cat([
             torch.randn(1, *latents.shape[1:], generator=torch.Generator("cpu").manual_seed(spec.seed)) for spec in specs
         ]).to(latents.device, latents.dtype)
@@ -115,20 +122,16 @@ def _label(
             pipe.unet(noising.add_noise(latents, noise, step), step, encoder_hidden_states=embeddings, **conditioning)
             capture.advance()
         captured = capture.result()
-    maps = attention_maps(captured, positions)
+    maps, result = labelled(captured, positions, specs, config, pixels.to(latents.device))
     class_ids = [[c.class_id for c in spec.classes] for spec in specs]
-    result = seediff.label_maps(maps, class_ids, (height, width), config.mask, pixels.to(latents.device))
     labels = result.labels.cpu().numpy()
     cross = _cross_labels(maps, class_ids, (height, width), config) if config.annotate.cross_attention_labels else None
     annotated = []
     for i, (sample, rgb) in enumerate(zip(samples, images)):
         original = (rgb.shape[1], rgb.shape[0])
-        stats = result.stats[i]
-        for entry, tokens in zip(stats["classes"], positions[i]):
-            entry["tokens"] = len(tokens)
         annotated.append(AnnotatedSample(
             sample, _resize_labels(labels[i], original), None if cross is None else _resize_labels(cross[i], original),
-            stats,
+            result.stats[i],
         ))
     return annotated
 
@@ -148,6 +151,10 @@ def warm_up_annotation(pipe: DiffusionPipeline, config: RunConfig, capture: SeeD
         capture.advance()
 
 
+# The input's own images, VAE-encoded and noised to each timestep, one UNet call per timestep, every row conditional.
+ANNOTATION = BatchImages(annotate_batch, warm_up_annotation, lambda config: False)
+
+
 def _text_conditioning(pipe: DiffusionPipeline, prompts: list[str], size: tuple[int, int]) -> tuple[torch.Tensor, dict]:
     """The prompts' text states for the UNet's cross-attention, plus what else the UNet is conditioned on: SDXL's
     pooled text embedding and size/crop ids (image size, no crop, target size), as its pipeline builds them."""
@@ -160,11 +167,22 @@ def _text_conditioning(pipe: DiffusionPipeline, prompts: list[str], size: tuple[
     return embeddings, {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids.repeat(len(prompts), 1)}}
 
 
-def _encode(pipe: DiffusionPipeline, pixels: torch.Tensor) -> torch.Tensor:
-    """VAE latents (the posterior mean, scaled as the UNet expects) of images in 0..255."""
+def encode_latents(pipe: DiffusionPipeline, pixels: torch.Tensor) -> torch.Tensor:
+    """VAE latents (the posterior mean, scaled as the UNet expects) of images in 0..255, in the VAE's dtype. A VAE
+    whose config sets ``force_upcast`` (SDXL's: it overflows in float16) encodes in float32, as diffusers' img2img
+    pipelines do."""
     vae = pipe.vae
-    x = (pixels / 127.5 - 1.0).to(vae.device, vae.dtype)
-    return vae.encode(x).latent_dist.mean * vae.config.scaling_factor
+    dtype = vae.dtype
+    upcast = dtype != torch.float32 and getattr(vae.config, "force_upcast", False)
+    if upcast:
+        vae.to(dtype=torch.float32)
+    try:
+        x = (pixels / 127.5 - 1.0).to(vae.device, vae.dtype)
+        latents = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
+    finally:
+        if upcast:
+            vae.to(dtype=dtype)
+    return latents.to(dtype)
 
 
 def _cross_labels(maps: seediff.AttentionMaps, class_ids: list[list[int]], size: tuple[int, int],

@@ -23,12 +23,11 @@ from seediff.schemas.records import (
     SampleFailure,
     SampleOutcome,
     SampleSpec,
+    image_field,
     metadata_json,
     sample_metadata,
 )
 
-# Image fields an input sample of annotate may hold, in the order one is taken as the image (webdataset's names).
-INPUT_IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
 # Pillow format names and save options per config.image_format; nothing here depends on time or the machine.
 _IMAGE_FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
 
@@ -93,7 +92,7 @@ def encode_annotated(
     ``cross.png``. An input that already holds one of those fields fails rather than lose it."""
     spec = sample.spec
     kept = {name: value for name, value in sample.fields.items() if not name.startswith("__")}
-    source = {"source_key": sample.fields.get("__key__"), "source_url": sample.fields.get("__url__")}
+    source = sample.record
     clash = sorted(set(kept) & {MASK_FIELD, ANNOTATION_FIELD, CROSS_FIELD})
     if error is None and clash:
         error = f"input fields: the input sample already has {', '.join(clash)}"
@@ -109,7 +108,7 @@ def encode_annotated(
     if cross_labels is not None:
         _check_labels(spec, cross_labels, labels.shape)
         fields[CROSS_FIELD] = encode_mask(cross_labels)
-    image = next(kept[name] for name in INPUT_IMAGE_FIELDS if name in kept)
+    image = kept[image_field(kept)]
     return SampleOutcome(spec, SUCCESS, None, image, mask, metadata, fields)
 
 

@@ -14,10 +14,11 @@ import torch
 from diffusers import DiffusionPipeline
 
 from seediff.schemas.config import RunConfig
-from seediff.schemas.records import PROMPT_STAGE, SAFETY_STAGE, SampleFailure, SampleSpec
+from seediff.schemas.records import PROMPT_STAGE, SAFETY_STAGE, SampleFailure, SampleOutcome, SampleSpec
 from seediff.workers import seediff
 from seediff.tokens import PhrasePositionError, class_token_positions
 from seediff.workers.capture import CapturedAttention, SeeDiffCapture, install_processors
+from seediff.workers.encode import encode_sample
 from seediff.workers.families import choose_layers
 from seediff.workers.models import compile_model
 
@@ -31,6 +32,22 @@ class GeneratedSample:
     labels: np.ndarray | None  # H x W uint8 label map: 0 background, the sample's class ids, 255 ignore
     mask_stats: dict = field(default_factory=dict)  # label_maps' stats: flat numbers plus "classes"
     error: str | None = None
+
+    def encode(self, config: RunConfig) -> SampleOutcome:
+        return encode_sample(self.spec, self.image, self.labels, self.mask_stats, self.error, config)
+
+
+@dataclass(frozen=True)
+class BatchImages:
+    """How a batch gets its images and captured attention: ``batch(pipe, samples, config, capture)`` -> labelled
+    samples (each with ``encode(config)``; a per-sample stage's failure as a failed sample), ``warm_up(pipe, config,
+    capture)`` (the compile-time call shaped like a batch), ``guided(config)`` (the UNet sees [unconditional,
+    conditional] rows). Two of them: ``GENERATION`` here, ``ANNOTATION`` in workers/annotate.py; the actor chooses
+    one by the plan's kind."""
+
+    batch: Callable[..., list[Any]]
+    warm_up: Callable[[DiffusionPipeline, RunConfig, SeeDiffCapture], None]
+    guided: Callable[[RunConfig], bool]
 
 
 def generate_batch(
@@ -60,8 +77,7 @@ def _generate(
     out, captured, positions = generate_with_capture(pipe, samples, config, capture)
     # Quantise once, the way diffusers makes PIL images, so masks are refined on exactly the stored pixels.
     pixels = (out.images.float() * 255).round().clamp(0, 255)
-    class_ids = [[c.class_id for c in s.classes] for s in samples]
-    result = seediff.label_maps(attention_maps(captured, positions), class_ids, (height, width), config.mask, pixels)
+    _, result = labelled(captured, positions, samples, config, pixels)
     images = pixels.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     labels = result.labels.cpu().numpy()
     # SDXL pipelines have no safety checker (their output has no nsfw field)
@@ -71,11 +87,25 @@ def _generate(
         if nsfw[i]:
             generated.append(GeneratedSample(spec, None, None, {}, NSFW_ERROR))
             continue
-        stats = result.stats[i]
-        for entry, tokens in zip(stats["classes"], positions[i]):
-            entry["tokens"] = len(tokens)
-        generated.append(GeneratedSample(spec, images[i], labels[i], stats))
+        generated.append(GeneratedSample(spec, images[i], labels[i], result.stats[i]))
     return generated
+
+
+def labelled(
+    captured: CapturedAttention, positions: Sequence[Sequence[Sequence[int]]], specs: Sequence[Any], config: RunConfig,
+    pixels: torch.Tensor,
+) -> tuple[seediff.AttentionMaps, seediff.LabelMaps]:
+    """A batch's captured attention -> its maps split by class and SeeDiff label maps at the run's size (refined on
+    ``pixels``, [B, 3, H, W] in 0..255), each class's stats with its token count: the same for generated and
+    annotated images."""
+    width, height = config.size
+    maps = attention_maps(captured, positions)
+    class_ids = [[c.class_id for c in spec.classes] for spec in specs]
+    result = seediff.label_maps(maps, class_ids, (height, width), config.mask, pixels)
+    for stats, per_class in zip(result.stats, positions):
+        for entry, tokens in zip(stats["classes"], per_class):
+            entry["tokens"] = len(tokens)
+    return maps, result
 
 
 def generate_with_capture(
@@ -97,16 +127,18 @@ def generate_with_capture(
         return out, capture.result(), positions
 
 
-def new_capture(pipe: DiffusionPipeline, config: RunConfig, max_samples: int) -> SeeDiffCapture:
+def new_capture(
+    pipe: DiffusionPipeline, config: RunConfig, max_samples: int, guided: bool | None = None
+) -> SeeDiffCapture:
     """Capture processors for ``pipe``'s UNet sized for batches of up to ``max_samples`` under ``config``: the layers
-    of ``config.layers``, the family's cascade where it leaves it unset (derived from the UNet's config). The UNet
-    sees [unconditional, conditional] batches when the generation uses guidance (diffusers'
-    do_classifier_free_guidance); annotate runs condition every row."""
+    of ``config.layers``, the family's cascade where it leaves it unset (derived from the UNet's config). ``guided``:
+    the UNet sees [unconditional, conditional] batches (default: a generation's guidance, ``GENERATION.guided``);
+    annotate conditions every row."""
     return SeeDiffCapture(
         pipe.unet,
         latent_grid(pipe, config),
         max_samples,
-        guided=config.annotate is None and config.guidance_scale > 1,
+        guided=GENERATION.guided(config) if guided is None else guided,
         text_tokens=pipe.tokenizer.model_max_length,
         query_chunk=config.mask.query_chunk,
         layers=choose_layers(dict(pipe.unet.config), config.layers),
@@ -118,14 +150,15 @@ def install_capture(
     pipe: DiffusionPipeline,
     config: RunConfig,
     warm_up: Callable[[DiffusionPipeline, RunConfig, SeeDiffCapture], None] | None = None,
+    guided: bool | None = None,
 ) -> tuple[SeeDiffCapture, float | None]:
     """The actor's capture: one for batches of ``config.batch_size``, installed on ``pipe``'s UNet for good (building
     and installing one per batch walks the UNet twice: ~4 % of a tiny-model batch). With ``config.compile`` also
     compile the UNet and the VAE decoder (``compile_model``; compiled code is specialised to these processors) and
     pay the compile cost now with ``warm_up``, one call shaped like the run's batches (default ``warm_up_generation``;
     annotate runs pass theirs). Returns the capture and the compile seconds (None without compile). A shard's smaller
-    last batch compiles once more, on first use."""
-    capture = new_capture(pipe, config, config.batch_size)
+    last batch compiles once more, on first use. ``guided``: see ``new_capture``."""
+    capture = new_capture(pipe, config, config.batch_size, guided)
     install_processors(pipe.unet, capture.processors())
     if not config.compile:
         return capture, None
@@ -153,13 +186,17 @@ def warm_up_generation(pipe: DiffusionPipeline, config: RunConfig, capture: SeeD
     )
 
 
+# The model samples each image from its prompt under classifier-free guidance (diffusers' do_classifier_free_guidance).
+GENERATION = BatchImages(generate_batch, warm_up_generation, lambda config: config.guidance_scale > 1)
+
+
 def sample_token_positions(pipe: DiffusionPipeline, spec: SampleSpec) -> list[list[int]]:
     """Token positions of each class of the sample, from where its phrases were placed in the rendered prompt.
     SDXL's cross-attention keys are both text encoders' states at the same positions, so both tokenizers must
     place every phrase at the same positions: one that disagrees is an error, never a silently shifted map. Both
     are the sample's own failures (``SampleFailure`` of the prompt stage)."""
     tokenizers = [t for t in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)) if t is not None]
-    where = f"manifest line {spec.row.line} (sample {spec.sample_id})" if spec.row.line else f"sample {spec.sample_id}"
+    where = spec.where
     try:
         found = [class_token_positions(t, spec.prompt) for t in tokenizers]
     except PhrasePositionError as e:
