@@ -172,6 +172,7 @@ def test_an_input_with_two_image_fields_is_labelled_checksummed_and_read_back_as
     decoded = list(segmentation_dataset(str(out), shuffle_shards=False))
     assert [(tuple(image.shape[1:]), tuple(mask.shape)) for image, mask, _ in decoded] == [((64, 64), (64, 64))] * 2
     assert [meta["image_format"] for _, _, meta in decoded] == ["jpg", "jpeg"]
+    assert {meta["dtype"] for _, _, meta in decoded} == {"float32"}  # as computed on the CPU, not "auto" (C15)
 
 
 def test_vae_with_force_upcast_encodes_in_float32(tiny_pipe) -> None:

@@ -45,9 +45,11 @@ class ShardActor:
         progress: Any = None,
         run_id: str | None = None,
     ):
+        self.device = resolve_device(runtime.device)
+        # Records name the dtype computed in (run.json's device record), never "auto" (C15).
+        config = config.model_copy(update={"dtype": config.resolved_dtype(self.device.type)})
         self.config, self.plan, self.run_id = config, plan, run_id
         self.progress = progress
-        self.device = resolve_device(runtime.device)
         sweep_staging()  # uploads staged by actors killed on this machine earlier
         if torch_threads is not None:
             torch.set_num_threads(torch_threads)
