@@ -36,6 +36,7 @@ from seediff.schemas.config import (
 
 
 EXIT_OK, EXIT_FAILED, EXIT_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+SHOWN_SHARDS = 20  # verify: shards whose problems are printed in full without --all
 TINY_NOTE = (
     "note: --model tiny is a miniature Stable Diffusion with random weights: its images and masks are meaningless "
     "and only exercise the pipeline"
@@ -165,14 +166,19 @@ def cmd_preview(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    problems, damaged = api.repair(args.url) if args.repair else (api.verify(args.url), [])
-    for problem in problems:
-        print(problem)
-    print(f"{len(problems)} problems" if problems else "OK: every shard is complete and matches the index")
-    if damaged:
-        print(f"repair: un-committed {len(damaged)} shards ({', '.join(map(str, damaged))}); "
-              "run the same generate command (or seediff resume) to regenerate them")
-    return EXIT_FAILED if problems else EXIT_OK
+    found = api.check(args.url, repair=args.repair, shown=None if args.all else SHOWN_SHARDS)
+    if args.json:
+        print(json.dumps(found.as_json(), indent=2, ensure_ascii=False))
+    else:
+        print("\n".join([*found.notes, found.summary()]))
+        if args.repair and found.damaged:
+            print(f"repair: un-committed {len(found.damaged)} shards ({_ids(found.damaged)}) and rewrote the index; "
+                  "run the same generate command (or seediff resume) to regenerate them")
+    return EXIT_OK if found.ok else EXIT_FAILED
+
+
+def _ids(ids: list[int], most: int = SHOWN_SHARDS) -> str:
+    return ", ".join(map(str, ids[:most])) + (f", ... ({len(ids)} in all)" if len(ids) > most else "")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -269,8 +275,12 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("url")
     ver.add_argument(
         "--repair", action="store_true",
-        help="un-commit the damaged shards (delete their stats) so that the next generate run regenerates them",
+        help="un-commit the damaged shards (delete their files) and rewrite the index, so that readers skip them "
+        "and the next generate run regenerates them",
     )
+    ver.add_argument("--all", action="store_true", help=f"list every problem (default: those of the first "
+                     f"{SHOWN_SHARDS} shards, and counts per kind)")
+    ver.add_argument("--json", action="store_true", help="print the findings as JSON")
 
     exp = sub.add_parser("export", help="write an output root as a folder layout segmentation trainers read")
     exp.set_defaults(func=cmd_export)

@@ -25,9 +25,11 @@ from seediff.schemas.manifest import Manifest
 from seediff.schemas.records import (
     DATASET_JSON,
     LEASE_JSON,
+    PARQUET_SUFFIX,
     RUN_JSON,
     SIZES_JSON,
     STATS_SUFFIX,
+    TAR_SUFFIX,
     ShardStats,
     shard_file_pattern,
     shard_name,
@@ -382,10 +384,17 @@ class OutputLease:
 
 
 def uncommit(config: RunConfig, shard_ids: Collection[int]) -> list[str]:
-    """Delete the stats files (the commit markers) of ``shard_ids``: the next run regenerates exactly those shards,
-    byte-identically, and its leftover cleanup removes their old tar and parquet. Call under the output lease."""
+    """Delete the stats files (the commit markers) of ``shard_ids``, then their tar and parquet: readers that list
+    the folder stop reading them, and the next run regenerates exactly those shards, byte-identically. Rewrite the
+    index afterwards (pipeline/index.py). Call under the output lease. Returns the removed paths."""
     fs, root = output_fs(config.output_url)
-    paths = [f"{root}/{shard_name(config.shard_prefix, i, config.shard_digits)}{STATS_SUFFIX}" for i in sorted(shard_ids)]
-    if paths:
-        fs.rm(paths)
-    return paths
+    names = [shard_name(config.shard_prefix, i, config.shard_digits) for i in sorted(shard_ids)]
+    markers = [f"{root}/{name}{STATS_SUFFIX}" for name in names]
+    existing = _list_names(fs, root)
+    markers = [p for p in markers if posixpath.basename(p) in existing]
+    if markers:
+        fs.rm(markers)  # first: a shard is uncommitted before any of its files goes
+    files = [existing[n + s] for n in names for s in (TAR_SUFFIX, PARQUET_SUFFIX) if n + s in existing]
+    if files:
+        fs.rm(files)
+    return markers + files

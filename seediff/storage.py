@@ -8,6 +8,7 @@ actor on that machine removes it (``sweep_staging``)."""
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import posixpath
 import shutil
@@ -73,11 +74,14 @@ class StagedFile:
         os.makedirs(staging_dir, exist_ok=True)
         self.temp_path = os.path.join(staging_dir, temp_name(base, uuid.uuid4().hex))
         self.file: IO[bytes] = open(self.temp_path, "wb")  # noqa: SIM115 - closed by publish/discard
+        self.sha256: str | None = None  # of the published bytes, once published
 
     def publish(self) -> int:
-        """Make the file visible under its final path; returns its size in bytes."""
+        """Make the file visible under its final path; returns its size in bytes. ``sha256`` is then the digest of
+        the staged bytes, read back from the staging disk: what the commit marker records is what was stored."""
         size = self.file.tell()
         self.file.flush()
+        self.sha256 = file_sha256(self.temp_path)
         if is_local(self.fs):
             os.fsync(self.file.fileno())  # the rename must not expose a file whose data is still in flight
             self.file.close()
@@ -142,6 +146,14 @@ def _access_problem(error: Exception, url: str) -> str:
     if isinstance(error, PermissionError):
         return f"access denied ({error})"
     return f"cannot access it ({type(error).__name__}: {error})"
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def write_file(fs: AbstractFileSystem, path: str, data: bytes) -> int:

@@ -1,10 +1,12 @@
 """Shard writer: one shard's ``.tar`` (WebDataset), ``.parquet`` (one row per attempted sample) and ``_stats.json``
 (the commit marker), written in that order through fsspec so that no reader or resume ever sees a half-written shard.
 
-Each file is published whole (``seediff.storage``); the stats file is published last, and only it says "done"."""
+Each file is published whole (``seediff.storage``); the stats file is published last, and only it says "done". It
+records the sha256 of the tar and of the parquet, so every committed byte is covered by a checksum ``verify`` checks."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import platform
 import socket
@@ -78,8 +80,8 @@ class ShardWriter:
             raise ValueError(f"shard {self.name}: commit after {self.added} of {len(self.shard)} samples")
         self._closed = True
         tar_bytes = self._publish_tar()
-        parquet_bytes = self._publish_parquet()
-        stats = self._stats(tar_bytes, parquet_bytes, runtime_info)
+        parquet_bytes, parquet_sha256 = self._publish_parquet()
+        stats = self._stats(tar_bytes, parquet_bytes, runtime_info, self._tar_file.sha256, parquet_sha256)
         self._publish_stats(stats)
         self._committed = True
         return asdict(stats)
@@ -103,15 +105,19 @@ class ShardWriter:
         self._tar.close()  # writes the end-of-archive blocks; the staged file stays open
         return self._tar_file.publish()
 
-    def _publish_parquet(self) -> int:
+    def _publish_parquet(self) -> tuple[int, str]:
         buf = io.BytesIO()
         pq.write_table(pa.Table.from_pylist(self._rows, schema=PARQUET_SCHEMA), buf, compression="zstd")
-        return write_file(self.fs, self.path(PARQUET_SUFFIX), buf.getvalue())
+        data = buf.getvalue()
+        return write_file(self.fs, self.path(PARQUET_SUFFIX), data), hashlib.sha256(data).hexdigest()
 
     def _publish_stats(self, stats: ShardStats) -> None:
         write_file(self.fs, self.path(STATS_SUFFIX), stats.to_json().encode())
 
-    def _stats(self, tar_bytes: int, parquet_bytes: int, runtime_info: dict[str, Any]) -> ShardStats:
+    def _stats(
+        self, tar_bytes: int, parquet_bytes: int, runtime_info: dict[str, Any], tar_sha256: str | None,
+        parquet_sha256: str,
+    ) -> ShardStats:
         end = time.time()
         errors = [row["error"] or "unknown" for row in self._rows if row["status"] != SUCCESS]
         return ShardStats(
@@ -129,6 +135,8 @@ class ShardWriter:
             host=socket.gethostname(),
             versions=software_versions(),
             runtime=dict(runtime_info),
+            tar_sha256=tar_sha256,
+            parquet_sha256=parquet_sha256,
         )
 
 
