@@ -34,7 +34,7 @@ from seediff.schemas.records import (
     shard_file_pattern,
     shard_name,
 )
-from seediff.storage import is_local, output_fs, write_file
+from seediff.storage import WRITE_PROBE_PREFIX, is_local, output_fs, write_file
 
 log = logging.getLogger(__name__)
 
@@ -173,16 +173,11 @@ def prepare_output(config: RunConfig, manifest: Manifest | ImageInput, overwrite
     replace the old. ``overwrite``: first delete the seediff files (of this and of the stored run's shard naming)."""
     fs, root = output_fs(config.output_url)
     path = f"{root}/{RUN_JSON}"
+    check_output_folder(config, overwrite)
     if overwrite:
         _wipe(fs, root, config)
     record = read_run_json(config.output_url)
-    if record is None:
-        if _shard_files(fs, root, config.shard_prefix, config.shard_digits):
-            raise RunConfigMismatch(
-                f"{path}: missing, but {root} holds {config.shard_prefix}-* shard files from an unknown run; "
-                "pass overwrite (--overwrite) or choose another output"
-            )
-    else:
+    if record is not None:
         try:
             check_resume(record, config, manifest, path)
             return
@@ -192,6 +187,43 @@ def prepare_output(config: RunConfig, manifest: Manifest | ImageInput, overwrite
         log.info("%s: settings changed before any shard was committed; replacing it", path)
         _wipe(fs, root, config)
     _write_run_json(fs, path, run_record(config, manifest))
+
+
+class NotAnOutputFolder(InputError):
+    """``--out`` names a file, or a folder with files of its own that is not a seediff output (no run.json)."""
+
+
+def check_output_folder(config: RunConfig, overwrite: bool) -> None:
+    """A run writes only into a folder that is absent, empty or a seediff output (it has run.json): never beside a
+    user's own files (a ``dataset.json`` or ``sizes.json`` of theirs would be replaced). Shard files of this run's
+    naming without run.json are a run whose run.json was lost: refused unless ``overwrite``. Raise naming what is
+    there."""
+    fs, root = output_fs(config.output_url)
+    if is_local(fs) and os.path.exists(root) and not os.path.isdir(root):
+        raise NotAnOutputFolder(f"{config.output_url}: is a file; --out must be a folder (absent, empty, or a seediff "
+                                "output)")
+    names = _list_names(fs, root)
+    if RUN_JSON in names:
+        return
+    pattern = shard_file_pattern(config.shard_prefix, config.shard_digits)
+    shards = [n for n in names if pattern.match(n)]
+    foreign = sorted(n for n in names if not pattern.match(n) and not _ours_without_run_json(n))
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise NotAnOutputFolder(
+            f"{config.output_url}: not a seediff output (no {RUN_JSON}) and not empty: it holds {shown}. seediff "
+            "writes only into an absent or empty folder, or one of its own outputs; choose another --out"
+        )
+    if shards and not overwrite:
+        raise RunConfigMismatch(
+            f"{root}/{RUN_JSON}: missing, but {root} holds {config.shard_prefix}-* shard files from an unknown run; "
+            "pass overwrite (--overwrite) or choose another output"
+        )
+
+
+def _ours_without_run_json(name: str) -> bool:
+    """Files a starting run writes before run.json: the lease (and its staged copy), the write-access probe."""
+    return name == LEASE_JSON or name.startswith(f"{LEASE_JSON}.") or name.startswith(WRITE_PROBE_PREFIX)
 
 
 def _bound(record: dict[str, Any], config: RunConfig) -> bool:
@@ -235,7 +267,8 @@ def _wipe(fs: AbstractFileSystem, root: str, config: RunConfig) -> None:
         old = previous["config"]
         namings.add((old.get("shard_prefix", config.shard_prefix), old.get("shard_digits", config.shard_digits)))
     names = _list_names(fs, root)
-    doomed = {names[n] for n in (RUN_JSON, SIZES_JSON, DATASET_JSON) if n in names}
+    own = (RUN_JSON, SIZES_JSON, DATASET_JSON) if RUN_JSON in names else ()  # the index files are ours only there
+    doomed = {names[n] for n in own if n in names}
     for prefix, digits in namings:
         doomed.update(path for path, _ in _shard_files(fs, root, prefix, digits))
     if doomed:

@@ -14,6 +14,7 @@ from seediff.pipeline.plan import Plan
 from seediff.pipeline.resume import (
     OutputLease,
     bind_device,
+    check_output_folder,
     check_resume,
     clean_leftovers,
     prepare_output,
@@ -45,6 +46,7 @@ def format_plan(manifest: Manifest, config: RunConfig, overwrite: bool) -> str:
     """What a run would do, read-only: shards, samples, done/todo, example keys and seeds, estimated bytes.
     Raises RunConfigMismatch exactly when the real run would be refused."""
     plan = plan_of(manifest, config)
+    check_output_folder(config, overwrite)
     committed = {} if overwrite else read_committed_stats(config)
     record = None if overwrite else read_run_json(config.output_url)
     if record is not None:
@@ -113,6 +115,7 @@ def run_generation(
     defaults to ShardActor, built in the actor process (``ModelFreeShardActor``). Ctrl-C raises RunInterrupted once
     the actors are stopped."""
     plan = AnnotatePlan(source, config) if isinstance(source, ImageInput) else plan_of(source, config)
+    check_output_folder(config, overwrite)  # before the lease touches the folder; again under it
     try:
         with OutputLease(config.output_url, uuid.uuid4().hex[:12]) as lease:
             return _run_under_lease(source, config, runtime, plan, lease, overwrite, actor_class, stream)

@@ -26,6 +26,7 @@ from seediff.schemas.records import temp_name
 
 
 STAGING_ROOT = Path(tempfile.gettempdir()) / "seediff-staging"  # <root>/<pid>/: one folder per process
+WRITE_PROBE_PREFIX = ".seediff-write-check-"  # check_access's probe object
 
 
 def output_fs(output_url: str) -> tuple[AbstractFileSystem, str]:
@@ -127,7 +128,7 @@ def check_access(url: str, write: bool) -> None:
         bucket = root.split("/", 1)[0]
         fs.ls(bucket, detail=False)  # unlike exists(), raises on missing credentials and refused access
         if write:
-            probe = f"{root}/.seediff-write-check-{uuid.uuid4().hex}"
+            probe = f"{root}/{WRITE_PROBE_PREFIX}{uuid.uuid4().hex}"
             fs.pipe_file(probe, b"")
             fs.rm_file(probe)
     except StorageAccessError:

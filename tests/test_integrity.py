@@ -122,3 +122,19 @@ def test_every_damage_at_once_is_regenerated_byte_identical_by_the_next_run(refe
     assert main(["resume", str(out), "--num-actors", "1"]) == 0
     assert digests(out) == reference[1]
     assert main(["verify", str(out)]) == 0
+
+
+def test_a_run_into_a_folder_of_the_users_or_a_file_exits_2_naming_it(inputs, tmp_path, capsys):
+    manifest, config = inputs
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "dataset.json").write_text('{"theirs": true}')
+    (tmp_path / "afile").write_text("x")
+    for out, named in ((folder, "holds dataset.json"), (tmp_path / "afile", "is a file")):
+        for extra in (["--dry-run"], []):
+            assert main(["generate", str(manifest), "--out", str(out), "--config", str(config), *extra]) == 2
+            err = capsys.readouterr().err
+            (error,) = [line for line in err.splitlines() if "tiny" not in line]  # besides the tiny model's note
+            assert error.startswith("seediff: error:") and named in error and "Traceback" not in err, err
+    assert [p.name for p in folder.iterdir()] == ["dataset.json"]
+    assert (folder / "dataset.json").read_text() == '{"theirs": true}'

@@ -13,9 +13,11 @@ import pytest
 
 from seediff.pipeline.resume import (
     LeaseHeld,
+    NotAnOutputFolder,
     OutputLease,
     RunConfigMismatch,
     bind_device,
+    check_output_folder,
     clean_leftovers,
     read_committed_stats,
     prepare_output,
@@ -195,3 +197,15 @@ def test_a_second_driver_is_refused_naming_the_holder_and_a_stale_lease_is_taken
     assert taker.read()["run_id"] == "run-third"
     taker.release()
     assert taker.read() is None
+
+
+def test_a_folder_with_the_users_own_files_or_a_file_is_not_an_output(tmp_path: Path) -> None:
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "dataset.json").write_text('{"theirs": true}')
+    with pytest.raises(NotAnOutputFolder, match=r"not a seediff output \(no run.json\) .* holds dataset.json"):
+        prepare_output(make_config(str(folder)), MANIFEST, overwrite=True)  # --overwrite does not make it ours
+    assert names(str(folder)) == {"dataset.json"}
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(NotAnOutputFolder, match="afile: is a file"):
+        check_output_folder(make_config(str(tmp_path / "afile")), overwrite=False)
