@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import posixpath
 import re
@@ -279,17 +280,24 @@ def _wipe(fs: AbstractFileSystem, root: str, config: RunConfig) -> None:
 
 LEASE_HEARTBEAT_S = 10.0  # how often the holding driver refreshes the lease
 LEASE_STALE_S = 60.0  # a lease without a heartbeat for this long belongs to a dead driver and is taken over
+LEASE_SKEW_S = 30.0  # clock difference between hosts tolerated before a future heartbeat is disbelieved
+
+
+def _shown(value: Any) -> str:
+    """A lease field as quoted in a message: whatever a damaged or planted lease holds, one short line."""
+    return " ".join(str(value).split())[:80]
 
 
 def _dead_on_this_host(holder: dict[str, Any]) -> bool:
     """The holder ran on this host and its process is gone (a killed driver need not wait for the lease to age)."""
-    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+    pid = holder.get("pid")
+    if holder.get("host") != socket.gethostname() or not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
         return False
     try:
-        os.kill(holder["pid"], 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return True
-    except PermissionError:
+    except (PermissionError, OverflowError):
         return False
     return False
 
@@ -323,12 +331,33 @@ class OutputLease:
         return (json.dumps({**holder, "heartbeat": time.time()}, sort_keys=True) + "\n").encode()
 
     def read(self) -> dict[str, Any] | None:
+        """The holder's record; {} for a lease that does not parse as one (half-written by a best-effort store,
+        damaged): treated as stale."""
         try:
-            return json.loads(self.fs.cat_file(self.path))
+            holder = json.loads(self.fs.cat_file(self.path))
         except FileNotFoundError:
             return None
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return {}  # half-written by a best-effort store: treated as stale
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+            return {}
+        return holder if isinstance(holder, dict) else {}
+
+    def _age(self, holder: dict[str, Any]) -> tuple[float, str]:
+        """Seconds since the holder's last heartbeat, and how that was judged. A heartbeat that is not a finite
+        number counts as none (stale). One in the future beyond ``LEASE_SKEW_S`` (clock skew, or a planted lease)
+        is not believed: the lease file's modification time (the store's clock) stands in, so such a lease goes
+        stale ``stale_s`` after it was last written instead of locking the output until that date."""
+        beat = holder.get("heartbeat")
+        now = time.time()
+        if isinstance(beat, bool) or not isinstance(beat, (int, float)) or not math.isfinite(beat):
+            return math.inf, "no valid heartbeat"
+        if beat <= now + LEASE_SKEW_S:
+            return max(now - beat, 0.0), f"heartbeat {max(now - beat, 0.0):.0f}s ago"
+        try:
+            written = self.fs.modified(self.path).timestamp()
+        except (OSError, NotImplementedError, AttributeError):
+            written = self.started  # judged from this driver's first look
+        age = max(now - written, 0.0)
+        return age, f"heartbeat {beat - now:.0f}s in the future, clock skew? The file was written {age:.0f}s ago"
 
     def acquire(self) -> None:
         """Take the lease (or a stale one) and start the heartbeat; raise LeaseHeld naming a live holder."""
@@ -340,15 +369,15 @@ class OutputLease:
             holder = self.read()
             if holder is None:
                 continue  # released meanwhile
-            age = time.time() - float(holder.get("heartbeat", 0))
+            age, judged = self._age(holder)
             if age < self.stale_s and not _dead_on_this_host(holder):
                 raise LeaseHeld(
-                    f"{self.path}: this output is in use by run {holder.get('run_id')} on {holder.get('host')} "
-                    f"(pid {holder.get('pid')}, heartbeat {age:.0f}s ago); wait for it to finish or stop it "
-                    f"(a lease without heartbeat for {self.stale_s:.0f}s is taken over)"
+                    f"{self.path}: this output is in use by run {_shown(holder.get('run_id'))} on "
+                    f"{_shown(holder.get('host'))} (pid {_shown(holder.get('pid'))}, {judged}); wait for "
+                    f"it to finish or stop it (a lease without heartbeat for {self.stale_s:.0f}s is taken over)"
                 )
-            log.warning("taking over the lease of run %s (no heartbeat for %.0fs, or its driver process is gone)",
-                        holder.get("run_id"), age)
+            log.warning("taking over the lease of run %s (%s, or its driver process is gone)",
+                        _shown(holder.get("run_id")), judged if holder else "lease.json unreadable")
             if self.read() == holder:  # nobody refreshed or took it over meanwhile
                 self.fs.rm_file(self.path)
         raise LeaseHeld(f"{self.path}: could not take the lease (other drivers are competing for it)")

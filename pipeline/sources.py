@@ -21,6 +21,7 @@ import hashlib
 import json
 import posixpath
 import re
+import tarfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -160,6 +161,17 @@ def class_list(value: str) -> list[str]:
     return names
 
 
+def _readable(samples: Iterator[dict[str, Any]], url: str) -> Iterator[dict[str, Any]]:
+    """The samples of an input tar; a damaged tar (truncated, not a tar) is refused in one line naming it."""
+    count = 0
+    try:
+        for sample in samples:
+            count += 1
+            yield sample
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise AnnotateInputError(f"{url}: unreadable tar after {count} samples ({type(e).__name__}: {e})") from None
+
+
 def open_input(
     source: str | Sequence[InputUnit],
     classes: Sequence[str] | None,
@@ -193,7 +205,7 @@ def open_input(
     for unit in units:
         if unit.kind == "tar" and (unit.num_samples < 0 or per_sample):
             count = 0
-            for sample in raw_samples(unit.url):
+            for sample in _readable(raw_samples(unit.url), unit.url):
                 count += 1
                 if per_sample:
                     names, caption = sample_labels(sample, classes_field, caption_field, table)

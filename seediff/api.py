@@ -110,6 +110,7 @@ def recorded_inputs(out: str | os.PathLike[str]) -> tuple[RunConfig, Any]:
     """The run config and the input recorded in ``out``'s ``run.json``: the manifest, or an annotate run's input
     (``seediff.pipeline.sources.ImageInput``)."""
     url = absolute_url(out)
+    check_access(url, write=False)  # credentials, bucket: one line, before anything reads
     record = read_run_json(url)
     source = f"{url}/{RUN_JSON}"
     if record is None:
@@ -205,7 +206,8 @@ def export(out: str | os.PathLike[str], directory: str | os.PathLike[str], *, la
 
     if layout != "voc":
         raise ConfigError(f"layout: {layout!r} is not one of: voc")
-    return export_voc(os.fspath(out), os.fspath(directory), split=split)
+    check_access(os.fspath(directory), write=True)
+    return export_voc(_existing_output(out), os.fspath(directory), split=split)
 
 
 def annotate(
@@ -408,6 +410,7 @@ def _validated(model: type, value: Any, source: str) -> Any:
 
 def _existing_output(out: str | os.PathLike[str]) -> str:
     url = os.fspath(out)
+    check_access(url, write=False)  # credentials, bucket: one line, before anything reads
     if read_run_json(url) is None:
         raise NotAnOutputError(f"{url.rstrip('/')}/{RUN_JSON}: missing; not a seediff output root")
     return url

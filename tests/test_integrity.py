@@ -10,6 +10,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import fsspec
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
@@ -138,3 +139,28 @@ def test_a_run_into_a_folder_of_the_users_or_a_file_exits_2_naming_it(inputs, tm
             assert error.startswith("seediff: error:") and named in error and "Traceback" not in err, err
     assert [p.name for p in folder.iterdir()] == ["dataset.json"]
     assert (folder / "dataset.json").read_text() == '{"theirs": true}'
+
+
+@pytest.fixture
+def no_credentials(moto_s3, monkeypatch, tmp_path):
+    """The moto endpoint stays, the credentials go (and no profile, no instance metadata to fall back on)."""
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    s3 = fsspec.get_filesystem_class("s3")
+    s3.clear_instance_cache()
+    yield
+    s3.clear_instance_cache()
+
+
+@pytest.mark.parametrize("command", [
+    ["verify", "s3://bucket/out"], ["inspect", "s3://bucket/out"], ["resume", "s3://bucket/out"],
+    ["report", "s3://bucket/out", "-o", "r.html"], ["export", "s3://bucket/out", "x", "--layout", "voc"],
+    ["preview", "s3://bucket/out", "-o", "p.png"],
+])
+def test_commands_without_credentials_exit_2_in_one_line(command, no_credentials, capsys):
+    assert main(command) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no credentials found" in err, err

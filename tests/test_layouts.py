@@ -175,3 +175,21 @@ def test_voc_defaults_and_bad_inputs_exit_2(tmp_path: Path, capsys) -> None:
     assert main(["eval", str(tmp_path / "nowhere"), "--layout", "labels", "--out", str(tmp_path / "ev"),
                  "--predictions", str(tmp_path)]) == 2
     assert "expected images/ and labels or annotations/ folders" in capsys.readouterr().err
+
+
+def test_a_ground_truth_of_another_size_than_its_image_exits_2_before_the_model(tmp_path: Path, monkeypatch,
+                                                                               capsys) -> None:
+    from seediff.pipeline import run
+
+    root = tmp_path / "VOC"
+    (root / "ImageSets/Segmentation").mkdir(parents=True)
+    (root / "ImageSets/Segmentation/val.txt").write_text("a\n")
+    (root / "JPEGImages").mkdir()
+    (root / "SegmentationClass").mkdir()
+    Image.new("RGB", (64, 48)).save(root / "JPEGImages/a.jpg")
+    Image.fromarray(np.full((20, 20), 1, np.uint8)).save(root / "SegmentationClass/a.png")
+    monkeypatch.setattr(run, "run_generation", lambda *a, **k: pytest.fail("the model ran"))
+    assert main(["eval", str(root), "--layout", "voc", "--out", str(tmp_path / "ev"), "--model", "tiny",
+                 "--resolution", "64"]) == 2
+    err = capsys.readouterr().err
+    assert "SegmentationClass/a.png: the ground truth is 20x20 but its image" in err and "is 64x48" in err
