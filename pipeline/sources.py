@@ -155,7 +155,9 @@ def class_list(value: str) -> list[str]:
             return list(read_class_list(value[len(TABLE_FILE):]))
         except FileNotFoundError:
             raise AnnotateInputError(f"--classes {value}: not found") from None
-    names = [name.strip() for name in value.split(",") if name.strip()]
+    from seediff.pipeline.layouts import split_escaped  # the class lists' one codec: "x\,y" is one name
+
+    names = [name.strip() for name in split_escaped(value, ",") if name.strip()]
     if not names:
         raise AnnotateInputError(f'--classes {value!r}: no class names (e.g. --classes "dog,cat" or @classes.txt)')
     return names
