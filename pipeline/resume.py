@@ -97,6 +97,16 @@ def clean_leftovers(config: RunConfig, committed: Collection[int]) -> list[str]:
     return doomed
 
 
+def remove_temp_files(config: RunConfig) -> list[str]:
+    """Delete the temp files of shard writers (what an actor killed mid-shard left): at the end of a run, once no
+    actor writes. Returns the removed paths."""
+    fs, root = output_fs(config.output_url)
+    doomed = [path for path, m in _shard_files(fs, root, config.shard_prefix, config.shard_digits) if m["temp"]]
+    if doomed:
+        fs.rm(doomed)
+    return doomed
+
+
 def run_record(config: RunConfig, source: Manifest | ImageInput) -> dict[str, Any]:
     """The ``run.json`` contents: the run config plus what identifies the run's input (``source_record``)."""
     return {"config": config.model_dump(mode="json"), **source_record(source)}

@@ -20,6 +20,7 @@ from seediff.pipeline.resume import (
     prepare_output,
     read_committed_stats,
     read_run_json,
+    remove_temp_files,
 )
 from seediff.pipeline.sources import AnnotatePlan, ImageInput
 from seediff.pipeline.summary import RunSummary, human_bytes
@@ -175,6 +176,7 @@ def _run_under_lease(
                 result = dispatcher.run()
             finally:
                 ray.kill(counts)
+                remove_temp_files(config)  # the actors are stopped: what one killed mid-shard left goes
         else:
             result = DispatchResult({}, 0.0)
         progress.phase("writing the index")

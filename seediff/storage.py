@@ -8,10 +8,12 @@ actor on that machine removes it (``sweep_staging``)."""
 from __future__ import annotations
 
 import errno
+import getpass
 import hashlib
 import os
 import posixpath
 import shutil
+import stat
 import tempfile
 import uuid
 from pathlib import Path
@@ -25,7 +27,32 @@ from seediff.schemas.config import InputError
 from seediff.schemas.records import temp_name
 
 
-STAGING_ROOT = Path(tempfile.gettempdir()) / "seediff-staging"  # <root>/<pid>/: one folder per process
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # a container user without a passwd entry
+        return str(os.geteuid())
+
+
+def user_temp_dir(name: str) -> Path:
+    """``<temp dir>/<name>-<user>``: a fixed folder of this user's (not created here; ``private_dir`` does)."""
+    return Path(tempfile.gettempdir()) / f"{name}-{_user()}"
+
+
+def private_dir(path: Path) -> Path:
+    """Create ``path`` (mode 0700) or check that it is this user's own folder: a folder another user made (or a
+    link planted there) could be read, or its staged files swapped before upload. Returns ``path``."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = path.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+        raise StorageAccessError(f"{path}: not a folder of this user's (uid {os.geteuid()}); remove it or set TMPDIR "
+                                 "to another temp folder")
+    if info.st_mode & 0o077:
+        path.chmod(0o700)
+    return path
+
+
+STAGING_ROOT = user_temp_dir("seediff-staging")  # <root>/<pid>/: one folder per process, the root this user's only
 WRITE_PROBE_PREFIX = ".seediff-write-check-"  # check_access's probe object
 
 
@@ -71,8 +98,12 @@ class StagedFile:
     def __init__(self, fs: AbstractFileSystem, path: str):
         self.fs, self.path = fs, path
         directory, base = posixpath.split(path)
-        staging_dir = directory if is_local(fs) else str(STAGING_ROOT / str(os.getpid()))
-        os.makedirs(staging_dir, exist_ok=True)
+        if is_local(fs):
+            staging_dir = directory
+            os.makedirs(staging_dir, exist_ok=True)
+        else:
+            staging_dir = str(private_dir(STAGING_ROOT) / str(os.getpid()))
+            os.makedirs(staging_dir, mode=0o700, exist_ok=True)
         self.temp_path = os.path.join(staging_dir, temp_name(base, uuid.uuid4().hex))
         self.file: IO[bytes] = open(self.temp_path, "wb")  # noqa: SIM115 - closed by publish/discard
         self.sha256: str | None = None  # of the published bytes, once published

@@ -142,6 +142,7 @@ def test_actor_killed_mid_shard_is_retried_byte_identical(inputs, reference, tmp
     assert outcome.ok and outcome.retried_shards == {FAULTY_SHARD: 2}
     check_dataset(out, NUM_SAMPLES)
     assert digests(out) == reference
+    assert not list(out.glob(".*")), "the killed actor's temp files are swept by the retry and the run's end"
 
 
 def test_shard_past_timeout_is_requeued_and_completes(inputs, reference, tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import platform
 import socket
 import time
@@ -32,9 +33,10 @@ from seediff.schemas.records import (
     ShardStats,
     failure_histogram,
     parquet_row,
+    shard_file_pattern,
     shard_name,
 )
-from seediff.storage import StagedFile, output_fs, write_file
+from seediff.storage import StagedFile, is_local, output_fs, write_file
 
 TAR_MTIME = 0  # every tar member gets this mtime, so identical inputs give byte-identical tars
 
@@ -43,10 +45,14 @@ class ShardWriter:
     """Writes one shard. ``add`` every sample of the shard in sample-id order (failures included), then ``commit``.
     Used as a context manager, leaving without commit removes what was staged."""
 
-    def __init__(self, config: RunConfig, shard: ShardSpec):
+    def __init__(self, config: RunConfig, shard: ShardSpec, retry: bool = False):
+        """``retry``: an earlier attempt at this shard may have died mid-write; its temp files are removed first
+        (local outputs: they lie next to the final files; object stores stage per process, see storage)."""
         self.config, self.shard = config, shard
         self.fs, self.root = output_fs(config.output_url)
         self.name = shard_name(config.shard_prefix, shard.shard_id, config.shard_digits)
+        if retry and is_local(self.fs):
+            self._sweep_temp_files()
         self.start_time = time.time()
         self._rows: list[dict[str, Any]] = []  # parquet rows, one per added sample, in sample-id order
         self._closed = False  # no more add(): commit started or aborted
@@ -54,6 +60,14 @@ class ShardWriter:
         self._tar_file = StagedFile(self.fs, self.path(TAR_SUFFIX))
         # encoder=False: values are already the final bytes; webdataset's default would re-encode images.
         self._tar = wds.TarWriter(self._tar_file.file, encoder=False, mtime=TAR_MTIME)
+
+    def _sweep_temp_files(self) -> None:
+        pattern = shard_file_pattern(self.config.shard_prefix, self.config.shard_digits)
+        with os.scandir(self.root) as entries:
+            for entry in entries:
+                m = pattern.match(entry.name)
+                if m and m["temp"] and int(m["shard"]) == self.shard.shard_id:
+                    os.remove(entry.path)
 
     def path(self, suffix: str) -> str:
         return f"{self.root}/{self.name}{suffix}"
