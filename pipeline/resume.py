@@ -21,7 +21,7 @@ from typing import Any
 from fsspec import AbstractFileSystem
 
 from seediff.pipeline.sources import ImageInput
-from seediff.schemas.config import ConfigError, InputError, RunConfig
+from seediff.schemas.config import ConfigError, InputError, RetryLater, RunConfig
 from seediff.schemas.manifest import Manifest
 from seediff.schemas.records import (
     DATASET_JSON,
@@ -312,7 +312,7 @@ def _dead_on_this_host(holder: dict[str, Any]) -> bool:
     return False
 
 
-class LeaseHeld(InputError):
+class LeaseHeld(RetryLater):
     """Another live driver holds the output root's lease; the message names it."""
 
 

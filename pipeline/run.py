@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import threading
 import uuid
 from typing import Any, TextIO
 
@@ -214,4 +216,7 @@ def _connect_ray(runtime: RuntimeOptions) -> None:
     import ray
 
     if not ray.is_initialized():
+        on_term = signal.getsignal(signal.SIGTERM)
         ray.init(address=runtime.address)
+        if threading.current_thread() is threading.main_thread() and on_term is not None:
+            signal.signal(signal.SIGTERM, on_term)  # Ray's own exits at once: no lease release, no message

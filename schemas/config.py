@@ -30,6 +30,12 @@ class InputError(ValueError):
     message names the file and line, the field or the flag. The command line exits 2 on it."""
 
 
+class RetryLater(InputError):
+    """The run cannot start (or go on) now, but the same command may succeed later: the output's lease is held by
+    another driver, the storage endpoint does not answer. The command line exits 3 on it, so a retrying wrapper
+    tells it from bad input."""
+
+
 class ConfigError(InputError):
     """A config file or flag value that cannot be used; the message names the source and the field."""
 

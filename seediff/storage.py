@@ -23,7 +23,7 @@ import fsspec
 from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
-from seediff.schemas.config import InputError
+from seediff.schemas.config import InputError, RetryLater
 from seediff.schemas.records import temp_name
 
 
@@ -144,6 +144,10 @@ class StorageAccessError(InputError):
     message names the URL. Found during validation, before any model loads or Ray starts."""
 
 
+class StorageUnreachable(StorageAccessError, RetryLater):
+    """The store of a URL did not answer (connection refused, timeout, 5xx): retry later, not bad input."""
+
+
 def check_access(url: str, write: bool) -> None:
     """Raise StorageAccessError unless ``url``'s store is reachable with this process's credentials, its bucket
     exists and, with ``write``, an object can be created (and removed) under it."""
@@ -165,7 +169,9 @@ def check_access(url: str, write: bool) -> None:
     except StorageAccessError:
         raise
     except Exception as error:  # botocore/gcsfs errors share no base class; each is named in the message
-        raise StorageAccessError(f"{url}: {_access_problem(error, url)}") from error
+        unreachable = failure_kind(error) == TRANSIENT  # the endpoint down, throttling: not the user's input
+        raise (StorageUnreachable if unreachable else StorageAccessError)(
+            f"{url}: {_access_problem(error, url)}" + ("; try again later" if unreachable else "")) from error
 
 
 def _access_problem(error: Exception, url: str) -> str:

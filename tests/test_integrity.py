@@ -6,7 +6,11 @@ another shard's are each reported (exit 1, no traceback), un-committed by ``--re
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -164,3 +168,43 @@ def test_commands_without_credentials_exit_2_in_one_line(command, no_credentials
     assert main(command) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no credentials found" in err, err
+
+
+def test_sigterm_during_a_run_stops_it_like_ctrl_c_and_resume_is_byte_identical(inputs, reference, tmp_path, capsys,
+                                                                                 local_ray):
+    manifest, config = inputs
+    out = tmp_path / "out"
+
+    def terminate_after_the_first_commit() -> None:
+        while not list(out.glob("*_stats.json")):
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)  # as Kubernetes or Slurm stop a job
+
+    threading.Thread(target=terminate_after_the_first_commit, daemon=True).start()
+    assert main(["generate", str(manifest), "--out", str(out), "--config", str(config), "--num-actors", "1"]) == 143
+    err = capsys.readouterr().err
+    assert "run the same command to resume" in err and "Traceback" not in err, err
+    assert not (out / "lease.json").exists()  # released
+    assert 0 < len(list(out.glob("*_stats.json"))) < NUM_SAMPLES
+    assert main(["resume", str(out), "--num-actors", "1"]) == 0
+    assert digests(out) == reference[1]
+
+
+def test_a_stop_signal_outside_a_run_prints_one_line(reference, monkeypatch, capsys):
+    from seediff import api
+
+    monkeypatch.setattr(api, "check", lambda *a, **k: os.kill(os.getpid(), signal.SIGHUP) or time.sleep(5))
+    assert main(["verify", str(reference[0])]) == 129
+    assert capsys.readouterr().err.strip() == "stopped by SIGHUP"
+    assert signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN  # main() restored the handler it replaced
+
+
+def test_a_held_lease_exits_3_retry_later(reference, tmp_path, capsys):
+    from seediff.pipeline.resume import OutputLease
+
+    out = _copy(reference, tmp_path)
+    with OutputLease(str(out), "other-driver"):
+        assert main(["verify", "--repair", str(out)]) == 0  # nothing damaged: no lease needed
+        (out / name(0, "_stats.json")).write_text("garbage{")
+        assert main(["verify", "--repair", str(out)]) == 3
+    assert "in use by run other-driver" in capsys.readouterr().err
