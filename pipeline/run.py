@@ -54,8 +54,9 @@ def format_plan(manifest: Manifest, config: RunConfig, overwrite: bool) -> str:
     record = None if overwrite else read_run_json(config.output_url)
     if record is not None:
         check_resume(record, config, manifest, f"{config.output_url}/{RUN_JSON}")
-    todo = [i for i in range(plan.num_shards) if i not in committed]
-    todo_samples = sum(len(plan.shard_range(i)) for i in todo)
+    done = [i for i in committed if i < plan.num_shards]  # O(committed), never a list of every planned shard
+    todo_shards = plan.num_shards - len(done)
+    todo_samples = plan.num_samples - sum(len(plan.shard(i)) for i in done)
     first, last = shard_name(config.shard_prefix, 0, config.shard_digits), shard_name(
         config.shard_prefix, max(plan.num_shards - 1, 0), config.shard_digits
     )
@@ -68,7 +69,7 @@ def format_plan(manifest: Manifest, config: RunConfig, overwrite: bool) -> str:
         f"plan: {plan.num_samples} samples in {plan.num_shards} shards of up to {config.samples_per_shard} "
         f"({first}.tar .. {last}.tar)",
         f"output: {config.output_url} ({'overwrite' if overwrite else 'resume' if record else 'new'})",
-        f"done: {len(committed)} shards committed; to generate: {len(todo)} shards, {todo_samples} samples",
+        f"done: {len(committed)} shards committed; to generate: {todo_shards} shards, {todo_samples} samples",
         "examples:",
     ]
     examples = sorted({i for i in (0, 1, 2, plan.num_samples - 1) if 0 <= i < plan.num_samples})  # never a set of all ids

@@ -208,3 +208,29 @@ def test_a_held_lease_exits_3_retry_later(reference, tmp_path, capsys):
         (out / name(0, "_stats.json")).write_text("garbage{")
         assert main(["verify", "--repair", str(out)]) == 3
     assert "in use by run other-driver" in capsys.readouterr().err
+
+
+def test_the_dry_run_counts_what_is_left_from_the_committed_shards(inputs, reference, tmp_path, capsys):
+    manifest, config = inputs
+    out = _copy(reference, tmp_path)
+    for shard in (1, 2):
+        (out / name(shard, "_stats.json")).unlink()
+    assert main(["generate", str(manifest), "--out", str(out), "--config", str(config), "--dry-run"]) == 0
+    assert f"done: {NUM_SAMPLES - 2} shards committed; to generate: 2 shards, 2 samples" in capsys.readouterr().out
+
+
+def test_verify_of_a_partial_output_of_many_shards_prints_a_summary(tmp_path, capsys):
+    from seediff.pipeline.resume import prepare_output
+    from seediff.schemas.config import RunConfig
+    from seediff.schemas.manifest import Manifest, class_row
+
+    planned = 100_000
+    out = str(tmp_path / "out")
+    rows = (class_row("cat", 1, planned, "a photo of a cat", "", 2),)
+    config = RunConfig(model="synthetic", samples_per_shard=1, output_url=out)
+    prepare_output(config, Manifest(source="m.csv", rows=rows, sha256="0" * 64), overwrite=False)
+    assert main(["verify", out]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) < 30, lines[:40]
+    assert lines[-1] == f"{planned + 2} problems in {planned} shards: {planned} missing shard, 2 index"
+    assert "... and 99980 more shards with problems (--all lists them)" in lines
