@@ -13,6 +13,7 @@ import argparse
 import json
 import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from typing import TextIO
 
@@ -27,6 +28,7 @@ from seediff.schemas.config import (
     ConfigError,
     InputError,
     MaskConfig,
+    RetryLater,
     RunConfig,
     RuntimeOptions,
     config_file_keys,
@@ -35,7 +37,9 @@ from seediff.schemas.config import (
 )
 
 
-EXIT_OK, EXIT_FAILED, EXIT_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAILED, EXIT_INPUT, EXIT_RETRY, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+STOP_SIGNALS = ("SIGTERM", "SIGHUP")  # how Kubernetes, Slurm and a closed terminal stop a job: handled like Ctrl-C
+SHOWN_SHARDS = 20  # verify: shards whose problems are printed in full without --all
 TINY_NOTE = (
     "note: --model tiny is a miniature Stable Diffusion with random weights: its images and masks are meaningless "
     "and only exercise the pipeline"
@@ -137,10 +141,13 @@ def _run(args: argparse.Namespace, run: Callable[[TextIO], RunSummary], tiny: bo
             return EXIT_FAILED
         except KeyboardInterrupt as e:  # the actors are already stopped; committed shards are kept
             print(str(e) or "interrupted", file=terminal.stream)
-            return EXIT_INTERRUPTED
+            return _interrupted_status()
         finally:
             if not connected_before and "ray" in sys.modules:
-                sys.modules["ray"].shutdown()
+                try:
+                    sys.modules["ray"].shutdown()
+                except KeyboardInterrupt:  # a second Ctrl-C while Ray stops: the data and index are written
+                    pass
     print(summary.format())
     if terminal.log_path:
         print(f"  log (library messages, Ray, actors' stderr): {terminal.log_path}")
@@ -165,14 +172,19 @@ def cmd_preview(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    problems, damaged = api.repair(args.url) if args.repair else (api.verify(args.url), [])
-    for problem in problems:
-        print(problem)
-    print(f"{len(problems)} problems" if problems else "OK: every shard is complete and matches the index")
-    if damaged:
-        print(f"repair: un-committed {len(damaged)} shards ({', '.join(map(str, damaged))}); "
-              "run the same generate command (or seediff resume) to regenerate them")
-    return EXIT_FAILED if problems else EXIT_OK
+    found = api.check(args.url, repair=args.repair, shown=None if args.all else SHOWN_SHARDS)
+    if args.json:
+        print(json.dumps(found.as_json(), indent=2, ensure_ascii=False))
+    else:
+        print("\n".join([*found.notes, found.summary()]))
+        if args.repair and found.damaged:
+            print(f"repair: un-committed {len(found.damaged)} shards ({_ids(found.damaged)}) and rewrote the index; "
+                  "run the same generate command (or seediff resume) to regenerate them")
+    return EXIT_OK if found.ok else EXIT_FAILED
+
+
+def _ids(ids: list[int], most: int = SHOWN_SHARDS) -> str:
+    return ", ".join(map(str, ids[:most])) + (f", ... ({len(ids)} in all)" if len(ids) > most else "")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -269,8 +281,12 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("url")
     ver.add_argument(
         "--repair", action="store_true",
-        help="un-commit the damaged shards (delete their stats) so that the next generate run regenerates them",
+        help="un-commit the damaged shards (delete their files) and rewrite the index, so that readers skip them "
+        "and the next generate run regenerates them",
     )
+    ver.add_argument("--all", action="store_true", help=f"list every problem (default: those of the first "
+                     f"{SHOWN_SHARDS} shards, and counts per kind)")
+    ver.add_argument("--json", action="store_true", help="print the findings as JSON")
 
     exp = sub.add_parser("export", help="write an output root as a folder layout segmentation trainers read")
     exp.set_defaults(func=cmd_export)
@@ -338,15 +354,46 @@ def _run_flags(parser: argparse.ArgumentParser, annotate: bool = False) -> list:
     return flags
 
 
+class _Stopped:
+    """The stop signal received, if any: SIGTERM/SIGHUP raise KeyboardInterrupt where Ctrl-C would, so a run stops
+    dispatching, releases its lease and says how to resume; the exit status is then 128 + the signal's number."""
+
+    signum: int | None = None
+
+    @classmethod
+    def handle(cls, signum: int, frame: object) -> None:
+        cls.signum = signum
+        raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
+
+
+def _interrupted_status() -> int:
+    return 128 + _Stopped.signum if _Stopped.signum else EXIT_INTERRUPTED
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if hasattr(signal, "SIGPIPE"):  # `seediff inspect out | head` ends quietly, like other Unix tools
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    _Stopped.signum = None
+    previous = {}
+    if threading.current_thread() is threading.main_thread():  # restored on return: main() may run in-process
+        for name in STOP_SIGNALS:
+            if hasattr(signal, name):
+                previous[name] = signal.signal(getattr(signal, name), _Stopped.handle)
     try:
         return args.func(args)
+    except RetryLater as e:
+        print(f"seediff: error: {e}", file=sys.stderr)
+        return EXIT_RETRY
     except (InputError, FileNotFoundError) as e:
         print(f"seediff: error: {e}", file=sys.stderr)
         return EXIT_INPUT
+    except KeyboardInterrupt as e:  # outside a run (a dry run, verify, ...): one line, no traceback
+        print(str(e) or "interrupted", file=sys.stderr)
+        return _interrupted_status()
+    finally:
+        for name, handler in previous.items():
+            signal.signal(getattr(signal, name), handler)
 
 
 if __name__ == "__main__":

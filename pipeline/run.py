@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import threading
 import uuid
 from typing import Any, TextIO
 
@@ -14,11 +16,13 @@ from seediff.pipeline.plan import Plan
 from seediff.pipeline.resume import (
     OutputLease,
     bind_device,
+    check_output_folder,
     check_resume,
     clean_leftovers,
     prepare_output,
     read_committed_stats,
     read_run_json,
+    remove_temp_files,
 )
 from seediff.pipeline.sources import AnnotatePlan, ImageInput
 from seediff.pipeline.summary import RunSummary, human_bytes
@@ -45,12 +49,14 @@ def format_plan(manifest: Manifest, config: RunConfig, overwrite: bool) -> str:
     """What a run would do, read-only: shards, samples, done/todo, example keys and seeds, estimated bytes.
     Raises RunConfigMismatch exactly when the real run would be refused."""
     plan = plan_of(manifest, config)
+    check_output_folder(config, overwrite)
     committed = {} if overwrite else read_committed_stats(config)
     record = None if overwrite else read_run_json(config.output_url)
     if record is not None:
         check_resume(record, config, manifest, f"{config.output_url}/{RUN_JSON}")
-    todo = [i for i in range(plan.num_shards) if i not in committed]
-    todo_samples = sum(len(plan.shard_range(i)) for i in todo)
+    done = [i for i in committed if i < plan.num_shards]  # O(committed), never a list of every planned shard
+    todo_shards = plan.num_shards - len(done)
+    todo_samples = plan.num_samples - sum(len(plan.shard(i)) for i in done)
     first, last = shard_name(config.shard_prefix, 0, config.shard_digits), shard_name(
         config.shard_prefix, max(plan.num_shards - 1, 0), config.shard_digits
     )
@@ -63,7 +69,7 @@ def format_plan(manifest: Manifest, config: RunConfig, overwrite: bool) -> str:
         f"plan: {plan.num_samples} samples in {plan.num_shards} shards of up to {config.samples_per_shard} "
         f"({first}.tar .. {last}.tar)",
         f"output: {config.output_url} ({'overwrite' if overwrite else 'resume' if record else 'new'})",
-        f"done: {len(committed)} shards committed; to generate: {len(todo)} shards, {todo_samples} samples",
+        f"done: {len(committed)} shards committed; to generate: {todo_shards} shards, {todo_samples} samples",
         "examples:",
     ]
     examples = sorted({i for i in (0, 1, 2, plan.num_samples - 1) if 0 <= i < plan.num_samples})  # never a set of all ids
@@ -113,6 +119,7 @@ def run_generation(
     defaults to ShardActor, built in the actor process (``ModelFreeShardActor``). Ctrl-C raises RunInterrupted once
     the actors are stopped."""
     plan = AnnotatePlan(source, config) if isinstance(source, ImageInput) else plan_of(source, config)
+    check_output_folder(config, overwrite)  # before the lease touches the folder; again under it
     try:
         with OutputLease(config.output_url, uuid.uuid4().hex[:12]) as lease:
             return _run_under_lease(source, config, runtime, plan, lease, overwrite, actor_class, stream)
@@ -172,6 +179,7 @@ def _run_under_lease(
                 result = dispatcher.run()
             finally:
                 ray.kill(counts)
+                remove_temp_files(config)  # the actors are stopped: what one killed mid-shard left goes
         else:
             result = DispatchResult({}, 0.0)
         progress.phase("writing the index")
@@ -210,4 +218,7 @@ def _connect_ray(runtime: RuntimeOptions) -> None:
     import ray
 
     if not ray.is_initialized():
+        on_term = signal.getsignal(signal.SIGTERM)
         ray.init(address=runtime.address)
+        if threading.current_thread() is threading.main_thread() and on_term is not None:
+            signal.signal(signal.SIGTERM, on_term)  # Ray's own exits at once: no lease release, no message

@@ -5,6 +5,7 @@ fields differ is refused (``RunConfig.differences``)."""
 from __future__ import annotations
 
 import json
+import reprlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,6 +30,12 @@ OUTPUT_FORMAT = 2
 class InputError(ValueError):
     """Bad input to a run (manifest, settings, output root), found before any model loads or Ray starts; the
     message names the file and line, the field or the flag. The command line exits 2 on it."""
+
+
+class RetryLater(InputError):
+    """The run cannot start (or go on) now, but the same command may succeed later: the output's lease is held by
+    another driver, the storage endpoint does not answer. The command line exits 3 on it, so a retrying wrapper
+    tells it from bad input."""
 
 
 class ConfigError(InputError):
@@ -316,7 +323,7 @@ def validation_message(error: ValidationError, source: str, written_as: dict[str
     lines = []
     for problem in error.errors():
         field = ".".join(str(part) for part in problem["loc"]) or "<top level>"
-        got = "" if problem["type"] == "missing" else f" (got {problem['input']!r})"
+        got = "" if problem["type"] == "missing" else f" (got {bounded_repr(problem['input'])})"
         where = (written_as or {}).get(field) or f"{source}: {field}"
         lines.append(f"{where}: {problem['msg']}{got}")
     return "\n".join(lines)
@@ -347,15 +354,75 @@ def flatten_settings(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a YAML/JSON config file into a plain dict (validated later, merged with CLI flags)."""
-    p = Path(path)
+REPR_CHARS = 80  # a value quoted in an error message is cut to this many characters
+CONFIG_MAX_BYTES = 1 << 20  # a config file of settings is a few KB
+CONFIG_MAX_DEPTH = 16  # nesting of mappings and lists (the settings nest two deep)
+
+
+def bounded_repr(value: Any) -> str:
+    """A short repr of a value quoted in an error message: containers and strings abbreviated (reprlib), then cut
+    to ``REPR_CHARS``; never the repr of a whole huge value."""
+    text = reprlib.repr(value)
+    return text if len(text) <= REPR_CHARS else text[: REPR_CHARS - 3] + "..."
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """SafeLoader without aliases (``*name``: a 1 KB file of nested aliases expands to gigabytes) and with bounded
+    nesting; a config file of settings needs neither."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise yaml.YAMLError(f"line {mark.line + 1}: aliases (*{self.peek_event().anchor}) are not allowed in a "
+                                 "config file; write the value out")
+        self._depth = getattr(self, "_depth", 0) + 1
+        try:
+            if self._depth > CONFIG_MAX_DEPTH:
+                mark = self.peek_event().start_mark
+                raise yaml.YAMLError(f"line {mark.line + 1}: nested deeper than {CONFIG_MAX_DEPTH} levels")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _read_config_text(p: Path) -> str:
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        size = p.stat().st_size
     except FileNotFoundError as e:
         raise ConfigError(f"{p}: config file not found") from e
+    if size > CONFIG_MAX_BYTES:
+        raise ConfigError(f"{p}: {size} bytes; a config file holds at most {CONFIG_MAX_BYTES} bytes of settings")
+    return p.read_text(encoding="utf-8")
+
+
+def _compose(text: str, construct: bool = False) -> Any:
+    """The YAML node tree of ``text`` (``construct``: the Python value) under ``_ConfigLoader``'s bounds."""
+    loader = _ConfigLoader(text)
+    try:
+        node = loader.get_single_node()
+        return loader.construct_document(node) if construct and node is not None else node
+    finally:
+        loader.dispose()
+
+
+def yaml_value(text: str) -> Any:
+    """A flag's YAML value (a list, a mapping) under the config file's bounds; ValueError (argparse's "invalid
+    value") when it does not parse."""
+    try:
+        return _compose(text, construct=True)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML: {e}") from e
+        raise ValueError(str(e)[:200]) from None
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML/JSON config file into a plain dict (validated later, merged with CLI flags). Aliases are refused,
+    size and nesting bounded, so a hostile file fails at once instead of expanding."""
+    p = Path(path)
+    text = _read_config_text(p)
+    try:
+        data = _compose(text, construct=True)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {str(e)[:300]}") from e
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -368,8 +435,8 @@ def config_file_keys(path: str | Path) -> dict[str, str]:
     key where the user wrote it (``load_config_file`` has already reported files that do not parse)."""
     p = Path(path)
     try:
-        root = yaml.compose(p.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
+        root = _compose(_read_config_text(p))
+    except (OSError, ConfigError, yaml.YAMLError):
         return {}
     found: dict[str, str] = {}
 

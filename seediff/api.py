@@ -31,7 +31,7 @@ from seediff.storage import check_access
 from seediff.workers.families import resolve as resolve_model
 
 __all__ = [
-    "generate", "dry_run", "resume", "annotate", "inspect", "verify", "repair", "preview", "report", "export",
+    "generate", "dry_run", "resume", "annotate", "inspect", "verify", "repair", "check", "preview", "report", "export",
     "evaluate",
     "InputError", "ManifestError", "ConfigError", "RunConfigMismatch", "NotAnOutputError", "RunSummary",
 ]
@@ -115,6 +115,7 @@ def recorded_inputs(out: str | os.PathLike[str]) -> tuple[RunConfig, Any]:
     """The run config and the input recorded in ``out``'s ``run.json``: the manifest, or an annotate run's input
     (``seediff.pipeline.sources.ImageInput``)."""
     url = absolute_url(out)
+    check_access(url, write=False)  # credentials, bucket: one line, before anything reads
     record = read_run_json(url)
     source = f"{url}/{RUN_JSON}"
     if record is None:
@@ -145,28 +146,50 @@ def inspect(out: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def verify(out: str | os.PathLike[str]) -> list[str]:
-    """Check every shard against its stats, parquet and the index; returns the problems (empty: all good)."""
-    from seediff.pipeline.review import verify_dataset
-
-    return verify_dataset(_existing_output(out))
+    """Check every shard against its stats, parquet, the plan and the index; returns the problems (empty: all good)."""
+    return check(out).problems
 
 
 def repair(out: str | os.PathLike[str]) -> tuple[list[str], list[int]]:
-    """``verify``, then un-commit (delete the stats of) exactly the committed shards whose own files are damaged
-    (a checksum mismatch, a truncated tar, a missing parquet), under the output lease, so that the next ``generate``
-    or ``resume`` regenerates them byte-identically. Returns (problems, the un-committed shard ids)."""
+    """``verify``, then un-commit exactly the committed shards whose own files are damaged (a checksum mismatch, a
+    damaged parquet or stats file, a tar holding other samples, a missing file) and rewrite the index without them,
+    under the output lease: readers stop reading them at once, and the next ``generate`` or ``resume`` regenerates
+    them byte-identically. Returns (problems, the un-committed shard ids)."""
+    found = check(out, repair=True)
+    return found.problems, found.damaged
+
+
+def check(out: str | os.PathLike[str], *, repair: bool = False, shown: int | None = None) -> Any:
+    """What ``verify`` and ``repair`` do, as a ``seediff.pipeline.verify.Verification`` (counts per kind of problem,
+    the findings of the first ``shown`` shards with problems, or all; the damaged shards)."""
     import uuid
 
     from seediff.pipeline.resume import OutputLease, uncommit
-    from seediff.pipeline.review import verify as verify_shards
+    from seediff.pipeline.verify import verify as verify_shards
 
     url = _existing_output(out)
-    found = verify_shards(url)
-    if found.damaged:
+    plan = _recorded_plan(url)
+    found = verify_shards(url, plan.shard_range if plan else None, plan.num_shards if plan else None, shown=shown)
+    if repair and found.damaged:
+        from seediff.pipeline.index import write_index
+
         config = RunConfig.model_validate({**read_run_json(url)["config"], "output_url": url})
         with OutputLease(url, f"repair-{uuid.uuid4().hex[:8]}"):
             uncommit(config, found.damaged)
-    return found.problems, found.damaged
+            write_index(config, found.num_shards)
+    return found
+
+
+def _recorded_plan(url: str) -> Any:
+    """The run's plan from its recorded inputs, or None when they cannot be read any more (moved, deleted)."""
+    from seediff.pipeline.run import plan_of
+    from seediff.pipeline.sources import AnnotatePlan
+
+    try:
+        config, source = recorded_inputs(url)
+    except (InputError, OSError):
+        return None
+    return AnnotatePlan(source, config) if isinstance(source, ImageInput) else plan_of(source, config)
 
 
 def preview(
@@ -188,7 +211,8 @@ def export(out: str | os.PathLike[str], directory: str | os.PathLike[str], *, la
 
     if layout != "voc":
         raise ConfigError(f"layout: {layout!r} is not one of: voc")
-    return export_voc(os.fspath(out), os.fspath(directory), split=split)
+    check_access(os.fspath(directory), write=True)
+    return export_voc(_existing_output(out), os.fspath(directory), split=split)
 
 
 def annotate(
@@ -368,6 +392,7 @@ def _validated(model: type, value: Any, source: str) -> Any:
 
 def _existing_output(out: str | os.PathLike[str]) -> str:
     url = os.fspath(out)
+    check_access(url, write=False)  # credentials, bucket: one line, before anything reads
     if read_run_json(url) is None:
         raise NotAnOutputError(f"{url.rstrip('/')}/{RUN_JSON}: missing; not a seediff output root")
     return url

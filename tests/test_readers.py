@@ -24,7 +24,7 @@ from seediff.pipeline.index import write_index
 from seediff.pipeline.plan import Plan
 from seediff.pipeline.readers import raw_samples, segmentation_dataset, shard_urls, wids_dataset
 from seediff.pipeline.resume import prepare_output
-from seediff.pipeline.review import verify_dataset
+from seediff.pipeline.verify import verify_dataset
 from seediff.schemas.config import RunConfig
 from seediff.schemas.manifest import Manifest, class_row
 from seediff.workers.encode import encode_sample

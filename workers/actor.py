@@ -77,7 +77,7 @@ class ShardActor:
     def _generate_shard(self, shard: ShardSpec, attempt: int) -> dict[str, Any]:
         started = time.perf_counter()
         generate_s = drain_s = 0.0
-        with ShardWriter(self.config, shard) as writer:
+        with ShardWriter(self.config, shard, retry=attempt > 1) as writer:
             encoding: list[Future[SampleOutcome]] = []
             for batch in _batches(self.plan.samples(shard), self.config.batch_size):
                 t0 = time.perf_counter()
