@@ -110,6 +110,9 @@ def cmd_annotate(args: argparse.Namespace) -> int:
     config, runtime, _ = settings(args)
     classes = None if args.classes is None else class_list(args.classes)
     image_input = api.annotate_input(args.input, api.annotate_config(config, args.out), classes)  # before Ray
+    if args.dry_run:
+        print(api.dry_run(image_input, args.out, api.annotate_config(config, args.out), overwrite=args.overwrite))
+        return EXIT_OK
     return _run(args, lambda terminal: api.annotate(
         image_input, args.out, config, runtime, overwrite=args.overwrite, progress=terminal,
     ), tiny=config.model == TINY_MODEL)
@@ -209,12 +212,16 @@ MASK_GROUP = "mask settings (part of the run settings; config-file key mask.<nam
 RUNTIME_GROUP = "runtime options (may change between a run and its resume)"
 # Settings of the sampling and of the encoded image, which an annotate run (real images, one UNet call per timestep,
 # the input's own image bytes) never uses.
-GENERATION_ONLY = {"scheduler", "steps", "guidance_scale", "image_format", "image_quality"}
+GENERATION_ONLY = {"scheduler", "steps", "guidance_scale", "image_format", "image_quality", "negative_prompt",
+                   "safety_checker"}
 ANNOTATE_GROUP = "annotate settings (part of the run settings; config-file key annotate.<name>)"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="seediff", description="Generate image + mask datasets as WebDataset shards.")
+    # raw text: the --version line is not wrapped
+    parser = argparse.ArgumentParser(prog="seediff", description="Generate image + mask datasets as WebDataset shards.",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=version_line())
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate (or resume) a dataset", formatter_class=HelpFormatter)
@@ -294,6 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "index (e.g. its cls field; index 0 = the first name); with --caption-field, the first ids")
     ann.add_argument("--config", help="YAML/JSON file with run settings and runtime options; flags override it")
     ann.add_argument("--overwrite", action="store_true", help="delete this output's seediff files and start over")
+    ann.add_argument("--dry-run", action="store_true", help="check the input and classes and print the plan; no "
+                     "model, no Ray, writes nothing")
     _add_output_flags(ann)
     ann.set_defaults(flags=_run_flags(ann, annotate=True))
 
@@ -336,6 +345,21 @@ def _run_flags(parser: argparse.ArgumentParser, annotate: bool = False) -> list:
                            "(default: 100)")
     flags += add_flags(parser.add_argument_group(RUNTIME_GROUP), RuntimeOptions)
     return flags
+
+
+def version_line() -> str:
+    """``seediff --version``: seediff's version and those of the libraries that decide its output bytes."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from seediff import __version__
+
+    found = []
+    for name in ("diffusers", "transformers", "torch", "ray", "peft"):
+        try:
+            found.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            found.append(f"{name} not installed")
+    return f"seediff {__version__} ({', '.join(found)}; Python {sys.version.split()[0]})"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -41,22 +41,22 @@ def plan_of(manifest: Manifest, config: RunConfig) -> Plan:
 # ---- dry run ------------------------------------------------------------------------------------------------------
 
 
-def format_plan(manifest: Manifest, config: RunConfig, overwrite: bool) -> str:
-    """What a run would do, read-only: shards, samples, done/todo, example keys and seeds, estimated bytes.
-    Raises RunConfigMismatch exactly when the real run would be refused."""
-    plan = plan_of(manifest, config)
+def format_plan(source: Manifest | ImageInput, config: RunConfig, overwrite: bool) -> str:
+    """What a run would do, read-only: shards, samples, done/todo, example keys and seeds (a manifest's), estimated
+    bytes. ``source``: the manifest, or annotate's images. Raises RunConfigMismatch exactly when the real run would
+    be refused."""
+    plan = AnnotatePlan(source, config) if isinstance(source, ImageInput) else plan_of(source, config)
     committed = {} if overwrite else read_committed_stats(config)
     record = None if overwrite else read_run_json(config.output_url)
     if record is not None:
-        check_resume(record, config, manifest, f"{config.output_url}/{RUN_JSON}")
+        check_resume(record, config, source, f"{config.output_url}/{RUN_JSON}")
     todo = [i for i in range(plan.num_shards) if i not in committed]
     todo_samples = sum(len(plan.shard_range(i)) for i in todo)
     first, last = shard_name(config.shard_prefix, 0, config.shard_digits), shard_name(
         config.shard_prefix, max(plan.num_shards - 1, 0), config.shard_digits
     )
     lines = [
-        f"manifest: {manifest.source} ({len(manifest.rows)} rows, {len(manifest.classes)} classes, "
-        f"sha256 {manifest.sha256[:12]})",
+        _source_line(source),
         f"model: {config.model} (family {config.family}; {config.size[0]}x{config.size[1]} px; SeeDiff cascade at "
         f"depths {list(config.layers.cascade or [])} below the latent, seeds from "
         f"{'/'.join(config.layers.seed_blocks)} cross-attention)",
@@ -64,9 +64,12 @@ def format_plan(manifest: Manifest, config: RunConfig, overwrite: bool) -> str:
         f"({first}.tar .. {last}.tar)",
         f"output: {config.output_url} ({'overwrite' if overwrite else 'resume' if record else 'new'})",
         f"done: {len(committed)} shards committed; to generate: {len(todo)} shards, {todo_samples} samples",
-        "examples:",
     ]
-    examples = sorted({i for i in (0, 1, 2, plan.num_samples - 1) if 0 <= i < plan.num_samples})  # never a set of all ids
+    # never a set of all ids; an annotate sample is known only once its image is read
+    examples = [] if isinstance(source, ImageInput) else sorted(
+        {i for i in (0, 1, 2, plan.num_samples - 1) if 0 <= i < plan.num_samples}
+    )
+    lines += ["examples:"] if examples else []
     for sample_id in examples:
         spec = plan.sample(sample_id)
         classes = ", ".join(f"{c.name}={c.class_id}" for c in spec.classes)
@@ -79,6 +82,14 @@ def format_plan(manifest: Manifest, config: RunConfig, overwrite: bool) -> str:
         f"estimated output: {human_bytes(per_sample * plan.num_samples)} ({human_bytes(per_sample)} per sample, {basis})"
     )
     return "\n".join(lines)
+
+
+def _source_line(source: Manifest | ImageInput) -> str:
+    if isinstance(source, ImageInput):
+        classes = ", ".join(source.class_names) or "from each sample"
+        return f"input: {source.source} ({len(source.units)} files, {source.num_samples} images; classes: {classes})"
+    return (f"manifest: {source.source} ({len(source.rows)} rows, {len(source.classes)} classes, "
+            f"sha256 {source.sha256[:12]})")
 
 
 def _bytes_per_sample(config: RunConfig, committed: Any) -> tuple[float, str]:

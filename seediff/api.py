@@ -69,7 +69,7 @@ def generate(
 
 
 def dry_run(
-    manifest: str | os.PathLike[str] | Manifest,
+    manifest: str | os.PathLike[str] | Manifest | ImageInput,
     out: str | os.PathLike[str],
     config: RunConfig | Mapping[str, Any] | None = None,
     *,
@@ -81,9 +81,14 @@ def dry_run(
     """What ``generate`` would do, as text (shards, samples, done/to do, example keys and seeds, estimated bytes);
     loads no model, starts no Ray, writes nothing. Raises ``RunConfigMismatch`` when ``generate`` would refuse.
     Also renders and tokenizes every distinct prompt template with only the model's tokenizer files: a labelled
-    phrase that could fall past the text encoder's context is a ``ManifestError`` at its ``file:line``."""
+    phrase that could fall past the text encoder's context is a ``ManifestError`` at its ``file:line``. With an
+    ``ImageInput`` (``annotate_input``), what ``annotate`` would do."""
     from seediff.pipeline.run import format_plan
 
+    if isinstance(manifest, ImageInput):
+        run_config = annotate_config(config, out)
+        check_access(run_config.output_url, write=False)
+        return format_plan(manifest, resolve_model(run_config)[0], overwrite)
     run_config, manifest_ = _inputs(
         manifest, out, config, samples_per_class, classes, prompts, write=False, check_tokens=True
     )

@@ -99,3 +99,34 @@ def test_dry_run_of_a_1e8_sample_manifest_peaks_under_300_mb(tmp_path):
     assert "100000000 samples in 100000 shards" in done.stdout
     peak_mb = int(done.stdout.split("PEAK_KB")[1].split()[0]) / 1024
     assert peak_mb < 300, f"dry run peaked at {peak_mb:.0f} MB"
+
+
+def test_version_names_seediff_and_the_libraries_behind_its_bytes(capsys):
+    import pytest
+
+    import seediff
+
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["--version"])
+    assert exit_info.value.code == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"seediff {seediff.__version__} (diffusers ") and "torch " in line and "ray " in line
+    assert "\n" not in line
+
+
+def test_annotate_dry_run_plans_checks_classes_and_writes_nothing(tmp_path, capsys):
+    from PIL import Image
+
+    images = tmp_path / "photos"
+    images.mkdir()
+    for i in range(3):
+        Image.new("RGB", (64, 64), (40 * i, 0, 0)).save(images / f"{i}.png")
+    out = tmp_path / "labelled"
+    argv = ["annotate", str(images), "--out", str(out), "--model", "tiny", "--resolution", "64", "--dry-run"]
+    assert main([*argv, "--classes", "dog,cat", "--samples-per-shard", "2"]) == 0
+    text = capsys.readouterr().out
+    assert f"input: {images} (3 files, 3 images; classes: dog, cat)" in text
+    assert "3 samples in 2 shards" in text and "to generate: 2 shards, 3 samples" in text
+    assert not out.exists()
+    assert main([*argv, "--classes-field", "labels"]) == 2  # images without json hold no class list
+    assert not out.exists()
