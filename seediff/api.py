@@ -28,7 +28,8 @@ from seediff.schemas.manifest import Manifest, ManifestError, load_manifest
 from seediff.schemas.prompts import Template
 from seediff.schemas.records import RUN_JSON
 from seediff.storage import check_access
-from seediff.workers.families import resolve as resolve_model
+from seediff.workers import families
+from seediff.workers.adapters import check_adapters
 
 __all__ = [
     "generate", "dry_run", "resume", "annotate", "inspect", "verify", "repair", "preview", "report", "export",
@@ -106,6 +107,7 @@ def resume(
     not committed, so a killed run resumed this way writes the same bytes as an uninterrupted one."""
     run_config, recorded = recorded_inputs(out)
     check_access(run_config.output_url, write=True)
+    check_adapters(run_config)  # still there, and the very files recorded
     from seediff.pipeline.run import run_generation
 
     return run_generation(recorded, run_config, _runtime(runtime), stream=progress)
@@ -287,6 +289,13 @@ def report(out: str | os.PathLike[str], path: str | os.PathLike[str]) -> dict[st
 
 
 # ---- inputs -------------------------------------------------------------------------------------------------------
+
+
+def resolve_model(config: RunConfig) -> tuple[RunConfig, families.Recognised]:
+    """The config with the model's family, size and layers filled in (workers/families.py) and its LoRA adapters
+    checked against the model, their sha256 recorded (workers/adapters.py): headers only, before any weights load."""
+    resolved, recognised = families.resolve(config)
+    return check_adapters(resolved), recognised
 
 
 def absolute_url(url: str | os.PathLike[str]) -> str:

@@ -28,6 +28,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from seediff.schemas.config import TINY_MODEL, RunConfig
 from seediff.tokens import offline_clip_tokenizer
 from seediff.workers import families
+from seediff.workers.adapters import apply_adapters
 from seediff.workers.families import TINY_UNET, TINY_VAE
 
 # config.scheduler -> (class, settings over the model's own scheduler config). from_config keeps the model's
@@ -87,6 +88,7 @@ def load_model(config: RunConfig, device: torch.device) -> DiffusionPipeline:
             config.model, revision=config.revision, dtype=dtype, local_files_only=not families.hub_resolves(),
             **loading_options(config, pipeline_class),
         )
+    apply_adapters(pipe, config)
     if config.scheduler != "default":
         scheduler_class, settings = SCHEDULERS[config.scheduler]
         pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config, **settings)
