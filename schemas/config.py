@@ -325,9 +325,10 @@ class RuntimeOptions(_Strict):
         1200.0, gt=0, description="seconds an actor may take to start (scheduling on a node + model load) before it "
         "is replaced", json_schema_extra={"flag": "--actor-startup-timeout"},
     )
-    gpu_wait_s: float = Field(
-        600.0, ge=0, description="against a cluster address with --device auto or cuda: seconds to wait for GPUs to "
-        "join before giving up (never a silent CPU fallback)", json_schema_extra={"flag": "--gpu-wait"},
+    gpu_wait_s: float | None = Field(
+        None, ge=0, description="against a cluster address with --device auto or cuda and no GPUs yet: seconds to "
+        "wait for GPU nodes to join before giving up (never a silent CPU fallback); unset: 600 where an autoscaler can "
+        "add them, else none (the run stops at once, saying so)", json_schema_extra={"flag": "--gpu-wait"},
     )
     transient_retries: int = Field(
         8, ge=0, description="retries per shard, after an exponential backoff with jitter, of transient errors "
