@@ -132,18 +132,14 @@ def _run(args: argparse.Namespace, run: Callable[[TextIO], RunSummary], tiny: bo
     with run_terminal(args.verbose, args.log_file or default_log_path(args.command)) as terminal:
         if tiny:
             print(TINY_NOTE, file=terminal.stream)
-        connected_before = "ray" in sys.modules and sys.modules["ray"].is_initialized()
         try:
-            summary = run(terminal.stream)
+            summary = run(terminal.stream)  # the API shuts down a local Ray it started
         except DispatchError as e:
             print(f"seediff: error: {e}", file=terminal.stream)
             return EXIT_FAILED
         except KeyboardInterrupt as e:  # the actors are already stopped; committed shards are kept
             print(str(e) or "interrupted", file=terminal.stream)
             return EXIT_INTERRUPTED
-        finally:
-            if not connected_before and "ray" in sys.modules:
-                sys.modules["ray"].shutdown()
     print(summary.format())
     if terminal.log_path:
         print(f"  log (library messages, Ray, actors' stderr): {terminal.log_path}")
@@ -179,7 +175,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    summary = api.export(args.url, args.directory, layout=args.layout, split=args.split)
+    summary = api.export(args.url, args.directory, layout=args.layout, split=args.split, verbose=args.verbose,
+                         log_file=args.log_file)
     print(f"wrote {summary['images']} images in the {args.layout} layout to {args.directory} "
           f"({len(summary['classes'])} classes, image set {args.split})")
     return EXIT_OK
@@ -192,14 +189,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if config.model == TINY_MODEL and args.predictions is None:
         print(TINY_NOTE, file=sys.stderr)
     report, path = api.evaluate(args.root, args.out, layout=args.layout, config=config, runtime=runtime,
-                                predictions=args.predictions, split=args.split, classes_file=args.classes_file)
+                                predictions=args.predictions, split=args.split, classes_file=args.classes_file,
+                                verbose=args.verbose, log_file=args.log_file)
     print(format_report(report))
     print(f"wrote {path}")
     return EXIT_OK
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    covered = api.report(args.url, args.out)
+    covered = api.report(args.url, args.out, verbose=args.verbose, log_file=args.log_file)
     print(f"wrote {args.out} ({covered['classes']} classes, {covered['samples']} samples, "
           f"{human_bytes(covered['bytes'])})")
     return EXIT_OK
@@ -270,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.set_defaults(func=cmd_report)
     rep.add_argument("url")
     rep.add_argument("-o", "--out", required=True, help="HTML path or URL to write")
+    _add_output_flags(rep)
 
     ver = sub.add_parser("verify", help="check every shard against its stats, parquet and the index")
     ver.set_defaults(func=cmd_verify)
@@ -285,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("directory", metavar="DIR", help="folder (or URL) to write")
     exp.add_argument("--layout", choices=["voc"], required=True, help="voc: JPEGImages, SegmentationClass, ...")
     exp.add_argument("--split", default="train", help="name of the image-set list (default train)")
+    _add_output_flags(exp)
 
     ann = sub.add_parser(
         "annotate", help="label real images: WebDataset shards, a dataset.json, an image folder or a list",
@@ -319,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--classes-file", help="class list, one name per line (line number = label value)")
     ev.add_argument("--predictions", help="score this output root (of annotate) instead of running the model")
     ev.add_argument("--config", help="YAML/JSON file with run settings and runtime options; flags override it")
+    _add_output_flags(ev)
     ev.set_defaults(flags=_run_flags(ev, annotate=True))
     return parser
 

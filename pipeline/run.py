@@ -28,10 +28,15 @@ from seediff.schemas.records import RUN_JSON, shard_name
 
 log = logging.getLogger("seediff")
 
-# Rough encoded bytes per pixel, for the dry-run size estimate when nothing is committed yet.
-IMAGE_BYTES_PER_PIXEL = {"jpg": 0.35, "png": 1.6, "webp": 0.25}
-MASK_BYTES_PER_PIXEL = 0.03
-TAR_BYTES_PER_SAMPLE = 5 * 768  # five members, each a 512-byte header plus half a block of padding on average
+# The dry run's size estimate before anything is committed, measured on the tiny model at 64, 256 and 512 px (one
+# class per sample, quality 95; bench/RESULTS.md): encoded image bytes per pixel; the label map's PNG grows with the
+# boundary, about 0.7 x pixels^0.75; the json record; the tar's five 512-byte member headers and padding (the small
+# txt and cls fields pad to a whole block); a parquet row. Per shard: the tar's end blocks and 10 KiB record padding
+# (half on average), the parquet's schema and footer.
+IMAGE_BYTES_PER_PIXEL = {"jpg": 0.8, "png": 2.4, "webp": 0.67}
+MASK_BYTES_FACTOR, MASK_BYTES_EXPONENT = 0.7, 0.75
+RECORD_BYTES_PER_SAMPLE = 1300 + 5 * 512 + 1700 + 160  # json + tar headers + padding + parquet row
+BYTES_PER_SHARD = 1024 + 5120 + 9700
 
 
 def plan_of(manifest: Manifest, config: RunConfig) -> Plan:
@@ -77,7 +82,7 @@ def format_plan(source: Manifest | ImageInput, config: RunConfig, overwrite: boo
             f"  key {spec.key}  shard {sample_id // config.samples_per_shard}  classes {classes}  "
             f"seed {spec.seed}  prompt {spec.prompt.text!r}"
         )
-    per_sample, basis = _bytes_per_sample(config, committed.values())
+    per_sample, basis = _bytes_per_sample(config, committed.values(), plan.num_shards / max(plan.num_samples, 1))
     lines.append(
         f"estimated output: {human_bytes(per_sample * plan.num_samples)} ({human_bytes(per_sample)} per sample, {basis})"
     )
@@ -92,13 +97,15 @@ def _source_line(source: Manifest | ImageInput) -> str:
             f"sha256 {source.sha256[:12]})")
 
 
-def _bytes_per_sample(config: RunConfig, committed: Any) -> tuple[float, str]:
+def _bytes_per_sample(config: RunConfig, committed: Any, shards_per_sample: float) -> tuple[float, str]:
     stats = list(committed)
     count = sum(s.count for s in stats)
     if count:
         return sum(s.tar_bytes + s.parquet_bytes for s in stats) / count, "measured on the committed shards"
     width, height = config.size
-    guess = width * height * (IMAGE_BYTES_PER_PIXEL[config.image_format] + MASK_BYTES_PER_PIXEL) + TAR_BYTES_PER_SAMPLE
+    pixels = width * height
+    guess = (pixels * IMAGE_BYTES_PER_PIXEL[config.image_format] + MASK_BYTES_FACTOR * pixels**MASK_BYTES_EXPONENT
+             + RECORD_BYTES_PER_SAMPLE + BYTES_PER_SHARD * shards_per_sample)
     return guess, f"rough guess for {config.image_format} at {width}x{height} px"
 
 
