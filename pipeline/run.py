@@ -65,6 +65,7 @@ def format_plan(source: Manifest | ImageInput, config: RunConfig, overwrite: boo
         f"model: {config.model} (family {config.family}; {config.size[0]}x{config.size[1]} px; SeeDiff cascade at "
         f"depths {list(config.layers.cascade or [])} below the latent, seeds from "
         f"{'/'.join(config.layers.seed_blocks)} cross-attention)",
+        *(f"lora: {a.path} at weight {a.weight:g} (sha256 {(a.sha256 or '?')[:12]})" for a in config.lora),
         f"plan: {plan.num_samples} samples in {plan.num_shards} shards of up to {config.samples_per_shard} "
         f"({first}.tar .. {last}.tar)",
         f"output: {config.output_url} ({'overwrite' if overwrite else 'resume' if record else 'new'})",

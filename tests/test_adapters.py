@@ -86,6 +86,8 @@ def test_run_json_records_the_adapter_and_another_adapter_is_refused(loras, tmp_
     recorded = json.loads((out / "run.json").read_text())["config"]["lora"]
     assert recorded == [{"path": str(lora), "weight": 0.5, "sha256": hashlib.sha256(lora.read_bytes()).hexdigest()}]
     argv = ["generate", str(manifest_file), "--out", str(out), *SETTINGS, "--batch-size", "2"]
+    assert main([*argv, "--lora", f"{lora}:0.5", "--dry-run"]) == 0  # the same adapter: the run would resume
+    assert f"lora: {lora} at weight 0.5 (sha256 {recorded[0]['sha256'][:12]})" in capsys.readouterr().out
     assert main([*argv, "--lora", f"{other}:0.5"]) == 2  # another adapter, same weight
     assert "differing fields: lora" in capsys.readouterr().err
     assert main([*argv, "--lora", f"{lora}:0.7"]) == 2  # the same adapter at another weight
