@@ -33,7 +33,7 @@ from seediff.schemas.prompts import Template
 from seediff.schemas.records import RUN_JSON
 from seediff.storage import check_access
 from seediff.workers import families
-from seediff.workers.adapters import check_adapters
+from seediff.workers.adapters import check_adapters, check_variant
 
 __all__ = [
     "generate", "dry_run", "resume", "annotate", "inspect", "verify", "repair", "preview", "report", "export",
@@ -327,6 +327,7 @@ def resolve_model(config: RunConfig) -> tuple[RunConfig, families.Recognised]:
     """The config with the model's family, size and layers filled in (workers/families.py) and its LoRA adapters
     checked against the model, their sha256 recorded (workers/adapters.py): headers only, before any weights load."""
     resolved, recognised = families.resolve(config)
+    check_variant(resolved)
     return check_adapters(resolved), recognised
 
 

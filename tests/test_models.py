@@ -2,7 +2,8 @@ import pytest
 import torch
 from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-from seediff.schemas.config import RunConfig
+from seediff.schemas.config import ConfigError, RunConfig
+from seediff.workers.adapters import check_variant
 from seediff.schemas.manifest import class_row
 from seediff.schemas.records import SampleSpec
 from seediff.workers.generate import diffusion_inputs, generate_batch
@@ -89,6 +90,9 @@ def test_variant_fp16_loads_the_variant_files_by_path(tmp_path, tiny_pipe):
     build_tiny_model().to(dtype=torch.float16).save_pretrained(folder, variant="fp16")  # half-size files only
     assert (folder / "unet" / "diffusion_pytorch_model.fp16.safetensors").is_file()
     assert not (folder / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    check_variant(RunConfig(model=str(folder), variant="fp16"))
+    with pytest.raises(ConfigError, match="has no 'fp61' weight files"):
+        check_variant(RunConfig(model=str(folder), variant="fp61"))
     loaded = load_model(RunConfig(model=str(folder), variant="fp16", dtype="float32"), CPU)
     assert loaded.unet.dtype == torch.float32
     for (name, p), q in zip(tiny_pipe.unet.state_dict().items(), loaded.unet.state_dict().values()):

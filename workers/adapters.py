@@ -8,7 +8,7 @@ adapter that is missing, unreadable, or names layers the model lacks or shapes i
 naming it. Formats: diffusers/peft (``unet.<module>.lora_A.weight``; the older ``.lora.down.weight`` and attention-
 processor names), kohya (``lora_unet_<module_with_underscores>.lora_down.weight``, ``lora_te[12]_...``); kohya files
 named after the original LDM layers (``input_blocks``...) are converted by diffusers at load, so only their header is
-checked here."""
+checked here. The weight ``variant`` a run loads is checked here too, against a local model folder's files."""
 
 from __future__ import annotations
 
@@ -34,6 +34,20 @@ HASH_CHUNK = 8 * 2**20
 
 
 # ---- validation (driver, no torch) ----------------------------------------------------------------------------------
+
+
+def check_variant(config: RunConfig) -> None:
+    """A local model folder must hold weight files of the run's ``variant`` (``unet/...fp16.safetensors``), which
+    the adapters' check reads too; a hub model's are found at load."""
+    if not config.variant:
+        return
+    if config.model == TINY_MODEL:
+        raise ConfigError("variant: the tiny model is built in memory; it has no weight files to choose from")
+    local = Path(config.model).expanduser()
+    patterns = (f"*/*.{config.variant}.safetensors", f"*/*.{config.variant}.bin", f"*/*.index.{config.variant}.json")
+    if local.is_dir() and not any(next(local.glob(p), None) for p in patterns):
+        raise ConfigError(f"variant: {config.model} has no {config.variant!r} weight files (e.g. "
+                          f"unet/diffusion_pytorch_model.{config.variant}.safetensors)")
 
 
 def check_adapters(config: RunConfig) -> RunConfig:
