@@ -114,6 +114,9 @@ def cmd_annotate(args: argparse.Namespace) -> int:
     config, runtime, _ = settings(args)
     classes = None if args.classes is None else class_list(args.classes)
     image_input = api.annotate_input(args.input, api.annotate_config(config, args.out), classes)  # before Ray
+    if args.dry_run:
+        print(api.dry_run(image_input, args.out, api.annotate_config(config, args.out), overwrite=args.overwrite))
+        return EXIT_OK
     return _run(args, lambda terminal: api.annotate(
         image_input, args.out, config, runtime, overwrite=args.overwrite, progress=terminal,
     ), tiny=config.model == TINY_MODEL)
@@ -133,9 +136,8 @@ def _run(args: argparse.Namespace, run: Callable[[TextIO], RunSummary], tiny: bo
     with run_terminal(args.verbose, args.log_file or default_log_path(args.command)) as terminal:
         if tiny:
             print(TINY_NOTE, file=terminal.stream)
-        connected_before = "ray" in sys.modules and sys.modules["ray"].is_initialized()
         try:
-            summary = run(terminal.stream)
+            summary = run(terminal.stream)  # the API shuts down a local Ray it started
         except DispatchError as e:
             print(f"seediff: error: {e}", file=terminal.stream)
             return EXIT_FAILED
@@ -188,7 +190,8 @@ def _ids(ids: list[int], most: int = SHOWN_SHARDS) -> str:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    summary = api.export(args.url, args.directory, layout=args.layout, split=args.split)
+    summary = api.export(args.url, args.directory, layout=args.layout, split=args.split, verbose=args.verbose,
+                         log_file=args.log_file)
     print(f"wrote {summary['images']} images in the {args.layout} layout to {args.directory} "
           f"({len(summary['classes'])} classes, image set {args.split})")
     return EXIT_OK
@@ -201,14 +204,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if config.model == TINY_MODEL and args.predictions is None:
         print(TINY_NOTE, file=sys.stderr)
     report, path = api.evaluate(args.root, args.out, layout=args.layout, config=config, runtime=runtime,
-                                predictions=args.predictions, split=args.split, classes_file=args.classes_file)
+                                predictions=args.predictions, split=args.split, classes_file=args.classes_file,
+                                verbose=args.verbose, log_file=args.log_file)
     print(format_report(report))
     print(f"wrote {path}")
     return EXIT_OK
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    covered = api.report(args.url, args.out)
+    covered = api.report(args.url, args.out, verbose=args.verbose, log_file=args.log_file)
     print(f"wrote {args.out} ({covered['classes']} classes, {covered['samples']} samples, "
           f"{human_bytes(covered['bytes'])})")
     return EXIT_OK
@@ -221,12 +225,16 @@ MASK_GROUP = "mask settings (part of the run settings; config-file key mask.<nam
 RUNTIME_GROUP = "runtime options (may change between a run and its resume)"
 # Settings of the sampling and of the encoded image, which an annotate run (real images, one UNet call per timestep,
 # the input's own image bytes) never uses.
-GENERATION_ONLY = {"scheduler", "steps", "guidance_scale", "image_format", "image_quality"}
+GENERATION_ONLY = {"scheduler", "steps", "guidance_scale", "image_format", "image_quality", "negative_prompt",
+                   "safety_checker"}
 ANNOTATE_GROUP = "annotate settings (part of the run settings; config-file key annotate.<name>)"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="seediff", description="Generate image + mask datasets as WebDataset shards.")
+    # raw text: the --version line is not wrapped
+    parser = argparse.ArgumentParser(prog="seediff", description="Generate image + mask datasets as WebDataset shards.",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=version_line())
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate (or resume) a dataset", formatter_class=HelpFormatter)
@@ -275,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.set_defaults(func=cmd_report)
     rep.add_argument("url")
     rep.add_argument("-o", "--out", required=True, help="HTML path or URL to write")
+    _add_output_flags(rep)
 
     ver = sub.add_parser("verify", help="check every shard against its stats, parquet and the index")
     ver.set_defaults(func=cmd_verify)
@@ -294,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("directory", metavar="DIR", help="folder (or URL) to write")
     exp.add_argument("--layout", choices=["voc"], required=True, help="voc: JPEGImages, SegmentationClass, ...")
     exp.add_argument("--split", default="train", help="name of the image-set list (default train)")
+    _add_output_flags(exp)
 
     ann = sub.add_parser(
         "annotate", help="label real images: WebDataset shards, a dataset.json, an image folder or a list",
@@ -310,6 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "index (e.g. its cls field; index 0 = the first name); with --caption-field, the first ids")
     ann.add_argument("--config", help="YAML/JSON file with run settings and runtime options; flags override it")
     ann.add_argument("--overwrite", action="store_true", help="delete this output's seediff files and start over")
+    ann.add_argument("--dry-run", action="store_true", help="check the input and classes and print the plan; no "
+                     "model, no Ray, writes nothing")
     _add_output_flags(ann)
     ann.set_defaults(flags=_run_flags(ann, annotate=True))
 
@@ -326,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--classes-file", help="class list, one name per line (line number = label value)")
     ev.add_argument("--predictions", help="score this output root (of annotate) instead of running the model")
     ev.add_argument("--config", help="YAML/JSON file with run settings and runtime options; flags override it")
+    _add_output_flags(ev)
     ev.set_defaults(flags=_run_flags(ev, annotate=True))
     return parser
 
@@ -368,6 +381,19 @@ class _Stopped:
 
 def _interrupted_status() -> int:
     return 128 + _Stopped.signum if _Stopped.signum else EXIT_INTERRUPTED
+def version_line() -> str:
+    """``seediff --version``: seediff's version and those of the libraries that decide its output bytes."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from seediff import __version__
+
+    found = []
+    for name in ("diffusers", "transformers", "torch", "ray", "peft"):
+        try:
+            found.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            found.append(f"{name} not installed")
+    return f"seediff {__version__} ({', '.join(found)}; Python {sys.version.split()[0]})"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from seediff.schemas.prompts import class_template
 
@@ -166,6 +166,32 @@ class LayerChoice(_Strict):
         return v
 
 
+class LoraAdapter(_Strict):
+    """A LoRA adapter applied to the model (diffusers' adapter API, peft backend): a diffusers, kohya or peft LoRA
+    safetensors file, by local path or hub id; written on the command line as ``PATH[:WEIGHT]``."""
+
+    path: str = Field(description="local .safetensors file (or a folder holding one), or a hub id: owner/repo, "
+                      "owner/repo/file.safetensors")
+    weight: float = Field(1.0, ge=-10, le=10, description="scale of the adapter's update; 0 = the model unchanged")
+    sha256: str | None = Field(
+        None, pattern=r"^[0-9a-f]{64}$", description="sha256 of the adapter file, recorded when the run is "
+        "validated (if set, the file must have it)",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_text(cls, value: Any) -> Any:
+        """``PATH[:WEIGHT]``: the text after the last colon is the weight when it is a number (so s3:// and
+        C:\\ paths stay whole)."""
+        if not isinstance(value, str):
+            return value
+        path, colon, weight = value.rpartition(":")
+        try:
+            return {"path": path, "weight": float(weight)} if colon and path else {"path": value}
+        except ValueError:
+            return {"path": value}
+
+
 class RunConfig(_Strict):
     """Every setting that changes the bytes of the output. Two runs with equal RunConfig and manifest write
     byte-identical tars and parquets."""
@@ -210,6 +236,22 @@ class RunConfig(_Strict):
         "image's classes listed in place of the class phrase); the manifest's template syntax, marking the class as "
         "{class_name} or {phrase:class_name}"
     )
+    negative_prompt: str = Field(
+        "", description="negative prompt of every sample whose manifest row has none (the row's own wins)"
+    )
+    variant: str | None = Field(
+        None, description="weight files variant to load, e.g. fp16 (unet/diffusion_pytorch_model.fp16.safetensors, "
+        "the half-size files most hub checkpoints ship); unset: the full-precision files"
+    )
+    lora: tuple[LoraAdapter, ...] = Field(
+        (), description="LoRA adapters applied to the model, PATH[:WEIGHT] (weight default 1), repeat the flag for "
+        "several; a local .safetensors file or folder, or a hub id (owner/repo[/file.safetensors]); run.json "
+        "records each file's sha256", json_schema_extra={"flag": "--lora", "metavar": "PATH[:WEIGHT]"},
+    )
+    safety_checker: bool = Field(
+        True, description="run the checkpoint's safety checker where it ships one (SD 1.x): a flagged image becomes a "
+        "failed sample ('nsfw'); --no-safety-checker skips it"
+    )
     mask: MaskConfig = Field(MaskConfig(), description="SeeDiff mask settings")
     # Output settings, not runtime options: compiled kernels round floats differently (on the CPU some pixels move
     # by one grey level), so compiled and eager runs write different bytes.
@@ -243,6 +285,10 @@ class RunConfig(_Strict):
     def _template(cls, v: str) -> str:
         class_template(v)  # the manifest's template syntax, exactly (PromptSyntaxError is a ValueError)
         return v
+
+    def negative_prompt_of(self, row_negative_prompt: str) -> str:
+        """The negative prompt of a sample whose manifest row has ``row_negative_prompt`` ("" = none)."""
+        return row_negative_prompt or self.negative_prompt
 
     def resolved_dtype(self, device_kind: str) -> str:
         """The dtype actors on ``device_kind`` ("cuda" or "cpu") compute in: auto is fp16 on CUDA, fp32 on the CPU."""
@@ -289,9 +335,10 @@ class RuntimeOptions(_Strict):
         1200.0, gt=0, description="seconds an actor may take to start (scheduling on a node + model load) before it "
         "is replaced", json_schema_extra={"flag": "--actor-startup-timeout"},
     )
-    gpu_wait_s: float = Field(
-        600.0, ge=0, description="against a cluster address with --device auto or cuda: seconds to wait for GPUs to "
-        "join before giving up (never a silent CPU fallback)", json_schema_extra={"flag": "--gpu-wait"},
+    gpu_wait_s: float | None = Field(
+        None, ge=0, description="against a cluster address with --device auto or cuda and no GPUs yet: seconds to "
+        "wait for GPU nodes to join before giving up (never a silent CPU fallback); unset: 600 where an autoscaler can "
+        "add them, else none (the run stops at once, saying so)", json_schema_extra={"flag": "--gpu-wait"},
     )
     transient_retries: int = Field(
         8, ge=0, description="retries per shard, after an exponential backoff with jitter, of transient errors "
@@ -324,9 +371,20 @@ def validation_message(error: ValidationError, source: str, written_as: dict[str
     for problem in error.errors():
         field = ".".join(str(part) for part in problem["loc"]) or "<top level>"
         got = "" if problem["type"] == "missing" else f" (got {bounded_repr(problem['input'])})"
-        where = (written_as or {}).get(field) or f"{source}: {field}"
+        where = _written_where(field, written_as or {}) or f"{source}: {field}"
         lines.append(f"{where}: {problem['msg']}{got}")
     return "\n".join(lines)
+
+
+def _written_where(field: str, written_as: dict[str, str]) -> str | None:
+    """Where the user wrote ``field`` or the setting holding it: a list item (``lora.0.weight``) was written as its
+    list (``--lora``), named with the rest of the path (``--lora: 0.weight``)."""
+    parts = field.split(".")
+    for cut in range(len(parts), 0, -1):
+        where = written_as.get(".".join(parts[:cut]))
+        if where:
+            return ": ".join([where, *([".".join(parts[cut:])] if cut < len(parts) else [])])
+    return None
 
 
 def merge_settings(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

@@ -198,7 +198,7 @@ def sample_metadata(
         "class_index": spec.class_index,
         "index_in_class": spec.index_in_class,
         "prompt": spec.prompt.text,
-        "negative_prompt": spec.row.negative_prompt,
+        "negative_prompt": config.negative_prompt_of(spec.row.negative_prompt),
         "seed": spec.seed,
         "model": config.model,
         "revision": config.revision,

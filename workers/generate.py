@@ -183,7 +183,7 @@ def diffusion_inputs(pipe: DiffusionPipeline, samples: Sequence[SampleSpec], con
     width, height = config.size
     return dict(
         prompt=[s.prompt.text for s in samples],
-        negative_prompt=[s.row.negative_prompt for s in samples],
+        negative_prompt=[config.negative_prompt_of(s.row.negative_prompt) for s in samples],
         height=height,
         width=width,
         num_inference_steps=config.steps,
