@@ -209,7 +209,7 @@ MASK_GROUP = "mask settings (part of the run settings; config-file key mask.<nam
 RUNTIME_GROUP = "runtime options (may change between a run and its resume)"
 # Settings of the sampling and of the encoded image, which an annotate run (real images, one UNet call per timestep,
 # the input's own image bytes) never uses.
-GENERATION_ONLY = {"scheduler", "steps", "guidance_scale", "image_format", "image_quality"}
+GENERATION_ONLY = {"scheduler", "steps", "guidance_scale", "image_format", "image_quality", "shard_layout"}
 ANNOTATE_GROUP = "annotate settings (part of the run settings; config-file key annotate.<name>)"
 
 

@@ -35,7 +35,7 @@ TAR_BYTES_PER_SAMPLE = 5 * 768  # five members, each a 512-byte header plus half
 
 
 def plan_of(manifest: Manifest, config: RunConfig) -> Plan:
-    return Plan(manifest.rows, config.seed, config.samples_per_shard)
+    return Plan(manifest.rows, config.seed, config.samples_per_shard, config.shard_layout)
 
 
 # ---- dry run ------------------------------------------------------------------------------------------------------
@@ -71,7 +71,7 @@ def format_plan(manifest: Manifest, config: RunConfig, overwrite: bool) -> str:
         spec = plan.sample(sample_id)
         classes = ", ".join(f"{c.name}={c.class_id}" for c in spec.classes)
         lines.append(
-            f"  key {spec.key}  shard {sample_id // config.samples_per_shard}  classes {classes}  "
+            f"  key {spec.key}  shard {plan.shard_of(sample_id)}  classes {classes}  "
             f"seed {spec.seed}  prompt {spec.prompt.text!r}"
         )
     per_sample, basis = _bytes_per_sample(config, committed.values())

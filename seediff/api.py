@@ -257,7 +257,8 @@ def annotate_config(config: RunConfig | Mapping[str, Any] | None, out: str | os.
     """``config`` for an annotate run writing to ``out``: its ``annotate`` settings default to ``AnnotateConfig()``."""
     run_config = _validated(RunConfig, config, "config")
     return run_config.model_copy(
-        update={"output_url": absolute_url(out), "annotate": run_config.annotate or AnnotateConfig()}
+        update={"output_url": absolute_url(out), "annotate": run_config.annotate or AnnotateConfig(),
+                "shard_layout": "contiguous"}
     )
 
 
