@@ -278,6 +278,7 @@ PARQUET_SCHEMA = pa.schema(
     ]
 )
 IMAGE_EXTENSIONS = ("jpg", "png", "webp")
+IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
 
 
 def checksum_column(extension: str) -> str:
