@@ -10,11 +10,12 @@ Ray; ``--dry-run`` stops after printing the plan."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import signal
 import sys
 from collections.abc import Callable, Sequence
-from typing import TextIO
+from typing import Any, TextIO
 
 from seediff import api
 from seediff.pipeline.flags import HelpFormatter, add_flags, given
@@ -176,10 +177,36 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    summary = api.export(args.url, args.directory, layout=args.layout, split=args.split)
-    print(f"wrote {summary['images']} images in the {args.layout} layout to {args.directory} "
-          f"({len(summary['classes'])} classes, image set {args.split})")
+    quality = quality_filter(args.quality) if args.quality else None
+    summary = api.export(args.url, args.directory, layout=args.layout, split=args.split, quality=quality)
+    if args.layout == "energon":
+        print(f"indexed {summary['samples']} samples in {summary['shards']} shards for energon in "
+              f"{args.url}/.nv-meta ({summary['excluded']} excluded by --quality)")
+    else:
+        print(f"wrote {summary['images']} images in the {args.layout} layout to {args.directory} "
+              f"({len(summary['classes'])} classes, image set {args.split})")
     return EXIT_OK
+
+
+def quality_filter(settings: list[str]) -> Any:
+    """``--quality KEY=VALUE ...`` -> a ``QualityFilter``; a bad key or value is an InputError naming the flag."""
+    from seediff.pipeline.readers import QualityFilter  # torch: imported only when a filter is asked for
+
+    defaults = {f.name: f.default for f in dataclasses.fields(QualityFilter)}
+    values: dict[str, Any] = {}
+    for setting in settings:
+        key, sep, text = setting.partition("=")
+        if not sep or key not in defaults:
+            raise InputError(f"--quality: {setting!r}: expected KEY=VALUE, KEY one of {', '.join(defaults)}")
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = None
+        flag = isinstance(defaults[key], bool)
+        if isinstance(value, bool) != flag or not isinstance(value, (int, float)):
+            raise InputError(f"--quality: {setting!r}: expected {'true or false' if flag else 'a number'}")
+        values[key] = value
+    return QualityFilter(**values)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -275,9 +302,15 @@ def build_parser() -> argparse.ArgumentParser:
     exp = sub.add_parser("export", help="write an output root as a folder layout segmentation trainers read")
     exp.set_defaults(func=cmd_export)
     exp.add_argument("url", metavar="OUT_ROOT", help="output root of generate or annotate")
-    exp.add_argument("directory", metavar="DIR", help="folder (or URL) to write")
-    exp.add_argument("--layout", choices=["voc"], required=True, help="voc: JPEGImages, SegmentationClass, ...")
-    exp.add_argument("--split", default="train", help="name of the image-set list (default train)")
+    exp.add_argument("directory", metavar="DIR", nargs="?", help="folder (or URL) to write (voc)")
+    exp.add_argument("--layout", choices=["voc", "energon"], required=True,
+                     help="voc: JPEGImages, SegmentationClass, ... under DIR; energon: Megatron-Energon's index "
+                          "(.nv-meta/, what energon prepare writes) in place beside the tars, no DIR")
+    exp.add_argument("--split", default="train", help="name of the image-set list (voc; default train)")
+    exp.add_argument("--quality", nargs="+", metavar="KEY=VALUE",
+                     help="energon: exclude the samples this QualityFilter rejects (min_class_fraction, "
+                          "max_ignore_fraction, min_confidence, drop_empty, drop_degenerate), e.g. "
+                          "--quality min_class_fraction=0.02 max_ignore_fraction=0.2")
 
     ann = sub.add_parser(
         "annotate", help="label real images: WebDataset shards, a dataset.json, an image folder or a list",
