@@ -372,7 +372,15 @@ def _run_flags(parser: argparse.ArgumentParser, annotate: bool = False) -> list:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse gives an optional positional its value only next to the one before it: `export OUT --layout voc DIR`
+    # leaves DIR over, so it is taken here
+    if getattr(args, "func", None) is cmd_export and args.directory is None and len(extra) == 1 \
+            and not extra[0].startswith("-"):
+        args.directory, extra = extra[0], []
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if hasattr(signal, "SIGPIPE"):  # `seediff inspect out | head` ends quietly, like other Unix tools
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     try:
