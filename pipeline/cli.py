@@ -10,12 +10,13 @@ Ray; ``--dry-run`` stops after printing the plan."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from typing import TextIO
+from typing import Any, TextIO
 
 from seediff import api
 from seediff.pipeline.flags import HelpFormatter, add_flags, given
@@ -190,11 +191,37 @@ def _ids(ids: list[int], most: int = SHOWN_SHARDS) -> str:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    summary = api.export(args.url, args.directory, layout=args.layout, split=args.split, verbose=args.verbose,
-                         log_file=args.log_file)
-    print(f"wrote {summary['images']} images in the {args.layout} layout to {args.directory} "
-          f"({len(summary['classes'])} classes, image set {args.split})")
+    quality = quality_filter(args.quality) if args.quality else None
+    summary = api.export(args.url, args.directory, layout=args.layout, split=args.split, quality=quality,
+                         verbose=args.verbose, log_file=args.log_file)
+    if args.layout == "energon":
+        print(f"indexed {summary['samples']} samples in {summary['shards']} shards for energon in "
+              f"{args.url}/.nv-meta ({summary['excluded']} excluded by --quality)")
+    else:
+        print(f"wrote {summary['images']} images in the {args.layout} layout to {args.directory} "
+              f"({len(summary['classes'])} classes, image set {args.split})")
     return EXIT_OK
+
+
+def quality_filter(settings: list[str]) -> Any:
+    """``--quality KEY=VALUE ...`` -> a ``QualityFilter``; a bad key or value is an InputError naming the flag."""
+    from seediff.pipeline.readers import QualityFilter  # torch: imported only when a filter is asked for
+
+    defaults = {f.name: f.default for f in dataclasses.fields(QualityFilter)}
+    values: dict[str, Any] = {}
+    for setting in settings:
+        key, sep, text = setting.partition("=")
+        if not sep or key not in defaults:
+            raise InputError(f"--quality: {setting!r}: expected KEY=VALUE, KEY one of {', '.join(defaults)}")
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = None
+        flag = isinstance(defaults[key], bool)
+        if isinstance(value, bool) != flag or not isinstance(value, (int, float)):
+            raise InputError(f"--quality: {setting!r}: expected {'true or false' if flag else 'a number'}")
+        values[key] = value
+    return QualityFilter(**values)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -226,7 +253,7 @@ RUNTIME_GROUP = "runtime options (may change between a run and its resume)"
 # Settings of the sampling and of the encoded image, which an annotate run (real images, one UNet call per timestep,
 # the input's own image bytes) never uses.
 GENERATION_ONLY = {"scheduler", "steps", "guidance_scale", "image_format", "image_quality", "negative_prompt",
-                   "safety_checker"}
+                   "safety_checker", "shard_layout"}
 ANNOTATE_GROUP = "annotate settings (part of the run settings; config-file key annotate.<name>)"
 
 
@@ -300,9 +327,15 @@ def build_parser() -> argparse.ArgumentParser:
     exp = sub.add_parser("export", help="write an output root as a folder layout segmentation trainers read")
     exp.set_defaults(func=cmd_export)
     exp.add_argument("url", metavar="OUT_ROOT", help="output root of generate or annotate")
-    exp.add_argument("directory", metavar="DIR", help="folder (or URL) to write")
-    exp.add_argument("--layout", choices=["voc"], required=True, help="voc: JPEGImages, SegmentationClass, ...")
-    exp.add_argument("--split", default="train", help="name of the image-set list (default train)")
+    exp.add_argument("directory", metavar="DIR", nargs="?", help="folder (or URL) to write (voc)")
+    exp.add_argument("--layout", choices=["voc", "energon"], required=True,
+                     help="voc: JPEGImages, SegmentationClass, ... under DIR; energon: Megatron-Energon's index "
+                          "(.nv-meta/, what energon prepare writes) in place beside the tars, no DIR")
+    exp.add_argument("--split", default="train", help="name of the image-set list (voc; default train)")
+    exp.add_argument("--quality", nargs="+", metavar="KEY=VALUE",
+                     help="energon: exclude the samples this QualityFilter rejects (min_class_fraction, "
+                          "max_ignore_fraction, min_confidence, drop_empty, drop_degenerate), e.g. "
+                          "--quality min_class_fraction=0.02 max_ignore_fraction=0.2")
     _add_output_flags(exp)
 
     ann = sub.add_parser(
@@ -397,7 +430,15 @@ def version_line() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse gives an optional positional its value only next to the one before it: `export OUT --layout voc DIR`
+    # leaves DIR over, so it is taken here
+    if getattr(args, "func", None) is cmd_export and args.directory is None and len(extra) == 1 \
+            and not extra[0].startswith("-"):
+        args.directory, extra = extra[0], []
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if hasattr(signal, "SIGPIPE"):  # `seediff inspect out | head` ends quietly, like other Unix tools
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     _Stopped.signum = None

@@ -44,7 +44,7 @@ BYTES_PER_SHARD = 1024 + 5120 + 9700
 
 
 def plan_of(manifest: Manifest, config: RunConfig) -> Plan:
-    return Plan(manifest.rows, config.seed, config.samples_per_shard)
+    return Plan(manifest.rows, config.seed, config.samples_per_shard, config.shard_layout)
 
 
 # ---- dry run ------------------------------------------------------------------------------------------------------
@@ -86,7 +86,7 @@ def format_plan(source: Manifest | ImageInput, config: RunConfig, overwrite: boo
         spec = plan.sample(sample_id)
         classes = ", ".join(f"{c.name}={c.class_id}" for c in spec.classes)
         lines.append(
-            f"  key {spec.key}  shard {sample_id // config.samples_per_shard}  classes {classes}  "
+            f"  key {spec.key}  shard {plan.shard_of(sample_id)}  classes {classes}  "
             f"seed {spec.seed}  prompt {spec.prompt.text!r}"
         )
     per_sample, basis = _bytes_per_sample(config, committed.values(), plan.num_shards / max(plan.num_samples, 1))

@@ -228,6 +228,10 @@ class RunConfig(_Strict):
     guidance_scale: float = Field(7.5, ge=0, le=50, description="classifier-free guidance scale")
     seed: int = Field(0, ge=0, lt=2**63, description="global seed; each sample's seed is a hash of it and the sample id")
     samples_per_shard: int = Field(1000, ge=1, le=10_000_000, description="samples per tar shard")
+    shard_layout: Literal["interleaved", "contiguous"] = Field(
+        "interleaved", description="which sample ids a shard holds: interleaved (shard s of S: ids s, s+S, ...; "
+        "every shard a proportional mix of the manifest's rows) or contiguous (id ranges; annotate's layout)"
+    )
     batch_size: int = Field(8, ge=1, le=1024, description="images generated together on one actor")
     image_format: Literal["jpg", "png", "webp"] = Field("jpg", description="encoding of the image field")
     image_quality: int = Field(95, ge=1, le=100, description="jpg/webp quality")
@@ -269,6 +273,19 @@ class RunConfig(_Strict):
         json_schema_extra={"flag": RECORDED},
     )
     annotate: AnnotateConfig | None = Field(None, description="set for runs that label real images (seediff annotate)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _recorded_layout(cls, data: Any) -> Any:
+        """A run.json written before the layout was recorded (it has ``output_format``, no ``shard_layout``) and
+        an annotate run are contiguous."""
+        if not isinstance(data, dict):
+            return data
+        if data.get("annotate") is not None and data.get("shard_layout", "contiguous") != "contiguous":
+            raise ValueError("shard_layout: annotate keeps its input's order in contiguous shards")
+        if "shard_layout" not in data and ("output_format" in data or data.get("annotate") is not None):
+            return {**data, "shard_layout": "contiguous"}
+        return data
 
     @property
     def size(self) -> tuple[int, int]:

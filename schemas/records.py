@@ -62,15 +62,22 @@ class SampleSpec:
 
 @dataclass(frozen=True)
 class ShardSpec:
-    """What travels to an actor: the shard id and its sample-id range. The actor expands the ids into SampleSpecs
-    from the plan it holds (``Plan.samples``), so the driver's memory is O(shards), never O(samples)."""
+    """What travels to an actor: the shard id and its sample ids as one ``range`` (start, stop, step; see
+    pipeline/plan.py for the layouts). The actor expands the ids into SampleSpecs from the plan it holds
+    (``Plan.samples``), so the driver's memory is O(shards), never O(samples)."""
 
     shard_id: int
     start: int  # first sample id
-    stop: int  # one past the last sample id
+    stop: int  # bound of the ids, exclusive
+    step: int = 1  # 1: a contiguous range; the shard count: interleaved
+
+    @property
+    def ids(self) -> range:
+        """The shard's sample ids, in the order its tar holds them."""
+        return range(self.start, self.stop, self.step)
 
     def __len__(self) -> int:
-        return self.stop - self.start
+        return len(self.ids)
 
 
 # ---- the sample's fields --------------------------------------------------------------------------------------------
@@ -288,6 +295,7 @@ PARQUET_SCHEMA = pa.schema(
     ]
 )
 IMAGE_EXTENSIONS = ("jpg", "png", "webp")
+IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
 
 
 def checksum_column(extension: str) -> str:

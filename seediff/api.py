@@ -223,14 +223,31 @@ def preview(
     return preview_grid(_existing_output(out), os.fspath(path), n=n, class_name=class_name, cell=cell)
 
 
-def export(out: str | os.PathLike[str], directory: str | os.PathLike[str], *, layout: str = "voc",
-           split: str = "train", verbose: bool = False, log_file: str | os.PathLike[str] | None = None) -> dict[str, Any]:
-    """Write the output as a folder layout segmentation trainers read (``voc``: JPEGImages, SegmentationClass,
-    ImageSets/Segmentation/<split>.txt, labelmap.txt); returns what was written. Library output as in ``generate``."""
+def export(out: str | os.PathLike[str], directory: str | os.PathLike[str] | None = None, *, layout: str = "voc",
+           split: str = "train", quality: Any = None, verbose: bool = False,
+           log_file: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """Write the output for a trainer; returns what was written. ``voc``: a folder layout segmentation trainers
+    read, under ``directory`` (JPEGImages, SegmentationClass, ImageSets/Segmentation/<split>.txt, labelmap.txt).
+    ``energon``: Megatron-Energon's index in place beside the tars (``.nv-meta/``: what ``energon prepare`` writes,
+    a dataset.yaml with seediff's sample type); the samples a ``QualityFilter`` (``quality``) rejects are excluded.
+    Library output as in ``generate``."""
+    if layout == "energon":
+        if directory is not None:
+            raise ConfigError("DIR: the energon layout is written in place, beside the tars; give no DIR")
+        try:
+            from seediff.pipeline.energon import export_energon
+        except ImportError as e:
+            raise ConfigError(f"--layout energon needs megatron-energon (pip install 'seediff[energon]'): {e}") from e
+        with quiet("export", verbose, log_file):
+            return export_energon(_existing_output(out), quality)
+    if layout != "voc":
+        raise ConfigError(f"layout: {layout!r} is not one of: voc, energon")
+    if directory is None:
+        raise ConfigError("DIR: the voc layout needs a folder to write")
+    if quality is not None:
+        raise ConfigError("--quality: only with --layout energon")
     from seediff.pipeline.layouts import export_voc
 
-    if layout != "voc":
-        raise ConfigError(f"layout: {layout!r} is not one of: voc")
     check_access(os.fspath(directory), write=True)
     with quiet("export", verbose, log_file):
         return export_voc(_existing_output(out), os.fspath(directory), split=split)
@@ -324,7 +341,8 @@ def annotate_config(config: RunConfig | Mapping[str, Any] | None, out: str | os.
     """``config`` for an annotate run writing to ``out``: its ``annotate`` settings default to ``AnnotateConfig()``."""
     run_config = _validated(RunConfig, config, "config")
     return run_config.model_copy(
-        update={"output_url": absolute_url(out), "annotate": run_config.annotate or AnnotateConfig()}
+        update={"output_url": absolute_url(out), "annotate": run_config.annotate or AnnotateConfig(),
+                "shard_layout": "contiguous"}
     )
 
 
