@@ -33,7 +33,8 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
 from seediff.schemas.config import TINY_MODEL, RunConfig
-from seediff.tokens import offline_clip_tokenizer
+from seediff.schemas.prompts import RenderedPrompt
+from seediff.tokens import PhrasePositionError, class_token_positions, offline_clip_tokenizer
 from seediff.workers import families
 from seediff.workers.families import TINY_UNET, TINY_VAE
 
@@ -137,6 +138,31 @@ def guided(pipe: DiffusionPipeline, guidance_scale: float) -> bool:
     """Whether a generation at ``guidance_scale`` runs classifier-free guidance ([unconditional, conditional]
     batches): never for guidance-distilled families (Flux.1: every row conditional), else above 1 (0 and 1: off)."""
     return family_of(pipe).cfg and guidance_scale > 1
+
+
+def text_columns(pipe: DiffusionPipeline, prompt: RenderedPrompt) -> list[list[int]]:
+    """Per class of ``prompt``: its columns in the backbone's text keys, from where its phrases were placed (token
+    offsets). A family's text keys are segments in sequence order (SD: 77 CLIP positions; SDXL: both CLIP
+    tokenizers' 77; Flux: the T5 positions; SD3: 77 CLIP-L|CLIP-G positions, then T5's); the tokenizers of one
+    segment must place every phrase at the same positions (their encoders' states are concatenated feature-wise),
+    so one that disagrees is a ValueError, never a silently shifted map. ``PhrasePositionError``: a phrase past a
+    segment's context."""
+    columns: list[list[int]] = [[] for _ in prompt.spans]
+    offset = 0
+    for segment in family_of(pipe).text:
+        found = [class_token_positions(getattr(pipe, name), prompt) for name in segment.tokenizers]
+        if any(p != found[0] for p in found[1:]):
+            raise ValueError(f"the model's tokenizers place the class phrases at different token positions {found}; "
+                             "SeeDiff cannot read its cross-attention")
+        for (name, _), positions in zip(prompt.spans, found[0]):
+            if positions[-1] >= segment.length - 1:  # the encoder keeps segment.length positions, EOS the last
+                raise PhrasePositionError(
+                    f"labelled phrase of class {name!r} ends at token {positions[-1] + 1}, past the {segment.length} "
+                    f"tokens the pipeline keeps of {segment.tokenizers[0]} (EOS included): shorten the text before it"
+                )
+        columns = [c + [offset + p for p in positions] for c, positions in zip(columns, found[0])]
+        offset += segment.length
+    return columns
 
 
 def pipeline_arguments(
