@@ -63,8 +63,8 @@ class StoreAll:
 
 
 def _config(path: str, **settings) -> RunConfig:
-    return resolve(RunConfig(model=path, **SIZE, steps=2, batch_size=2, mask=MaskConfig(pamr_iterations=5),
-                             **settings))[0]
+    settings = {"mask": MaskConfig(pamr_iterations=5), **settings}
+    return resolve(RunConfig(model=path, **SIZE, steps=2, batch_size=2, **settings))[0]
 
 
 def _pool(x: torch.Tensor, grid: tuple[int, int], f: int, rows: bool) -> torch.Tensor:
@@ -158,3 +158,19 @@ def test_capture_counts_backbone_calls_for_few_step_schedulers(mmdit_pipes, save
         assert capture.guided == (guidance > 1 and family != "flux")
         _, captured, _ = generate_with_capture(pipe, specs, config, capture)
     assert captured.calls == calls[0] == steps
+
+
+def test_key_pooled_self_sum_gives_the_same_cascade_sides(mmdit_pipes, saved_mmdits, make_specs):
+    """Past mask.max_self_entries the grid's self sum keeps its keys in 2x2 blocks: the coarser sides are the same,
+    the full side is the unpooled one with its keys summed in 2x2 blocks."""
+    pipe = mmdit_pipes["flux"]
+    specs = make_specs([("dog", "a photo of a {dog}")], [5])
+    full = _config(saved_mmdits["flux"])
+    pooled = _config(saved_mmdits["flux"], mask=MaskConfig(pamr_iterations=5, max_self_entries=96 * 96 // 4))
+    _, a, _ = generate_with_capture(pipe, specs, full)
+    _, b, _ = generate_with_capture(pipe, specs, pooled)
+    grid = (SIZE["height"] // 16, SIZE["width"] // 16)
+    assert b.self_attn[-1].shape[-1] == a.self_attn[-1].shape[-1] // 4
+    torch.testing.assert_close(b.self_attn[-1], _pool(a.self_attn[-1], grid, 2, rows=False))
+    for x, y in zip(a.self_attn[:-1], b.self_attn[:-1]):
+        torch.testing.assert_close(x, y)

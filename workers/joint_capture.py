@@ -28,13 +28,13 @@ from diffusers.models.transformers.transformer_flux import _get_qkv_projections
 
 from seediff.schemas.config import LayerChoice, RunConfig
 from seediff.workers import families, models
+from seediff.workers.seediff import pool_cross, pool_self
 from seediff.workers.capture import (
     CapturedAttention,
     WeightedCapture,
     _accumulate,
     _conditional_half,
     _probabilities,
-    grid_at_depth,
 )
 
 
@@ -231,33 +231,23 @@ class JointCapture(WeightedCapture):
         total, calls = self._total()
         n = len(self.token_positions)
         coarse = 2 ** self.layers.cascade[0]
-        cross = []
-        for i, columns in enumerate(self.token_positions):
-            maps = torch.cat([self.blocks[b].cross[i][:, columns].T for b in self.layers.cross_blocks]) / total
-            cross.append(pool_queries(maps.reshape(len(maps), 1, -1).transpose(1, 2), self.grid, coarse)
-                         .view(len(maps), *grid_at_depth(self.grid, self.layers.cascade[0])))
+        cross = [
+            pool_cross(torch.cat([self.blocks[b].cross[i][:, columns].T for b in self.layers.cross_blocks])
+                       .view(-1, *self.grid) / total, coarse)
+            for i, columns in enumerate(self.token_positions)
+        ]
         full = self.blocks[self.layers.self_block].self_sum[:n] / total
-        sides = tuple(pooled_self(full, self.grid, self.key_pool, 2**depth) for depth in self.layers.cascade)
+        sides = tuple(self._side(full, 2**depth) for depth in self.layers.cascade)
         return CapturedAttention(cross=cross, self_attn=sides, calls=calls)
 
-
-def pool_queries(maps: torch.Tensor, grid: tuple[int, int], f: int) -> torch.Tensor:
-    """[B, h*w, K] rows over the ``grid`` -> [B, (h/f)(w/f), K]: each f x f block of query rows averaged."""
-    if f == 1:
-        return maps
-    (h, w), batch, keys = grid, maps.shape[0], maps.shape[-1]
-    return maps.reshape(batch, h // f, f, w // f, f, keys).mean((2, 4)).reshape(batch, -1, keys)
-
-
-def pooled_self(full: torch.Tensor, grid: tuple[int, int], key_pool: int, f: int) -> torch.Tensor:
-    """A cascade side of the self map: [B, h*w, h*w / key_pool²] -> queries averaged and keys summed over f x f
-    blocks (keys already summed over ``key_pool`` blocks stay so where ``key_pool`` >= f)."""
-    rows = pool_queries(full, grid, f)
-    extra = max(1, f // key_pool)
-    if extra == 1:
-        return rows
-    kh, kw = grid[0] // key_pool, grid[1] // key_pool
-    return rows.reshape(*rows.shape[:2], kh // extra, extra, kw // extra, extra).sum((3, 5)).flatten(2)
+    def _side(self, full: torch.Tensor, f: int) -> torch.Tensor:
+        """The cascade side grid / f of the self map captured at the grid (``pool_self``); where the capture's key
+        pool is coarser than f (a grid past ``max_self_entries``), only the query rows are averaged."""
+        if f % self.key_pool == 0:
+            return pool_self(full, self.grid, f)
+        keys = full.shape[-1]
+        rows = pool_cross(full.transpose(1, 2).reshape(len(full), keys, *self.grid), f)
+        return rows.flatten(2).transpose(1, 2)
 
 
 def new_joint_capture(pipe, config: RunConfig, max_samples: int) -> JointCapture:
