@@ -14,6 +14,7 @@ import torch
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
+    DDPMScheduler,
     DiffusionPipeline,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
@@ -138,6 +139,60 @@ def guided(pipe: DiffusionPipeline, guidance_scale: float) -> bool:
     """Whether a generation at ``guidance_scale`` runs classifier-free guidance ([unconditional, conditional]
     batches): never for guidance-distilled families (Flux.1: every row conditional), else above 1 (0 and 1: off)."""
     return family_of(pipe).cfg and guidance_scale > 1
+
+
+def noise_latents(pipe: DiffusionPipeline, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """A real image's latents noised to integer training ``timesteps`` [B] the family's own way (the family table's
+    ``noising``): "ddpm", sqrt(a_t) x + sqrt(1 - a_t) e on the model's beta schedule; "flow" (flow matching: Flux,
+    SD3), x_t = (1 - s) x + s e with s = t / 1000, the time the transformer is given."""
+    if family_of(pipe).noising == "flow":
+        sigma = (timesteps.to(torch.float32) / 1000).view(-1, *[1] * (latents.dim() - 1))
+        return ((1 - sigma) * latents.float() + sigma * noise.float()).to(latents.dtype)
+    return DDPMScheduler.from_config(pipe.scheduler.config).add_noise(latents, noise, timesteps)
+
+
+def text_conditioning(pipe: DiffusionPipeline, prompts: list[str], size: tuple[int, int],
+                      guidance_scale: float) -> dict[str, Any]:
+    """The backbone's inputs other than latents and time for conditional calls outside the pipeline (annotate), as
+    the family's pipeline builds them: the text states (SDXL: plus pooled embedding and size/crop ids (image size
+    (height, width), no crop); Flux: pooled CLIP, T5 ids and, for guidance-distilled dev, the guidance value; SD3:
+    the pooled CLIP-L|G)."""
+    name, device = family_of(pipe).name, backbone(pipe).device
+    if name == "flux":
+        embeddings, pooled, text_ids = pipe.encode_prompt(prompt=prompts, prompt_2=None, device=device,
+                                                          max_sequence_length=families.FLUX_T5_TOKENS)
+        guidance = (torch.full((len(prompts),), guidance_scale, device=device)
+                    if pipe.transformer.config.guidance_embeds else None)
+        return dict(encoder_hidden_states=embeddings, pooled_projections=pooled, txt_ids=text_ids, guidance=guidance)
+    if name == "sd3":
+        embeddings, _, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None, device=device,
+                                                      do_classifier_free_guidance=False,
+                                                      max_sequence_length=families.SD3_T5_TOKENS)
+        return dict(encoder_hidden_states=embeddings, pooled_projections=pooled)
+    encoded = pipe.encode_prompt(prompt=prompts, device=device, num_images_per_prompt=1,
+                                 do_classifier_free_guidance=False)
+    if name != "sdxl":
+        return dict(encoder_hidden_states=encoded[0])
+    embeddings, pooled = encoded[0], encoded[2]
+    time_ids = torch.tensor([[*size, 0, 0, *size]], dtype=embeddings.dtype, device=embeddings.device)
+    return dict(encoder_hidden_states=embeddings,
+                added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids.repeat(len(prompts), 1)})
+
+
+def backbone_call(pipe: DiffusionPipeline, latents: torch.Tensor, timesteps: torch.Tensor,
+                  conditioning: dict[str, Any]) -> None:
+    """One backbone call on latents [B, C, h, w] at integer training ``timesteps`` [B] with ``text_conditioning``'s
+    inputs, in the family's layout (Flux: packed 2x2 patches with their position ids, time / 1000)."""
+    if family_of(pipe).name == "flux":
+        batch, channels, h, w = latents.shape
+        packed = FluxPipeline._pack_latents(latents, batch, channels, h, w)
+        ids = FluxPipeline._prepare_latent_image_ids(batch, h // 2, w // 2, latents.device, latents.dtype)
+        pipe.transformer(hidden_states=packed, timestep=timesteps.to(latents.dtype) / 1000, img_ids=ids,
+                         **conditioning)
+    elif family_of(pipe).name == "sd3":
+        pipe.transformer(hidden_states=latents, timestep=timesteps, **conditioning)
+    else:
+        pipe.unet(latents, timesteps, **conditioning)
 
 
 def text_columns(pipe: DiffusionPipeline, prompt: RenderedPrompt) -> list[list[int]]:
