@@ -58,8 +58,11 @@ def format_plan(manifest: Manifest, config: RunConfig, overwrite: bool) -> str:
         f"manifest: {manifest.source} ({len(manifest.rows)} rows, {len(manifest.classes)} classes, "
         f"sha256 {manifest.sha256[:12]})",
         f"model: {config.model} (family {config.family}; {config.size[0]}x{config.size[1]} px; SeeDiff cascade at "
-        f"depths {list(config.layers.cascade or [])} below the latent, seeds from "
-        f"{'/'.join(config.layers.seed_blocks)} cross-attention)",
+        + (f"depths {list(config.layers.cascade or [])} below the image-token grid, seeds from blocks "
+           f"{list(config.layers.cross_blocks)}, expansion by block {config.layers.self_block})"
+           if config.layers.cross_blocks is not None else
+           f"depths {list(config.layers.cascade or [])} below the latent, seeds from "
+           f"{'/'.join(config.layers.seed_blocks)} cross-attention)"),
         f"plan: {plan.num_samples} samples in {plan.num_shards} shards of up to {config.samples_per_shard} "
         f"({first}.tar .. {last}.tar)",
         f"output: {config.output_url} ({'overwrite' if overwrite else 'resume' if record else 'new'})",

@@ -91,7 +91,8 @@ def garbage_copies(saved_mmdits, tmp_path_factory) -> dict[str, str]:
 def test_dry_run_on_garbage_weights_accepts_valid_sizes_and_refuses_others(garbage_copies, name, tmp_path):
     ok = dry_run(tmp_path, "--model", garbage_copies[name], "--width", "192", "--height", "128")
     assert ok.returncode == 0, ok.stderr
-    assert f"family {name}; 192x128 px" in ok.stdout and "LOADED []" in ok.stdout
+    assert f"family {name}; 192x128 px; SeeDiff cascade at depths [2, 1, 0] below the image-token grid" in ok.stdout
+    assert "LOADED []" in ok.stdout
     bad = dry_run(tmp_path, "--model", garbage_copies[name], "--width", "160", "--height", "128")
     assert bad.returncode == 2, bad.stderr
     errors = [line for line in bad.stderr.splitlines() if line.startswith("seediff: error:")]

@@ -155,10 +155,6 @@ class ModelFiles:
     scheduler: dict[str, Any] | None  # scheduler/scheduler_config.json
     transformer: dict[str, Any] | None = None  # transformer/config.json (MM-DiTs)
 
-    @property
-    def backbone(self) -> dict[str, Any] | None:
-        return self.unet if self.unet is not None else self.transformer
-
 
 @dataclass(frozen=True)
 class Recognised:
