@@ -69,8 +69,11 @@ def format_plan(source: Manifest | ImageInput, config: RunConfig, overwrite: boo
     lines = [
         _source_line(source),
         f"model: {config.model} (family {config.family}; {config.size[0]}x{config.size[1]} px; SeeDiff cascade at "
-        f"depths {list(config.layers.cascade or [])} below the latent, seeds from "
-        f"{'/'.join(config.layers.seed_blocks)} cross-attention)",
+        + (f"depths {list(config.layers.cascade or [])} below the image-token grid, seeds from blocks "
+           f"{list(config.layers.cross_blocks)}, expansion by block {config.layers.self_block})"
+           if config.layers.cross_blocks is not None else
+           f"depths {list(config.layers.cascade or [])} below the latent, seeds from "
+           f"{'/'.join(config.layers.seed_blocks)} cross-attention)"),
         *(f"lora: {a.path} at weight {a.weight:g} (sha256 {(a.sha256 or '?')[:12]})" for a in config.lora),
         f"plan: {plan.num_samples} samples in {plan.num_shards} shards of up to {config.samples_per_shard} "
         f"({first}.tar .. {last}.tar)",

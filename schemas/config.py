@@ -157,6 +157,16 @@ class LayerChoice(_Strict):
         0, ge=0, description="which decoder self-attention layer at each side expands the seeds (0 = the first in "
         "forward order)"
     )
+    # MM-DiTs (flux, sd3) have one image-token grid: their cascade depths count 2x2 poolings below it, and these two
+    # name transformer blocks in forward order (Flux: double-stream blocks first, then single-stream ones).
+    cross_blocks: tuple[int, ...] | None = Field(
+        None, description="MM-DiT only: transformer blocks whose image->text joint attention gives the seeds "
+        "(averaged); unset: the family's"
+    )
+    self_block: int | None = Field(
+        None, ge=0, description="MM-DiT only: the transformer block whose image->image joint attention, pooled to "
+        "each cascade side, expands and refines the seeds; unset: the family's"
+    )
 
     @field_validator("cascade")
     @classmethod
@@ -202,7 +212,7 @@ class RunConfig(_Strict):
         "auto", description="weights and activations; auto: float16 on CUDA, float32 on the CPU"
     )
     family: str | None = Field(
-        None, description="model family (sd1, sd2, sdxl), recognised from the model's config files before any "
+        None, description="model family (sd1, sd2, sdxl, flux, sd3), recognised from the model's config files before any "
         "weights load and recorded in run.json; if set, a model of another family is refused"
     )
     resolution: int | None = Field(
@@ -221,8 +231,13 @@ class RunConfig(_Strict):
         LayerChoice(), description="the attention layers SeeDiff reads; unset fields come from the model family's "
         "table, and run.json records the result"
     )
-    scheduler: Literal["default", "ddim", "pndm", "euler", "euler_a", "dpm++", "dpm++_2m_karras", "unipc"] = Field(
-        "default", description="noise scheduler; default: the model's own (its prediction type is always kept)"
+    scheduler: Literal[
+        "default", "ddim", "pndm", "euler", "euler_a", "dpm++", "dpm++_2m_karras", "unipc", "lcm", "ddim_trailing",
+        "euler_trailing", "euler_a_trailing",
+    ] = Field(
+        "default", description="noise scheduler; default: the model's own (its prediction type is always kept); "
+        "lcm and the *_trailing ones (timesteps spaced from the last) are for few-step checkpoints (LCM, SDXL-Turbo, "
+        "SDXL-Lightning); flux and sd3 take only their own (default)"
     )
     steps: int = Field(30, ge=1, le=1000, description="denoising steps per image")
     guidance_scale: float = Field(7.5, ge=0, le=50, description="classifier-free guidance scale")

@@ -16,7 +16,7 @@ import yaml
 import seediff
 from seediff.pipeline.cli import main
 from seediff.pipeline.readers import segmentation_dataset
-from seediff.pipeline.review import verify_dataset
+from seediff.pipeline.verify import verify_dataset
 from tests.e2e_support import REPO, cli_env
 from tests.test_readers import build_synthetic_dataset
 
