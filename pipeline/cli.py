@@ -145,12 +145,6 @@ def _run(args: argparse.Namespace, run: Callable[[TextIO], RunSummary], tiny: bo
         except KeyboardInterrupt as e:  # the actors are already stopped; committed shards are kept
             print(str(e) or "interrupted", file=terminal.stream)
             return _interrupted_status()
-        finally:
-            if not connected_before and "ray" in sys.modules:
-                try:
-                    sys.modules["ray"].shutdown()
-                except KeyboardInterrupt:  # a second Ctrl-C while Ray stops: the data and index are written
-                    pass
     print(summary.format())
     if terminal.log_path:
         print(f"  log (library messages, Ray, actors' stderr): {terminal.log_path}")

@@ -471,7 +471,10 @@ def quiet(command: str, verbose: bool, log_file: str | os.PathLike[str] | None,
             yield progress or terminal.stream, finished
         finally:
             if not connected_before and "ray" in sys.modules:
-                sys.modules["ray"].shutdown()
+                try:
+                    sys.modules["ray"].shutdown()
+                except KeyboardInterrupt:  # a second Ctrl-C while Ray stops: the data and index are written
+                    pass
 
 
 def _runtime(runtime: RuntimeOptions | Mapping[str, Any] | None) -> RuntimeOptions:
