@@ -38,6 +38,7 @@ ADAPTIVE_FACTOR, ADAPTIVE_FLOOR_S = 4.0, 600.0
 # An error that fails this many different shards alike, with no shard completing meanwhile (a config the model
 # cannot run, a device fault on every actor), stops the run with that one message instead of burning every attempt.
 ALIKE_SHARDS = 3
+GPU_WAIT_S = 600.0  # without --gpu-wait: how long an autoscaling cluster may take to add GPU nodes
 
 
 class DispatchError(RuntimeError):
@@ -430,7 +431,7 @@ def shard_actor_pool(
     low, high = runtime.actor_bounds()
     gpus = _cluster_gpus()
     if runtime.device != "cpu" and gpus == 0 and (against_cluster or runtime.device == "cuda"):
-        gpus = _wait_for_gpus(runtime, against_cluster)
+        gpus = _wait_for_gpus(runtime, against_cluster, against_cluster and autoscaling())
     use_gpu = runtime.device == "cuda" or (runtime.device == "auto" and gpus > 0)
     actor_runtime = runtime.model_copy(update={"device": "cuda" if use_gpu else "cpu"})
     # CPU float results depend on the intra-op thread count; one thread per CPU actor keeps the bytes independent
@@ -454,18 +455,48 @@ def _cluster_gpus() -> int:
     return int(ray.cluster_resources().get("GPU", 0))
 
 
-def _wait_for_gpus(runtime: RuntimeOptions, against_cluster: bool) -> int:
+def autoscaling() -> bool:
+    """Whether an autoscaler that can add nodes watches the cluster (``ray up``, KubeRay's in-tree autoscaler):
+    Ray's v2 autoscaler, or a v1 monitor whose node types come from a cluster config. Every head runs a v1 monitor;
+    without a config it is read-only and names each node ``ray.head.default`` or ``node_<id>``."""
+    import json
+
+    from ray._private.ray_constants import DEBUG_AUTOSCALING_STATUS
+    from ray.autoscaler.v2.utils import is_autoscaler_v2
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    try:
+        if is_autoscaler_v2(fetch_from_server=True):
+            return True
+        status = _internal_kv_get(DEBUG_AUTOSCALING_STATUS)
+    except Exception:  # noqa: BLE001 - no status to read: no autoscaler we can count on
+        return False
+    report = (json.loads(status).get("autoscaler_report") or {}) if status else {}
+    types = {t for key in ("active_nodes", "idle_nodes", "pending_launches") for t in report.get(key) or {}}
+    return any(t != "ray.head.default" and not t.startswith("node_") for t in types)
+
+
+def _wait_for_gpus(runtime: RuntimeOptions, against_cluster: bool, autoscaled: bool) -> int:
+    """Wait for GPUs where they can still join: --gpu-wait seconds when given, else GPU_WAIT_S on an autoscaling
+    cluster; a cluster without GPUs or an autoscaler is reported at once (CPUs only with --device cpu)."""
     if not against_cluster:
         raise DispatchError("--device cuda: the local Ray cluster has no GPUs; use --device cpu or --address")
+    wait_s = runtime.gpu_wait_s if runtime.gpu_wait_s is not None else GPU_WAIT_S if autoscaled else 0.0
+    if wait_s == 0:
+        raise DispatchError(
+            f"the Ray cluster has no GPUs ({int(ray.cluster_resources().get('CPU', 0))} CPUs) and no autoscaler that "
+            "could add GPU nodes: pass --device cpu to run on its CPUs, or --gpu-wait SECONDS while you add GPU nodes"
+        )
+    why = "the cluster's autoscaler can add GPU nodes" if autoscaled else "--gpu-wait"
     log.warning(
-        "no GPUs in the Ray cluster yet; waiting up to %.0fs for GPU nodes to join (--gpu-wait); "
-        "pass --device cpu to run on CPUs", runtime.gpu_wait_s,
+        "no GPUs in the Ray cluster yet; waiting up to %.0f s for GPU nodes to join (%s); pass --device cpu to run on "
+        "CPUs", wait_s, why,
     )
-    deadline = time.monotonic() + runtime.gpu_wait_s
+    deadline = time.monotonic() + wait_s
     while (gpus := _cluster_gpus()) == 0:
         if time.monotonic() >= deadline:
             raise DispatchError(
-                f"no GPUs joined the Ray cluster within {runtime.gpu_wait_s:g}s (--gpu-wait); "
+                f"no GPUs joined the Ray cluster within {wait_s:g}s (--gpu-wait); "
                 "pass --device cpu to run on CPUs"
             )
         time.sleep(POLL_S)

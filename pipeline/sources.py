@@ -160,10 +160,23 @@ def class_list(value: str) -> list[str]:
             return list(read_class_list(value[len(TABLE_FILE):]))
         except FileNotFoundError:
             raise AnnotateInputError(f"--classes {value}: not found") from None
-    names = [name.strip() for name in value.split(",") if name.strip()]
+    from seediff.pipeline.layouts import split_escaped  # the class lists' one codec: "x\,y" is one name
+
+    names = [name.strip() for name in split_escaped(value, ",") if name.strip()]
     if not names:
         raise AnnotateInputError(f'--classes {value!r}: no class names (e.g. --classes "dog,cat" or @classes.txt)')
     return names
+
+
+def _readable(samples: Iterator[dict[str, Any]], url: str) -> Iterator[dict[str, Any]]:
+    """The samples of an input tar; a damaged tar (truncated, not a tar) is refused in one line naming it."""
+    count = 0
+    try:
+        for sample in samples:
+            count += 1
+            yield sample
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise AnnotateInputError(f"{url}: unreadable tar after {count} samples ({type(e).__name__}: {e})") from None
 
 
 def open_input(
@@ -205,7 +218,7 @@ def open_input(
     for unit in units:
         if unit.kind == "tar" and (unit.num_samples < 0 or per_sample):
             count = 0
-            for sample in raw_samples(unit.url):
+            for sample in _readable(raw_samples(unit.url), unit.url):
                 count += 1
                 if per_sample:
                     names, caption = sample_labels(sample, classes_field, caption_field, table)

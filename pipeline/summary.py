@@ -54,7 +54,7 @@ class RunSummary:
     retried_shards: dict[int, int]  # shard id -> attempts, for shards that committed after more than one
     tar_bytes: int
     parquet_bytes: int
-    wall_s: float  # the dispatch, from the first actor's start to the last shard's end
+    wall_s: float  # the whole call (the API's quiet(): checks, starting Ray, dispatch, index); the dispatch's alone here
     actors: dict[str, ActorRate]  # actor id -> its rate
     dataset_samples: int
     dataset_shards: int
@@ -82,7 +82,8 @@ class RunSummary:
 
     @property
     def images_per_s(self) -> float:
-        """Samples attempted in this run per second of wall time, actor start-up and model loading included."""
+        """Samples attempted in this run per second of wall time, starting Ray and the actors and loading the model
+        included."""
         attempted = self.samples_written + self.samples_failed
         return attempted / self.wall_s if self.wall_s > 0 else 0.0
 
@@ -132,7 +133,7 @@ class RunSummary:
         ]
         if self.actors:
             lines.append(
-                f"  {self.images_per_s:.2f} img/s overall: samples / wall time, which includes starting the actors "
+                f"  {self.images_per_s:.2f} img/s overall: samples / wall time, which includes starting Ray and the actors "
                 f"and loading the model on each of the {len(self.actors)}"
             )
             lines.append("  per actor: samples / time spent generating its shards (what one more actor would add)")

@@ -216,9 +216,7 @@ def _read_classes(source: str, digest: "hashlib._Hash") -> dict[str, tuple[Label
     lines_by_id: dict[int, int] = {}
     for position, (line, record) in enumerate(records, 1):
         where = f"{source}:{line}"
-        name = _text(record.get("class_name"), where, "class_name").strip()
-        if not name:
-            raise ManifestError(f"{where}: class_name: missing, empty or whitespace-only class name")
+        name = _class_name(record, where)
         class_id = _class_id(_integer(record.get("class_id"), where, "class_id", position), where)
         previous = found.get(class_key(name))
         if previous is not None:
@@ -469,9 +467,7 @@ class _RowBuilder:
 
     def _class_row(self, position: int, line: int, record: dict[str, Any], count: int, negative: str) -> ManifestRow:
         where = f"{self.source}:{line}"
-        name = _text(record.get("class_name"), where, "class_name").strip()
-        if not name:
-            raise ManifestError(f"{where}: class_name: missing, empty or whitespace-only class name")
+        name = _class_name(record, where)
         if class_key(name) in self.registry.by_key:
             first = self.registry.by_key[class_key(name)][1]
             raise ManifestError(f"{where}: class_name: duplicate class name {name!r} (first at {first})")
@@ -551,6 +547,30 @@ def _text(value: Any, where: str, field: str) -> str:
     if bad is not None:
         raise ManifestError(f"{where}: {field}: control character {bad!r} in {value!r}")
     return value
+
+
+def _class_name(record: dict[str, Any], where: str) -> str:
+    """A class table's ``class_name`` cell: text, not blank, and without characters that render invisibly, so two
+    names that look alike are alike (``\u200b``, ``ca\u200dt`` are refused). A zero-width joiner between two
+    symbols (an emoji sequence such as a family or a profession) is kept: it changes what is shown."""
+    name = _text(record.get("class_name"), where, "class_name").strip()
+    if not name:
+        raise ManifestError(f"{where}: class_name: missing, empty or whitespace-only class name")
+    for i, char in enumerate(name):
+        if unicodedata.category(char) == "Cf" and not (char == ZERO_WIDTH_JOINER and _between_symbols(name, i)):
+            raise ManifestError(f"{where}: class_name: zero-width or format character U+{ord(char):04X} in "
+                                f"{name!r}")
+    return name
+
+
+ZERO_WIDTH_JOINER = "\u200d"
+
+
+def _between_symbols(text: str, i: int) -> bool:
+    def symbol(c: str) -> bool:
+        return unicodedata.category(c) in ("So", "Sk", "Mn")  # pictographs, modifiers, variation selectors
+
+    return 0 < i < len(text) - 1 and symbol(text[i - 1]) and symbol(text[i + 1])
 
 
 def _integer(value: Any, where: str, field: str, default: int | None) -> int | None:

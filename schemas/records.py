@@ -9,7 +9,7 @@ import json
 import math
 import re
 from collections import Counter
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from functools import cached_property
 from typing import Any
 
@@ -69,7 +69,7 @@ class SampleSpec:
         return {
             "class_index": self.class_index,
             "index_in_class": self.index_in_class,
-            "negative_prompt": self.row.negative_prompt,
+            "negative_prompt": config.negative_prompt_of(self.row.negative_prompt),
             "scheduler": config.scheduler,
             "steps": config.steps,
             "guidance_scale": config.guidance_scale,
@@ -119,15 +119,22 @@ class InputSpec:
 
 @dataclass(frozen=True)
 class ShardSpec:
-    """What travels to an actor: the shard id and its sample-id range. The actor expands the ids into SampleSpecs
-    from the plan it holds (``Plan.samples``), so the driver's memory is O(shards), never O(samples)."""
+    """What travels to an actor: the shard id and its sample ids as one ``range`` (start, stop, step; see
+    pipeline/plan.py for the layouts). The actor expands the ids into SampleSpecs from the plan it holds
+    (``Plan.samples``), so the driver's memory is O(shards), never O(samples)."""
 
     shard_id: int
     start: int  # first sample id
-    stop: int  # one past the last sample id
+    stop: int  # bound of the ids, exclusive
+    step: int = 1  # 1: a contiguous range; the shard count: interleaved
+
+    @property
+    def ids(self) -> range:
+        """The shard's sample ids, in the order its tar holds them."""
+        return range(self.start, self.stop, self.step)
 
     def __len__(self) -> int:
-        return self.stop - self.start
+        return len(self.ids)
 
 
 # ---- the sample's fields --------------------------------------------------------------------------------------------
@@ -439,6 +446,9 @@ class ShardStats:
     host: str
     versions: dict[str, str | None]
     runtime: dict[str, Any]  # whatever the caller passed (timings, actor id, ...)
+    # sha256 of the shard's files as published; None in stats written before they were recorded
+    tar_sha256: str | None = None
+    parquet_sha256: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
@@ -452,8 +462,23 @@ class ShardStats:
             raise ValueError(f"{source}: not valid JSON: {e}") from e
         if not isinstance(data, dict):
             raise ValueError(f"{source}: expected a JSON object")
-        expected = {f.name for f in fields(cls)}
-        missing = sorted(expected - data.keys())
+        known = {f.name: f for f in fields(cls)}
+        missing = sorted(name for name, f in known.items() if f.default is MISSING and name not in data)
         if missing:
             raise ValueError(f"{source}: missing fields: {', '.join(missing)}")
-        return cls(**{k: data[k] for k in expected})
+        wrong = sorted(name for name, kind in _STATS_TYPES.items() if name in data and not _is(data[name], kind))
+        if wrong:
+            raise ValueError(f"{source}: fields of the wrong type: {', '.join(wrong)}")
+        return cls(**{k: data[k] for k in known if k in data})
+
+
+# the fields readers compute with: a stats file with another type there does not parse (no TypeError later)
+_STATS_TYPES: dict[str, type | tuple[type, ...]] = {
+    "shard_id": int, "shard": str, "count": int, "successes": int, "failures": int, "failures_by_reason": dict,
+    "tar_bytes": int, "parquet_bytes": int, "start_time": (int, float), "end_time": (int, float),
+    "duration_s": (int, float), "runtime": dict, "tar_sha256": (str, type(None)), "parquet_sha256": (str, type(None)),
+}
+
+
+def _is(value: Any, kind: type | tuple[type, ...]) -> bool:
+    return isinstance(value, kind) and not isinstance(value, bool)

@@ -257,3 +257,18 @@ def test_each_input_tar_is_read_once_across_its_output_shards(tmp_path: Path, mo
     assert [s.fields["__key__"] for s in samples] == [f"k{i:03d}" for i in range(40)]
     assert samples[17].fields["jpg"] == bytes([17]) * 700
     assert len(reads) == len(set(reads)) == 80  # every member's data once over the 7 shards (was 1 + 2 + ... per shard)
+
+
+def test_a_truncated_input_tar_exits_2_naming_it_before_ray(shards, monkeypatch, tmp_path: Path, capsys) -> None:
+    from seediff.pipeline import run
+    from seediff.pipeline.cli import main
+
+    directory, _ = shards
+    tar = directory / "in-000001.tar"
+    tar.write_bytes(tar.read_bytes()[:1500])  # mid-member
+    monkeypatch.setattr(run, "run_generation", lambda *a, **k: pytest.fail("the run started"))
+    rc = main(["annotate", str(directory), "--out", str(tmp_path / "out"), "--classes", "dog,cat", "--model", "tiny",
+               "--resolution", "64"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("seediff: error: ") and len(err.splitlines()) == 1, err
+    assert f"{tar}: unreadable tar after" in err

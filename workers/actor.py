@@ -57,8 +57,7 @@ class ShardActor:
         self.pipe = load_model(config, self.device)
         self.load_s = time.perf_counter() - started
         self.images = IMAGES[plan.kind]  # chosen once: how a batch gets its images and captured attention
-        self.capture, self.compile_s = install_capture(self.pipe, config, self.images.warm_up,
-                                                       self.images.guided(config))
+        self.capture, self.compile_s = install_capture(self.pipe, config, self.images.warm_up)
         # Encoding (PIL/zlib release the GIL) of batch k runs here while batch k+1 is generated.
         self.encoder = ThreadPoolExecutor(max_workers=runtime.encode_threads, thread_name_prefix="encode")
         self.identity = _identity(self.device, torch.get_num_threads())
@@ -81,7 +80,7 @@ class ShardActor:
     def _generate_shard(self, shard: ShardSpec, attempt: int) -> dict[str, Any]:
         started = time.perf_counter()
         generate_s = drain_s = 0.0
-        with ShardWriter(self.config, shard) as writer:
+        with ShardWriter(self.config, shard, retry=attempt > 1) as writer:
             encoding: list[Future[SampleOutcome]] = []
             for batch in _batches(self.plan.samples(shard), self.config.batch_size):
                 t0 = time.perf_counter()

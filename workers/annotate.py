@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import DDPMScheduler, DiffusionPipeline
+from diffusers import DiffusionPipeline
 from PIL import Image, UnidentifiedImageError
 
 from seediff.schemas.config import RunConfig
@@ -27,6 +27,7 @@ from seediff.workers.encode import encode_annotated
 from seediff.workers import seediff
 from seediff.workers.capture import SeeDiffCapture
 from seediff.workers.generate import BatchImages, labelled, latent_grid, new_capture, sample_token_positions
+from seediff.workers.models import backbone_call, noise_latents, text_conditioning
 
 
 @dataclass
@@ -109,17 +110,17 @@ def _label(
     positions = [sample_token_positions(pipe, spec) for spec in specs]
     with torch.no_grad(), ExitStack() as installed:
         if capture is None:
-            capture = installed.enter_context(new_capture(pipe, config, len(specs), guided=False))
+            capture = installed.enter_context(new_capture(pipe, config, len(specs)))
         latents = encode_latents(pipe, pixels)
         noise = torch.cat([
             torch.randn(1, *latents.shape[1:], generator=torch.Generator("cpu").manual_seed(spec.seed)) for spec in specs
         ]).to(latents.device, latents.dtype)
-        embeddings, conditioning = _text_conditioning(pipe, [spec.prompt.text for spec in specs], (height, width))
-        noising = DDPMScheduler.from_config(pipe.scheduler.config)
+        conditioning = text_conditioning(pipe, [spec.prompt.text for spec in specs], (height, width),
+                                         config.guidance_scale)
         capture.begin([sum(p, []) for p in positions], config.mask.capture_steps)
         for t in config.annotate.timesteps:
             step = torch.full((len(specs),), t, dtype=torch.long, device=latents.device)
-            pipe.unet(noising.add_noise(latents, noise, step), step, encoder_hidden_states=embeddings, **conditioning)
+            backbone_call(pipe, noise_latents(pipe, latents, noise, step), step, conditioning)
             capture.advance()
         captured = capture.result()
     maps, result = labelled(captured, positions, specs, config, pixels.to(latents.device))
@@ -142,35 +143,24 @@ def warm_up_annotation(pipe: DiffusionPipeline, config: RunConfig, capture: SeeD
     width, height = config.size
     batch = config.batch_size
     with torch.no_grad():
-        embeddings, conditioning = _text_conditioning(pipe, [""] * batch, (height, width))
-        latents = torch.zeros(batch, pipe.unet.config.in_channels, *latent_grid(pipe, config),
-                              dtype=pipe.vae.dtype, device=pipe.unet.device)
+        conditioning = text_conditioning(pipe, [""] * batch, (height, width), config.guidance_scale)
+        latents = torch.zeros(batch, pipe.vae.config.latent_channels, *latent_grid(pipe, config),
+                              dtype=pipe.vae.dtype, device=pipe.vae.device)
         step = torch.full((batch,), config.annotate.timesteps[0], dtype=torch.long, device=latents.device)
         capture.begin([[1]] * batch)
-        pipe.unet(latents, step, encoder_hidden_states=embeddings, **conditioning)
+        backbone_call(pipe, latents, step, conditioning)
         capture.advance()
 
 
-# The input's own images, VAE-encoded and noised to each timestep, one UNet call per timestep, every row conditional.
-ANNOTATION = BatchImages(annotate_batch, warm_up_annotation, lambda config: False)
-
-
-def _text_conditioning(pipe: DiffusionPipeline, prompts: list[str], size: tuple[int, int]) -> tuple[torch.Tensor, dict]:
-    """The prompts' text states for the UNet's cross-attention, plus what else the UNet is conditioned on: SDXL's
-    pooled text embedding and size/crop ids (image size, no crop, target size), as its pipeline builds them."""
-    encoded = pipe.encode_prompt(prompt=prompts, device=pipe.unet.device, num_images_per_prompt=1,
-                                 do_classifier_free_guidance=False)
-    if getattr(pipe, "tokenizer_2", None) is None:
-        return encoded[0], {}
-    embeddings, pooled = encoded[0], encoded[2]
-    time_ids = torch.tensor([[*size, 0, 0, *size]], dtype=embeddings.dtype, device=embeddings.device)
-    return embeddings, {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids.repeat(len(prompts), 1)}}
+# The input's own images, VAE-encoded and noised to each timestep, one backbone call per timestep, every row
+# conditional.
+ANNOTATION = BatchImages(annotate_batch, warm_up_annotation)
 
 
 def encode_latents(pipe: DiffusionPipeline, pixels: torch.Tensor) -> torch.Tensor:
-    """VAE latents (the posterior mean, scaled as the UNet expects) of images in 0..255, in the VAE's dtype. A VAE
-    whose config sets ``force_upcast`` (SDXL's: it overflows in float16) encodes in float32, as diffusers' img2img
-    pipelines do."""
+    """VAE latents (the posterior mean, shifted and scaled as the backbone expects) of images in 0..255, in the
+    VAE's dtype. A VAE whose config sets ``force_upcast`` (SDXL's: it overflows in float16) encodes in float32, as
+    diffusers' img2img pipelines do."""
     vae = pipe.vae
     dtype = vae.dtype
     upcast = dtype != torch.float32 and getattr(vae.config, "force_upcast", False)
@@ -178,11 +168,12 @@ def encode_latents(pipe: DiffusionPipeline, pixels: torch.Tensor) -> torch.Tenso
         vae.to(dtype=torch.float32)
     try:
         x = (pixels / 127.5 - 1.0).to(vae.device, vae.dtype)
-        latents = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
+        mean = vae.encode(x).latent_dist.mean
     finally:
         if upcast:
             vae.to(dtype=dtype)
-    return latents.to(dtype)
+    shift = getattr(vae.config, "shift_factor", None) or 0
+    return ((mean - shift) * vae.config.scaling_factor).to(dtype)
 
 
 def _cross_labels(maps: seediff.AttentionMaps, class_ids: list[list[int]], size: tuple[int, int],

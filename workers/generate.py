@@ -16,11 +16,12 @@ from diffusers import DiffusionPipeline
 from seediff.schemas.config import RunConfig
 from seediff.schemas.records import PROMPT_STAGE, SAFETY_STAGE, SampleFailure, SampleOutcome, SampleSpec
 from seediff.workers import seediff
-from seediff.tokens import PhrasePositionError, class_token_positions
+from seediff.tokens import PhrasePositionError
 from seediff.workers.capture import CapturedAttention, SeeDiffCapture, install_processors
 from seediff.workers.encode import encode_sample
 from seediff.workers.families import choose_layers
-from seediff.workers.models import compile_model
+from seediff.workers.joint_capture import new_joint_capture
+from seediff.workers.models import backbone, compile_model, family_of, guided, pipeline_arguments, text_columns
 
 NSFW_ERROR = f"{SAFETY_STAGE}: blanked by the safety checker (nsfw)"
 
@@ -41,13 +42,11 @@ class GeneratedSample:
 class BatchImages:
     """How a batch gets its images and captured attention: ``batch(pipe, samples, config, capture)`` -> labelled
     samples (each with ``encode(config)``; a per-sample stage's failure as a failed sample), ``warm_up(pipe, config,
-    capture)`` (the compile-time call shaped like a batch), ``guided(config)`` (the UNet sees [unconditional,
-    conditional] rows). Two of them: ``GENERATION`` here, ``ANNOTATION`` in workers/annotate.py; the actor chooses
+    capture)`` (the compile-time call shaped like a batch). Two of them: ``GENERATION`` here, ``ANNOTATION`` in workers/annotate.py; the actor chooses
     one by the plan's kind."""
 
     batch: Callable[..., list[Any]]
     warm_up: Callable[[DiffusionPipeline, RunConfig, SeeDiffCapture], None]
-    guided: Callable[[RunConfig], bool]
 
 
 def generate_batch(
@@ -127,18 +126,18 @@ def generate_with_capture(
         return out, capture.result(), positions
 
 
-def new_capture(
-    pipe: DiffusionPipeline, config: RunConfig, max_samples: int, guided: bool | None = None
-) -> SeeDiffCapture:
+def new_capture(pipe: DiffusionPipeline, config: RunConfig, max_samples: int) -> SeeDiffCapture:
     """Capture processors for ``pipe``'s UNet sized for batches of up to ``max_samples`` under ``config``: the layers
-    of ``config.layers``, the family's cascade where it leaves it unset (derived from the UNet's config). ``guided``:
-    the UNet sees [unconditional, conditional] batches (default: a generation's guidance, ``GENERATION.guided``);
-    annotate conditions every row."""
+    of ``config.layers``, the family's cascade where it leaves it unset (derived from the UNet's config). The UNet
+    sees [unconditional, conditional] batches when the generation uses guidance (diffusers'
+    do_classifier_free_guidance); annotate runs condition every row. An MM-DiT gets its joint-attention capture."""
+    if family_of(pipe).backbone == "transformer":
+        return new_joint_capture(pipe, config, max_samples)
     return SeeDiffCapture(
         pipe.unet,
         latent_grid(pipe, config),
         max_samples,
-        guided=GENERATION.guided(config) if guided is None else guided,
+        guided=config.annotate is None and guided(pipe, config.guidance_scale),
         text_tokens=pipe.tokenizer.model_max_length,
         query_chunk=config.mask.query_chunk,
         layers=choose_layers(dict(pipe.unet.config), config.layers),
@@ -150,16 +149,15 @@ def install_capture(
     pipe: DiffusionPipeline,
     config: RunConfig,
     warm_up: Callable[[DiffusionPipeline, RunConfig, SeeDiffCapture], None] | None = None,
-    guided: bool | None = None,
 ) -> tuple[SeeDiffCapture, float | None]:
     """The actor's capture: one for batches of ``config.batch_size``, installed on ``pipe``'s UNet for good (building
     and installing one per batch walks the UNet twice: ~4 % of a tiny-model batch). With ``config.compile`` also
     compile the UNet and the VAE decoder (``compile_model``; compiled code is specialised to these processors) and
     pay the compile cost now with ``warm_up``, one call shaped like the run's batches (default ``warm_up_generation``;
     annotate runs pass theirs). Returns the capture and the compile seconds (None without compile). A shard's smaller
-    last batch compiles once more, on first use. ``guided``: see ``new_capture``."""
-    capture = new_capture(pipe, config, config.batch_size, guided)
-    install_processors(pipe.unet, capture.processors())
+    last batch compiles once more, on first use."""
+    capture = new_capture(pipe, config, config.batch_size)
+    install_processors(backbone(pipe), capture.processors())
     if not config.compile:
         return capture, None
     for tensor in capture.tensors():  # updated in place between calls: CUDA graphs must replay on these very tensors
@@ -187,24 +185,21 @@ def warm_up_generation(pipe: DiffusionPipeline, config: RunConfig, capture: SeeD
 
 
 # The model samples each image from its prompt under classifier-free guidance (diffusers' do_classifier_free_guidance).
-GENERATION = BatchImages(generate_batch, warm_up_generation, lambda config: config.guidance_scale > 1)
+GENERATION = BatchImages(generate_batch, warm_up_generation)
 
 
 def sample_token_positions(pipe: DiffusionPipeline, spec: SampleSpec) -> list[list[int]]:
-    """Token positions of each class of the sample, from where its phrases were placed in the rendered prompt.
-    SDXL's cross-attention keys are both text encoders' states at the same positions, so both tokenizers must
-    place every phrase at the same positions: one that disagrees is an error, never a silently shifted map. Both
-    are the sample's own failures (``SampleFailure`` of the prompt stage)."""
-    tokenizers = [t for t in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)) if t is not None]
+    """Token positions (the backbone's text-key columns) of each class of the sample, from where its phrases were
+    placed in the rendered prompt (``models.text_columns``: SDXL's and SD3's CLIP tokenizers must agree). Both a
+    phrase past the context and disagreeing tokenizers are the sample's own failures (``SampleFailure`` of the
+    prompt stage)."""
     where = spec.where
     try:
-        found = [class_token_positions(t, spec.prompt) for t in tokenizers]
+        return text_columns(pipe, spec.prompt)
     except PhrasePositionError as e:
         raise SampleFailure(PROMPT_STAGE, f"{where}: {e}") from e
-    if any(p != found[0] for p in found[1:]):
-        raise SampleFailure(PROMPT_STAGE, f"{where}: the model's tokenizers place the class phrases at different "
-                            f"token positions {found}; SeeDiff cannot read its cross-attention")
-    return found[0]
+    except ValueError as e:  # the tokenizers disagree
+        raise SampleFailure(PROMPT_STAGE, f"{where}: {e}") from e
 
 
 def latent_grid(pipe: DiffusionPipeline, config: RunConfig) -> tuple[int, int]:
@@ -214,20 +209,12 @@ def latent_grid(pipe: DiffusionPipeline, config: RunConfig) -> tuple[int, int]:
 
 
 def diffusion_inputs(pipe: DiffusionPipeline, samples: Sequence[SampleSpec], config: RunConfig) -> dict:
-    """Keyword arguments of the pipeline call for a batch (all but output_type)."""
+    """Keyword arguments of the pipeline call for a batch (all but output_type): per-sample generators (initial
+    latents, and noise for stochastic schedulers), the family's own arguments (``models.pipeline_arguments``)."""
     generators = [torch.Generator("cpu").manual_seed(s.seed) for s in samples]
-    latents = initial_latents(generators, pipe.unet.config.in_channels, latent_grid(pipe, config))
-    width, height = config.size
-    return dict(
-        prompt=[s.prompt.text for s in samples],
-        negative_prompt=[s.row.negative_prompt for s in samples],
-        height=height,
-        width=width,
-        num_inference_steps=config.steps,
-        guidance_scale=config.guidance_scale,
-        generator=generators,  # per-sample noise for stochastic schedulers too
-        latents=latents.to(pipe.unet.device, pipe.unet.dtype),
-    )
+    return pipeline_arguments(pipe, [s.prompt.text for s in samples],
+                              [config.negative_prompt_of(s.row.negative_prompt) for s in samples],
+                              generators, config.size, config.steps, config.guidance_scale)
 
 
 def attention_maps(captured: CapturedAttention, positions: Sequence[Sequence[Sequence[int]]]) -> seediff.AttentionMaps:
@@ -240,8 +227,3 @@ def attention_maps(captured: CapturedAttention, positions: Sequence[Sequence[Seq
         bounds = np.cumsum([0] + [len(p) for p in per_class])
         cross.append([by_layer[:, a:b].reshape(-1, *maps.shape[-2:]) for a, b in zip(bounds[:-1], bounds[1:])])
     return seediff.AttentionMaps(cross=cross, self_attn=captured.self_attn)
-
-
-def initial_latents(generators: Sequence[torch.Generator], channels: int, grid: tuple[int, int]) -> torch.Tensor:
-    """Standard-normal fp32 latents on the CPU, one draw per sample generator: the same for any batch and device."""
-    return torch.cat([torch.randn(1, channels, *grid, generator=g) for g in generators])
