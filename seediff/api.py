@@ -196,7 +196,8 @@ def preview(
 
 
 def export(out: str | os.PathLike[str], directory: str | os.PathLike[str], *, layout: str = "voc",
-           split: str = "train", verbose: bool = False, log_file: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+           split: str = "train", verbose: bool = False,
+           log_file: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """Write the output as a folder layout segmentation trainers read (``voc``: JPEGImages, SegmentationClass,
     ImageSets/Segmentation/<split>.txt, labelmap.txt); returns what was written. Library output as in ``generate``."""
     from seediff.pipeline.layouts import export_voc
