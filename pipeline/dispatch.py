@@ -24,7 +24,7 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from seediff.schemas.config import RuntimeOptions
-from seediff.storage import RUN_LEVEL, TRANSIENT, failure_kind
+from seediff.storage import DEVICE, RUN_LEVEL, TRANSIENT, failure_kind
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,9 @@ BACKOFF_BASE_S, BACKOFF_CAP_S = 1.0, 60.0  # transient errors: full-jitter expon
 # afterwards ADAPTIVE_FACTOR times the slowest completed shard, never less than the floor.
 INITIAL_SHARD_TIMEOUT_S = 4 * 3600.0
 ADAPTIVE_FACTOR, ADAPTIVE_FLOOR_S = 4.0, 600.0
+# An error that fails this many different shards alike, with no shard completing meanwhile (a config the model
+# cannot run, a device fault on every actor), stops the run with that one message instead of burning every attempt.
+ALIKE_SHARDS = 3
 GPU_WAIT_S = 600.0  # without --gpu-wait: how long an autoscaling cluster may take to add GPU nodes
 
 
@@ -150,6 +153,7 @@ class Dispatcher:
         self.avoid: dict[int, set[str]] = {}  # shard -> actors on which it raised
         self.slots: list[_Slot] = []
         self.startup_failures = 0  # consecutive actors that died or timed out before becoming ready
+        self.alike: dict[str, set[int]] = {}  # error message -> shards it failed since the last completed shard
         self.slowest_s = 0.0  # longest completed shard, for the adaptive timeout
         self.rng = random.Random()
         self.pool_checked = time.monotonic()
@@ -285,6 +289,15 @@ class Dispatcher:
         except RayTaskError as e:
             assert task is not None  # __ray_ready__ cannot raise a task error
             slot.queue.remove(task)
+            if failure_kind(e.cause if e.cause is not None else e) == DEVICE:
+                # The device of this process is broken (a sticky CUDA error): charge the shard, give the shards
+                # queued behind it back for free and replace the process.
+                log.warning("actor %s: device error (%s); replacing it", slot.id[:8], _short(e))
+                for queued in slot.queue:
+                    queued.started_at = None
+                self._charge(task.shard.shard_id, _short(e))
+                self._retire(slot, f"device error: {_short(e)}")
+                return
             slot.start_head(now)
             self._task_failed(slot, task, e, now)
             return
@@ -321,21 +334,37 @@ class Dispatcher:
         record.stats, record.error, record.actor_id = stats, None, slot.id
         record.run_s = now - task.started_at if task.started_at is not None else 0.0
         self.slowest_s = max(self.slowest_s, record.run_s)
+        self.alike.clear()
         self.on_shard_done(record)
 
     def _charge(self, shard_id: int, error: str) -> None:
-        """Count a failed attempt; requeue the shard at the front, or give up on it after max_attempts."""
+        """Count a failed attempt; requeue the shard at the front after a backoff, or give up on it after
+        max_attempts. The same error on ALIKE_SHARDS shards (every shard, when fewer; at least two) with none
+        completing meanwhile stops the run: it is not the shards' fault."""
         record = self.records[shard_id]
         record.attempts += 1
         record.error = error
+        failed_alike = self.alike.setdefault(error, set())
+        failed_alike.add(shard_id)
+        if len(failed_alike) >= max(2, min(ALIKE_SHARDS, len(self.records))):
+            raise DispatchError(f"run stopped: {len(failed_alike)} shards failed alike, none completed: {error}")
         if record.attempts < self.runtime.max_attempts:
-            log.warning("shard %d attempt %d failed (%s); retrying", shard_id, record.attempts, error)
+            delay = backoff_s(record.attempts, self.rng)
+            log.warning("shard %d attempt %d failed (%s); retrying in %.1fs", shard_id, record.attempts, error, delay)
+            self.not_before[shard_id] = time.monotonic() + delay
             self.pending.appendleft(shard_id)
         else:
             log.error("shard %d failed after %d attempts: %s", shard_id, record.attempts, error)
             self.on_shard_done(record)
 
     def _startup_failed(self, reason: str, error: BaseException | None = None) -> None:
+        """Count an actor that failed to start; stop the run only when none is working: a pool asking for more
+        actors than can be placed now (--min-actors above the GPUs present, an autoscaler still adding nodes) keeps
+        running on the actors it has and keeps trying to place the rest."""
+        if self.ready_actors:
+            log.warning("an actor failed to start (%s); running on the %d ready, placing it again", reason,
+                        self.ready_actors)
+            return
         self.startup_failures += 1
         if self.startup_failures >= max(self.runtime.max_attempts, self.target):
             raise DispatchError(

@@ -13,11 +13,10 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from seediff.schemas.config import RECORDED
+from seediff.schemas.config import RECORDED, yaml_value
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -113,7 +112,7 @@ def _parsing(annotation: Any, info: FieldInfo) -> dict[str, Any]:
         return {"type": annotation, "metavar": annotation.__name__.upper()}
     if origin is tuple and all(a in (int, float, str) for a in parts):
         return {"nargs": len(parts), "type": parts[0], "metavar": tuple(a.__name__.upper() for a in parts)}
-    return {"type": yaml.safe_load, "metavar": "YAML"}  # lists, mappings: written as in the config file
+    return {"type": yaml_value, "metavar": "YAML"}  # lists, mappings: written as in the config file, same bounds
 
 
 def _help(info: FieldInfo) -> str:

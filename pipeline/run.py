@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import threading
 import uuid
 from typing import Any, TextIO
 
@@ -14,11 +16,13 @@ from seediff.pipeline.plan import Plan
 from seediff.pipeline.resume import (
     OutputLease,
     bind_device,
+    check_output_folder,
     check_resume,
     clean_leftovers,
     prepare_output,
     read_committed_stats,
     read_run_json,
+    remove_temp_files,
 )
 from seediff.pipeline.sources import AnnotatePlan, ImageInput
 from seediff.pipeline.summary import RunSummary, human_bytes
@@ -40,7 +44,7 @@ BYTES_PER_SHARD = 1024 + 5120 + 9700
 
 
 def plan_of(manifest: Manifest, config: RunConfig) -> Plan:
-    return Plan(manifest.rows, config.seed, config.samples_per_shard)
+    return Plan(manifest.rows, config.seed, config.samples_per_shard, config.shard_layout)
 
 
 # ---- dry run ------------------------------------------------------------------------------------------------------
@@ -51,25 +55,30 @@ def format_plan(source: Manifest | ImageInput, config: RunConfig, overwrite: boo
     bytes. ``source``: the manifest, or annotate's images. Raises RunConfigMismatch exactly when the real run would
     be refused."""
     plan = AnnotatePlan(source, config) if isinstance(source, ImageInput) else plan_of(source, config)
+    check_output_folder(config, overwrite)
     committed = {} if overwrite else read_committed_stats(config)
     record = None if overwrite else read_run_json(config.output_url)
     if record is not None:
         check_resume(record, config, source, f"{config.output_url}/{RUN_JSON}")
-    todo = [i for i in range(plan.num_shards) if i not in committed]
-    todo_samples = sum(len(plan.shard_range(i)) for i in todo)
+    done = [i for i in committed if i < plan.num_shards]  # O(committed), never a list of every planned shard
+    todo_shards = plan.num_shards - len(done)
+    todo_samples = plan.num_samples - sum(len(plan.shard_range(i)) for i in done)
     first, last = shard_name(config.shard_prefix, 0, config.shard_digits), shard_name(
         config.shard_prefix, max(plan.num_shards - 1, 0), config.shard_digits
     )
     lines = [
         _source_line(source),
         f"model: {config.model} (family {config.family}; {config.size[0]}x{config.size[1]} px; SeeDiff cascade at "
-        f"depths {list(config.layers.cascade or [])} below the latent, seeds from "
-        f"{'/'.join(config.layers.seed_blocks)} cross-attention)",
+        + (f"depths {list(config.layers.cascade or [])} below the image-token grid, seeds from blocks "
+           f"{list(config.layers.cross_blocks)}, expansion by block {config.layers.self_block})"
+           if config.layers.cross_blocks is not None else
+           f"depths {list(config.layers.cascade or [])} below the latent, seeds from "
+           f"{'/'.join(config.layers.seed_blocks)} cross-attention)"),
         *(f"lora: {a.path} at weight {a.weight:g} (sha256 {(a.sha256 or '?')[:12]})" for a in config.lora),
         f"plan: {plan.num_samples} samples in {plan.num_shards} shards of up to {config.samples_per_shard} "
         f"({first}.tar .. {last}.tar)",
         f"output: {config.output_url} ({'overwrite' if overwrite else 'resume' if record else 'new'})",
-        f"done: {len(committed)} shards committed; to generate: {len(todo)} shards, {todo_samples} samples",
+        f"done: {len(committed)} shards committed; to generate: {todo_shards} shards, {todo_samples} samples",
     ]
     # never a set of all ids; an annotate sample is known only once its image is read
     examples = [] if isinstance(source, ImageInput) else sorted(
@@ -80,7 +89,7 @@ def format_plan(source: Manifest | ImageInput, config: RunConfig, overwrite: boo
         spec = plan.sample(sample_id)
         classes = ", ".join(f"{c.name}={c.class_id}" for c in spec.classes)
         lines.append(
-            f"  key {spec.key}  shard {sample_id // config.samples_per_shard}  classes {classes}  "
+            f"  key {spec.key}  shard {plan.shard_of(sample_id)}  classes {classes}  "
             f"seed {spec.seed}  prompt {spec.prompt.text!r}"
         )
     per_sample, basis = _bytes_per_sample(config, committed.values(), plan.num_shards / max(plan.num_samples, 1))
@@ -132,6 +141,7 @@ def run_generation(
     defaults to ShardActor, built in the actor process (``ModelFreeShardActor``). Ctrl-C raises RunInterrupted once
     the actors are stopped."""
     plan = AnnotatePlan(source, config) if isinstance(source, ImageInput) else plan_of(source, config)
+    check_output_folder(config, overwrite)  # before the lease touches the folder; again under it
     try:
         with OutputLease(config.output_url, uuid.uuid4().hex[:12]) as lease:
             return _run_under_lease(source, config, runtime, plan, lease, overwrite, actor_class, stream)
@@ -191,6 +201,7 @@ def _run_under_lease(
                 result = dispatcher.run()
             finally:
                 ray.kill(counts)
+                remove_temp_files(config)  # the actors are stopped: what one killed mid-shard left goes
         else:
             result = DispatchResult({}, 0.0)
         progress.phase("writing the index")
@@ -198,7 +209,8 @@ def _run_under_lease(
     finally:
         progress.close()
     run_json = f"{config.output_url.rstrip('/')}/{RUN_JSON}"
-    return RunSummary.from_dispatch(config.output_url, result, len(committed), index, {"run_json": run_json})
+    return RunSummary.from_dispatch(config.output_url, result, len(committed), index, {"run_json": run_json},
+                                    runtime.max_failed_fraction)
 
 
 def _against_cluster(runtime: RuntimeOptions) -> bool:
@@ -228,4 +240,7 @@ def _connect_ray(runtime: RuntimeOptions) -> None:
     import ray
 
     if not ray.is_initialized():
+        on_term = signal.getsignal(signal.SIGTERM)
         ray.init(address=runtime.address)
+        if threading.current_thread() is threading.main_thread() and on_term is not None:
+            signal.signal(signal.SIGTERM, on_term)  # Ray's own exits at once: no lease release, no message

@@ -4,6 +4,7 @@ MiB). No Ray here: the summary is built from the dispatcher's plain records."""
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,10 +59,22 @@ class RunSummary:
     dataset_samples: int
     dataset_shards: int
     paths: dict[str, str] = field(default_factory=dict)  # run_json, sizes_json, dataset_json
+    failures_by_stage: dict[str, int] = field(default_factory=dict)  # this call's failed samples by stage
+    dataset_failed: int = 0  # failed samples recorded in every committed shard (earlier runs' too)
+    missing_shards: tuple[int, ...] = ()  # planned shards not committed after this call
+    max_failed_fraction: float = 0.01  # RuntimeOptions.max_failed_fraction
+
+    @property
+    def failed_fraction(self) -> float:
+        """Failed samples of the whole output per attempted sample."""
+        attempted = self.dataset_samples + self.dataset_failed
+        return self.dataset_failed / attempted if attempted else 0.0
 
     @property
     def ok(self) -> bool:
-        return not self.failed_shards
+        """The planned dataset is there: every planned shard committed and at most ``max_failed_fraction`` of its
+        samples failed (the command's exit status 0)."""
+        return not self.failed_shards and not self.missing_shards and self.failed_fraction <= self.max_failed_fraction
 
     @property
     def bytes_written(self) -> int:
@@ -76,9 +89,12 @@ class RunSummary:
 
     @classmethod
     def from_dispatch(cls, out: str, result: Any, skipped_shards: int, index: dict[str, Any],
-                      paths: dict[str, str]) -> "RunSummary":
+                      paths: dict[str, str], max_failed_fraction: float = 0.01) -> "RunSummary":
         """From a ``DispatchResult`` (seediff.pipeline.dispatch) and the index that ``write_index`` returned."""
         done = result.completed
+        stages: Counter[str] = Counter()
+        for r in done:
+            stages.update(r.stats.get("failures_by_reason", {}))
         actors: dict[str, ActorRate] = {}
         for r in done:
             prior = actors.get(r.actor_id, ActorRate(r.stats.get("host", "?"), 0, 0.0))
@@ -100,6 +116,10 @@ class RunSummary:
             dataset_samples=index["num_samples"],
             dataset_shards=index["committed_shards"],
             paths={"sizes_json": index["sizes_json"], "dataset_json": index["dataset_json"], **paths},
+            failures_by_stage=dict(stages.most_common()),
+            dataset_failed=index.get("failures", sum(r.stats["failures"] for r in done)),
+            missing_shards=tuple(index.get("missing_shards", ())),
+            max_failed_fraction=max_failed_fraction,
         )
 
     def format(self) -> str:
@@ -131,6 +151,15 @@ class RunSummary:
             lines.append(f"  retried and committed: {retried}")
         for failed in self.failed_shards:
             lines.append(f"  FAILED shard {failed.shard_id} after {failed.attempts} attempts: {failed.error}")
+        if self.failures_by_stage:
+            top = ", ".join(f"{stage} {n}" for stage, n in list(self.failures_by_stage.items())[:3])
+            lines.append(f"  failed samples by stage: {top}")
+        if self.failed_fraction > self.max_failed_fraction:
+            lines.append(
+                f"  FAILED: {self.dataset_failed} of {self.dataset_samples + self.dataset_failed} samples failed "
+                f"({self.failed_fraction:.1%} > --max-failed-fraction {self.max_failed_fraction:g}); the failed rows "
+                "name each sample's stage and source in the parquets' error column"
+            )
         if self.failed_shards:
             lines.append("  rerun the same command (or `seediff resume OUT`) to generate the failed shards; "
                          "committed shards are kept")

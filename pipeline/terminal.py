@@ -15,12 +15,13 @@ import io
 import logging
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
+
+from seediff.storage import private_dir, user_temp_dir
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 TERMINAL_FORMAT = "%(levelname)s %(name)s: %(message)s"
@@ -32,9 +33,11 @@ class Terminal:
     log_path: str | None  # where everything else went; None with -v
 
 
+LOG_DIR = user_temp_dir("seediff-logs")  # not "seediff": run from /tmp, that folder would shadow the package
+
+
 def default_log_path(command: str) -> str:
-    directory = Path(tempfile.gettempdir()) / "seediff-logs"  # not "seediff": run from /tmp, that folder would shadow the package
-    return str(directory / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log")
+    return str(LOG_DIR / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log")
 
 
 @contextlib.contextmanager
@@ -52,7 +55,10 @@ def run_terminal(verbose: bool, log_path: str) -> Iterator[Terminal]:
                 _current(Terminal(sys.stderr, None)) as terminal:
             yield terminal
         return
-    Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+    if Path(log_path).parent == LOG_DIR:
+        private_dir(LOG_DIR)  # the user's own, mode 0700: logs may quote prompts and paths
+    else:
+        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a", buffering=1, encoding="utf-8", errors="backslashreplace") as log, \
             _stderr_to(log) as stream, \
             _handler(root, logging.StreamHandler(log), logging.INFO, LOG_FORMAT), \

@@ -27,16 +27,16 @@ from seediff.pipeline.resume import RunConfigMismatch, read_run_json
 from seediff.pipeline.sources import ImageInput, open_input
 from seediff.pipeline.summary import RunSummary
 from seediff.pipeline.terminal import default_log_path, run_terminal
+from seediff.pipeline.validate import check_run, context_check
 from seediff.schemas.config import AnnotateConfig, ConfigError, InputError, RunConfig, RuntimeOptions
 from seediff.schemas.manifest import Manifest, ManifestError, load_manifest
-from seediff.schemas.prompts import Template
 from seediff.schemas.records import RUN_JSON
 from seediff.storage import check_access
 from seediff.workers import families
 from seediff.workers.adapters import check_adapters, check_variant
 
 __all__ = [
-    "generate", "dry_run", "resume", "annotate", "inspect", "verify", "repair", "preview", "report", "export",
+    "generate", "dry_run", "resume", "annotate", "inspect", "verify", "repair", "check", "preview", "report", "export",
     "evaluate",
     "InputError", "ManifestError", "ConfigError", "RunConfigMismatch", "NotAnOutputError", "RunSummary",
 ]
@@ -75,7 +75,9 @@ def generate(
 
     with quiet("generate", verbose, log_file, progress) as (stream, finished):
         run_config, manifest_ = _inputs(manifest, out, config, samples_per_class, classes, prompts)
-        return finished(run_generation(manifest_, run_config, _runtime(runtime), overwrite=overwrite, stream=stream))
+        runtime_ = _runtime(runtime)
+        check_run(run_config, runtime_)
+        return finished(run_generation(manifest_, run_config, runtime_, overwrite=overwrite, stream=stream))
 
 
 def dry_run(
@@ -102,6 +104,7 @@ def dry_run(
     run_config, manifest_ = _inputs(
         manifest, out, config, samples_per_class, classes, prompts, write=False, check_tokens=True
     )
+    check_run(run_config)
     return format_plan(manifest_, run_config, overwrite)
 
 
@@ -121,15 +124,18 @@ def resume(
 
     with quiet("resume", verbose, log_file, progress) as (stream, finished):
         run_config, recorded = recorded_inputs(out)
+        runtime_ = _runtime(runtime)
+        check_run(run_config, runtime_, recorded if isinstance(recorded, ImageInput) else None)
         check_access(run_config.output_url, write=True)
         check_adapters(run_config)  # still there, and the very files recorded
-        return finished(run_generation(recorded, run_config, _runtime(runtime), stream=stream))
+        return finished(run_generation(recorded, run_config, runtime_, stream=stream))
 
 
 def recorded_inputs(out: str | os.PathLike[str]) -> tuple[RunConfig, Any]:
     """The run config and the input recorded in ``out``'s ``run.json``: the manifest, or an annotate run's input
     (``seediff.pipeline.sources.ImageInput``)."""
     url = absolute_url(out)
+    check_access(url, write=False)  # credentials, bucket: one line, before anything reads
     record = read_run_json(url)
     source = f"{url}/{RUN_JSON}"
     if record is None:
@@ -160,28 +166,50 @@ def inspect(out: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def verify(out: str | os.PathLike[str]) -> list[str]:
-    """Check every shard against its stats, parquet and the index; returns the problems (empty: all good)."""
-    from seediff.pipeline.review import verify_dataset
-
-    return verify_dataset(_existing_output(out))
+    """Check every shard against its stats, parquet, the plan and the index; returns the problems (empty: all good)."""
+    return check(out).problems
 
 
 def repair(out: str | os.PathLike[str]) -> tuple[list[str], list[int]]:
-    """``verify``, then un-commit (delete the stats of) exactly the committed shards whose own files are damaged
-    (a checksum mismatch, a truncated tar, a missing parquet), under the output lease, so that the next ``generate``
-    or ``resume`` regenerates them byte-identically. Returns (problems, the un-committed shard ids)."""
+    """``verify``, then un-commit exactly the committed shards whose own files are damaged (a checksum mismatch, a
+    damaged parquet or stats file, a tar holding other samples, a missing file) and rewrite the index without them,
+    under the output lease: readers stop reading them at once, and the next ``generate`` or ``resume`` regenerates
+    them byte-identically. Returns (problems, the un-committed shard ids)."""
+    found = check(out, repair=True)
+    return found.problems, found.damaged
+
+
+def check(out: str | os.PathLike[str], *, repair: bool = False, shown: int | None = None) -> Any:
+    """What ``verify`` and ``repair`` do, as a ``seediff.pipeline.verify.Verification`` (counts per kind of problem,
+    the findings of the first ``shown`` shards with problems, or all; the damaged shards)."""
     import uuid
 
     from seediff.pipeline.resume import OutputLease, uncommit
-    from seediff.pipeline.review import verify as verify_shards
+    from seediff.pipeline.verify import verify as verify_shards
 
     url = _existing_output(out)
-    found = verify_shards(url)
-    if found.damaged:
+    plan = _recorded_plan(url)
+    found = verify_shards(url, plan.shard_range if plan else None, plan.num_shards if plan else None, shown=shown)
+    if repair and found.damaged:
+        from seediff.pipeline.index import write_index
+
         config = RunConfig.model_validate({**read_run_json(url)["config"], "output_url": url})
         with OutputLease(url, f"repair-{uuid.uuid4().hex[:8]}"):
             uncommit(config, found.damaged)
-    return found.problems, found.damaged
+            write_index(config, found.num_shards)
+    return found
+
+
+def _recorded_plan(url: str) -> Any:
+    """The run's plan from its recorded inputs, or None when they cannot be read any more (moved, deleted)."""
+    from seediff.pipeline.run import plan_of
+    from seediff.pipeline.sources import AnnotatePlan
+
+    try:
+        config, source = recorded_inputs(url)
+    except (InputError, OSError):
+        return None
+    return AnnotatePlan(source, config) if isinstance(source, ImageInput) else plan_of(source, config)
 
 
 def preview(
@@ -195,17 +223,34 @@ def preview(
     return preview_grid(_existing_output(out), os.fspath(path), n=n, class_name=class_name, cell=cell)
 
 
-def export(out: str | os.PathLike[str], directory: str | os.PathLike[str], *, layout: str = "voc",
-           split: str = "train", verbose: bool = False,
+def export(out: str | os.PathLike[str], directory: str | os.PathLike[str] | None = None, *, layout: str = "voc",
+           split: str = "train", quality: Any = None, verbose: bool = False,
            log_file: str | os.PathLike[str] | None = None) -> dict[str, Any]:
-    """Write the output as a folder layout segmentation trainers read (``voc``: JPEGImages, SegmentationClass,
-    ImageSets/Segmentation/<split>.txt, labelmap.txt); returns what was written. Library output as in ``generate``."""
+    """Write the output for a trainer; returns what was written. ``voc``: a folder layout segmentation trainers
+    read, under ``directory`` (JPEGImages, SegmentationClass, ImageSets/Segmentation/<split>.txt, labelmap.txt).
+    ``energon``: Megatron-Energon's index in place beside the tars (``.nv-meta/``: what ``energon prepare`` writes,
+    a dataset.yaml with seediff's sample type); the samples a ``QualityFilter`` (``quality``) rejects are excluded.
+    Library output as in ``generate``."""
+    if layout == "energon":
+        if directory is not None:
+            raise ConfigError("DIR: the energon layout is written in place, beside the tars; give no DIR")
+        try:
+            from seediff.pipeline.energon import export_energon
+        except ImportError as e:
+            raise ConfigError(f"--layout energon needs megatron-energon (pip install 'seediff[energon]'): {e}") from e
+        with quiet("export", verbose, log_file):
+            return export_energon(_existing_output(out), quality)
+    if layout != "voc":
+        raise ConfigError(f"layout: {layout!r} is not one of: voc, energon")
+    if directory is None:
+        raise ConfigError("DIR: the voc layout needs a folder to write")
+    if quality is not None:
+        raise ConfigError("--quality: only with --layout energon")
     from seediff.pipeline.layouts import export_voc
 
-    if layout != "voc":
-        raise ConfigError(f"layout: {layout!r} is not one of: voc")
+    check_access(os.fspath(directory), write=True)
     with quiet("export", verbose, log_file):
-        return export_voc(os.fspath(out), os.fspath(directory), split=split)
+        return export_voc(_existing_output(out), os.fspath(directory), split=split)
 
 
 def annotate(
@@ -229,12 +274,13 @@ def annotate(
     from seediff.pipeline.run import run_generation
 
     with quiet("annotate", verbose, log_file, progress) as (stream, finished):
-        run_config = annotate_config(config, out)
-        check_access(run_config.output_url, write=True)
+        run_config, runtime_ = annotate_config(config, out), _runtime(runtime)
         image_input = input if isinstance(input, ImageInput) else annotate_input(input, run_config, classes)
+        check_run(run_config, runtime_, image_input)
+        check_access(run_config.output_url, write=True)
         # the model's family, size and layers, from its config files, once the input is known to be good
         run_config, _ = resolve_model(run_config)
-        return finished(run_generation(image_input, run_config, _runtime(runtime), overwrite=overwrite, stream=stream))
+        return finished(run_generation(image_input, run_config, runtime_, overwrite=overwrite, stream=stream))
 
 
 def evaluate(
@@ -278,14 +324,16 @@ def _evaluate(root: str | os.PathLike[str], out: str | os.PathLike[str], layout:
         ))
         units, background_only = known_classes(dataset)
         image_input = ImageInput(dataset.root, tuple(units), dataset.class_names[1:])
+        runtime_ = _runtime(runtime)
+        check_run(run_config, runtime_, image_input)
         from seediff.pipeline.run import run_generation
 
         if units:
-            summary = run_generation(image_input, run_config, _runtime(runtime), stream=progress)
+            summary = run_generation(image_input, run_config, runtime_, stream=progress)
             if not summary.ok:
                 raise RuntimeError(f"annotating {dataset.root} failed: {summary.format()}")
-        predictions = run_config.output_url
-    metrics = score_predictions(dataset, os.fspath(predictions), background_only)
+        predictions = run_config.output_url if units else None  # every image background-only: nothing to read
+    metrics = score_predictions(dataset, None if predictions is None else os.fspath(predictions), background_only)
     return metrics, write_report(metrics, out_url)
 
 
@@ -293,7 +341,8 @@ def annotate_config(config: RunConfig | Mapping[str, Any] | None, out: str | os.
     """``config`` for an annotate run writing to ``out``: its ``annotate`` settings default to ``AnnotateConfig()``."""
     run_config = _validated(RunConfig, config, "config")
     return run_config.model_copy(
-        update={"output_url": absolute_url(out), "annotate": run_config.annotate or AnnotateConfig()}
+        update={"output_url": absolute_url(out), "annotate": run_config.annotate or AnnotateConfig(),
+                "shard_layout": "contiguous"}
     )
 
 
@@ -303,7 +352,7 @@ def annotate_input(input: str | os.PathLike[str], config: RunConfig, classes: Se
     naming the file (and the sample and field)."""
     source = os.fspath(input)
     settings = config.annotate
-    check_caption = _context_check(config, exact=False) if settings.caption_field else None
+    check_caption = context_check(config, exact=False) if settings.caption_field else None
     return open_input(source if "://" in source else absolute_url(source), classes, settings.classes_field,
                       settings.caption_field, check_caption)
 
@@ -373,8 +422,8 @@ def _load_manifest(
     check_tokens: bool = False,
 ) -> Manifest:
     """The manifest with its files as absolute URLs (recorded for resume), each distinct labelled template checked
-    against the text encoder's context (``_context_check``; ``check_tokens``: the dry run's exact check)."""
-    check_prompt = _context_check(config, exact=check_tokens)
+    against the text encoder's context (``validate.context_check``; ``check_tokens``: the dry run's exact check)."""
+    check_prompt = context_check(config, exact=check_tokens)
     return load_manifest(
         absolute_url(url),
         samples_per_class=samples_per_class,
@@ -383,32 +432,6 @@ def _load_manifest(
         prompts=None if prompts is None else absolute_url(prompts),
         check_prompt=check_prompt,
     )
-
-
-def _context_check(config: RunConfig, exact: bool) -> Callable[[Template], None]:
-    """A check that raises ``PhrasePositionError`` for a template whose labelled phrase could fall past the text
-    encoder's context (``seediff.tokens``). ``exact`` (the dry run): every template with the model's tokenizer,
-    loaded now. Otherwise the tokenizer (and transformers, which the driver otherwise never imports) loads only for
-    a template too long to clear by counting characters."""
-    from seediff.tokens import fits_clip_context, latest_phrase_tokens, load_tokenizer
-
-    tokenizers = []
-
-    def tokenizer():
-        if not tokenizers:
-            try:
-                tokenizers.append(load_tokenizer(config.model, config.revision))
-            except OSError as e:
-                raise ConfigError(f"model: cannot load the tokenizer of {config.model!r}: {e}") from e
-        return tokenizers[0]
-
-    def check(template: Template) -> None:
-        if exact or not fits_clip_context(template):
-            latest_phrase_tokens(tokenizer(), template)
-
-    if exact:
-        tokenizer()
-    return check
 
 
 def _check_shard_digits(manifest: Manifest, config: RunConfig) -> None:
@@ -448,7 +471,10 @@ def quiet(command: str, verbose: bool, log_file: str | os.PathLike[str] | None,
             yield progress or terminal.stream, finished
         finally:
             if not connected_before and "ray" in sys.modules:
-                sys.modules["ray"].shutdown()
+                try:
+                    sys.modules["ray"].shutdown()
+                except KeyboardInterrupt:  # a second Ctrl-C while Ray stops: the data and index are written
+                    pass
 
 
 def _runtime(runtime: RuntimeOptions | Mapping[str, Any] | None) -> RuntimeOptions:
@@ -467,6 +493,7 @@ def _validated(model: type, value: Any, source: str) -> Any:
 
 def _existing_output(out: str | os.PathLike[str]) -> str:
     url = os.fspath(out)
+    check_access(url, write=False)  # credentials, bucket: one line, before anything reads
     if read_run_json(url) is None:
         raise NotAnOutputError(f"{url.rstrip('/')}/{RUN_JSON}: missing; not a seediff output root")
     return url

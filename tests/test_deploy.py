@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from seediff.pipeline.review import inspect_dataset, verify_dataset
+from seediff.pipeline.review import inspect_dataset
+from seediff.pipeline.verify import verify_dataset
 from tests.e2e_support import cli_env
 from tests.test_readers import DEMO_FLAGS, REPO
 
