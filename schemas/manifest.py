@@ -49,7 +49,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from seediff.schemas.config import DEFAULT_PROMPT_TEMPLATE, InputError
-from seediff.schemas.prompts import Choice, Phrase, PromptSyntaxError, RenderedPrompt, Template, draw, label_literal, parse
+from seediff.schemas.prompts import (
+    CLASS_PLACEHOLDER, Choice, Phrase, PromptSyntaxError, RenderedPrompt, Template, class_template, draw, label_literal,
+    parse,
+)
 
 MAX_SAMPLES_PER_CLASS = 10**9
 MAX_CLASS_ID = 254  # mask values are 8-bit: 0 = background, 255 = ignore
@@ -57,7 +60,7 @@ MAX_CLASSES_PER_PROMPT = 8
 COLUMNS = ("class_name", "num_samples", "prompt", "class_id", "negative_prompt")
 SCENE_COLUMNS = ("prompt", "num_samples", "negative_prompt")
 CLASSES_COLUMNS = ("class_name", "class_id")
-PLACEHOLDER_CLASS = "class_name"  # {class_name} in a class-table template marks the row's class
+PLACEHOLDER_CLASS = CLASS_PLACEHOLDER  # {class_name} in a class-table template marks the row's class
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet",
            ".pq": "parquet", ".txt": "txt"}
 _INTEGER = re.compile(r"[+-]?[0-9]+")
@@ -243,12 +246,9 @@ def _read_prompts(source: str, digest: "hashlib._Hash") -> tuple[tuple[Template,
 def _shared_template(text: str, origin: str) -> tuple[Template, str]:
     """A template every class row without a prompt may draw: it must mark the row's class as ``{class_name}``."""
     try:
-        template = parse(text)
+        return class_template(text), origin
     except PromptSyntaxError as e:
         raise ManifestError(f"{origin}: {e}") from e
-    if not any(p.class_name == PLACEHOLDER_CLASS for p in template.phrases):
-        raise ManifestError(f"{origin}: {text!r} must contain {{{PLACEHOLDER_CLASS}}} (or {{phrase:{PLACEHOLDER_CLASS}}})")
-    return template, origin
 
 
 def _class_id(class_id: int, where: str) -> int:

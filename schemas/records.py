@@ -62,15 +62,22 @@ class SampleSpec:
 
 @dataclass(frozen=True)
 class ShardSpec:
-    """What travels to an actor: the shard id and its sample-id range. The actor expands the ids into SampleSpecs
-    from the plan it holds (``Plan.samples``), so the driver's memory is O(shards), never O(samples)."""
+    """What travels to an actor: the shard id and its sample ids as one ``range`` (start, stop, step; see
+    pipeline/plan.py for the layouts). The actor expands the ids into SampleSpecs from the plan it holds
+    (``Plan.samples``), so the driver's memory is O(shards), never O(samples)."""
 
     shard_id: int
     start: int  # first sample id
-    stop: int  # one past the last sample id
+    stop: int  # bound of the ids, exclusive
+    step: int = 1  # 1: a contiguous range; the shard count: interleaved
+
+    @property
+    def ids(self) -> range:
+        """The shard's sample ids, in the order its tar holds them."""
+        return range(self.start, self.stop, self.step)
 
     def __len__(self) -> int:
-        return self.stop - self.start
+        return len(self.ids)
 
 
 # ---- the sample's fields --------------------------------------------------------------------------------------------
@@ -140,6 +147,22 @@ def shard_file_pattern(prefix: str, digits: int) -> re.Pattern[str]:
 SUCCESS = "success"
 FAILED = "failed"
 
+# The per-sample stages: only an error of one of these fails a sample alone (a failed row of a committed shard);
+# any other error fails the whole shard, which is retried elsewhere and never commits with it.
+PROMPT_STAGE = "prompt"  # the sample's prompt and its class tokens (a phrase past the text encoder's context)
+IMAGE_STAGE = "image"  # reading or decoding the sample's input image (missing, truncated, undecodable)
+SAFETY_STAGE = "safety"  # blanked by the model's safety checker
+LABELS_STAGE = "labels"  # the sample's label map (values other than 0, its class ids and 255)
+
+
+class SampleFailure(ValueError):
+    """An error of one sample in a named per-sample stage; ``str()`` is ``stage: message``, which the failure
+    histogram keys on (``failure_reason``). The message names the sample's source (input URL and key, or sample)."""
+
+    def __init__(self, stage: str, message: str):
+        super().__init__(f"{stage}: {message}")
+        self.stage = stage
+
 
 @dataclass(frozen=True)
 class InputSample:
@@ -148,6 +171,7 @@ class InputSample:
 
     spec: SampleSpec
     fields: dict[str, Any]  # field name -> bytes, plus webdataset's "__key__" / "__url__"
+    error: str | None = None  # why the input could not be read (its image stage's failure message), else None
 
 
 @dataclass(frozen=True)
@@ -181,7 +205,7 @@ def sample_metadata(
         "class_index": spec.class_index,
         "index_in_class": spec.index_in_class,
         "prompt": spec.prompt.text,
-        "negative_prompt": spec.row.negative_prompt,
+        "negative_prompt": config.negative_prompt_of(spec.row.negative_prompt),
         "seed": spec.seed,
         "model": config.model,
         "revision": config.revision,
@@ -271,6 +295,7 @@ PARQUET_SCHEMA = pa.schema(
     ]
 )
 IMAGE_EXTENSIONS = ("jpg", "png", "webp")
+IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
 
 
 def checksum_column(extension: str) -> str:
@@ -328,7 +353,8 @@ MAX_FAILURE_REASONS = 32  # distinct reasons kept in the histogram; the rest are
 
 
 def failure_reason(error: str) -> str:
-    """Histogram bucket of an error message: the text before the first colon ("nsfw: blanked ..." -> "nsfw")."""
+    """Histogram bucket of an error message: its stage, the text before the first colon ("safety: blanked ..." ->
+    "safety"; ``SampleFailure``)."""
     return error.split(":", 1)[0].strip()[:80] or "unknown"
 
 

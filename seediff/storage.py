@@ -206,6 +206,7 @@ def write_file(fs: AbstractFileSystem, path: str, data: bytes) -> int:
 TRANSIENT = "transient"  # retry the same work after a backoff: network, 5xx, throttling
 RUN_LEVEL = "run"  # every further shard would fail the same way: stop the run
 SHARD = "shard"  # anything else: retry the shard on another actor, a bounded number of times
+DEVICE = "device"  # the accelerator is broken for this process (a sticky CUDA error): retire the actor, retry elsewhere
 
 _RUN_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EFBIG}
 _TRANSIENT_ERRNOS = {errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED, errno.ETIMEDOUT, errno.EPIPE,
@@ -216,12 +217,15 @@ _TRANSIENT_CLASSES = {"EndpointConnectionError", "ConnectionClosedError", "ReadT
                       "ClientConnectorError", "ServerDisconnectedError", "ClientOSError", "ServerTimeoutError"}
 _RUN_CODES = {"NoSuchBucket", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
               "AllAccessDisabled", "AccountProblem"}
+# A CUDA error is sticky: every later kernel launch of the process raises, so only a fresh process recovers. cuBLAS
+# and cuDNN report allocation and launch failures as RuntimeError (not OutOfMemoryError) with these prefixes.
+_DEVICE_MESSAGES = ("CUDA error", "CUBLAS_STATUS_", "cuDNN error", "CUDNN_STATUS_", "CUDA driver error")
 _TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
                     "InternalError", "ServiceUnavailable", "503", "500", "502", "504"}
 
 
 def failure_kind(error: BaseException) -> str:
-    """TRANSIENT, RUN_LEVEL or SHARD for an exception, looking through its chain (s3fs re-raises botocore errors as
+    """TRANSIENT, RUN_LEVEL, DEVICE or SHARD for an exception, looking through its chain (s3fs re-raises botocore errors as
     OSError ``from`` the original)."""
     seen: set[int] = set()
     current: BaseException | None = error
@@ -244,6 +248,8 @@ def _own_kind(error: BaseException) -> str:
         return TRANSIENT
     if isinstance(error, (ConnectionError, TimeoutError)):
         return TRANSIENT
+    if isinstance(error, RuntimeError) and any(m in str(error) for m in _DEVICE_MESSAGES):
+        return DEVICE
     if isinstance(error, OSError) and error.errno in _RUN_ERRNOS:
         return RUN_LEVEL
     if isinstance(error, OSError) and error.errno in _TRANSIENT_ERRNOS:

@@ -80,7 +80,8 @@ class ShardWriter:
     def add(self, outcome: SampleOutcome) -> None:
         if self._closed:
             raise RuntimeError(f"shard {self.name}: add after commit/abort")
-        expected = self.shard.start + self.added
+        ids = self.shard.ids
+        expected = ids[self.added] if self.added < len(ids) else None
         if outcome.spec.sample_id != expected:
             raise ValueError(f"shard {self.name}: expected sample {expected}, got {outcome.spec.sample_id}")
         fields = outcome.fields if outcome.status == SUCCESS else None
