@@ -133,8 +133,9 @@ def verify(out_url: str, planned_ids: Callable[[int], Sequence[int]] | None = No
     checksum) and run.json's sample count stand in. ``shown``: keep the findings of only the first ``shown`` shards
     with problems (None: all)."""
     verifier = Verifier(out_url, planned_ids, num_shards)
-    result = Verification(notes=[] if planned_ids else ["the plan could not be rebuilt: keys are checked against the "
-                                                         "parquets (whose checksums the stats hold), not the plan"])
+    result = Verification(notes=[] if planned_ids else [
+        "note: keys checked against the parquets (whose sha256 the stats hold), not against the plan (an annotate "
+        "run, or its manifest moved)"])
     last_shard = None
     for finding in verifier.findings():
         result.counts[finding.kind] += 1
