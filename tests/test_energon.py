@@ -14,7 +14,7 @@ import yaml
 import seediff
 from seediff.pipeline.cli import main
 from seediff.pipeline.readers import segmentation_dataset
-from seediff.pipeline.review import verify_dataset
+from seediff.pipeline.verify import verify_dataset
 from tests.test_readers import build_synthetic_dataset
 
 energon = pytest.importorskip("megatron.energon")  # the dev extra installs it; export needs it only here

@@ -26,8 +26,8 @@ from seediff.pipeline.index import write_index
 from seediff.pipeline.plan import Plan
 from seediff.pipeline.readers import SampleDecoder, raw_samples, segmentation_dataset, shard_urls, wids_dataset
 from seediff.pipeline.resume import prepare_output
-from seediff.pipeline.review import verify_dataset
 from seediff.pipeline.sources import AnnotatePlan, open_input
+from seediff.pipeline.verify import verify_dataset
 from seediff.schemas.config import AnnotateConfig, RunConfig
 from seediff.schemas.records import IMAGE_FIELDS
 from seediff.schemas.manifest import Manifest, class_row
