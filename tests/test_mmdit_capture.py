@@ -15,7 +15,7 @@ from seediff.schemas.config import MaskConfig, RunConfig
 from seediff.workers import models
 from seediff.workers.families import resolve
 from seediff.workers.generate import diffusion_inputs, generate_with_capture, new_capture
-from seediff.workers.joint_capture import locate_joint_blocks
+from seediff.workers.joint_capture import JointAttentionSum, locate_joint_blocks
 
 SIZE = dict(width=192, height=128)  # latent 24 x 16, image tokens 12 x 8, cascade sides 3x2, 6x4, 12x8
 
@@ -84,7 +84,7 @@ def test_captured_maps_match_a_float64_store_all_reference_and_images_are_plain(
     out, captured, positions = generate_with_capture(pipe, specs, config)
     transformer = pipe.transformer
     assert transformer.attn_processors.keys() and not any(
-        type(p).__name__ == "JointAttentionSum" for p in transformer.attn_processors.values())  # restored
+        isinstance(p, JointAttentionSum) for p in transformer.attn_processors.values())  # restored
 
     plain = pipe(**diffusion_inputs(pipe, specs, config), output_type="pt").images
     assert (out.images - plain).abs().max() * 255 <= 1.0

@@ -68,10 +68,10 @@ def power_of_two_pool(grid: tuple[int, int], max_entries: int | None) -> int:
 
 
 class JointAttentionSum:
-    """Capture processor of one MM-DiT block, stateless: returns the block's normal output and adds ``weight`` times
-    the head-summed joint probabilities of the image-query rows of the conditional samples to ``cross`` [max_samples,
-    image tokens, text tokens] and / or ``self_sum`` [max_samples, image tokens, image tokens / f²] (keys summed in
-    f x f blocks, ``key_pool``). Probabilities come in blocks of ``query_chunk`` image rows, in fp32."""
+    """What the capture processors of MM-DiT blocks share. Stateless: a processor returns its block's normal output
+    and adds ``weight`` times the head-summed joint probabilities of the conditional samples' image-query rows to
+    ``cross`` [max_samples, image tokens, text tokens] and / or ``self_sum`` [max_samples, image tokens, image
+    tokens / f²] (keys summed in f x f blocks, ``key_pool``), in blocks of ``query_chunk`` image rows, in fp32."""
 
     _attention_backend = None  # set by the transformer's set_attention_backend, as on diffusers' own processors
     _parallel_config = None
@@ -91,17 +91,34 @@ class JointAttentionSum:
     def sums(self) -> list[torch.Tensor]:
         return [t for t in (self.cross, self.self_sum) if t is not None]
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
-                 *args, **kwargs):
+    def _capture(self, query: torch.Tensor, key: torch.Tensor, image_from: int, text: slice) -> None:
+        """Add the probabilities of the conditional samples' image-query rows ([B, heads, joint, head_dim] queries and
+        keys, image tokens at ``image_from``, text keys at ``text``) to the sums."""
+        cond = _conditional_half(query.shape[0], self.guided)
+        n_image = self.grid[0] * self.grid[1]
+        images = slice(image_from, image_from + n_image)
+        q, k = query[cond, :, images], key[cond]
+        n = q.shape[0]
+        if n > self.sums()[0].shape[0]:
+            raise ValueError(f"a batch of {n} samples exceeds the capture's {self.sums()[0].shape[0]}")
+        if self.cross is not None and k[:, :, text].shape[2] != self.text_tokens:
+            raise ValueError(f"block {self.block.index} sees {k[:, :, text].shape[2]} text tokens, the capture was "
+                             f"built for {self.text_tokens} (the pipeline's max_sequence_length)")
+        for rows, probs in _probabilities(q, k, query.shape[-1] ** -0.5, self.query_chunk):
+            if self.cross is not None:
+                _accumulate(self.cross[:n], rows, probs[..., text], self.weight, self.grid, 1)
+            if self.self_sum is not None:
+                _accumulate(self.self_sum[:n], rows, probs[..., images], self.weight, self.grid, self.key_pool)
+
+
+class FluxAttentionSum(JointAttentionSum):
+    """A Flux.1 block's (``FluxAttention``) capture processor: FluxAttnProcessor's computation (double-stream: the
+    text states projected apart and put first; single-stream: the joint states come in), capturing before the
+    attention product, which stays diffusers' dispatched (fused) attention."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         if attention_mask is not None:
             raise NotImplementedError("capturing a block called with an attention mask is not supported")
-        if self.block.kind == "flux":
-            return self._flux(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
-        return self._sd3(attn, hidden_states, encoder_hidden_states)
-
-    def _flux(self, attn, hidden_states, encoder_hidden_states, image_rotary_emb):
-        """FluxAttnProcessor's computation (double-stream: text states projected apart and put first; single-stream:
-        the joint states come in), capturing before the attention product."""
         query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
             attn, hidden_states, encoder_hidden_states
         )
@@ -129,9 +146,15 @@ class JointAttentionSum:
         out = attn.to_out[1](attn.to_out[0](out.contiguous()))
         return out, attn.to_add_out(encoder_out.contiguous())
 
-    def _sd3(self, attn, hidden_states, encoder_hidden_states):
-        """JointAttnProcessor2_0's computation (image states first, then the projected text states), capturing before
-        the attention product."""
+
+
+class SD3AttentionSum(JointAttentionSum):
+    """An SD3/3.5 joint block's capture processor: JointAttnProcessor2_0's computation (image states first, then the
+    projected text states), capturing before the attention product, which stays fused SDPA."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None):
+        if attention_mask is not None:
+            raise NotImplementedError("capturing a block called with an attention mask is not supported")
         batch, n_image = hidden_states.shape[:2]
         heads = attn.heads
 
@@ -162,24 +185,8 @@ class JointAttentionSum:
         out = attn.to_out[1](attn.to_out[0](out))
         return out if encoder_out is None else (out, encoder_out)
 
-    def _capture(self, query: torch.Tensor, key: torch.Tensor, image_from: int, text: slice) -> None:
-        """Add the probabilities of the conditional samples' image-query rows ([B, heads, joint, head_dim] queries and
-        keys, image tokens at ``image_from``, text keys at ``text``) to the sums."""
-        cond = _conditional_half(query.shape[0], self.guided)
-        n_image = self.grid[0] * self.grid[1]
-        images = slice(image_from, image_from + n_image)
-        q, k = query[cond, :, images], key[cond]
-        n = q.shape[0]
-        if n > (self.cross if self.cross is not None else self.self_sum).shape[0]:
-            raise ValueError(f"a batch of {n} samples exceeds the capture's buffers")
-        if self.cross is not None and k[:, :, text].shape[2] != self.text_tokens:
-            raise ValueError(f"block {self.block.index} sees {k[:, :, text].shape[2]} text tokens, the capture was "
-                             f"built for {self.text_tokens} (the pipeline's max_sequence_length)")
-        for rows, probs in _probabilities(q, k, query.shape[-1] ** -0.5, self.query_chunk):
-            if self.cross is not None:
-                _accumulate(self.cross[:n], rows, probs[..., text], self.weight, self.grid, 1)
-            if self.self_sum is not None:
-                _accumulate(self.self_sum[:n], rows, probs[..., images], self.weight, self.grid, self.key_pool)
+
+_PROCESSORS = {"flux": FluxAttentionSum, "sd3": SD3AttentionSum}
 
 
 class JointCapture(WeightedCapture):
@@ -213,7 +220,7 @@ class JointCapture(WeightedCapture):
         self.grid, self.layers = tuple(grid), layers
         self.key_pool = power_of_two_pool(self.grid, max_self_entries)
         self.blocks = {
-            b: JointAttentionSum(blocks[b], self.grid, text_tokens, max_samples, guided, self.weight, query_chunk,
+            b: _PROCESSORS[blocks[b].kind](blocks[b], self.grid, text_tokens, max_samples, guided, self.weight, query_chunk,
                                  cross=b in layers.cross_blocks, self_attn=b == layers.self_block,
                                  key_pool=self.key_pool)
             for b in sorted(wanted)
