@@ -11,7 +11,7 @@ sequence, summed over heads, at the image-query rows:
 
 The image-token grid is one side, so the cascade's sides are pooled from it: at depth k (grid / 2^k), query rows
 averaged over 2^k x 2^k blocks and key columns summed over the same blocks (linear, so it commutes with the time
-average). Only the chosen blocks run a capture processor; the others keep diffusers' own. A processor is stateless
+average; the cross sums are kept pooled to the seed side, the self sum with its keys pooled to the finest side). Only the chosen blocks run a capture processor; the others keep diffusers' own. A processor is stateless
 (the step weight is a 0-d tensor set between calls), adds the conditional rows only to preallocated fp32 running
 sums, and computes the block's output exactly as diffusers' processor does (the same fused attention), so images
 do not change. Knows nothing of masks."""
@@ -70,7 +70,8 @@ def power_of_two_pool(grid: tuple[int, int], max_entries: int | None) -> int:
 class JointAttentionSum:
     """What the capture processors of MM-DiT blocks share. Stateless: a processor returns its block's normal output
     and adds ``weight`` times the head-summed joint probabilities of the conditional samples' image-query rows to
-    ``cross`` [max_samples, image tokens, text tokens] and / or ``self_sum`` [max_samples, image tokens, image
+    ``cross`` [max_samples, seed-side cells, text tokens] (query rows averaged in ``cross_pool`` x ``cross_pool``
+    blocks) and / or ``self_sum`` [max_samples, image tokens, image
     tokens / f²] (keys summed in f x f blocks, ``key_pool``), in blocks of ``query_chunk`` image rows, in fp32."""
 
     _attention_backend = None  # set by the transformer's set_attention_backend, as on diffusers' own processors
@@ -78,14 +79,17 @@ class JointAttentionSum:
 
     def __init__(
         self, block: JointBlock, grid: tuple[int, int], text_tokens: int, max_samples: int, guided: bool,
-        weight: torch.Tensor, query_chunk: int, cross: bool, self_attn: bool, key_pool: int = 1,
+        weight: torch.Tensor, query_chunk: int, cross: bool, self_attn: bool, key_pool: int = 1, cross_pool: int = 1,
     ):
         self.block, self.grid, self.text_tokens = block, grid, text_tokens
-        self.guided, self.weight, self.key_pool = guided, weight, key_pool
+        self.guided, self.weight, self.key_pool, self.cross_pool = guided, weight, key_pool, cross_pool
         n_image = grid[0] * grid[1]
-        self.query_chunk = min(query_chunk, n_image)
+        # whole bands of cross_pool grid rows per block of query rows, so each block pools on its own
+        band = cross_pool * grid[1]
+        self.query_chunk = min(max(1, query_chunk // band) * band, n_image)
         device = weight.device
-        self.cross = torch.zeros(max_samples, n_image, text_tokens, device=device) if cross else None
+        self.cross = (torch.zeros(max_samples, n_image // cross_pool**2, text_tokens, device=device) if cross
+                      else None)
         self.self_sum = torch.zeros(max_samples, n_image, n_image // key_pool**2, device=device) if self_attn else None
 
     def sums(self) -> list[torch.Tensor]:
@@ -106,9 +110,19 @@ class JointAttentionSum:
                              f"built for {self.text_tokens} (the pipeline's max_sequence_length)")
         for rows, probs in _probabilities(q, k, query.shape[-1] ** -0.5, self.query_chunk):
             if self.cross is not None:
-                _accumulate(self.cross[:n], rows, probs[..., text], self.weight, self.grid, 1)
+                self._add_cross(self.cross[:n], rows, probs[..., text])
             if self.self_sum is not None:
                 _accumulate(self.self_sum[:n], rows, probs[..., images], self.weight, self.grid, self.key_pool)
+
+
+    def _add_cross(self, sums: torch.Tensor, rows: slice, probs: torch.Tensor) -> None:
+        """``sums += weight · Σ_heads probs`` with the query rows averaged in cross_pool x cross_pool blocks of the
+        grid (the seed side: linear, so the time average commutes with it); ``rows`` is whole bands of the grid."""
+        n, _, count, keys = probs.shape
+        f, width = self.cross_pool, self.grid[1]
+        pooled = probs.sum(1).reshape(n, count // (f * width), f, width // f, f, keys).mean((2, 4)).flatten(1, 2)
+        start = rows.start // (f * f)
+        sums[:, start:start + pooled.shape[1]].add_(self.weight * pooled)
 
 
 class FluxAttentionSum(JointAttentionSum):
@@ -218,11 +232,13 @@ class JointCapture(WeightedCapture):
             raise ValueError(f"image-token grid {grid} is not a whole number of {cell}x{cell} cells (cascade "
                              f"{layers.cascade})")
         self.grid, self.layers = tuple(grid), layers
-        self.key_pool = power_of_two_pool(self.grid, max_self_entries)
+        # Keys summed in blocks as coarse as the finest cascade side's (its rows are pooled at result()), or coarser
+        # past max_self_entries: the (2, 1) default keeps a quarter of the grid's keys.
+        self.key_pool = max(power_of_two_pool(self.grid, max_self_entries), 2 ** min(layers.cascade))
         self.blocks = {
             b: _PROCESSORS[blocks[b].kind](blocks[b], self.grid, text_tokens, max_samples, guided, self.weight, query_chunk,
                                  cross=b in layers.cross_blocks, self_attn=b == layers.self_block,
-                                 key_pool=self.key_pool)
+                                 key_pool=self.key_pool, cross_pool=2 ** layers.cascade[0])
             for b in sorted(wanted)
         }
 
@@ -238,9 +254,10 @@ class JointCapture(WeightedCapture):
         total, calls = self._total()
         n = len(self.token_positions)
         coarse = 2 ** self.layers.cascade[0]
+        seed_grid = (self.grid[0] // coarse, self.grid[1] // coarse)
         cross = [
-            pool_cross(torch.cat([self.blocks[b].cross[i][:, columns].T for b in self.layers.cross_blocks])
-                       .view(-1, *self.grid) / total, coarse)
+            torch.cat([self.blocks[b].cross[i][:, columns].T for b in self.layers.cross_blocks]).view(-1, *seed_grid)
+            / total
             for i, columns in enumerate(self.token_positions)
         ]
         full = self.blocks[self.layers.self_block].self_sum[:n] / total
