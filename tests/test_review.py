@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from seediff.pipeline.review import LEGEND_ROW, format_inspection, inspect_dataset, preview_grid, verify_dataset
+from seediff.pipeline.review import LEGEND_ROW, format_inspection, inspect_dataset, preview_grid
+from seediff.pipeline.verify import verify_dataset
 from tests.test_readers import synthetic_dataset  # noqa: F401 - fixture
 
 SHARD0, SHARD1 = "seediff-000000", "seediff-000001"

@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 from diffusers import DiffusionPipeline
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from seediff.schemas.config import RunConfig
-from seediff.schemas.records import InputSample, SampleSpec
+from seediff.schemas.records import IMAGE_STAGE, InputSample, SampleFailure, SampleSpec
 from seediff.workers import seediff
 from seediff.workers.capture import SeeDiffCapture
 from seediff.workers.encode import INPUT_IMAGE_FIELDS
@@ -43,29 +43,41 @@ class AnnotatedSample:
 
 def decode_rgb(fields: dict[str, Any]) -> np.ndarray:
     """The sample's image as H x W x 3 uint8, pixels as stored (no EXIF rotation: the mask must match the pixels
-    every reader decodes)."""
+    every reader decodes). An image that is missing, truncated or undecodable is the sample's failure (``image``
+    stage), named by its input URL and key."""
+    key = fields.get("__key__")
+    where = fields.get("__url__", "?") + ("" if key is None else f": sample {key}")
     name = next((name for name in INPUT_IMAGE_FIELDS if name in fields), None)
     if name is None:
-        raise ValueError(f"no image field (one of {', '.join(INPUT_IMAGE_FIELDS)}) among {sorted(fields)}")
-    with Image.open(io.BytesIO(fields[name])) as im:
-        return np.array(im.convert("RGB"))
+        raise SampleFailure(IMAGE_STAGE, f"{where}: no image field (one of {', '.join(INPUT_IMAGE_FIELDS)}) among "
+                            f"{sorted(k for k in fields if not k.startswith('__'))}")
+    try:
+        with Image.open(io.BytesIO(fields[name])) as im:
+            return np.array(im.convert("RGB"))
+    except UnidentifiedImageError:  # its message names the BytesIO's address: not deterministic
+        raise SampleFailure(IMAGE_STAGE, f"{where}: {name}: not an image Pillow can decode") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as e:  # PIL: OSError subclasses for truncated data
+        raise SampleFailure(IMAGE_STAGE, f"{where}: {name}: {e}") from e
 
 
 def annotate_batch(
     pipe: DiffusionPipeline, samples: Sequence[InputSample], config: RunConfig, capture: SeeDiffCapture | None = None
 ) -> list[AnnotatedSample]:
-    """Label maps for a batch; an image that does not decode becomes a failed sample, its neighbours go on.
-    ``capture``: one kept installed on ``pipe.unet`` (an actor's, ``install_capture``); None installs one for this
-    batch only."""
+    """Label maps for a batch; a sample whose input cannot be read or decoded, or whose prompt cannot place its
+    classes, becomes a failed sample, its neighbours go on. ``capture``: one kept installed on ``pipe.unet`` (an
+    actor's, ``install_capture``); None installs one for this batch only."""
     decoded: list[np.ndarray | None] = []
     errors: list[str | None] = []
     for sample in samples:
         try:
+            if sample.error is not None:
+                raise SampleFailure(IMAGE_STAGE, sample.error)
+            sample_token_positions(pipe, sample.spec)
             decoded.append(decode_rgb(sample.fields))
             errors.append(None)
-        except (OSError, ValueError) as e:  # PIL raises OSError subclasses for truncated or unknown data
+        except SampleFailure as e:
             decoded.append(None)
-            errors.append(f"decode: {e}")
+            errors.append(str(e))
     ok = [i for i, rgb in enumerate(decoded) if rgb is not None]
     results = [AnnotatedSample(s, None, None, {}, errors[i]) for i, s in enumerate(samples)]
     if ok:

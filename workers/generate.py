@@ -14,7 +14,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from seediff.schemas.config import RunConfig
-from seediff.schemas.records import SampleSpec
+from seediff.schemas.records import PROMPT_STAGE, SAFETY_STAGE, SampleFailure, SampleSpec
 from seediff.workers import seediff
 from seediff.tokens import PhrasePositionError
 from seediff.workers.capture import CapturedAttention, SeeDiffCapture, install_processors
@@ -22,7 +22,7 @@ from seediff.workers.families import choose_layers
 from seediff.workers.joint_capture import new_joint_capture
 from seediff.workers.models import backbone, compile_model, family_of, guided, pipeline_arguments, text_columns
 
-NSFW_ERROR = "nsfw: blanked by the safety checker"
+NSFW_ERROR = f"{SAFETY_STAGE}: blanked by the safety checker (nsfw)"
 
 
 @dataclass
@@ -41,13 +41,14 @@ def generate_batch(
     capture: SeeDiffCapture | None = None,
 ) -> list[GeneratedSample]:
     """A sample whose labelled phrase falls past the text encoder's context fails alone (``prompt: ...``); the dry
-    run refuses such templates up front. ``capture``: see ``generate_with_capture``."""
+    run refuses such templates up front. Any other error is the batch's and propagates (the shard fails).
+    ``capture``: see ``generate_with_capture``."""
     failures = {}
     for spec in samples:
         try:
             sample_token_positions(pipe, spec)
-        except PhrasePositionError as e:
-            failures[spec.sample_id] = f"prompt: {e}"
+        except SampleFailure as e:
+            failures[spec.sample_id] = str(e)
     runnable = [s for s in samples if s.sample_id not in failures]
     generated = {g.spec.sample_id: g for g in _generate(pipe, runnable, config, capture)} if runnable else {}
     return [generated.get(s.sample_id) or GeneratedSample(s, None, None, {}, failures[s.sample_id]) for s in samples]
@@ -157,14 +158,16 @@ def warm_up_generation(pipe: DiffusionPipeline, config: RunConfig, capture: SeeD
 
 def sample_token_positions(pipe: DiffusionPipeline, spec: SampleSpec) -> list[list[int]]:
     """Token positions (the backbone's text-key columns) of each class of the sample, from where its phrases were
-    placed in the rendered prompt (``models.text_columns``: SDXL's and SD3's CLIP tokenizers must agree)."""
+    placed in the rendered prompt (``models.text_columns``: SDXL's and SD3's CLIP tokenizers must agree). Both a
+    phrase past the context and disagreeing tokenizers are the sample's own failures (``SampleFailure`` of the
+    prompt stage)."""
     where = f"manifest line {spec.row.line} (sample {spec.sample_id})" if spec.row.line else f"sample {spec.sample_id}"
     try:
         return text_columns(pipe, spec.prompt)
     except PhrasePositionError as e:
-        raise PhrasePositionError(f"{where}: {e}") from e
-    except ValueError as e:
-        raise ValueError(f"{where}: {e}") from e
+        raise SampleFailure(PROMPT_STAGE, f"{where}: {e}") from e
+    except ValueError as e:  # the tokenizers disagree
+        raise SampleFailure(PROMPT_STAGE, f"{where}: {e}") from e
 
 
 def latent_grid(pipe: DiffusionPipeline, config: RunConfig) -> tuple[int, int]:
@@ -177,7 +180,8 @@ def diffusion_inputs(pipe: DiffusionPipeline, samples: Sequence[SampleSpec], con
     """Keyword arguments of the pipeline call for a batch (all but output_type): per-sample generators (initial
     latents, and noise for stochastic schedulers), the family's own arguments (``models.pipeline_arguments``)."""
     generators = [torch.Generator("cpu").manual_seed(s.seed) for s in samples]
-    return pipeline_arguments(pipe, [s.prompt.text for s in samples], [s.row.negative_prompt for s in samples],
+    return pipeline_arguments(pipe, [s.prompt.text for s in samples],
+                              [config.negative_prompt_of(s.row.negative_prompt) for s in samples],
                               generators, config.size, config.steps, config.guidance_scale)
 
 

@@ -7,6 +7,7 @@ takes) is answered here, from the family table, so the generation code calls one
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import diffusers
@@ -37,6 +38,7 @@ from seediff.schemas.config import TINY_MODEL, RunConfig
 from seediff.schemas.prompts import RenderedPrompt
 from seediff.tokens import PhrasePositionError, class_token_positions, offline_clip_tokenizer
 from seediff.workers import families
+from seediff.workers.adapters import apply_adapters
 from seediff.workers.families import TINY_UNET, TINY_VAE
 
 # config.scheduler -> (class, settings over the model's own scheduler config). from_config keeps the model's
@@ -97,17 +99,30 @@ def load_model(config: RunConfig, device: torch.device) -> DiffusionPipeline:
     else:
         name = config.family or families.recognise(families.read_model_files(config.model, config.revision)).family.name
         pipeline_class = getattr(diffusers, families.family(name).pipeline)
-        # The safety checker stays as the model ships it; flagged samples become failures in generate.py.
         # Without network, straight to the local cache (what the driver's validation read too), not 5 retries a file.
         pipe = pipeline_class.from_pretrained(
-            config.model, revision=config.revision, dtype=dtype, local_files_only=not families.hub_resolves()
+            config.model, revision=config.revision, dtype=dtype, local_files_only=not families.hub_resolves(),
+            **loading_options(config, pipeline_class),
         )
+    apply_adapters(pipe, config)
     if config.scheduler != "default":
         scheduler_class, settings = SCHEDULERS[config.scheduler]
         pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config, **settings)
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def loading_options(config: RunConfig, pipeline_class: type) -> dict[str, Any]:
+    """``from_pretrained`` keywords of the run's loading settings: the weight files' ``variant``; with
+    ``safety_checker`` off, no safety checker for a pipeline that has one (SD 1.x). On, it stays as the model ships
+    it, and a flagged sample becomes a failure in generate.py."""
+    options: dict[str, Any] = {}
+    if config.variant:
+        options["variant"] = config.variant
+    if not config.safety_checker and "safety_checker" in inspect.signature(pipeline_class.__init__).parameters:
+        options.update(safety_checker=None, requires_safety_checker=False)
+    return options
 
 
 def compile_model(pipe: DiffusionPipeline, mode: str) -> None:

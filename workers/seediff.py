@@ -130,10 +130,13 @@ def pool_self(attn: torch.Tensor, grid: tuple[int, int], factor: int) -> torch.T
     [B, h*w, keys] -> [B, (h/f)(w/f), (h/f)(w/f)], each f x f block of query rows averaged and the keys summed in
     f x f blocks, so a coarse row is its cells' mean row over the coarse cells (SeeDiff's cosines need rows that
     share one key layout, not stochastic rows). Keys already summed in g x g blocks (the capture's key pool, g
-    dividing f) are summed in (f/g) x (f/g) blocks. Linear, so it commutes with the capture's time average."""
+    dividing f) are summed in (f/g) x (f/g) blocks; f = 1 returns the rows as they are. Linear, so it commutes with
+    the capture's time average."""
     h, w = grid
     batch, queries, keys = attn.shape
     g = math.isqrt(queries // keys) if keys and queries % keys == 0 else 0
+    if factor == 1 and queries == h * w:
+        return attn
     if queries != h * w or h % factor or w % factor or g == 0 or g * g * keys != queries or factor % g:
         raise ValueError(f"pool_self: cannot pool [{batch}, {queries}, {keys}] on a {h}x{w} grid by {factor}")
     rows = attn.reshape(batch, h // factor, factor, w // factor, factor, keys).mean((2, 4))
