@@ -42,6 +42,7 @@ MANIFEST_FIELD = "manifest_sha256"
 CLASSES_FIELD = "classes_sha256"  # the resolved classes, counts and prompts
 INPUT_FIELD = "input_sha256"  # annotate: the input units, their sample counts and the class list
 FINGERPRINT_FIELDS = (MANIFEST_FIELD, CLASSES_FIELD, INPUT_FIELD)
+CLASS_NAMES_FIELD = "class_names"  # the run's class table, class id (a string, as JSON keys are) -> name: for the QA tools
 
 
 class RunConfigMismatch(InputError):
@@ -109,6 +110,7 @@ def source_record(source: Manifest | ImageInput) -> dict[str, Any]:
             "num_samples": source.num_samples,
             "classes": list(source.class_names),
             "class_table": source.class_table,  # classes is the table a classes_field indexes: resume passes it back
+            CLASS_NAMES_FIELD: {str(i): name for i, name in enumerate(source.class_names, start=1)},
         }
     return {
         MANIFEST_FIELD: source.sha256,
@@ -117,6 +119,7 @@ def source_record(source: Manifest | ImageInput) -> dict[str, Any]:
         "classes_source": source.classes_source,
         "prompts_source": source.prompts_source,
         "num_classes": len(source.classes),
+        CLASS_NAMES_FIELD: {str(c.class_id): c.name for c in source.classes},
         "num_samples": source.num_samples,
         CLASSES_FIELD: classes_sha256(source),
     }
