@@ -168,10 +168,11 @@ def check_resume(record: dict[str, Any], config: RunConfig, manifest: Manifest |
         )
 
 
-def prepare_output(config: RunConfig, manifest: Manifest | ImageInput, overwrite: bool) -> None:
+def prepare_output(config: RunConfig, manifest: Manifest | ImageInput, overwrite: bool) -> dict[int, ShardStats]:
     """First start: write run.json. Resume: refuse when an output-changing field differs and a shard of the stored
     run is committed; with nothing committed yet (a typo corrected before the first shard), the new settings simply
-    replace the old. ``overwrite``: first delete the seediff files (of this and of the stored run's shard naming)."""
+    replace the old. ``overwrite``: first delete the seediff files (of this and of the stored run's shard naming).
+    Returns the committed shards' stats (``read_committed_stats``), read once here for the whole run."""
     fs, root = output_fs(config.output_url)
     path = f"{root}/{RUN_JSON}"
     if overwrite:
@@ -186,13 +187,14 @@ def prepare_output(config: RunConfig, manifest: Manifest | ImageInput, overwrite
     else:
         try:
             check_resume(record, config, manifest, path)
-            return
+            return read_committed_stats(config)
         except RunConfigMismatch:
             if _bound(record, config):
                 raise
         log.info("%s: settings changed before any shard was committed; replacing it", path)
         _wipe(fs, root, config)
     _write_run_json(fs, path, run_record(config, manifest))
+    return {}  # a new output, or its files just removed
 
 
 def _bound(record: dict[str, Any], config: RunConfig) -> bool:
@@ -209,16 +211,19 @@ def _write_run_json(fs: AbstractFileSystem, path: str, record: dict[str, Any]) -
 DEVICE_FIELD = "device"  # the resolved device kind and dtype of the actors, e.g. {"kind": "cuda", "dtype": "float16"}
 
 
-def bind_device(config: RunConfig, device: dict[str, str], allow_change: bool) -> None:
-    """Record the actors' resolved device kind and dtype in run.json. Once a shard is committed, a resume that would
-    change them (a GPU run resumed on CPU mixes fp16 and fp32 images) is refused unless ``allow_change``."""
+def bind_device(
+    config: RunConfig, device: dict[str, str], allow_change: bool, committed: Collection[int] | None = None
+) -> None:
+    """Record the actors' resolved device kind and dtype in run.json. Once a shard is committed (``committed``: the
+    run's committed shard ids, read here when not given), a resume that would change them (a GPU run resumed on CPU
+    mixes fp16 and fp32 images) is refused unless ``allow_change``."""
     fs, root = output_fs(config.output_url)
     path = f"{root}/{RUN_JSON}"
     record = read_run_json(config.output_url) or {}
     stored = record.get(DEVICE_FIELD)
     if stored == device:
         return
-    if stored and not allow_change and read_committed_stats(config):
+    if stored and not allow_change and (read_committed_stats(config) if committed is None else committed):
         raise RunConfigMismatch(
             f"{path}: this output was generated on {stored.get('kind')} in {stored.get('dtype')}; this run would use "
             f"{device['kind']} in {device['dtype']}. Resume on the same kind of device, or pass --allow-device-change"
