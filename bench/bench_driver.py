@@ -1,6 +1,7 @@
 """Benchmark the driver's own cost: 10^4 and 10^5 shards dispatched to no-op actors on a local Ray cluster (the
 real Dispatcher and actor pool, shards as id ranges), each size in a fresh process; plus the dry run of a 10^8-sample
-manifest. Prints the driver's peak RSS, CPU seconds per shard and wall time, and the 10^5 / 10^4 ratios.
+manifest at 1000 and at 1 sample per shard (10^8 planned shards). Prints the driver's peak RSS, CPU seconds per
+shard and wall time, the 10^5 / 10^4 ratios, and the dry run's bytes per planned shard.
 
 Run: python bench/bench_driver.py [--shards 10000 100000] [--actors 2] [--in-flight 8]
 """
@@ -68,13 +69,17 @@ def peak_rss_mb() -> float:
         return int(f.read().split("VmHWM:")[1].split()[0]) / 1024
 
 
-def dry_run_peak_mb() -> float:
+def dry_run_peak_mb(samples_per_shard: int) -> float:
+    """Peak RSS of ``generate --dry-run`` on 10^8 samples (100 classes) at ``samples_per_shard``."""
+    shards = 10**8 // samples_per_shard
+    digits = max(6, len(str(shards - 1)))
     with tempfile.TemporaryDirectory() as tmp:
         manifest = Path(tmp) / "big.csv"
         manifest.write_text("class_name,num_samples\n" + "".join(f"class{i},{10**6}\n" for i in range(100)))
+        args = ["generate", str(manifest), "--out", tmp + "/out", "--model", "tiny", "--dry-run",
+                "--samples-per-shard", str(samples_per_shard), "--shard-digits", str(digits)]
         probe = (
-            "import sys; from seediff.pipeline.cli import main; "
-            f"rc = main(['generate', {str(manifest)!r}, '--out', {tmp + '/out'!r}, '--model', 'tiny', '--dry-run']); "
+            f"import sys; from seediff.pipeline.cli import main; rc = main({args!r}); "
             "print('PEAK_KB', open('/proc/self/status').read().split('VmHWM:')[1].split()[0])"
         )
         done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True)
@@ -107,7 +112,10 @@ def main() -> None:
         small, large = results[0], results[-1]
         print(f"  ratios {large['shards']}/{small['shards']} shards: peak RSS x{large['peak_rss_mb'] / small['peak_rss_mb']:.2f}, "
               f"CPU per shard x{large['cpu_ms_per_shard'] / small['cpu_ms_per_shard']:.2f}")
-    print(f"dry run of 10^8 samples (100 classes, 10^5 shards): peak RSS {dry_run_peak_mb():.0f} MB")
+    coarse, fine = dry_run_peak_mb(1000), dry_run_peak_mb(1)
+    print(f"dry run of 10^8 samples (100 classes): peak RSS {coarse:.0f} MB at 1000 samples per shard (10^5 shards), "
+          f"{fine:.0f} MB at 1 sample per shard (10^8 shards): "
+          f"{(fine - coarse) * 2**20 / (10**8 - 10**5):.1f} bytes per planned shard")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,9 @@
    32 (--latent 64 gives the captured maps exactly SD1.5's shapes); a DDIM loop with guidance, with and without
    capture.
 3. --cuda: the SD1.5 UNet in fp16 with random weights on the GPU, the same loop, torch.cuda.max_memory_allocated.
+5. Computed from shapes per MM-DiT (Flux.1-dev/schnell, SD3-medium, SD3.5-large; their published transformer
+   shapes): the cascade on one token grid of bench_mmdit_cascade.py, one self sum at its finest side, the coarser
+   sides pooled from it, cross sums pooled to the seed side; against SD1.5 512² (issue 18 target: <= 1.5x).
 4. Computed from shapes per model family (SD1.5, SD2-base, SD2.1-768, SDXL; square and non-square sizes): each
    family's UNet on the meta device, its layer choice (workers/families.py) and the default cap on self-attention
    entries (mask.max_self_entries): accumulators per image against SD1.5 512² (issue 11 target: <= 1.5x for every
@@ -14,6 +17,7 @@
 
     python -m bench.bench_memory [--batch 2] [--steps 2 20] [--latent 32] [--query-chunk 1024]
     python -m bench.bench_memory --cuda --batch 8 [--steps 2 5]
+    python -m bench.bench_memory --computed-only
 
 How peak memory is measured. CUDA: torch.cuda.max_memory_allocated after reset_peak_memory_stats, minus the bytes
 allocated at the start (weights, inputs). CPU: torch's CPU allocator reports every allocation and free with its
@@ -28,6 +32,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 
 import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel
@@ -35,7 +40,13 @@ from diffusers.utils import logging as diffusers_logging
 
 from bench.sd15 import FAMILY_UNETS, SD15_LATENT, SD15_TEXT_DIM, SD15_TEXT_TOKENS, build_sd15_unet, build_unet
 from seediff.schemas.config import MaskConfig
-from seediff.workers.capture import AttentionLayer, SeeDiffCapture, locate_attention_layers, plan_seediff_layers
+from seediff.workers.capture import (
+    AttentionLayer,
+    SeeDiffCapture,
+    key_pool,
+    locate_attention_layers,
+    plan_seediff_layers,
+)
 from seediff.workers.families import TINY_UNET, default_layers
 
 TARGET_BYTES = 80e6  # issue 5: capture memory per image at SD1.5 512²
@@ -173,6 +184,91 @@ def computed_families(query_chunk: int) -> None:
               f"{transient / 1e6:.0f} MB (fp16 scores + fp32 softmax, {chunk} rows; sum {tuple(fine.sum.shape)}) |")
 
 
+# ---------------------------------------------------------------- 5. MM-DiTs, computed from shapes
+
+
+@dataclass(frozen=True)
+class MMDiT:
+    """The shapes of a published MM-DiT that capture memory depends on (their transformer/config.json)."""
+
+    name: str
+    blocks: int  # joint-attention blocks (Flux: 19 double-stream + 38 single-stream)
+    heads: int
+    head_dim: int
+    text_tokens: int  # the joint sequence's text part
+    native: int  # px
+    patch: int = 2
+    vae_factor: int = 8
+
+
+MMDITS = [
+    MMDiT("Flux.1-dev", 19 + 38, 24, 128, 512, 1024),  # T5 max_sequence_length 512 (FluxPipeline's default)
+    MMDiT("Flux.1-schnell", 19 + 38, 24, 128, 256, 1024),  # the model card's max_sequence_length 256
+    MMDiT("SD3-medium", 24, 24, 64, 77 + 256, 1024),  # 77 CLIP (L+G, concatenated on features) + 256 T5
+    MMDiT("SD3.5-large", 38, 38, 64, 77 + 256, 1024),
+]
+MMDIT_SIZES = [(1024, 1024), (832, 1216), (1344, 768)]
+# cross blocks per model (bench_mmdit_blocks.py, /work/wt/notes/18-defaults.md): Flux.1 its last 4 double-stream
+# blocks, SD3/SD3.5 the 4 blocks at 8/24-11/24 of the depth around Seg4Diff's block 9 of 24
+MMDIT_CROSS_BLOCKS = {"Flux.1-dev": 4, "Flux.1-schnell": 4, "SD3-medium": 4, "SD3.5-large": 4}
+
+
+def mmdit_accumulator_bytes(grid: tuple[int, int], cascade: tuple[int, ...], cross_blocks: int, text_tokens: int,
+                            max_self_entries: int | None = MaskConfig().max_self_entries,
+                            queries_pooled: bool = True, cross_at_seed_side: bool = True) -> dict[str, int]:
+    """fp32 bytes per image a capture holds for a cascade on one token grid (bench_mmdit_cascade.py's contract): one
+    self sum for the finest side, the cascade's sides pooled from it (workers/seediff.py pool_self), and the cross
+    sums of ``cross_blocks`` blocks for every text token, accumulated already pooled to the seed side (or at the
+    full grid). A finest side below the grid (depth d > 0) is accumulated with its query rows pooled in the capture
+    (``queries_pooled``: [n_d, n_d]) or with only its keys summed by the existing key pool ([n_0, n_d], the rows
+    pooled at the end); past ``max_self_entries`` the keys are summed further, as for UNets."""
+    finest = cascade[-1]
+    fine = (grid[0] >> finest, grid[1] >> finest)
+    f = key_pool(fine, max_self_entries)
+    keys = fine[0] * fine[1] // f**2
+    queries = fine[0] * fine[1] if queries_pooled or finest == 0 else grid[0] * grid[1]
+    derived = [k for k in cascade if k != finest or queries != fine[0] * fine[1]]
+    cells = (grid[0] >> cascade[0]) * (grid[1] >> cascade[0]) if cross_at_seed_side else grid[0] * grid[1]
+    return {
+        "self sum": queries * keys * FP32,
+        "sides pooled from it": sum(((grid[0] >> k) * (grid[1] >> k)) ** 2 for k in derived) * FP32,
+        "cross sums (all text tokens)": cross_blocks * text_tokens * cells * FP32,
+    }
+
+
+def computed_mmdits(cascade: tuple[int, ...], cross_blocks: dict[str, int], query_chunk: int,
+                    alternative: tuple[int, ...] = (2, 1, 0)) -> None:
+    """Per MM-DiT and size: accumulators per image for ``cascade`` (and for ``alternative``, the cascade that ends
+    at the grid) against SD1.5 512² (computed from the SD1.5 UNet on the meta device, as section 4), and the
+    transient of one captured block: the explicit path's query chunk (bf16 scores + fp32 softmax over the whole
+    joint key sequence, all heads) or a fused kernel's Q, K and row log-sum-exp."""
+    reference = SeeDiffCapture(build_sd15_unet("meta"), SD15_LATENT, 1).buffer_bytes()
+    print(f"\n== 5. computed from shapes per MM-DiT: cascade {list(cascade)} on the token grid (depth k = grid / 2^k), "
+          f"accumulators per image (fp32) against SD1.5 512² ({reference / 1e6:.1f} MB); target <= {FAMILY_TARGET}x")
+    print("| model | size (w x h) | token grid | sides | cross sums (blocks x text tokens) | accumulators, rows "
+          f"pooled in the capture | vs SD1.5 | keys-only pooling (rows pooled at the end) | {list(alternative)} "
+          f"instead | one block's transient: chunk {query_chunk} / 256 rows / fused |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for m in MMDITS:
+        for width, height in MMDIT_SIZES:
+            grid = (height // (m.vae_factor * m.patch), width // (m.vae_factor * m.patch))
+            blocks = cross_blocks[m.name]
+            parts = mmdit_accumulator_bytes(grid, cascade, blocks, m.text_tokens)
+            total = sum(parts.values())
+            keys_only = sum(mmdit_accumulator_bytes(grid, cascade, blocks, m.text_tokens, queries_pooled=False).values())
+            other = sum(mmdit_accumulator_bytes(grid, alternative, blocks, m.text_tokens).values())
+            n, keys, inner = grid[0] * grid[1], grid[0] * grid[1] + m.text_tokens, m.heads * m.head_dim
+            chunked = [min(c, n) * keys * m.heads * (2 + FP32) for c in (query_chunk, 256)]
+            fused = 2 * keys * inner * 2 + m.heads * n * FP32
+            sides = " → ".join(f"{grid[1] >> k}x{grid[0] >> k}" for k in cascade)
+            verdict = "" if total <= FAMILY_TARGET * reference else " MISSED"
+            print(f"| {m.name} | {width}x{height} | {grid[1]}x{grid[0]} | {sides} | {blocks} x {m.text_tokens}: "
+                  f"{parts['cross sums (all text tokens)'] / 1e6:.2f} MB | {total / 1e6:.1f} MB | "
+                  f"{total / reference:.2f}x{verdict} | {keys_only / 1e6:.1f} MB ({keys_only / reference:.2f}x) | "
+                  f"{other / 1e6:.1f} MB ({other / reference:.2f}x) | "
+                  f"{chunked[0] / 1e6:.0f} / {chunked[1] / 1e6:.0f} / {fused / 1e6:.1f} MB |")
+
+
 # ---------------------------------------------------------------- 2./3. measured
 
 
@@ -265,11 +361,17 @@ def main() -> None:
     parser.add_argument("--query-chunk", type=int, default=MaskConfig().query_chunk)
     parser.add_argument("--latent", type=int, default=32, help="CPU only: latent side of the small UNet")
     parser.add_argument("--cuda", action="store_true", help="measure the SD1.5 UNet in fp16 on the GPU")
+    parser.add_argument("--computed-only", action="store_true", help="sections 1, 4 and 5 only (no measured run)")
     args = parser.parse_args()
     diffusers_logging.set_verbosity_error()  # .to(float16) warns about fp32-kept modules that SD1.5 does not have
 
     computed_sd15(args.query_chunk)
     computed_families(args.query_chunk)
+    from bench.bench_mmdit_cascade import CHOSEN  # here: that benchmark imports this module
+
+    computed_mmdits(CHOSEN, MMDIT_CROSS_BLOCKS, args.query_chunk)
+    if args.computed_only:
+        return
     if args.cuda:
         batch, steps = args.batch or 8, args.steps or [2, 5]
         print(f"\n== 3. measured on {torch.cuda.get_device_name()}: SD1.5 UNet, random weights, fp16, latent "

@@ -67,18 +67,24 @@ def scores_per_mode(seeds: int, pamr_iterations: int):
     return out
 
 
+def scene_miou(labels: np.ndarray, truth: np.ndarray, class_ids) -> float:
+    """mIoU over background and the scene's classes, on the pixels not labelled 255."""
+    keep = labels != 255
+    per_class = []
+    for c in [0, *class_ids]:
+        a, b = (labels == c) & keep, (truth == c) & keep
+        union = (a | b).sum()
+        if union:
+            per_class.append((a & b).sum() / union)
+    return float(np.mean(per_class))
+
+
 def measure(threshold: float, scenes, band: float, margin: float) -> dict[str, float]:
     ious, kinds, ignored, correct, kept = [], {}, 0, 0, 0
     for kind, truth, class_ids, scores in scenes:
         labels = label_pixels(scores[None], torch.tensor([class_ids]), threshold, band, margin)[0].numpy()
         keep = labels != 255
-        per_class = []
-        for c in [0, *class_ids]:
-            a, b = (labels == c) & keep, (truth == c) & keep
-            union = (a | b).sum()
-            if union:
-                per_class.append((a & b).sum() / union)
-        ious.append(np.mean(per_class))
+        ious.append(scene_miou(labels, truth, class_ids))
         kinds.setdefault(kind, []).append(ious[-1])
         ignored += (~keep).sum()
         correct += ((labels == truth) & keep).sum()

@@ -10,11 +10,13 @@ Ray; ``--dry-run`` stops after printing the plan."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
-from typing import TextIO
+from typing import Any, TextIO
 
 from seediff import api
 from seediff.pipeline.flags import HelpFormatter, add_flags, given
@@ -27,6 +29,7 @@ from seediff.schemas.config import (
     ConfigError,
     InputError,
     MaskConfig,
+    RetryLater,
     RunConfig,
     RuntimeOptions,
     config_file_keys,
@@ -35,7 +38,9 @@ from seediff.schemas.config import (
 )
 
 
-EXIT_OK, EXIT_FAILED, EXIT_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAILED, EXIT_INPUT, EXIT_RETRY, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+STOP_SIGNALS = ("SIGTERM", "SIGHUP")  # how Kubernetes, Slurm and a closed terminal stop a job: handled like Ctrl-C
+SHOWN_SHARDS = 20  # verify: shards whose problems are printed in full without --all
 TINY_NOTE = (
     "note: --model tiny is a miniature Stable Diffusion with random weights: its images and masks are meaningless "
     "and only exercise the pipeline"
@@ -110,6 +115,9 @@ def cmd_annotate(args: argparse.Namespace) -> int:
     config, runtime, _ = settings(args)
     classes = None if args.classes is None else class_list(args.classes)
     image_input = api.annotate_input(args.input, api.annotate_config(config, args.out), classes)  # before Ray
+    if args.dry_run:
+        print(api.dry_run(image_input, args.out, api.annotate_config(config, args.out), overwrite=args.overwrite))
+        return EXIT_OK
     return _run(args, lambda terminal: api.annotate(
         image_input, args.out, config, runtime, overwrite=args.overwrite, progress=terminal,
     ), tiny=config.model == TINY_MODEL)
@@ -129,18 +137,14 @@ def _run(args: argparse.Namespace, run: Callable[[TextIO], RunSummary], tiny: bo
     with run_terminal(args.verbose, args.log_file or default_log_path(args.command)) as terminal:
         if tiny:
             print(TINY_NOTE, file=terminal.stream)
-        connected_before = "ray" in sys.modules and sys.modules["ray"].is_initialized()
         try:
-            summary = run(terminal.stream)
+            summary = run(terminal.stream)  # the API shuts down a local Ray it started
         except DispatchError as e:
             print(f"seediff: error: {e}", file=terminal.stream)
             return EXIT_FAILED
         except KeyboardInterrupt as e:  # the actors are already stopped; committed shards are kept
             print(str(e) or "interrupted", file=terminal.stream)
-            return EXIT_INTERRUPTED
-        finally:
-            if not connected_before and "ray" in sys.modules:
-                sys.modules["ray"].shutdown()
+            return _interrupted_status()
     print(summary.format())
     if terminal.log_path:
         print(f"  log (library messages, Ray, actors' stderr): {terminal.log_path}")
@@ -165,21 +169,53 @@ def cmd_preview(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    problems, damaged = api.repair(args.url) if args.repair else (api.verify(args.url), [])
-    for problem in problems:
-        print(problem)
-    print(f"{len(problems)} problems" if problems else "OK: every shard is complete and matches the index")
-    if damaged:
-        print(f"repair: un-committed {len(damaged)} shards ({', '.join(map(str, damaged))}); "
-              "run the same generate command (or seediff resume) to regenerate them")
-    return EXIT_FAILED if problems else EXIT_OK
+    found = api.check(args.url, repair=args.repair, shown=None if args.all else SHOWN_SHARDS)
+    if args.json:
+        print(json.dumps(found.as_json(), indent=2, ensure_ascii=False))
+    else:
+        print("\n".join([*found.notes, found.summary()]))
+        if args.repair and found.damaged:
+            print(f"repair: un-committed {len(found.damaged)} shards ({_ids(found.damaged)}) and rewrote the index; "
+                  "run the same generate command (or seediff resume) to regenerate them")
+    return EXIT_OK if found.ok else EXIT_FAILED
+
+
+def _ids(ids: list[int], most: int = SHOWN_SHARDS) -> str:
+    return ", ".join(map(str, ids[:most])) + (f", ... ({len(ids)} in all)" if len(ids) > most else "")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    summary = api.export(args.url, args.directory, layout=args.layout, split=args.split)
-    print(f"wrote {summary['images']} images in the {args.layout} layout to {args.directory} "
-          f"({len(summary['classes'])} classes, image set {args.split})")
+    quality = quality_filter(args.quality) if args.quality else None
+    summary = api.export(args.url, args.directory, layout=args.layout, split=args.split, quality=quality,
+                         verbose=args.verbose, log_file=args.log_file)
+    if args.layout == "energon":
+        print(f"indexed {summary['samples']} samples in {summary['shards']} shards for energon in "
+              f"{args.url}/.nv-meta ({summary['excluded']} excluded by --quality)")
+    else:
+        print(f"wrote {summary['images']} images in the {args.layout} layout to {args.directory} "
+              f"({len(summary['classes'])} classes, image set {args.split})")
     return EXIT_OK
+
+
+def quality_filter(settings: list[str]) -> Any:
+    """``--quality KEY=VALUE ...`` -> a ``QualityFilter``; a bad key or value is an InputError naming the flag."""
+    from seediff.pipeline.readers import QualityFilter  # torch: imported only when a filter is asked for
+
+    defaults = {f.name: f.default for f in dataclasses.fields(QualityFilter)}
+    values: dict[str, Any] = {}
+    for setting in settings:
+        key, sep, text = setting.partition("=")
+        if not sep or key not in defaults:
+            raise InputError(f"--quality: {setting!r}: expected KEY=VALUE, KEY one of {', '.join(defaults)}")
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = None
+        flag = isinstance(defaults[key], bool)
+        if isinstance(value, bool) != flag or not isinstance(value, (int, float)):
+            raise InputError(f"--quality: {setting!r}: expected {'true or false' if flag else 'a number'}")
+        values[key] = value
+    return QualityFilter(**values)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -189,14 +225,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if config.model == TINY_MODEL and args.predictions is None:
         print(TINY_NOTE, file=sys.stderr)
     report, path = api.evaluate(args.root, args.out, layout=args.layout, config=config, runtime=runtime,
-                                predictions=args.predictions, split=args.split, classes_file=args.classes_file)
+                                predictions=args.predictions, split=args.split, classes_file=args.classes_file,
+                                verbose=args.verbose, log_file=args.log_file)
     print(format_report(report))
     print(f"wrote {path}")
     return EXIT_OK
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    covered = api.report(args.url, args.out)
+    covered = api.report(args.url, args.out, verbose=args.verbose, log_file=args.log_file)
     print(f"wrote {args.out} ({covered['classes']} classes, {covered['samples']} samples, "
           f"{human_bytes(covered['bytes'])})")
     return EXIT_OK
@@ -209,12 +246,16 @@ MASK_GROUP = "mask settings (part of the run settings; config-file key mask.<nam
 RUNTIME_GROUP = "runtime options (may change between a run and its resume)"
 # Settings of the sampling and of the encoded image, which an annotate run (real images, one UNet call per timestep,
 # the input's own image bytes) never uses.
-GENERATION_ONLY = {"scheduler", "steps", "guidance_scale", "image_format", "image_quality"}
+GENERATION_ONLY = {"scheduler", "steps", "guidance_scale", "image_format", "image_quality", "negative_prompt",
+                   "safety_checker", "shard_layout"}
 ANNOTATE_GROUP = "annotate settings (part of the run settings; config-file key annotate.<name>)"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="seediff", description="Generate image + mask datasets as WebDataset shards.")
+    # raw text: the --version line is not wrapped
+    parser = argparse.ArgumentParser(prog="seediff", description="Generate image + mask datasets as WebDataset shards.",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=version_line())
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate (or resume) a dataset", formatter_class=HelpFormatter)
@@ -263,21 +304,33 @@ def build_parser() -> argparse.ArgumentParser:
     rep.set_defaults(func=cmd_report)
     rep.add_argument("url")
     rep.add_argument("-o", "--out", required=True, help="HTML path or URL to write")
+    _add_output_flags(rep)
 
     ver = sub.add_parser("verify", help="check every shard against its stats, parquet and the index")
     ver.set_defaults(func=cmd_verify)
     ver.add_argument("url")
     ver.add_argument(
         "--repair", action="store_true",
-        help="un-commit the damaged shards (delete their stats) so that the next generate run regenerates them",
+        help="un-commit the damaged shards (delete their files) and rewrite the index, so that readers skip them "
+        "and the next generate run regenerates them",
     )
+    ver.add_argument("--all", action="store_true", help=f"list every problem (default: those of the first "
+                     f"{SHOWN_SHARDS} shards, and counts per kind)")
+    ver.add_argument("--json", action="store_true", help="print the findings as JSON")
 
     exp = sub.add_parser("export", help="write an output root as a folder layout segmentation trainers read")
     exp.set_defaults(func=cmd_export)
     exp.add_argument("url", metavar="OUT_ROOT", help="output root of generate or annotate")
-    exp.add_argument("directory", metavar="DIR", help="folder (or URL) to write")
-    exp.add_argument("--layout", choices=["voc"], required=True, help="voc: JPEGImages, SegmentationClass, ...")
-    exp.add_argument("--split", default="train", help="name of the image-set list (default train)")
+    exp.add_argument("directory", metavar="DIR", nargs="?", help="folder (or URL) to write (voc)")
+    exp.add_argument("--layout", choices=["voc", "energon"], required=True,
+                     help="voc: JPEGImages, SegmentationClass, ... under DIR; energon: Megatron-Energon's index "
+                          "(.nv-meta/, what energon prepare writes) in place beside the tars, no DIR")
+    exp.add_argument("--split", default="train", help="name of the image-set list (voc; default train)")
+    exp.add_argument("--quality", nargs="+", metavar="KEY=VALUE",
+                     help="energon: exclude the samples this QualityFilter rejects (min_class_fraction, "
+                          "max_ignore_fraction, min_confidence, drop_empty, drop_degenerate), e.g. "
+                          "--quality min_class_fraction=0.02 max_ignore_fraction=0.2")
+    _add_output_flags(exp)
 
     ann = sub.add_parser(
         "annotate", help="label real images: WebDataset shards, a dataset.json, an image folder or a list",
@@ -294,6 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "index (e.g. its cls field; index 0 = the first name); with --caption-field, the first ids")
     ann.add_argument("--config", help="YAML/JSON file with run settings and runtime options; flags override it")
     ann.add_argument("--overwrite", action="store_true", help="delete this output's seediff files and start over")
+    ann.add_argument("--dry-run", action="store_true", help="check the input and classes and print the plan; no "
+                     "model, no Ray, writes nothing")
     _add_output_flags(ann)
     ann.set_defaults(flags=_run_flags(ann, annotate=True))
 
@@ -310,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--classes-file", help="class list, one name per line (line number = label value)")
     ev.add_argument("--predictions", help="score this output root (of annotate) instead of running the model")
     ev.add_argument("--config", help="YAML/JSON file with run settings and runtime options; flags override it")
+    _add_output_flags(ev)
     ev.set_defaults(flags=_run_flags(ev, annotate=True))
     return parser
 
@@ -338,15 +394,67 @@ def _run_flags(parser: argparse.ArgumentParser, annotate: bool = False) -> list:
     return flags
 
 
+class _Stopped:
+    """The stop signal received, if any: SIGTERM/SIGHUP raise KeyboardInterrupt where Ctrl-C would, so a run stops
+    dispatching, releases its lease and says how to resume; the exit status is then 128 + the signal's number."""
+
+    signum: int | None = None
+
+    @classmethod
+    def handle(cls, signum: int, frame: object) -> None:
+        cls.signum = signum
+        raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
+
+
+def _interrupted_status() -> int:
+    return 128 + _Stopped.signum if _Stopped.signum else EXIT_INTERRUPTED
+def version_line() -> str:
+    """``seediff --version``: seediff's version and those of the libraries that decide its output bytes."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from seediff import __version__
+
+    found = []
+    for name in ("diffusers", "transformers", "torch", "ray", "peft"):
+        try:
+            found.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            found.append(f"{name} not installed")
+    return f"seediff {__version__} ({', '.join(found)}; Python {sys.version.split()[0]})"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse gives an optional positional its value only next to the one before it: `export OUT --layout voc DIR`
+    # leaves DIR over, so it is taken here
+    if getattr(args, "func", None) is cmd_export and args.directory is None and len(extra) == 1 \
+            and not extra[0].startswith("-"):
+        args.directory, extra = extra[0], []
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if hasattr(signal, "SIGPIPE"):  # `seediff inspect out | head` ends quietly, like other Unix tools
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    _Stopped.signum = None
+    previous = {}
+    if threading.current_thread() is threading.main_thread():  # restored on return: main() may run in-process
+        for name in STOP_SIGNALS:
+            if hasattr(signal, name):
+                previous[name] = signal.signal(getattr(signal, name), _Stopped.handle)
     try:
         return args.func(args)
+    except RetryLater as e:
+        print(f"seediff: error: {e}", file=sys.stderr)
+        return EXIT_RETRY
     except (InputError, FileNotFoundError) as e:
         print(f"seediff: error: {e}", file=sys.stderr)
         return EXIT_INPUT
+    except KeyboardInterrupt as e:  # outside a run (a dry run, verify, ...): one line, no traceback
+        print(str(e) or "interrupted", file=sys.stderr)
+        return _interrupted_status()
+    finally:
+        for name, handler in previous.items():
+            signal.signal(getattr(signal, name), handler)
 
 
 if __name__ == "__main__":

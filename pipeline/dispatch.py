@@ -24,7 +24,7 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from seediff.schemas.config import RuntimeOptions
-from seediff.storage import RUN_LEVEL, TRANSIENT, failure_kind
+from seediff.storage import DEVICE, RUN_LEVEL, TRANSIENT, failure_kind
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,10 @@ BACKOFF_BASE_S, BACKOFF_CAP_S = 1.0, 60.0  # transient errors: full-jitter expon
 # afterwards ADAPTIVE_FACTOR times the slowest completed shard, never less than the floor.
 INITIAL_SHARD_TIMEOUT_S = 4 * 3600.0
 ADAPTIVE_FACTOR, ADAPTIVE_FLOOR_S = 4.0, 600.0
+# An error that fails this many different shards alike, with no shard completing meanwhile (a config the model
+# cannot run, a device fault on every actor), stops the run with that one message instead of burning every attempt.
+ALIKE_SHARDS = 3
+GPU_WAIT_S = 600.0  # without --gpu-wait: how long an autoscaling cluster may take to add GPU nodes
 
 
 class DispatchError(RuntimeError):
@@ -149,6 +153,7 @@ class Dispatcher:
         self.avoid: dict[int, set[str]] = {}  # shard -> actors on which it raised
         self.slots: list[_Slot] = []
         self.startup_failures = 0  # consecutive actors that died or timed out before becoming ready
+        self.alike: dict[str, set[int]] = {}  # error message -> shards it failed since the last completed shard
         self.slowest_s = 0.0  # longest completed shard, for the adaptive timeout
         self.rng = random.Random()
         self.pool_checked = time.monotonic()
@@ -284,6 +289,15 @@ class Dispatcher:
         except RayTaskError as e:
             assert task is not None  # __ray_ready__ cannot raise a task error
             slot.queue.remove(task)
+            if failure_kind(e.cause if e.cause is not None else e) == DEVICE:
+                # The device of this process is broken (a sticky CUDA error): charge the shard, give the shards
+                # queued behind it back for free and replace the process.
+                log.warning("actor %s: device error (%s); replacing it", slot.id[:8], _short(e))
+                for queued in slot.queue:
+                    queued.started_at = None
+                self._charge(task.shard.shard_id, _short(e))
+                self._retire(slot, f"device error: {_short(e)}")
+                return
             slot.start_head(now)
             self._task_failed(slot, task, e, now)
             return
@@ -320,21 +334,37 @@ class Dispatcher:
         record.stats, record.error, record.actor_id = stats, None, slot.id
         record.run_s = now - task.started_at if task.started_at is not None else 0.0
         self.slowest_s = max(self.slowest_s, record.run_s)
+        self.alike.clear()
         self.on_shard_done(record)
 
     def _charge(self, shard_id: int, error: str) -> None:
-        """Count a failed attempt; requeue the shard at the front, or give up on it after max_attempts."""
+        """Count a failed attempt; requeue the shard at the front after a backoff, or give up on it after
+        max_attempts. The same error on ALIKE_SHARDS shards (every shard, when fewer; at least two) with none
+        completing meanwhile stops the run: it is not the shards' fault."""
         record = self.records[shard_id]
         record.attempts += 1
         record.error = error
+        failed_alike = self.alike.setdefault(error, set())
+        failed_alike.add(shard_id)
+        if len(failed_alike) >= max(2, min(ALIKE_SHARDS, len(self.records))):
+            raise DispatchError(f"run stopped: {len(failed_alike)} shards failed alike, none completed: {error}")
         if record.attempts < self.runtime.max_attempts:
-            log.warning("shard %d attempt %d failed (%s); retrying", shard_id, record.attempts, error)
+            delay = backoff_s(record.attempts, self.rng)
+            log.warning("shard %d attempt %d failed (%s); retrying in %.1fs", shard_id, record.attempts, error, delay)
+            self.not_before[shard_id] = time.monotonic() + delay
             self.pending.appendleft(shard_id)
         else:
             log.error("shard %d failed after %d attempts: %s", shard_id, record.attempts, error)
             self.on_shard_done(record)
 
     def _startup_failed(self, reason: str, error: BaseException | None = None) -> None:
+        """Count an actor that failed to start; stop the run only when none is working: a pool asking for more
+        actors than can be placed now (--min-actors above the GPUs present, an autoscaler still adding nodes) keeps
+        running on the actors it has and keeps trying to place the rest."""
+        if self.ready_actors:
+            log.warning("an actor failed to start (%s); running on the %d ready, placing it again", reason,
+                        self.ready_actors)
+            return
         self.startup_failures += 1
         if self.startup_failures >= max(self.runtime.max_attempts, self.target):
             raise DispatchError(
@@ -401,7 +431,7 @@ def shard_actor_pool(
     low, high = runtime.actor_bounds()
     gpus = _cluster_gpus()
     if runtime.device != "cpu" and gpus == 0 and (against_cluster or runtime.device == "cuda"):
-        gpus = _wait_for_gpus(runtime, against_cluster)
+        gpus = _wait_for_gpus(runtime, against_cluster, against_cluster and autoscaling())
     use_gpu = runtime.device == "cuda" or (runtime.device == "auto" and gpus > 0)
     actor_runtime = runtime.model_copy(update={"device": "cuda" if use_gpu else "cpu"})
     # CPU float results depend on the intra-op thread count; one thread per CPU actor keeps the bytes independent
@@ -425,18 +455,48 @@ def _cluster_gpus() -> int:
     return int(ray.cluster_resources().get("GPU", 0))
 
 
-def _wait_for_gpus(runtime: RuntimeOptions, against_cluster: bool) -> int:
+def autoscaling() -> bool:
+    """Whether an autoscaler that can add nodes watches the cluster (``ray up``, KubeRay's in-tree autoscaler):
+    Ray's v2 autoscaler, or a v1 monitor whose node types come from a cluster config. Every head runs a v1 monitor;
+    without a config it is read-only and names each node ``ray.head.default`` or ``node_<id>``."""
+    import json
+
+    from ray._private.ray_constants import DEBUG_AUTOSCALING_STATUS
+    from ray.autoscaler.v2.utils import is_autoscaler_v2
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    try:
+        if is_autoscaler_v2(fetch_from_server=True):
+            return True
+        status = _internal_kv_get(DEBUG_AUTOSCALING_STATUS)
+    except Exception:  # noqa: BLE001 - no status to read: no autoscaler we can count on
+        return False
+    report = (json.loads(status).get("autoscaler_report") or {}) if status else {}
+    types = {t for key in ("active_nodes", "idle_nodes", "pending_launches") for t in report.get(key) or {}}
+    return any(t != "ray.head.default" and not t.startswith("node_") for t in types)
+
+
+def _wait_for_gpus(runtime: RuntimeOptions, against_cluster: bool, autoscaled: bool) -> int:
+    """Wait for GPUs where they can still join: --gpu-wait seconds when given, else GPU_WAIT_S on an autoscaling
+    cluster; a cluster without GPUs or an autoscaler is reported at once (CPUs only with --device cpu)."""
     if not against_cluster:
         raise DispatchError("--device cuda: the local Ray cluster has no GPUs; use --device cpu or --address")
+    wait_s = runtime.gpu_wait_s if runtime.gpu_wait_s is not None else GPU_WAIT_S if autoscaled else 0.0
+    if wait_s == 0:
+        raise DispatchError(
+            f"the Ray cluster has no GPUs ({int(ray.cluster_resources().get('CPU', 0))} CPUs) and no autoscaler that "
+            "could add GPU nodes: pass --device cpu to run on its CPUs, or --gpu-wait SECONDS while you add GPU nodes"
+        )
+    why = "the cluster's autoscaler can add GPU nodes" if autoscaled else "--gpu-wait"
     log.warning(
-        "no GPUs in the Ray cluster yet; waiting up to %.0fs for GPU nodes to join (--gpu-wait); "
-        "pass --device cpu to run on CPUs", runtime.gpu_wait_s,
+        "no GPUs in the Ray cluster yet; waiting up to %.0f s for GPU nodes to join (%s); pass --device cpu to run on "
+        "CPUs", wait_s, why,
     )
-    deadline = time.monotonic() + runtime.gpu_wait_s
+    deadline = time.monotonic() + wait_s
     while (gpus := _cluster_gpus()) == 0:
         if time.monotonic() >= deadline:
             raise DispatchError(
-                f"no GPUs joined the Ray cluster within {runtime.gpu_wait_s:g}s (--gpu-wait); "
+                f"no GPUs joined the Ray cluster within {wait_s:g}s (--gpu-wait); "
                 "pass --device cpu to run on CPUs"
             )
         time.sleep(POLL_S)

@@ -12,7 +12,9 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+import fsspec
 import numpy as np
+from PIL import Image
 
 from seediff.pipeline.layouts import LabelledDataset, LayoutError, iter_labelled, read_label_map
 from seediff.pipeline.metrics import IGNORE, ConfusionMatrix, format_table
@@ -35,11 +37,22 @@ def known_classes(dataset: LabelledDataset) -> tuple[list[InputUnit], list[str]]
         ids = sorted(set(np.unique(target).tolist()) - {0, IGNORE})
         if ids and ids[-1] >= len(names):
             raise LayoutError(f"{item.label}: label {ids[-1]} outside the {len(names)} classes of the class list")
+        _check_image_size(item.image, item.label, target)
         if ids:
             units.append(InputUnit(item.image, "file", 1, tuple(names[i] for i in ids), item.name))
         else:
             background_only.append(item.name)
     return units, background_only
+
+
+def _check_image_size(image_url: str, label_url: str, target: np.ndarray) -> None:
+    """The ground truth must cover its image pixel for pixel: checked from the image's header, before any model
+    loads (scoring would otherwise fail only after the model ran)."""
+    with fsspec.open(image_url, "rb") as f, Image.open(f) as im:
+        width, height = im.size
+    if target.shape != (height, width):
+        raise LayoutError(f"{label_url}: the ground truth is {target.shape[1]}x{target.shape[0]} but its image "
+                          f"{image_url} is {width}x{height}")
 
 
 def score_predictions(dataset: LabelledDataset, predictions: str | None,

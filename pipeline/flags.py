@@ -13,11 +13,10 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from seediff.schemas.config import RECORDED
+from seediff.schemas.config import RECORDED, yaml_value
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -39,10 +38,14 @@ class Flag:
 
 def flag_name(field: str, info: FieldInfo) -> str | None:
     """The field's flag, or None for a field that is recorded but not set (``RECORDED``)."""
-    extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+    extra = _extra(info)
     if "flag" in extra:
         return None if extra["flag"] == RECORDED else extra["flag"]
     return "--" + field.replace(".", "-").replace("_", "-")
+
+
+def _extra(info: FieldInfo) -> dict[str, Any]:
+    return info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
 
 
 def add_flags(group: argparse._ActionsContainer, model: type[BaseModel], prefix: str = "",
@@ -63,7 +66,7 @@ def add_flags(group: argparse._ActionsContainer, model: type[BaseModel], prefix:
         if flag is None:
             continue
         spec = Flag(field, flag)
-        group.add_argument(flag, dest=spec.dest, default=None, help=_help(info), **_parsing(annotation))
+        group.add_argument(flag, dest=spec.dest, default=None, help=_help(info), **_parsing(annotation, info))
         flags.append(spec)
     return flags
 
@@ -93,9 +96,13 @@ def _unwrap_optional(annotation: Any) -> Any:
     return annotation
 
 
-def _parsing(annotation: Any) -> dict[str, Any]:
-    """argparse keywords that turn the flag's text into the field's type."""
+def _parsing(annotation: Any, info: FieldInfo) -> dict[str, Any]:
+    """argparse keywords that turn the flag's text into the field's type. A list of settings models (``--lora``) is
+    a repeatable flag: each value is the model's own text form, which the model parses."""
     origin = typing.get_origin(annotation)
+    parts = typing.get_args(annotation)
+    if origin is tuple and parts[1:] == (Ellipsis,) and isinstance(parts[0], type) and issubclass(parts[0], BaseModel):
+        return {"action": "append", "type": str, "metavar": _extra(info).get("metavar", "TEXT")}
     if origin is Literal:
         choices = typing.get_args(annotation)
         return {"choices": choices, "type": type(choices[0])}
@@ -103,15 +110,14 @@ def _parsing(annotation: Any) -> dict[str, Any]:
         return {"action": argparse.BooleanOptionalAction}
     if annotation in (int, float, str):
         return {"type": annotation, "metavar": annotation.__name__.upper()}
-    if origin is tuple and all(a in (int, float, str) for a in typing.get_args(annotation)):
-        parts = typing.get_args(annotation)
+    if origin is tuple and all(a in (int, float, str) for a in parts):
         return {"nargs": len(parts), "type": parts[0], "metavar": tuple(a.__name__.upper() for a in parts)}
-    return {"type": yaml.safe_load, "metavar": "YAML"}  # lists, mappings: written as in the config file
+    return {"type": yaml_value, "metavar": "YAML"}  # lists, mappings: written as in the config file, same bounds
 
 
 def _help(info: FieldInfo) -> str:
     default = info.get_default(call_default_factory=True)
-    shown = "unset" if default is None else default.model_dump() if isinstance(default, BaseModel) else default
+    shown = "unset" if default in (None, "", ()) else default.model_dump() if isinstance(default, BaseModel) else default
     if isinstance(shown, (list, tuple)):
         shown = " ".join(str(v) for v in shown)
     # argparse formats help with %-interpolation

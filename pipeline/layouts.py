@@ -1,4 +1,4 @@
-"""Folder layouts of labelled segmentation datasets, read for ``seediff eval`` and written by ``seediff export``.
+r"""Folder layouts of labelled segmentation datasets, read for ``seediff eval`` and written by ``seediff export``.
 
 ``voc``: PASCAL VOC 2012's own layout, which segmentation trainers (mmsegmentation, torchvision, DeepLab ports) read::
 
@@ -14,7 +14,8 @@ class list (``ROOT/classes.txt`` or ``--classes-file``).
 
 A class list is a text file with one class per line, the line number (from 0) being the label value; a line may be
 a plain name or a labelmap line (``name:r,g,b:parts:actions``); ``#`` lines are comments and an ``ignored`` line
-(Datumaro's name for 255) is skipped. Label value 0 is the
+(Datumaro's name for 255) is skipped. A backslash escapes the next character (``a\:b``, ``\#hash``, ``x\,y``):
+``escape_class_name`` writes names so, ``split_escaped`` reads them. Label value 0 is the
 background class, scored like any other, as in VOC.
 
 Everything goes through fsspec, so ROOT and the export directory may be any URL."""
@@ -78,9 +79,9 @@ def read_class_list(url: str) -> tuple[str, ...]:
     names = []
     for number, line in enumerate(lines, start=1):
         text = line.strip()
-        if not text or text.startswith("#"):
+        if not text or text.startswith("#"):  # an escaped "\#" starts a name, not a comment
             continue
-        name = text.split(":", 1)[0].strip()
+        name = split_escaped(text, ":")[0].strip()
         if not name:
             raise LayoutError(f"{url}:{number}: empty class name")
         if name != IGNORED_NAME:  # the label of value 255, not a class
@@ -90,6 +91,30 @@ def read_class_list(url: str) -> tuple[str, ...]:
     if len(names) > IGNORE:
         raise LayoutError(f"{url}: {len(names)} classes; label maps hold at most {IGNORE} (255 is ignore)")
     return tuple(names)
+
+
+ESCAPED = "\\:,#"  # what a class name written into a class list escapes with a backslash
+
+
+def escape_class_name(name: str) -> str:
+    r"""A class name as a class list (labelmap.txt, classes.txt, ``--classes a,b``) writes it: ``\``, ``:``, ``,``
+    and ``#`` escaped with a backslash, so ``a:b`` is not cut at its colon, ``#hash`` is not a comment, ``x,y`` is
+    one name; ``split_escaped`` reads it back. Names without these characters are written as they are."""
+    return "".join(f"\\{c}" if c in ESCAPED else c for c in name)
+
+
+def split_escaped(text: str, separator: str) -> list[str]:
+    r"""``text`` split at each ``separator`` not escaped by a backslash, each part unescaped (``\x`` -> ``x``)."""
+    parts, current, chars = [], [], iter(text)
+    for c in chars:
+        if c == "\\":
+            current.append(next(chars, "\\"))
+        elif c == separator:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(c)
+    return [*parts, "".join(current)]
 
 
 def voc_palette() -> list[int]:
@@ -114,7 +139,7 @@ def labelmap_text(class_names: tuple[str, ...]) -> str:
     palette = voc_palette()
     lines = ["# label:color_rgb:parts:actions"]
     for i, name in [*enumerate(class_names), (IGNORE, IGNORED_NAME)]:
-        lines.append(f"{name}:{palette[3 * i]},{palette[3 * i + 1]},{palette[3 * i + 2]}::")
+        lines.append(f"{escape_class_name(name)}:{palette[3 * i]},{palette[3 * i + 1]},{palette[3 * i + 2]}::")
     return "\n".join(lines) + "\n"
 
 

@@ -3,8 +3,12 @@
 ``segmentation_dataset`` streams shards (webdataset pipeline: shard shuffling, node/worker splitting, resampling);
 ``wids_dataset`` gives indexed random access from ``dataset.json``. Both decode ``mask.png`` as an 8-bit label map
 (class ids on their objects, 0 background, 255 ignore): never through an RGB decoder, which would turn class ids into
-colour floats. Both take a ``QualityFilter`` over the label-map quality fields (per-class pixel fractions, ignore
-fraction, empty/degenerate flags, confidence); the indexed reader applies it from the parquet files alone.
+colour floats. ``dtype="uint8"`` returns the stored pixels and label values as they are (the fast path: a training
+job normalises on its GPU); ``"float32"`` the image in [0, 1] and the labels as int64. JPEGs decode with simplejpeg
+(libjpeg-turbo with Pillow's default settings: identical pixels, twice Pillow's rate in bench/bench_readers.py),
+other images with Pillow. Both readers take a ``QualityFilter`` over the label-map quality fields
+(per-class pixel fractions, ignore fraction, empty/degenerate flags, confidence), read from the sample's seediff
+record (the indexed reader: from the parquet files alone).
 
 Shards are opened with fsspec rather than webdataset's ``gopen``: any URL the writer could write (local, ``s3://``,
 ``gs://``, ``az://``, ``https://``) is readable with the same credentials and fsspec config (e.g.
@@ -13,6 +17,8 @@ Shards are opened with fsspec rather than webdataset's ``gopen``: any URL the wr
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import io
 import json
 import posixpath
@@ -24,16 +30,17 @@ import braceexpand
 import fsspec
 import numpy as np
 import pyarrow.parquet as pq
+import simplejpeg
 import torch
 import webdataset as wds
 from PIL import Image
 
 from seediff.schemas.records import DATASET_JSON, PARQUET_SUFFIX, SIZES_JSON, SUCCESS, TAR_SUFFIX
-from seediff.schemas.records import ANNOTATION_FIELD, MASK_FIELD, decode_mask, quality_columns
+from seediff.schemas.records import ANNOTATION_FIELD, IMAGE_FIELDS, MASK_FIELD, decode_mask, quality_columns
 
-# generate writes one of config.image_format's values; annotate keeps its input's own image field (jpeg too)
-IMAGE_FIELDS = ("jpg", "png", "webp", "jpeg")
 SHARD_SHUFFLE_DEFAULT = 100  # shards held in the per-worker shard shuffle buffer (webdataset's own default)
+DTYPES = ("uint8", "float32")
+IMAGE_LAYOUTS = ("chw", "hwc")
 
 Sample = tuple[torch.Tensor, torch.Tensor, dict[str, Any]]
 
@@ -113,30 +120,59 @@ class QualityFilter:
 
 
 def _passes(quality: QualityFilter) -> Callable[[dict[str, Any]], bool]:
-    """A webdataset select stage's predicate on a raw sample: reads only its ``json`` field."""
-    return lambda sample: quality(quality_columns(json.loads(_bytes(sample["json"]))))
+    """A webdataset select stage's predicate on a raw sample: reads only its seediff record (``record_field``),
+    never an annotated input's own ``json``."""
+    return lambda sample: quality(quality_columns(sample_record(sample)))
 
 
 # ---- decoding -------------------------------------------------------------------------------------------------
 
 
-def decode_sample(sample: dict[str, Any]) -> Sample:
-    """A raw WebDataset sample (field name -> bytes) -> (image float [3,H,W] in [0,1], mask long [H,W], metadata).
-    Field names may carry wids' leading dot (``.jpg``). The metadata is ``mask.json`` in annotated outputs, else
-    ``json``."""
-    fields = {name.lstrip("."): value for name, value in sample.items()}
-    key = fields.get("__key__", "?")
-    image_field = next((name for name in IMAGE_FIELDS if name in fields), None)
-    metadata_field = record_field(fields)
-    if image_field is None or MASK_FIELD not in fields or metadata_field not in fields:
-        raise ValueError(f"sample {key}: expected an image ({'/'.join(IMAGE_FIELDS)}), mask.png and json (or "
-                         f"{ANNOTATION_FIELD}) fields, got {sorted(fields)}")
-    with Image.open(io.BytesIO(_bytes(fields[image_field]))) as im:
-        rgb = np.array(im.convert("RGB"))  # a writable copy, as torch.from_numpy wants
-    image = torch.from_numpy(rgb).permute(2, 0, 1).float().div_(255.0)
-    mask = torch.from_numpy(decode_mask(_bytes(fields[MASK_FIELD]))).long()
-    metadata = json.loads(_bytes(fields[metadata_field]))
-    return image, mask, metadata
+class SampleDecoder:
+    """A raw WebDataset sample (field name -> bytes) -> (image, label mask, metadata).
+
+    ``dtype="uint8"``: image uint8 [3,H,W] (``image_layout="hwc"``: [H,W,3]) with the stored pixels, mask uint8
+    [H,W] with the stored label values. ``"float32"``: image float32 in [0,1], mask int64. Field names may carry
+    wids' leading dot (``.jpg``). The image is the first of ``IMAGE_FIELDS`` present (the field annotate labels);
+    the metadata is the seediff record (``record_field``). A class, not a closure, so DataLoader workers can pickle
+    it."""
+
+    def __init__(self, dtype: str = "float32", image_layout: str = "chw"):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype: expected one of {DTYPES}, got {dtype!r}")
+        if image_layout not in IMAGE_LAYOUTS:
+            raise ValueError(f"image_layout: expected one of {IMAGE_LAYOUTS}, got {image_layout!r}")
+        self.dtype, self.image_layout = dtype, image_layout
+
+    def __call__(self, sample: dict[str, Any]) -> Sample:
+        fields = {name.lstrip("."): value for name, value in sample.items()}
+        key = fields.get("__key__", "?")
+        image_field = next((name for name in IMAGE_FIELDS if name in fields), None)
+        metadata_field = record_field(fields)
+        if image_field is None or MASK_FIELD not in fields or metadata_field not in fields:
+            raise ValueError(f"sample {key}: expected an image ({'/'.join(IMAGE_FIELDS)}), mask.png and json (or "
+                             f"{ANNOTATION_FIELD}) fields, got {sorted(fields)}")
+        image = torch.from_numpy(decode_rgb(_bytes(fields[image_field]), image_field))
+        if self.image_layout == "chw":
+            image = image.permute(2, 0, 1)
+        mask = torch.from_numpy(decode_mask(_bytes(fields[MASK_FIELD])))
+        if self.dtype == "float32":
+            image, mask = image.float().div_(255.0), mask.long()
+        return image, mask, json.loads(_bytes(fields[metadata_field]))
+
+
+decode_sample = SampleDecoder()  # the float32 form
+
+
+def decode_rgb(data: bytes, field: str) -> np.ndarray:
+    """An encoded image -> a writable H x W x 3 uint8 array (torch.from_numpy wants writable memory)."""
+    if field in ("jpg", "jpeg") and simplejpeg.is_jpeg(data):
+        try:
+            return simplejpeg.decode_jpeg(data, colorspace="RGB")
+        except ValueError:  # what libjpeg-turbo cannot turn into RGB (CMYK, say): Pillow converts it
+            pass
+    with Image.open(io.BytesIO(data)) as im:
+        return np.array(im.convert("RGB"))
 
 
 def record_field(fields: dict[str, Any]) -> str:
@@ -200,8 +236,10 @@ def segmentation_dataset(
     split_by_node: bool = True,
     handler: Callable[[Exception], bool] = wds.warn_and_continue,
     quality: QualityFilter | None = None,
+    dtype: str = "float32",
+    image_layout: str = "chw",
 ) -> wds.DataPipeline:
-    """A webdataset pipeline yielding ``(image, mask, metadata)``; see ``decode_sample``.
+    """A webdataset pipeline yielding ``(image, mask, metadata)``; see ``SampleDecoder``.
 
     ``urls``: anything ``shard_urls`` accepts (output root, directory, brace pattern, list).
     ``shuffle_shards``: size of the shard shuffle buffer (True = 100; False/0 = file order, for validation).
@@ -212,8 +250,11 @@ def segmentation_dataset(
     ``shuffle_buffer``: in-memory sample shuffle buffer (0 = off).
     ``handler``: what to do on a corrupt shard/sample; ``wds.warn_and_continue`` skips it, ``wds.reraise_exception``
     stops.
-    ``quality``: drop samples whose label map fails the filter (decided from the ``json`` field, before decoding).
+    ``quality``: drop samples whose label map fails the filter (decided from the seediff record, before decoding).
+    ``dtype``: ``"uint8"`` (image uint8 [3,H,W], mask uint8 [H,W]: the stored values, the fast path) or
+    ``"float32"`` (image in [0,1], mask int64). ``image_layout``: ``"chw"`` or ``"hwc"``.
     """
+    decode = SampleDecoder(dtype, image_layout)
     shards = shard_urls(urls)
     if resampled and epoch_length is None:
         raise ValueError("segmentation_dataset: resampled=True needs epoch_length (samples per worker per epoch)")
@@ -234,7 +275,7 @@ def segmentation_dataset(
         stages.append(wds.select(_passes(quality)))
     if shuffle_buffer > 0:
         stages.append(wds.shuffle(shuffle_buffer))
-    stages.append(wds.map(decode_sample, handler=handler))
+    stages.append(wds.map(decode, handler=handler))
     dataset = wds.DataPipeline(*stages)
     return dataset.with_epoch(epoch_length) if epoch_length is not None else dataset
 
@@ -242,33 +283,72 @@ def segmentation_dataset(
 # ---- indexed (wids) ---------------------------------------------------------------------------------------------
 
 
-def wids_dataset(out_url: str, quality: QualityFilter | None = None, **kwargs: Any):
+def wids_dataset(out_url: str, quality: QualityFilter | None = None, *, dtype: str = "float32",
+                 image_layout: str = "chw", **kwargs: Any):
     """Indexed access (``len``, ``ds[i]``, any sampler) from the run's ``dataset.json``, samples mapped to the same
-    ``(image, mask, metadata)`` tuples. Remote shards are downloaded whole into wids' cache (``cache_dir=...``;
-    default ``$WIDS_CACHE`` or ``/tmp/_wids_cache``); ``kwargs`` go to ``wids.ShardListDataset``. With ``quality``,
-    a ``torch.utils.data.Subset`` of the samples that pass, chosen from the shards' parquet files (no tar is read)."""
+    ``(image, mask, metadata)`` tuples (``dtype`` and ``image_layout`` as in ``segmentation_dataset``). Local
+    shards are read in place (nothing is copied or written); remote shards are downloaded whole into wids' cache
+    (``cache_dir=...``; default ``$WIDS_CACHE`` or ``/tmp/_wids_cache``). ``kwargs`` go to
+    ``wids.ShardListDataset``. With ``quality``, a ``torch.utils.data.Subset`` of the samples that pass, chosen from
+    the shards' parquet files (no tar is read)."""
     import wids  # imported here: only this reader needs it
 
     root = out_url.rstrip("/")
     descriptor = _dataset_descriptor(root)
     shards = [{**shard, "url": _join(root, shard["url"])} for shard in descriptor["shardlist"]]
-    dataset = wids.ShardListDataset(shards, dataset_name=descriptor.get("name"), transformations=[decode_sample],
-                                    **kwargs)
+    in_place = all(_is_local(shard["url"]) for shard in shards) and not ({"cache_dir", "localname"} & kwargs.keys())
+    if in_place:
+        kwargs["localname"] = str  # so wids makes no cache folder; its shard cache is replaced below
+    with contextlib.redirect_stderr(io.StringIO()):  # wids prints its descriptor on every construction
+        dataset = wids.ShardListDataset(shards, dataset_name=descriptor.get("name"),
+                                        transformations=[SampleDecoder(dtype, image_layout)], **kwargs)
+    if in_place:
+        dataset.cache = _InPlaceShards(kwargs.get("lru_size", 10))
     if quality is None:
         return dataset
     return torch.utils.data.Subset(dataset, passing_indices([s["url"] for s in shards], quality))
 
 
+def _is_local(url: str) -> bool:
+    return fsspec.core.url_to_fs(url)[0].protocol in ("file", ("file", "local"))
+
+
+class _InPlaceShards:
+    """wids' shard cache (``ShardListDataset.cache``) for local roots: a tar is indexed where it lies, where wids'
+    own would copy it into its cache folder and put a lock file beside it. Keeps at most ``size`` open, like wids'."""
+
+    def __init__(self, size: int):
+        self.size, self.shards = size, collections.OrderedDict()
+        self.accesses = self.misses = 0
+        self.last_missed = False
+
+    def get_shard(self, url: str) -> Any:
+        from wids.wids import IndexedTarSamples
+
+        self.accesses += 1
+        self.last_missed = url not in self.shards
+        if self.last_missed:
+            self.misses += 1
+            self.shards[url] = IndexedTarSamples(path=fsspec.core.url_to_fs(url)[1])
+            if len(self.shards) > self.size:
+                self.shards.popitem(last=False)[1].close()
+        self.shards.move_to_end(url)
+        return self.shards[url]
+
+    def clear(self) -> None:
+        while self.shards:
+            self.shards.popitem()[1].close()
+
+
 def passing_indices(shard_urls: Sequence[str], quality: QualityFilter) -> list[int]:
-    """Positions, in the concatenated shards, of the samples that pass ``quality``: each shard's parquet lists its
+    """Positions, in the concatenated shards, of the samples that pass ``quality``."""
+    return [position for position, (_, row) in enumerate(successful_rows(shard_urls)) if quality(row)]
+
+
+def successful_rows(shard_urls: Sequence[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(shard URL, parquet row) of every sample the tars hold, in their order: each shard's parquet lists its
     attempted samples in the tar's order; the successful ones are the tar's samples."""
-    kept, position = [], 0
     for url in shard_urls:
         with fsspec.open(url.removesuffix(TAR_SUFFIX) + PARQUET_SUFFIX, "rb") as f:
             rows = pq.read_table(f).to_pylist()
-        for row in rows:
-            if row["status"] == SUCCESS:
-                if quality(row):
-                    kept.append(position)
-                position += 1
-    return kept
+        yield from ((url, row) for row in rows if row["status"] == SUCCESS)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import posixpath
 import re
@@ -20,19 +21,21 @@ from typing import Any
 from fsspec import AbstractFileSystem
 
 from seediff.pipeline.sources import ImageInput
-from seediff.schemas.config import ConfigError, InputError, RunConfig
+from seediff.schemas.config import ConfigError, InputError, RetryLater, RunConfig
 from seediff.schemas.manifest import Manifest
 from seediff.schemas.records import (
     DATASET_JSON,
     LEASE_JSON,
+    PARQUET_SUFFIX,
     RUN_JSON,
     SIZES_JSON,
     STATS_SUFFIX,
+    TAR_SUFFIX,
     ShardStats,
     shard_file_pattern,
     shard_name,
 )
-from seediff.storage import is_local, output_fs, write_file
+from seediff.storage import WRITE_PROBE_PREFIX, is_local, output_fs, write_file
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +93,16 @@ def clean_leftovers(config: RunConfig, committed: Collection[int]) -> list[str]:
     fs, root = output_fs(config.output_url)
     files = _shard_files(fs, root, config.shard_prefix, config.shard_digits)
     doomed = [path for path, m in files if m["temp"] or int(m["shard"]) not in committed]
+    if doomed:
+        fs.rm(doomed)
+    return doomed
+
+
+def remove_temp_files(config: RunConfig) -> list[str]:
+    """Delete the temp files of shard writers (what an actor killed mid-shard left): at the end of a run, once no
+    actor writes. Returns the removed paths."""
+    fs, root = output_fs(config.output_url)
+    doomed = [path for path, m in _shard_files(fs, root, config.shard_prefix, config.shard_digits) if m["temp"]]
     if doomed:
         fs.rm(doomed)
     return doomed
@@ -175,16 +188,11 @@ def prepare_output(config: RunConfig, manifest: Manifest | ImageInput, overwrite
     Returns the committed shards' stats (``read_committed_stats``), read once here for the whole run."""
     fs, root = output_fs(config.output_url)
     path = f"{root}/{RUN_JSON}"
+    check_output_folder(config, overwrite)
     if overwrite:
         _wipe(fs, root, config)
     record = read_run_json(config.output_url)
-    if record is None:
-        if _shard_files(fs, root, config.shard_prefix, config.shard_digits):
-            raise RunConfigMismatch(
-                f"{path}: missing, but {root} holds {config.shard_prefix}-* shard files from an unknown run; "
-                "pass overwrite (--overwrite) or choose another output"
-            )
-    else:
+    if record is not None:
         try:
             check_resume(record, config, manifest, path)
             return read_committed_stats(config)
@@ -195,6 +203,43 @@ def prepare_output(config: RunConfig, manifest: Manifest | ImageInput, overwrite
         _wipe(fs, root, config)
     _write_run_json(fs, path, run_record(config, manifest))
     return {}  # a new output, or its files just removed
+
+
+class NotAnOutputFolder(InputError):
+    """``--out`` names a file, or a folder with files of its own that is not a seediff output (no run.json)."""
+
+
+def check_output_folder(config: RunConfig, overwrite: bool) -> None:
+    """A run writes only into a folder that is absent, empty or a seediff output (it has run.json): never beside a
+    user's own files (a ``dataset.json`` or ``sizes.json`` of theirs would be replaced). Shard files of this run's
+    naming without run.json are a run whose run.json was lost: refused unless ``overwrite``. Raise naming what is
+    there."""
+    fs, root = output_fs(config.output_url)
+    if is_local(fs) and os.path.exists(root) and not os.path.isdir(root):
+        raise NotAnOutputFolder(f"{config.output_url}: is a file; --out must be a folder (absent, empty, or a seediff "
+                                "output)")
+    names = _list_names(fs, root)
+    if RUN_JSON in names:
+        return
+    pattern = shard_file_pattern(config.shard_prefix, config.shard_digits)
+    shards = [n for n in names if pattern.match(n)]
+    foreign = sorted(n for n in names if not pattern.match(n) and not _ours_without_run_json(n))
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise NotAnOutputFolder(
+            f"{config.output_url}: not a seediff output (no {RUN_JSON}) and not empty: it holds {shown}. seediff "
+            "writes only into an absent or empty folder, or one of its own outputs; choose another --out"
+        )
+    if shards and not overwrite:
+        raise RunConfigMismatch(
+            f"{root}/{RUN_JSON}: missing, but {root} holds {config.shard_prefix}-* shard files from an unknown run; "
+            "pass overwrite (--overwrite) or choose another output"
+        )
+
+
+def _ours_without_run_json(name: str) -> bool:
+    """Files a starting run writes before run.json: the lease (and its staged copy), the write-access probe."""
+    return name == LEASE_JSON or name.startswith(f"{LEASE_JSON}.") or name.startswith(WRITE_PROBE_PREFIX)
 
 
 def _bound(record: dict[str, Any], config: RunConfig) -> bool:
@@ -241,7 +286,8 @@ def _wipe(fs: AbstractFileSystem, root: str, config: RunConfig) -> None:
         old = previous["config"]
         namings.add((old.get("shard_prefix", config.shard_prefix), old.get("shard_digits", config.shard_digits)))
     names = _list_names(fs, root)
-    doomed = {names[n] for n in (RUN_JSON, SIZES_JSON, DATASET_JSON) if n in names}
+    own = (RUN_JSON, SIZES_JSON, DATASET_JSON) if RUN_JSON in names else ()  # the index files are ours only there
+    doomed = {names[n] for n in own if n in names}
     for prefix, digits in namings:
         doomed.update(path for path, _ in _shard_files(fs, root, prefix, digits))
     if doomed:
@@ -252,22 +298,29 @@ def _wipe(fs: AbstractFileSystem, root: str, config: RunConfig) -> None:
 
 LEASE_HEARTBEAT_S = 10.0  # how often the holding driver refreshes the lease
 LEASE_STALE_S = 60.0  # a lease without a heartbeat for this long belongs to a dead driver and is taken over
+LEASE_SKEW_S = 30.0  # clock difference between hosts tolerated before a future heartbeat is disbelieved
+
+
+def _shown(value: Any) -> str:
+    """A lease field as quoted in a message: whatever a damaged or planted lease holds, one short line."""
+    return " ".join(str(value).split())[:80]
 
 
 def _dead_on_this_host(holder: dict[str, Any]) -> bool:
     """The holder ran on this host and its process is gone (a killed driver need not wait for the lease to age)."""
-    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+    pid = holder.get("pid")
+    if holder.get("host") != socket.gethostname() or not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
         return False
     try:
-        os.kill(holder["pid"], 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return True
-    except PermissionError:
+    except (PermissionError, OverflowError):
         return False
     return False
 
 
-class LeaseHeld(InputError):
+class LeaseHeld(RetryLater):
     """Another live driver holds the output root's lease; the message names it."""
 
 
@@ -296,12 +349,33 @@ class OutputLease:
         return (json.dumps({**holder, "heartbeat": time.time()}, sort_keys=True) + "\n").encode()
 
     def read(self) -> dict[str, Any] | None:
+        """The holder's record; {} for a lease that does not parse as one (half-written by a best-effort store,
+        damaged): treated as stale."""
         try:
-            return json.loads(self.fs.cat_file(self.path))
+            holder = json.loads(self.fs.cat_file(self.path))
         except FileNotFoundError:
             return None
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return {}  # half-written by a best-effort store: treated as stale
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+            return {}
+        return holder if isinstance(holder, dict) else {}
+
+    def _age(self, holder: dict[str, Any]) -> tuple[float, str]:
+        """Seconds since the holder's last heartbeat, and how that was judged. A heartbeat that is not a finite
+        number counts as none (stale). One in the future beyond ``LEASE_SKEW_S`` (clock skew, or a planted lease)
+        is not believed: the lease file's modification time (the store's clock) stands in, so such a lease goes
+        stale ``stale_s`` after it was last written instead of locking the output until that date."""
+        beat = holder.get("heartbeat")
+        now = time.time()
+        if isinstance(beat, bool) or not isinstance(beat, (int, float)) or not math.isfinite(beat):
+            return math.inf, "no valid heartbeat"
+        if beat <= now + LEASE_SKEW_S:
+            return max(now - beat, 0.0), f"heartbeat {max(now - beat, 0.0):.0f}s ago"
+        try:
+            written = self.fs.modified(self.path).timestamp()
+        except (OSError, NotImplementedError, AttributeError):
+            written = self.started  # judged from this driver's first look
+        age = max(now - written, 0.0)
+        return age, f"heartbeat {beat - now:.0f}s in the future, clock skew? The file was written {age:.0f}s ago"
 
     def acquire(self) -> None:
         """Take the lease (or a stale one) and start the heartbeat; raise LeaseHeld naming a live holder."""
@@ -313,15 +387,15 @@ class OutputLease:
             holder = self.read()
             if holder is None:
                 continue  # released meanwhile
-            age = time.time() - float(holder.get("heartbeat", 0))
+            age, judged = self._age(holder)
             if age < self.stale_s and not _dead_on_this_host(holder):
                 raise LeaseHeld(
-                    f"{self.path}: this output is in use by run {holder.get('run_id')} on {holder.get('host')} "
-                    f"(pid {holder.get('pid')}, heartbeat {age:.0f}s ago); wait for it to finish or stop it "
-                    f"(a lease without heartbeat for {self.stale_s:.0f}s is taken over)"
+                    f"{self.path}: this output is in use by run {_shown(holder.get('run_id'))} on "
+                    f"{_shown(holder.get('host'))} (pid {_shown(holder.get('pid'))}, {judged}); wait for "
+                    f"it to finish or stop it (a lease without heartbeat for {self.stale_s:.0f}s is taken over)"
                 )
-            log.warning("taking over the lease of run %s (no heartbeat for %.0fs, or its driver process is gone)",
-                        holder.get("run_id"), age)
+            log.warning("taking over the lease of run %s (%s, or its driver process is gone)",
+                        _shown(holder.get("run_id")), judged if holder else "lease.json unreadable")
             if self.read() == holder:  # nobody refreshed or took it over meanwhile
                 self.fs.rm_file(self.path)
         raise LeaseHeld(f"{self.path}: could not take the lease (other drivers are competing for it)")
@@ -390,10 +464,17 @@ class OutputLease:
 
 
 def uncommit(config: RunConfig, shard_ids: Collection[int]) -> list[str]:
-    """Delete the stats files (the commit markers) of ``shard_ids``: the next run regenerates exactly those shards,
-    byte-identically, and its leftover cleanup removes their old tar and parquet. Call under the output lease."""
+    """Delete the stats files (the commit markers) of ``shard_ids``, then their tar and parquet: readers that list
+    the folder stop reading them, and the next run regenerates exactly those shards, byte-identically. Rewrite the
+    index afterwards (pipeline/index.py). Call under the output lease. Returns the removed paths."""
     fs, root = output_fs(config.output_url)
-    paths = [f"{root}/{shard_name(config.shard_prefix, i, config.shard_digits)}{STATS_SUFFIX}" for i in sorted(shard_ids)]
-    if paths:
-        fs.rm(paths)
-    return paths
+    names = [shard_name(config.shard_prefix, i, config.shard_digits) for i in sorted(shard_ids)]
+    markers = [f"{root}/{name}{STATS_SUFFIX}" for name in names]
+    existing = _list_names(fs, root)
+    markers = [p for p in markers if posixpath.basename(p) in existing]
+    if markers:
+        fs.rm(markers)  # first: a shard is uncommitted before any of its files goes
+    files = [existing[n + s] for n in names for s in (TAR_SUFFIX, PARQUET_SUFFIX) if n + s in existing]
+    if files:
+        fs.rm(files)
+    return markers + files

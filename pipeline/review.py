@@ -1,16 +1,12 @@
 """Looking at a finished (or running) output: ``inspect`` (what is there), ``preview`` (a contact sheet of images with
-their masks), ``verify`` (is every shard complete and consistent with the index). All I/O goes through fsspec, so
-the same calls work on local disk, ``s3://`` and ``gs://``."""
+their masks); ``verify`` is pipeline/verify.py. All I/O goes through fsspec, so the same calls work on local disk,
+``s3://`` and ``gs://``."""
 
 from __future__ import annotations
 
 import colorsys
-import hashlib
 import io
-import json
 import math
-import posixpath
-import tarfile
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -27,24 +23,17 @@ from seediff.pipeline.resume import CLASS_NAMES_FIELD, read_committed_stats, rea
 from seediff.pipeline.summary import human_bytes
 from seediff.schemas.config import RunConfig, flatten_settings
 from seediff.schemas.records import (
-    DATASET_JSON,
     PARQUET_SUFFIX,
     RUN_JSON,
-    SIZES_JSON,
-    STATS_SUFFIX,
     SUCCESS,
     TAR_SUFFIX,
-    ShardStats,
-    checksum_column,
     shard_name,
 )
 from seediff.schemas.records import BACKGROUND_LABEL as BACKGROUND
 from seediff.schemas.records import IGNORE_LABEL as IGNORE
-from seediff.schemas.records import ANNOTATION_FIELD, decode_mask, sample_classes
+from seediff.schemas.records import decode_mask, sample_classes
 from seediff.storage import output_fs
 
-REQUIRED_FIELDS = (MASK_FIELD, "cls", "txt", "json")  # plus one of IMAGE_FIELDS
-ANNOTATED_FIELDS = (MASK_FIELD, ANNOTATION_FIELD)  # annotate: plus the input's own fields, one of them an image
 OVERLAY_ALPHA = 0.5
 IGNORE_COLOUR = (255, 255, 255)  # the ignore band: white, unlike any class colour (saturation 0.9)
 LEGEND_ROW = 14  # px per legend line under the sheet
@@ -321,199 +310,3 @@ def _label(tile: Image.Image, text: str) -> None:
     draw.rectangle((0, 0, width + 4, height + 4), fill=(0, 0, 0))
     fonts.draw_label(draw, (2, 2), text, size)
 
-
-# ---- verify -------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Verification:
-    problems: list[str]  # one line each; empty = OK
-    damaged: list[int]  # committed shards whose own files are wrong (not just a stale index): what --repair un-commits
-
-
-def verify_dataset(out_url: str) -> list[str]:
-    """The problems ``verify`` finds (empty = OK)."""
-    return verify(out_url).problems
-
-
-def verify(out_url: str) -> Verification:
-    """Check every shard against sizes.json, dataset.json and its stats.
-
-    Per shard: tar, parquet and stats present; tar readable to the end; each sample's fields contiguous and complete,
-    and each field's sha256 equal to the parquet's; sample counts equal in tar, stats, parquet, sizes.json and
-    dataset.json; tar size equal in stats and dataset.json; each sample's mask values within its own class ids (from
-    its ``json``) plus 0 (background) and 255 (ignore). Per dataset: no planned shard missing, no index entry outside
-    the plan."""
-    verifier = _Verifier(out_url)
-    problems = verifier.problems()
-    return Verification(problems, sorted(verifier.damaged))
-
-
-class _Verifier:
-    """The output's listing, index and stats, read once; ``problems()`` checks each planned shard against them."""
-
-    def __init__(self, out_url: str):
-        record, self.config = read_run(out_url)
-        self.fs, self.root = output_fs(out_url)
-        self.names = {posixpath.basename(p.rstrip("/")) for p in self.fs.ls(self.root, detail=False)}
-        self.index_problems: list[str] = []
-        self.sizes: dict[str, int] = self._load_index(SIZES_JSON)
-        shardlist = self._load_index(DATASET_JSON).get("shardlist", [])
-        # dataset.json entries by shard name (urls are relative to the root)
-        self.entries = {posixpath.basename(e["url"]).removesuffix(TAR_SUFFIX): e for e in shardlist}
-        self.indexed = {n.removesuffix(TAR_SUFFIX) for n in self.sizes if n.endswith(TAR_SUFFIX)} | set(self.entries)
-        self.stats = read_committed_stats(self.config)
-        planned_shards = shard_count(record.get("num_samples", 0), self.config.samples_per_shard)
-        self.planned = [self._name(i) for i in range(planned_shards)]
-        with_parquet = [i for i in sorted(self.stats) if self._name(i) + PARQUET_SUFFIX in self.names]
-        self.tables = _read_parquets(out_url, self.config, with_parquet)
-        self.damaged: set[int] = set()
-
-    def _name(self, shard_id: int) -> str:
-        return shard_name(self.config.shard_prefix, shard_id, self.config.shard_digits)
-
-    def _load_index(self, name: str) -> dict[str, Any]:
-        if name not in self.names:
-            self.index_problems.append(f"{name}: missing (run `seediff generate` to completion to write the index)")
-            return {}
-        try:
-            data = json.loads(self.fs.cat_file(f"{self.root}/{name}"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            self.index_problems.append(f"{name}: not valid JSON: {e}")
-            return {}
-        if not isinstance(data, dict):
-            self.index_problems.append(f"{name}: expected a JSON object")
-            return {}
-        return data
-
-    def problems(self) -> list[str]:
-        problems = list(self.index_problems)
-        for shard_id, name in enumerate(self.planned):
-            problems += self._check_shard(shard_id, name)
-        for name in sorted(self.indexed - set(self.planned)):
-            problems.append(f"{name}: listed in the index but outside the run's {len(self.planned)} planned shards")
-        return problems
-
-    def _check_shard(self, shard_id: int, name: str) -> list[str]:
-        present = {suffix for suffix in (TAR_SUFFIX, PARQUET_SUFFIX, STATS_SUFFIX) if name + suffix in self.names}
-        if not present:
-            return [f"{name}: missing shard (no tar, parquet or stats file)"]
-        problems = [f"{name}{suffix}: missing" for suffix in (TAR_SUFFIX, PARQUET_SUFFIX) if suffix not in present]
-        stats = self.stats.get(shard_id)
-        if problems and stats is not None:
-            self.damaged.add(shard_id)
-        if STATS_SUFFIX not in present:
-            problems.append(f"{name}{STATS_SUFFIX}: missing stats file (shard not committed)")
-        elif stats is None:
-            problems.append(f"{name}{STATS_SUFFIX}: does not parse as shard stats")
-        if name not in self.indexed:
-            problems.append(f"{name}: not listed in {SIZES_JSON}/{DATASET_JSON}")
-        if TAR_SUFFIX in present:
-            problems += self._check_tar(name, stats)
-        return problems
-
-    def _check_tar(self, name: str, stats: ShardStats | None) -> list[str]:
-        tar_path = f"{self.root}/{name}{TAR_SUFFIX}"
-        table = self.tables.get(stats.shard_id) if stats else None
-        required = ANNOTATED_FIELDS if self.config.annotate else REQUIRED_FIELDS
-        contents = _read_tar(self.fs, tar_path, _checksums(table), required)
-        problems = contents.problems
-        entry = self.entries.get(name, {})
-        counts = {
-            "tar": contents.samples,
-            "stats": stats.successes if stats else None,
-            "parquet": table["status"].to_pylist().count(SUCCESS) if table is not None else None,
-            SIZES_JSON: self.sizes.get(name + TAR_SUFFIX),
-            DATASET_JSON: entry.get("nsamples"),
-        }
-        counts = {source: n for source, n in counts.items() if n is not None}
-        if len(set(counts.values())) > 1:
-            problems.append(f"{name}: sample count mismatch: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
-        if stats is not None and table is not None and table.num_rows != stats.count:
-            problems.append(f"{name}: parquet has {table.num_rows} rows, stats count {stats.count} attempted")
-        tar_bytes = self.fs.size(tar_path)
-        for source, declared in (("stats", stats.tar_bytes if stats else None), (DATASET_JSON, entry.get("filesize"))):
-            if declared is not None and declared != tar_bytes:
-                problems.append(f"{name}{TAR_SUFFIX}: {tar_bytes} bytes, {source} says {declared}")
-        own = {contents.samples, table["status"].to_pylist().count(SUCCESS) if table is not None else None}
-        if stats is not None and (
-            contents.problems or own - {None} != {stats.successes} or stats.tar_bytes != tar_bytes
-            or (table is not None and table.num_rows != stats.count)
-        ):
-            self.damaged.add(stats.shard_id)
-        return problems
-
-
-def _checksums(table: Any) -> dict[str, dict[str, str]]:
-    """key -> {sha256 column -> value} of the successful samples in a shard's parquet (none for format 1)."""
-    if table is None:
-        return {}
-    columns = [c for c in table.column_names if c.endswith("_sha256")]
-    rows = table.select(["key", *columns]).to_pylist()
-    return {r["key"]: {c: r[c] for c in columns if r[c] is not None} for r in rows}
-
-
-@dataclass
-class _TarContents:
-    samples: int = 0
-    problems: list[str] = field(default_factory=list)
-
-
-def _read_tar(fs, path: str, checksums: dict[str, dict[str, str]], required: tuple[str, ...]) -> _TarContents:
-    """Stream the whole tar: readable to the end, fields of a key contiguous, ``required`` fields present, each
-    field's sha256 as the parquet says (``checksums``: key -> column -> sha256), mask values allowed."""
-    result = _TarContents()
-    seen: set[str] = set()
-    current: str | None = None
-    sample: dict[str, bytes] = {}
-
-    def finish() -> None:
-        if current is not None:
-            result.samples += 1
-            result.problems.extend(_check_sample(path, current, sample, checksums.get(current, {}), required))
-
-    try:
-        with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                base = posixpath.basename(member.name)
-                key, _, ext = base.partition(".")
-                if key != current:
-                    finish()
-                    if key in seen:
-                        result.problems.append(f"{path}: fields of sample {key} are not contiguous")
-                    seen.add(key)
-                    current, sample = key, {}
-                sample[ext] = tar.extractfile(member).read()
-        finish()
-    except (tarfile.TarError, EOFError, OSError) as e:
-        result.problems.append(f"{path}: unreadable tar ({type(e).__name__}: {e}) after {result.samples} samples")
-    return result
-
-
-def _check_sample(
-    path: str, key: str, sample: dict[str, bytes], checksums: dict[str, str], required: tuple[str, ...]
-) -> list[str]:
-    where = f"{path}: sample {key}"
-    corrupt = [
-        f"{where}: {ext} sha256 {actual[:12]}... differs from the parquet's {expected[:12]}..."
-        for ext, data in sorted(sample.items())
-        if (expected := checksums.get(checksum_column(ext))) and (actual := hashlib.sha256(data).hexdigest()) != expected
-    ]
-    missing = [f for f in required if f not in sample]
-    if not any(f in sample for f in IMAGE_FIELDS):
-        missing.append("/".join(IMAGE_FIELDS))
-    if missing:
-        return [*corrupt, f"{where}: missing fields {', '.join(missing)}"]
-    try:
-        allowed = {BACKGROUND, IGNORE, *sample_classes(sample_record(sample))}
-    except (ValueError, KeyError, TypeError) as e:
-        return [*corrupt, f"{where}: json unreadable or without class ids: {e}"]
-    try:
-        values = set(np.unique(decode_mask(sample[MASK_FIELD])).tolist())
-    except (ValueError, OSError) as e:
-        return [*corrupt, f"{where}: mask.png unreadable: {e}"]
-    bad = sorted(values - allowed)
-    outside = [f"{where}: mask values {bad} outside the sample's class ids {sorted(allowed)}"] if bad else []
-    return [*corrupt, *outside]

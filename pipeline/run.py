@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import threading
 import uuid
 from typing import Any, TextIO
 
@@ -14,11 +16,13 @@ from seediff.pipeline.plan import Plan
 from seediff.pipeline.resume import (
     OutputLease,
     bind_device,
+    check_output_folder,
     check_resume,
     clean_leftovers,
     prepare_output,
     read_committed_stats,
     read_run_json,
+    remove_temp_files,
 )
 from seediff.pipeline.sources import AnnotatePlan, ImageInput
 from seediff.pipeline.summary import RunSummary, human_bytes
@@ -28,66 +32,90 @@ from seediff.schemas.records import RUN_JSON, ShardStats, shard_name
 
 log = logging.getLogger("seediff")
 
-# Rough encoded bytes per pixel, for the dry-run size estimate when nothing is committed yet.
-IMAGE_BYTES_PER_PIXEL = {"jpg": 0.35, "png": 1.6, "webp": 0.25}
-MASK_BYTES_PER_PIXEL = 0.03
-TAR_BYTES_PER_SAMPLE = 5 * 768  # five members, each a 512-byte header plus half a block of padding on average
+# The dry run's size estimate before anything is committed, measured on the tiny model at 64, 256 and 512 px (one
+# class per sample, quality 95; bench/RESULTS.md): encoded image bytes per pixel; the label map's PNG grows with the
+# boundary, about 0.7 x pixels^0.75; the json record; the tar's five 512-byte member headers and padding (the small
+# txt and cls fields pad to a whole block); a parquet row. Per shard: the tar's end blocks and 10 KiB record padding
+# (half on average), the parquet's schema and footer.
+IMAGE_BYTES_PER_PIXEL = {"jpg": 0.8, "png": 2.4, "webp": 0.67}
+MASK_BYTES_FACTOR, MASK_BYTES_EXPONENT = 0.7, 0.75
+RECORD_BYTES_PER_SAMPLE = 1300 + 5 * 512 + 1700 + 160  # json + tar headers + padding + parquet row
+BYTES_PER_SHARD = 1024 + 5120 + 9700
 
 
 def plan_of(manifest: Manifest, config: RunConfig) -> Plan:
-    return Plan(manifest.rows, config.seed, config.samples_per_shard)
+    return Plan(manifest.rows, config.seed, config.samples_per_shard, config.shard_layout)
 
 
 # ---- dry run ------------------------------------------------------------------------------------------------------
 
 
-def format_plan(manifest: Manifest, config: RunConfig, overwrite: bool) -> str:
-    """What a run would do, read-only: shards, samples, done/todo, example keys and seeds, estimated bytes.
-    Raises RunConfigMismatch exactly when the real run would be refused."""
-    plan = plan_of(manifest, config)
+def format_plan(source: Manifest | ImageInput, config: RunConfig, overwrite: bool) -> str:
+    """What a run would do, read-only: shards, samples, done/todo, example keys and seeds (a manifest's), estimated
+    bytes. ``source``: the manifest, or annotate's images. Raises RunConfigMismatch exactly when the real run would
+    be refused."""
+    plan = AnnotatePlan(source, config) if isinstance(source, ImageInput) else plan_of(source, config)
+    check_output_folder(config, overwrite)
     committed = {} if overwrite else read_committed_stats(config)
     record = None if overwrite else read_run_json(config.output_url)
     if record is not None:
-        check_resume(record, config, manifest, f"{config.output_url}/{RUN_JSON}")
-    todo = [i for i in range(plan.num_shards) if i not in committed]
-    todo_samples = sum(len(plan.shard_range(i)) for i in todo)
+        check_resume(record, config, source, f"{config.output_url}/{RUN_JSON}")
+    done = [i for i in committed if i < plan.num_shards]  # O(committed), never a list of every planned shard
+    todo_shards = plan.num_shards - len(done)
+    todo_samples = plan.num_samples - sum(len(plan.shard_range(i)) for i in done)
     first, last = shard_name(config.shard_prefix, 0, config.shard_digits), shard_name(
         config.shard_prefix, max(plan.num_shards - 1, 0), config.shard_digits
     )
     lines = [
-        f"manifest: {manifest.source} ({len(manifest.rows)} rows, {len(manifest.classes)} classes, "
-        f"sha256 {manifest.sha256[:12]})",
+        _source_line(source),
         f"model: {config.model} (family {config.family}; {config.size[0]}x{config.size[1]} px; SeeDiff cascade at "
-        f"depths {list(config.layers.cascade or [])} below the latent, seeds from "
-        f"{'/'.join(config.layers.seed_blocks)} cross-attention)",
+        + (f"depths {list(config.layers.cascade or [])} below the image-token grid, seeds from blocks "
+           f"{list(config.layers.cross_blocks)}, expansion by block {config.layers.self_block})"
+           if config.layers.cross_blocks is not None else
+           f"depths {list(config.layers.cascade or [])} below the latent, seeds from "
+           f"{'/'.join(config.layers.seed_blocks)} cross-attention)"),
+        *(f"lora: {a.path} at weight {a.weight:g} (sha256 {(a.sha256 or '?')[:12]})" for a in config.lora),
         f"plan: {plan.num_samples} samples in {plan.num_shards} shards of up to {config.samples_per_shard} "
         f"({first}.tar .. {last}.tar)",
         f"output: {config.output_url} ({'overwrite' if overwrite else 'resume' if record else 'new'})",
-        f"done: {len(committed)} shards committed; to generate: {len(todo)} shards, {todo_samples} samples",
-        "examples:",
+        f"done: {len(committed)} shards committed; to generate: {todo_shards} shards, {todo_samples} samples",
     ]
-    examples = sorted({i for i in (0, 1, 2, plan.num_samples - 1) if 0 <= i < plan.num_samples})  # never a set of all ids
+    # never a set of all ids; an annotate sample is known only once its image is read
+    examples = [] if isinstance(source, ImageInput) else sorted(
+        {i for i in (0, 1, 2, plan.num_samples - 1) if 0 <= i < plan.num_samples}
+    )
+    lines += ["examples:"] if examples else []
     for sample_id in examples:
         spec = plan.sample(sample_id)
         classes = ", ".join(f"{c.name}={c.class_id}" for c in spec.classes)
         lines.append(
-            f"  key {spec.key}  shard {sample_id // config.samples_per_shard}  classes {classes}  "
+            f"  key {spec.key}  shard {plan.shard_of(sample_id)}  classes {classes}  "
             f"seed {spec.seed}  prompt {spec.prompt.text!r}"
         )
-    per_sample, basis = _bytes_per_sample(config, committed.values())
+    per_sample, basis = _bytes_per_sample(config, committed.values(), plan.num_shards / max(plan.num_samples, 1))
     lines.append(
         f"estimated output: {human_bytes(per_sample * plan.num_samples)} ({human_bytes(per_sample)} per sample, {basis})"
     )
     return "\n".join(lines)
 
 
-def _bytes_per_sample(config: RunConfig, committed: Any) -> tuple[float, str]:
+def _source_line(source: Manifest | ImageInput) -> str:
+    if isinstance(source, ImageInput):
+        classes = ", ".join(source.class_names) or "from each sample"
+        return f"input: {source.source} ({len(source.units)} files, {source.num_samples} images; classes: {classes})"
+    return (f"manifest: {source.source} ({len(source.rows)} rows, {len(source.classes)} classes, "
+            f"sha256 {source.sha256[:12]})")
+
+
+def _bytes_per_sample(config: RunConfig, committed: Any, shards_per_sample: float) -> tuple[float, str]:
     stats = list(committed)
     count = sum(s.count for s in stats)
     if count:
         return sum(s.tar_bytes + s.parquet_bytes for s in stats) / count, "measured on the committed shards"
     width, height = config.size
-    guess = width * height * (IMAGE_BYTES_PER_PIXEL[config.image_format] + MASK_BYTES_PER_PIXEL) + TAR_BYTES_PER_SAMPLE
+    pixels = width * height
+    guess = (pixels * IMAGE_BYTES_PER_PIXEL[config.image_format] + MASK_BYTES_FACTOR * pixels**MASK_BYTES_EXPONENT
+             + RECORD_BYTES_PER_SAMPLE + BYTES_PER_SHARD * shards_per_sample)
     return guess, f"rough guess for {config.image_format} at {width}x{height} px"
 
 
@@ -114,6 +142,7 @@ def run_generation(
     the actors are stopped."""
     plan = AnnotatePlan(source, config) if isinstance(source, ImageInput) else plan_of(source, config)
     committed: dict[int, ShardStats] = {}  # read once under the lease, then each shard as this run commits it
+    check_output_folder(config, overwrite)  # before the lease touches the folder; again under it
     try:
         with OutputLease(config.output_url, uuid.uuid4().hex[:12]) as lease:
             return _run_under_lease(source, config, runtime, plan, lease, overwrite, actor_class, stream, committed)
@@ -175,6 +204,7 @@ def _run_under_lease(
                 result = dispatcher.run()
             finally:
                 ray.kill(counts)
+                remove_temp_files(config)  # the actors are stopped: what one killed mid-shard left goes
         else:
             result = DispatchResult({}, 0.0)
         progress.phase("writing the index")
@@ -182,7 +212,8 @@ def _run_under_lease(
     finally:
         progress.close()
     run_json = f"{config.output_url.rstrip('/')}/{RUN_JSON}"
-    return RunSummary.from_dispatch(config.output_url, result, already, index, {"run_json": run_json})
+    return RunSummary.from_dispatch(config.output_url, result, already, index, {"run_json": run_json},
+                                    runtime.max_failed_fraction)
 
 
 def _against_cluster(runtime: RuntimeOptions) -> bool:
@@ -212,4 +243,7 @@ def _connect_ray(runtime: RuntimeOptions) -> None:
     import ray
 
     if not ray.is_initialized():
+        on_term = signal.getsignal(signal.SIGTERM)
         ray.init(address=runtime.address)
+        if threading.current_thread() is threading.main_thread() and on_term is not None:
+            signal.signal(signal.SIGTERM, on_term)  # Ray's own exits at once: no lease release, no message

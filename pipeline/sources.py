@@ -21,6 +21,7 @@ import hashlib
 import json
 import posixpath
 import re
+import tarfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,16 +31,17 @@ import fsspec
 
 from seediff.pipeline.plan import Plan, sample_seed
 from seediff.schemas.config import InputError, RunConfig
-from seediff.schemas.manifest import LabelledClass, ManifestRow
-from seediff.schemas.prompts import Phrase, PromptSyntaxError, Template, parse
+from seediff.schemas.manifest import LabelledClass, ManifestRow, class_key
+from seediff.schemas.prompts import (
+    CLASS_PLACEHOLDER, Phrase, PromptSyntaxError, Template, class_template, parse, substituted,
+)
 from seediff.schemas.records import DATASET_JSON, TAR_SUFFIX, InputSample, SampleSpec, ShardSpec
 from seediff.tokens import PhrasePositionError
-
-PLACEHOLDER = "{class_name}"
 
 IMAGE_SUFFIXES = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}  # file suffix -> sample field
 LIST_SUFFIX = ".txt"
 TABLE_FILE = "@"  # --classes @FILE: the class list from a file, one name per line
+MISSING = "__missing__"  # read_unit: the field of a listed file that is not there, holding why
 INDEX_SEPARATORS = re.compile(r"[\s,]+")  # between the integers of a multi-label cls field
 
 
@@ -75,11 +77,13 @@ class ImageInput:
         data = [[u.url, u.kind, u.num_samples, u.classes, u.key] for u in self.units] + [list(self.class_names)]
         return hashlib.sha256(json.dumps(data, ensure_ascii=False).encode()).hexdigest()
 
-    def class_id(self, name: str, where: str) -> int:
-        try:
-            return self.class_names.index(name) + 1
-        except ValueError:
-            raise AnnotateInputError(f"{where}: class {name!r} is not among the run's classes {list(self.class_names)}") from None
+    def labelled(self, name: str, where: str) -> LabelledClass:
+        """The run's class named ``name`` (under ``manifest.class_key``: case and Unicode form folded, as in
+        manifests), with its id and the name as first written."""
+        for index, known in enumerate(self.class_names):
+            if class_key(known) == class_key(name):
+                return LabelledClass(known, index + 1)
+        raise AnnotateInputError(f"{where}: class {name!r} is not among the run's classes {list(self.class_names)}")
 
 
 # ---- finding the units --------------------------------------------------------------------------------------------
@@ -154,10 +158,23 @@ def class_list(value: str) -> list[str]:
             return list(read_class_list(value[len(TABLE_FILE):]))
         except FileNotFoundError:
             raise AnnotateInputError(f"--classes {value}: not found") from None
-    names = [name.strip() for name in value.split(",") if name.strip()]
+    from seediff.pipeline.layouts import split_escaped  # the class lists' one codec: "x\,y" is one name
+
+    names = [name.strip() for name in split_escaped(value, ",") if name.strip()]
     if not names:
         raise AnnotateInputError(f'--classes {value!r}: no class names (e.g. --classes "dog,cat" or @classes.txt)')
     return names
+
+
+def _readable(samples: Iterator[dict[str, Any]], url: str) -> Iterator[dict[str, Any]]:
+    """The samples of an input tar; a damaged tar (truncated, not a tar) is refused in one line naming it."""
+    count = 0
+    try:
+        for sample in samples:
+            count += 1
+            yield sample
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise AnnotateInputError(f"{url}: unreadable tar after {count} samples ({type(e).__name__}: {e})") from None
 
 
 def open_input(
@@ -181,19 +198,25 @@ def open_input(
     if classes is None and not per_sample and not all(u.classes for u in units):
         raise AnnotateInputError("annotate: give --classes, --classes-field or --caption-field")
     table = tuple(classes) if classes is not None and classes_field else None
-    if table and len(set(table)) < len(table):
-        twice = next(n for n in table if table.count(n) > 1)
+    if table and len({class_key(n) for n in table}) < len(table):
+        twice = next(n for n in table if [class_key(t) for t in table].count(class_key(n)) > 1)
         raise AnnotateInputError(f"--classes: {twice!r} listed twice; --classes-field indexes the table by position")
-    found: dict[str, None] = dict.fromkeys(classes or ())
+    found: dict[str, str] = {}  # class_key -> the name as first written
+
+    def add(names: Sequence[str]) -> None:
+        for n in names:
+            found.setdefault(class_key(n), n)
+
+    add(classes or ())
     for u in units:
-        found.update(dict.fromkeys(u.classes or ()))
+        add(u.classes or ())
     from seediff.pipeline.readers import raw_samples  # webdataset and torch only once tars are read
 
     resolved = []
     for unit in units:
         if unit.kind == "tar" and (unit.num_samples < 0 or per_sample):
             count = 0
-            for sample in raw_samples(unit.url):
+            for sample in _readable(raw_samples(unit.url), unit.url):
                 count += 1
                 if per_sample:
                     names, caption = sample_labels(sample, classes_field, caption_field, table)
@@ -203,13 +226,13 @@ def open_input(
                         except PhrasePositionError as e:
                             where = f"{sample_where(sample)}: {caption_field} (--caption-field)"
                             raise AnnotateInputError(f"{where}: {e}") from None
-                    found.update(dict.fromkeys(names))
+                    add(names)
             unit = InputUnit(unit.url, unit.kind, count)
         elif unit.kind == "file" and per_sample:
             flag = "--caption-field" if caption_field else "--classes-field"
             raise AnnotateInputError(f"{unit.url}: {flag} needs WebDataset input (an image file has no other fields)")
         resolved.append(unit)
-    class_names = tuple(found)
+    class_names = tuple(found.values())
     if not class_names:
         raise AnnotateInputError(f"{name}: no class names (--classes, --classes-field or --caption-field)")
     if len(class_names) > 254:
@@ -313,10 +336,12 @@ def read_unit(unit: InputUnit, start: int, stop: int) -> Iterator[dict[str, Any]
     A file unit becomes one sample whose image field is named by its suffix."""
     if unit.kind == "file":
         if start == 0 and stop >= 1:
-            with fsspec.open(unit.url, "rb") as f:
-                data = f.read()
             suffix = posixpath.splitext(unit.url.split("?", 1)[0])[1].lower()
-            yield {"__key__": unit.key, "__url__": unit.url, IMAGE_SUFFIXES[suffix]: data}
+            try:
+                with fsspec.open(unit.url, "rb") as f:
+                    yield {"__key__": unit.key, "__url__": unit.url, IMAGE_SUFFIXES[suffix]: f.read()}
+            except FileNotFoundError:  # this sample's own failure; a network error still fails the shard
+                yield {"__key__": unit.key, "__url__": unit.url, MISSING: f"{unit.url}: not found"}
         return
     from seediff.pipeline.readers import raw_samples
 
@@ -338,7 +363,7 @@ class AnnotatePlan(Plan):
     def __init__(self, image_input: ImageInput, config: RunConfig):
         super().__init__(image_input.units, config.seed, config.samples_per_shard)
         self.input = image_input
-        self.prefix, _, self.suffix = config.prompt_template.partition(PLACEHOLDER)
+        self.template = class_template(config.prompt_template)
         self.classes_field = config.annotate.classes_field if config.annotate else None
         self.caption_field = config.annotate.caption_field if config.annotate else None
 
@@ -356,7 +381,7 @@ class AnnotatePlan(Plan):
             for fields in read_unit(unit, index, stop):
                 spec = SampleSpec(sample_id, unit_index, index, sample_seed(self.global_seed, sample_id),
                                   self.row(unit, fields))
-                read.append(InputSample(spec, fields))
+                read.append(InputSample(spec, fields, fields.pop(MISSING, None)))
                 sample_id, index = sample_id + 1, index + 1
             if index < stop:
                 raise AnnotateInputError(f"{unit.url}: {index} samples, the plan counted {unit.num_samples}; the input "
@@ -365,7 +390,7 @@ class AnnotatePlan(Plan):
 
     def row(self, unit: InputUnit, fields: dict[str, Any]) -> ManifestRow:
         """A one-sample manifest row labelling the sample's classes: its caption (``--caption-field``), or the
-        prompt template with ``{class_name}`` replaced by the class phrases ("a photograph of a dog and cat")."""
+        prompt template with its class phrase replaced by the class phrases ("a photograph of a dog and cat")."""
         where = f"{unit.url}: sample {fields.get('__key__')}"
         caption = None
         if unit.classes is not None:
@@ -375,16 +400,28 @@ class AnnotatePlan(Plan):
             names, caption = sample_labels(fields, self.classes_field, self.caption_field, table)
         else:
             names = list(self.input.class_names)
-        classes = tuple(LabelledClass(n, self.input.class_id(n, where)) for n in dict.fromkeys(names))
-        return ManifestRow(classes, 1, (caption or self.listing(classes),), "", 0)  # no manifest line
+        labelled = {c.name: c for c in (self.input.labelled(n, where) for n in names)}  # folded: one per class
+        classes = tuple(labelled.values())
+        if caption is not None:  # its phrases name the classes as the run first wrote them
+            caption = substituted(caption, lambda p: (Phrase(p.text, self.input.labelled(p.class_name, where).name),))
+        return ManifestRow(classes, 1, (caption or listing(self.template, classes),), "", 0)  # no manifest line
 
-    def listing(self, classes: tuple[LabelledClass, ...]) -> Template:
-        """The prompt template with ``{class_name}`` replaced by the labelled class names, "dog, cat and bird"."""
-        parts: list[Any] = [self.prefix]
+
+def listing(template: Template, classes: Sequence[LabelledClass]) -> Template:
+    """A shared class template (``prompt_template``) labelling several classes: its class phrase becomes the class
+    names, "dog, cat and bird" (one class keeps a phrase of its own, ``{puppy:class_name}``); a phrase of another
+    class is plain text."""
+
+    def names(phrase: Phrase) -> tuple[Any, ...]:
+        if phrase.class_name != CLASS_PLACEHOLDER:
+            return (phrase.text,)
+        if len(classes) == 1 and phrase.text != CLASS_PLACEHOLDER:
+            return (Phrase(phrase.text, classes[0].name),)
+        parts: list[Any] = []
         for k, labelled in enumerate(classes):
             if k:
                 parts.append(" and " if k == len(classes) - 1 else ", ")
             parts.append(Phrase(labelled.name, labelled.name))
-        parts.append(self.suffix)
-        source = PLACEHOLDER.join([self.prefix, self.suffix]).replace(PLACEHOLDER, ", ".join(c.name for c in classes))
-        return Template(source, tuple(p for p in parts if p))
+        return tuple(parts)
+
+    return substituted(template, names)

@@ -4,6 +4,7 @@ MiB). No Ray here: the summary is built from the dispatcher's plain records."""
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,15 +54,27 @@ class RunSummary:
     retried_shards: dict[int, int]  # shard id -> attempts, for shards that committed after more than one
     tar_bytes: int
     parquet_bytes: int
-    wall_s: float  # the dispatch, from the first actor's start to the last shard's end
+    wall_s: float  # the whole call (the API's quiet(): checks, starting Ray, dispatch, index); the dispatch's alone here
     actors: dict[str, ActorRate]  # actor id -> its rate
     dataset_samples: int
     dataset_shards: int
     paths: dict[str, str] = field(default_factory=dict)  # run_json, sizes_json, dataset_json
+    failures_by_stage: dict[str, int] = field(default_factory=dict)  # this call's failed samples by stage
+    dataset_failed: int = 0  # failed samples recorded in every committed shard (earlier runs' too)
+    missing_shards: tuple[int, ...] = ()  # planned shards not committed after this call
+    max_failed_fraction: float = 0.01  # RuntimeOptions.max_failed_fraction
+
+    @property
+    def failed_fraction(self) -> float:
+        """Failed samples of the whole output per attempted sample."""
+        attempted = self.dataset_samples + self.dataset_failed
+        return self.dataset_failed / attempted if attempted else 0.0
 
     @property
     def ok(self) -> bool:
-        return not self.failed_shards
+        """The planned dataset is there: every planned shard committed and at most ``max_failed_fraction`` of its
+        samples failed (the command's exit status 0)."""
+        return not self.failed_shards and not self.missing_shards and self.failed_fraction <= self.max_failed_fraction
 
     @property
     def bytes_written(self) -> int:
@@ -69,15 +82,19 @@ class RunSummary:
 
     @property
     def images_per_s(self) -> float:
-        """Samples attempted in this run per second of wall time, actor start-up and model loading included."""
+        """Samples attempted in this run per second of wall time, starting Ray and the actors and loading the model
+        included."""
         attempted = self.samples_written + self.samples_failed
         return attempted / self.wall_s if self.wall_s > 0 else 0.0
 
     @classmethod
     def from_dispatch(cls, out: str, result: Any, skipped_shards: int, index: dict[str, Any],
-                      paths: dict[str, str]) -> "RunSummary":
+                      paths: dict[str, str], max_failed_fraction: float = 0.01) -> "RunSummary":
         """From a ``DispatchResult`` (seediff.pipeline.dispatch) and the index that ``write_index`` returned."""
         done = result.completed
+        stages: Counter[str] = Counter()
+        for r in done:
+            stages.update(r.stats.get("failures_by_reason", {}))
         actors: dict[str, ActorRate] = {}
         for r in done:
             prior = actors.get(r.actor_id, ActorRate(r.stats.get("host", "?"), 0, 0.0))
@@ -99,6 +116,10 @@ class RunSummary:
             dataset_samples=index["num_samples"],
             dataset_shards=index["committed_shards"],
             paths={"sizes_json": index["sizes_json"], "dataset_json": index["dataset_json"], **paths},
+            failures_by_stage=dict(stages.most_common()),
+            dataset_failed=index.get("failures", sum(r.stats["failures"] for r in done)),
+            missing_shards=tuple(index.get("missing_shards", ())),
+            max_failed_fraction=max_failed_fraction,
         )
 
     def format(self) -> str:
@@ -112,7 +133,7 @@ class RunSummary:
         ]
         if self.actors:
             lines.append(
-                f"  {self.images_per_s:.2f} img/s overall: samples / wall time, which includes starting the actors "
+                f"  {self.images_per_s:.2f} img/s overall: samples / wall time, which includes starting Ray and the actors "
                 f"and loading the model on each of the {len(self.actors)}"
             )
             lines.append("  per actor: samples / time spent generating its shards (what one more actor would add)")
@@ -130,6 +151,15 @@ class RunSummary:
             lines.append(f"  retried and committed: {retried}")
         for failed in self.failed_shards:
             lines.append(f"  FAILED shard {failed.shard_id} after {failed.attempts} attempts: {failed.error}")
+        if self.failures_by_stage:
+            top = ", ".join(f"{stage} {n}" for stage, n in list(self.failures_by_stage.items())[:3])
+            lines.append(f"  failed samples by stage: {top}")
+        if self.failed_fraction > self.max_failed_fraction:
+            lines.append(
+                f"  FAILED: {self.dataset_failed} of {self.dataset_samples + self.dataset_failed} samples failed "
+                f"({self.failed_fraction:.1%} > --max-failed-fraction {self.max_failed_fraction:g}); the failed rows "
+                "name each sample's stage and source in the parquets' error column"
+            )
         if self.failed_shards:
             lines.append("  rerun the same command (or `seediff resume OUT`) to generate the failed shards; "
                          "committed shards are kept")

@@ -1,4 +1,5 @@
-"""The terminal of a run command (``generate``, ``resume``): seediff's own lines (notes, progress, errors, the
+"""The terminal of a command (``generate``, ``resume``, ``annotate``, ``eval``, ``report``, ``export``, and the Python
+API's functions of the same names): seediff's own lines (notes, progress, errors, the
 summary) reach the user; everything else the process writes to stderr goes to a log file: Python warnings, Ray's
 messages (its token-auth warning, "Started a local Ray instance"), C++ code writing to file descriptor 2, and the
 actors' stderr that Ray forwards to the driver (library warnings printed once per actor). ``-v`` keeps it all on the
@@ -14,12 +15,13 @@ import io
 import logging
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
+
+from seediff.storage import private_dir, user_temp_dir
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 TERMINAL_FORMAT = "%(levelname)s %(name)s: %(message)s"
@@ -31,27 +33,50 @@ class Terminal:
     log_path: str | None  # where everything else went; None with -v
 
 
+LOG_DIR = user_temp_dir("seediff-logs")  # not "seediff": run from /tmp, that folder would shadow the package
+
+
 def default_log_path(command: str) -> str:
-    directory = Path(tempfile.gettempdir()) / "seediff-logs"  # not "seediff": run from /tmp, that folder would shadow the package
-    return str(directory / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log")
+    return str(LOG_DIR / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log")
 
 
 @contextlib.contextmanager
 def run_terminal(verbose: bool, log_path: str) -> Iterator[Terminal]:
     """For the duration of a run: seediff's loggers at WARNING and above on the terminal; with ``verbose``, all
     loggers at INFO and everything else on the terminal too; without it, the rest (INFO lines included) in
-    ``log_path``."""
+    ``log_path``. Inside another run terminal (the command line's, around an API call that opens its own), the
+    outer one stays in charge and is yielded."""
+    if _active:
+        yield _active[-1]
+        return
     root = logging.getLogger()
     if verbose:
-        with _handler(root, logging.StreamHandler(sys.stderr), logging.INFO, TERMINAL_FORMAT):
-            yield Terminal(sys.stderr, None)
+        with _handler(root, logging.StreamHandler(sys.stderr), logging.INFO, TERMINAL_FORMAT), \
+                _current(Terminal(sys.stderr, None)) as terminal:
+            yield terminal
         return
-    Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+    if Path(log_path).parent == LOG_DIR:
+        private_dir(LOG_DIR)  # the user's own, mode 0700: logs may quote prompts and paths
+    else:
+        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a", buffering=1, encoding="utf-8", errors="backslashreplace") as log, \
-            _stderr_to(log) as terminal, \
+            _stderr_to(log) as stream, \
             _handler(root, logging.StreamHandler(log), logging.INFO, LOG_FORMAT), \
-            _handler(root, logging.StreamHandler(terminal), logging.WARNING, TERMINAL_FORMAT, only="seediff"):
-        yield Terminal(terminal, log_path)
+            _handler(root, logging.StreamHandler(stream), logging.WARNING, TERMINAL_FORMAT, only="seediff"), \
+            _current(Terminal(stream, log_path)) as terminal:
+        yield terminal
+
+
+_active: list[Terminal] = []  # the run terminal in charge, if any
+
+
+@contextlib.contextmanager
+def _current(terminal: Terminal) -> Iterator[Terminal]:
+    _active.append(terminal)
+    try:
+        yield terminal
+    finally:
+        _active.pop()
 
 
 @contextlib.contextmanager

@@ -5,11 +5,14 @@ fields differ is refused (``RunConfig.differences``)."""
 from __future__ import annotations
 
 import json
+import reprlib
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from seediff.schemas.prompts import class_template
 
 
 DEFAULT_PROMPT_TEMPLATE = "a photograph of a {class_name}"
@@ -27,6 +30,12 @@ OUTPUT_FORMAT = 2
 class InputError(ValueError):
     """Bad input to a run (manifest, settings, output root), found before any model loads or Ray starts; the
     message names the file and line, the field or the flag. The command line exits 2 on it."""
+
+
+class RetryLater(InputError):
+    """The run cannot start (or go on) now, but the same command may succeed later: the output's lease is held by
+    another driver, the storage endpoint does not answer. The command line exits 3 on it, so a retrying wrapper
+    tells it from bad input."""
 
 
 class ConfigError(InputError):
@@ -148,6 +157,16 @@ class LayerChoice(_Strict):
         0, ge=0, description="which decoder self-attention layer at each side expands the seeds (0 = the first in "
         "forward order)"
     )
+    # MM-DiTs (flux, sd3) have one image-token grid: their cascade depths count 2x2 poolings below it, and these two
+    # name transformer blocks in forward order (Flux: double-stream blocks first, then single-stream ones).
+    cross_blocks: tuple[int, ...] | None = Field(
+        None, description="MM-DiT only: transformer blocks whose image->text joint attention gives the seeds "
+        "(averaged); unset: the family's"
+    )
+    self_block: int | None = Field(
+        None, ge=0, description="MM-DiT only: the transformer block whose image->image joint attention, pooled to "
+        "each cascade side, expands and refines the seeds; unset: the family's"
+    )
 
     @field_validator("cascade")
     @classmethod
@@ -155,6 +174,32 @@ class LayerChoice(_Strict):
         if v is not None and (not v or v[-1] < 0 or any(b != a - 1 for a, b in zip(v, v[1:]))):
             raise ValueError("cascade must be depths >= 0, coarse first, each one less than the last (e.g. [2, 1, 0])")
         return v
+
+
+class LoraAdapter(_Strict):
+    """A LoRA adapter applied to the model (diffusers' adapter API, peft backend): a diffusers, kohya or peft LoRA
+    safetensors file, by local path or hub id; written on the command line as ``PATH[:WEIGHT]``."""
+
+    path: str = Field(description="local .safetensors file (or a folder holding one), or a hub id: owner/repo, "
+                      "owner/repo/file.safetensors")
+    weight: float = Field(1.0, ge=-10, le=10, description="scale of the adapter's update; 0 = the model unchanged")
+    sha256: str | None = Field(
+        None, pattern=r"^[0-9a-f]{64}$", description="sha256 of the adapter file, recorded when the run is "
+        "validated (if set, the file must have it)",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_text(cls, value: Any) -> Any:
+        """``PATH[:WEIGHT]``: the text after the last colon is the weight when it is a number (so s3:// and
+        C:\\ paths stay whole)."""
+        if not isinstance(value, str):
+            return value
+        path, colon, weight = value.rpartition(":")
+        try:
+            return {"path": path, "weight": float(weight)} if colon and path else {"path": value}
+        except ValueError:
+            return {"path": value}
 
 
 class RunConfig(_Strict):
@@ -167,7 +212,7 @@ class RunConfig(_Strict):
         "auto", description="weights and activations; auto: float16 on CUDA, float32 on the CPU"
     )
     family: str | None = Field(
-        None, description="model family (sd1, sd2, sdxl), recognised from the model's config files before any "
+        None, description="model family (sd1, sd2, sdxl, flux, sd3), recognised from the model's config files before any "
         "weights load and recorded in run.json; if set, a model of another family is refused"
     )
     resolution: int | None = Field(
@@ -186,18 +231,45 @@ class RunConfig(_Strict):
         LayerChoice(), description="the attention layers SeeDiff reads; unset fields come from the model family's "
         "table, and run.json records the result"
     )
-    scheduler: Literal["default", "ddim", "pndm", "euler", "euler_a", "dpm++", "dpm++_2m_karras", "unipc"] = Field(
-        "default", description="noise scheduler; default: the model's own (its prediction type is always kept)"
+    scheduler: Literal[
+        "default", "ddim", "pndm", "euler", "euler_a", "dpm++", "dpm++_2m_karras", "unipc", "lcm", "ddim_trailing",
+        "euler_trailing", "euler_a_trailing",
+    ] = Field(
+        "default", description="noise scheduler; default: the model's own (its prediction type is always kept); "
+        "lcm and the *_trailing ones (timesteps spaced from the last) are for few-step checkpoints (LCM, SDXL-Turbo, "
+        "SDXL-Lightning); flux and sd3 take only their own (default)"
     )
     steps: int = Field(30, ge=1, le=1000, description="denoising steps per image")
     guidance_scale: float = Field(7.5, ge=0, le=50, description="classifier-free guidance scale")
     seed: int = Field(0, ge=0, lt=2**63, description="global seed; each sample's seed is a hash of it and the sample id")
     samples_per_shard: int = Field(1000, ge=1, le=10_000_000, description="samples per tar shard")
+    shard_layout: Literal["interleaved", "contiguous"] = Field(
+        "interleaved", description="which sample ids a shard holds: interleaved (shard s of S: ids s, s+S, ...; "
+        "every shard a proportional mix of the manifest's rows) or contiguous (id ranges; annotate's layout)"
+    )
     batch_size: int = Field(8, ge=1, le=1024, description="images generated together on one actor")
     image_format: Literal["jpg", "png", "webp"] = Field("jpg", description="encoding of the image field")
     image_quality: int = Field(95, ge=1, le=100, description="jpg/webp quality")
     prompt_template: str = Field(
-        DEFAULT_PROMPT_TEMPLATE, description="prompt for manifest rows without one; must contain {class_name}"
+        DEFAULT_PROMPT_TEMPLATE, description="prompt for manifest rows without one, and annotate's prompt (the "
+        "image's classes listed in place of the class phrase); the manifest's template syntax, marking the class as "
+        "{class_name} or {phrase:class_name}"
+    )
+    negative_prompt: str = Field(
+        "", description="negative prompt of every sample whose manifest row has none (the row's own wins)"
+    )
+    variant: str | None = Field(
+        None, description="weight files variant to load, e.g. fp16 (unet/diffusion_pytorch_model.fp16.safetensors, "
+        "the half-size files most hub checkpoints ship); unset: the full-precision files"
+    )
+    lora: tuple[LoraAdapter, ...] = Field(
+        (), description="LoRA adapters applied to the model, PATH[:WEIGHT] (weight default 1), repeat the flag for "
+        "several; a local .safetensors file or folder, or a hub id (owner/repo[/file.safetensors]); run.json "
+        "records each file's sha256", json_schema_extra={"flag": "--lora", "metavar": "PATH[:WEIGHT]"},
+    )
+    safety_checker: bool = Field(
+        True, description="run the checkpoint's safety checker where it ships one (SD 1.x): a flagged image becomes a "
+        "failed sample ('nsfw'); --no-safety-checker skips it"
     )
     mask: MaskConfig = Field(MaskConfig(), description="SeeDiff mask settings")
     # Output settings, not runtime options: compiled kernels round floats differently (on the CPU some pixels move
@@ -217,6 +289,19 @@ class RunConfig(_Strict):
     )
     annotate: AnnotateConfig | None = Field(None, description="set for runs that label real images (seediff annotate)")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _recorded_layout(cls, data: Any) -> Any:
+        """A run.json written before the layout was recorded (it has ``output_format``, no ``shard_layout``) and
+        an annotate run are contiguous."""
+        if not isinstance(data, dict):
+            return data
+        if data.get("annotate") is not None and data.get("shard_layout", "contiguous") != "contiguous":
+            raise ValueError("shard_layout: annotate keeps its input's order in contiguous shards")
+        if "shard_layout" not in data and ("output_format" in data or data.get("annotate") is not None):
+            return {**data, "shard_layout": "contiguous"}
+        return data
+
     @property
     def size(self) -> tuple[int, int]:
         """(width, height) in pixels: width and height, each defaulting to resolution (the square shorthand). Set
@@ -230,9 +315,12 @@ class RunConfig(_Strict):
     @field_validator("prompt_template")
     @classmethod
     def _template(cls, v: str) -> str:
-        if "{class_name}" not in v:
-            raise ValueError("prompt_template must contain {class_name}")
+        class_template(v)  # the manifest's template syntax, exactly (PromptSyntaxError is a ValueError)
         return v
+
+    def negative_prompt_of(self, row_negative_prompt: str) -> str:
+        """The negative prompt of a sample whose manifest row has ``row_negative_prompt`` ("" = none)."""
+        return row_negative_prompt or self.negative_prompt
 
     def resolved_dtype(self, device_kind: str) -> str:
         """The dtype actors on ``device_kind`` ("cuda" or "cpu") compute in: auto is fp16 on CUDA, fp32 on the CPU."""
@@ -279,9 +367,10 @@ class RuntimeOptions(_Strict):
         1200.0, gt=0, description="seconds an actor may take to start (scheduling on a node + model load) before it "
         "is replaced", json_schema_extra={"flag": "--actor-startup-timeout"},
     )
-    gpu_wait_s: float = Field(
-        600.0, ge=0, description="against a cluster address with --device auto or cuda: seconds to wait for GPUs to "
-        "join before giving up (never a silent CPU fallback)", json_schema_extra={"flag": "--gpu-wait"},
+    gpu_wait_s: float | None = Field(
+        None, ge=0, description="against a cluster address with --device auto or cuda and no GPUs yet: seconds to "
+        "wait for GPU nodes to join before giving up (never a silent CPU fallback); unset: 600 where an autoscaler can "
+        "add them, else none (the run stops at once, saying so)", json_schema_extra={"flag": "--gpu-wait"},
     )
     transient_retries: int = Field(
         8, ge=0, description="retries per shard, after an exponential backoff with jitter, of transient errors "
@@ -295,6 +384,10 @@ class RuntimeOptions(_Strict):
         2, ge=1, description="shards queued per actor", json_schema_extra={"flag": "--shards-in-flight"}
     )
     encode_threads: int = Field(2, ge=1, description="image encoding threads per actor")
+    max_failed_fraction: float = Field(
+        0.01, ge=0, le=1, description="the run succeeds (exit 0) only when at most this fraction of its samples "
+        "failed in a per-sample stage (prompt, image, safety, labels) and every planned shard is committed"
+    )
 
     def actor_bounds(self) -> tuple[int, int | None]:
         """(min, max) actors: --num-actors N means at most N, like --max-actors."""
@@ -309,10 +402,21 @@ def validation_message(error: ValidationError, source: str, written_as: dict[str
     lines = []
     for problem in error.errors():
         field = ".".join(str(part) for part in problem["loc"]) or "<top level>"
-        got = "" if problem["type"] == "missing" else f" (got {problem['input']!r})"
-        where = (written_as or {}).get(field) or f"{source}: {field}"
+        got = "" if problem["type"] == "missing" else f" (got {bounded_repr(problem['input'])})"
+        where = _written_where(field, written_as or {}) or f"{source}: {field}"
         lines.append(f"{where}: {problem['msg']}{got}")
     return "\n".join(lines)
+
+
+def _written_where(field: str, written_as: dict[str, str]) -> str | None:
+    """Where the user wrote ``field`` or the setting holding it: a list item (``lora.0.weight``) was written as its
+    list (``--lora``), named with the rest of the path (``--lora: 0.weight``)."""
+    parts = field.split(".")
+    for cut in range(len(parts), 0, -1):
+        where = written_as.get(".".join(parts[:cut]))
+        if where:
+            return ": ".join([where, *([".".join(parts[cut:])] if cut < len(parts) else [])])
+    return None
 
 
 def merge_settings(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -340,15 +444,75 @@ def flatten_settings(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a YAML/JSON config file into a plain dict (validated later, merged with CLI flags)."""
-    p = Path(path)
+REPR_CHARS = 80  # a value quoted in an error message is cut to this many characters
+CONFIG_MAX_BYTES = 1 << 20  # a config file of settings is a few KB
+CONFIG_MAX_DEPTH = 16  # nesting of mappings and lists (the settings nest two deep)
+
+
+def bounded_repr(value: Any) -> str:
+    """A short repr of a value quoted in an error message: containers and strings abbreviated (reprlib), then cut
+    to ``REPR_CHARS``; never the repr of a whole huge value."""
+    text = reprlib.repr(value)
+    return text if len(text) <= REPR_CHARS else text[: REPR_CHARS - 3] + "..."
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """SafeLoader without aliases (``*name``: a 1 KB file of nested aliases expands to gigabytes) and with bounded
+    nesting; a config file of settings needs neither."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise yaml.YAMLError(f"line {mark.line + 1}: aliases (*{self.peek_event().anchor}) are not allowed in a "
+                                 "config file; write the value out")
+        self._depth = getattr(self, "_depth", 0) + 1
+        try:
+            if self._depth > CONFIG_MAX_DEPTH:
+                mark = self.peek_event().start_mark
+                raise yaml.YAMLError(f"line {mark.line + 1}: nested deeper than {CONFIG_MAX_DEPTH} levels")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _read_config_text(p: Path) -> str:
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        size = p.stat().st_size
     except FileNotFoundError as e:
         raise ConfigError(f"{p}: config file not found") from e
+    if size > CONFIG_MAX_BYTES:
+        raise ConfigError(f"{p}: {size} bytes; a config file holds at most {CONFIG_MAX_BYTES} bytes of settings")
+    return p.read_text(encoding="utf-8")
+
+
+def _compose(text: str, construct: bool = False) -> Any:
+    """The YAML node tree of ``text`` (``construct``: the Python value) under ``_ConfigLoader``'s bounds."""
+    loader = _ConfigLoader(text)
+    try:
+        node = loader.get_single_node()
+        return loader.construct_document(node) if construct and node is not None else node
+    finally:
+        loader.dispose()
+
+
+def yaml_value(text: str) -> Any:
+    """A flag's YAML value (a list, a mapping) under the config file's bounds; ValueError (argparse's "invalid
+    value") when it does not parse."""
+    try:
+        return _compose(text, construct=True)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML: {e}") from e
+        raise ValueError(str(e)[:200]) from None
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML/JSON config file into a plain dict (validated later, merged with CLI flags). Aliases are refused,
+    size and nesting bounded, so a hostile file fails at once instead of expanding."""
+    p = Path(path)
+    text = _read_config_text(p)
+    try:
+        data = _compose(text, construct=True)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {str(e)[:300]}") from e
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -361,8 +525,8 @@ def config_file_keys(path: str | Path) -> dict[str, str]:
     key where the user wrote it (``load_config_file`` has already reported files that do not parse)."""
     p = Path(path)
     try:
-        root = yaml.compose(p.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
+        root = _compose(_read_config_text(p))
+    except (OSError, ConfigError, yaml.YAMLError):
         return {}
     found: dict[str, str] = {}
 

@@ -49,7 +49,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from seediff.schemas.config import DEFAULT_PROMPT_TEMPLATE, InputError
-from seediff.schemas.prompts import Choice, Phrase, PromptSyntaxError, RenderedPrompt, Template, draw, label_literal, parse
+from seediff.schemas.prompts import (
+    CLASS_PLACEHOLDER, Choice, Phrase, PromptSyntaxError, RenderedPrompt, Template, class_template, draw, label_literal,
+    parse,
+)
 
 MAX_SAMPLES_PER_CLASS = 10**9
 MAX_CLASS_ID = 254  # mask values are 8-bit: 0 = background, 255 = ignore
@@ -57,7 +60,7 @@ MAX_CLASSES_PER_PROMPT = 8
 COLUMNS = ("class_name", "num_samples", "prompt", "class_id", "negative_prompt")
 SCENE_COLUMNS = ("prompt", "num_samples", "negative_prompt")
 CLASSES_COLUMNS = ("class_name", "class_id")
-PLACEHOLDER_CLASS = "class_name"  # {class_name} in a class-table template marks the row's class
+PLACEHOLDER_CLASS = CLASS_PLACEHOLDER  # {class_name} in a class-table template marks the row's class
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet",
            ".pq": "parquet", ".txt": "txt"}
 _INTEGER = re.compile(r"[+-]?[0-9]+")
@@ -213,9 +216,7 @@ def _read_classes(source: str, digest: "hashlib._Hash") -> dict[str, tuple[Label
     lines_by_id: dict[int, int] = {}
     for position, (line, record) in enumerate(records, 1):
         where = f"{source}:{line}"
-        name = _text(record.get("class_name"), where, "class_name").strip()
-        if not name:
-            raise ManifestError(f"{where}: class_name: missing, empty or whitespace-only class name")
+        name = _class_name(record, where)
         class_id = _class_id(_integer(record.get("class_id"), where, "class_id", position), where)
         previous = found.get(class_key(name))
         if previous is not None:
@@ -245,12 +246,9 @@ def _read_prompts(source: str, digest: "hashlib._Hash") -> tuple[tuple[Template,
 def _shared_template(text: str, origin: str) -> tuple[Template, str]:
     """A template every class row without a prompt may draw: it must mark the row's class as ``{class_name}``."""
     try:
-        template = parse(text)
+        return class_template(text), origin
     except PromptSyntaxError as e:
         raise ManifestError(f"{origin}: {e}") from e
-    if not any(p.class_name == PLACEHOLDER_CLASS for p in template.phrases):
-        raise ManifestError(f"{origin}: {text!r} must contain {{{PLACEHOLDER_CLASS}}} (or {{phrase:{PLACEHOLDER_CLASS}}})")
-    return template, origin
 
 
 def _class_id(class_id: int, where: str) -> int:
@@ -469,9 +467,7 @@ class _RowBuilder:
 
     def _class_row(self, position: int, line: int, record: dict[str, Any], count: int, negative: str) -> ManifestRow:
         where = f"{self.source}:{line}"
-        name = _text(record.get("class_name"), where, "class_name").strip()
-        if not name:
-            raise ManifestError(f"{where}: class_name: missing, empty or whitespace-only class name")
+        name = _class_name(record, where)
         if class_key(name) in self.registry.by_key:
             first = self.registry.by_key[class_key(name)][1]
             raise ManifestError(f"{where}: class_name: duplicate class name {name!r} (first at {first})")
@@ -551,6 +547,30 @@ def _text(value: Any, where: str, field: str) -> str:
     if bad is not None:
         raise ManifestError(f"{where}: {field}: control character {bad!r} in {value!r}")
     return value
+
+
+def _class_name(record: dict[str, Any], where: str) -> str:
+    """A class table's ``class_name`` cell: text, not blank, and without characters that render invisibly, so two
+    names that look alike are alike (``\u200b``, ``ca\u200dt`` are refused). A zero-width joiner between two
+    symbols (an emoji sequence such as a family or a profession) is kept: it changes what is shown."""
+    name = _text(record.get("class_name"), where, "class_name").strip()
+    if not name:
+        raise ManifestError(f"{where}: class_name: missing, empty or whitespace-only class name")
+    for i, char in enumerate(name):
+        if unicodedata.category(char) == "Cf" and not (char == ZERO_WIDTH_JOINER and _between_symbols(name, i)):
+            raise ManifestError(f"{where}: class_name: zero-width or format character U+{ord(char):04X} in "
+                                f"{name!r}")
+    return name
+
+
+ZERO_WIDTH_JOINER = "\u200d"
+
+
+def _between_symbols(text: str, i: int) -> bool:
+    def symbol(c: str) -> bool:
+        return unicodedata.category(c) in ("So", "Sk", "Mn")  # pictographs, modifiers, variation selectors
+
+    return 0 < i < len(text) - 1 and symbol(text[i - 1]) and symbol(text[i + 1])
 
 
 def _integer(value: Any, where: str, field: str, default: int | None) -> int | None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import re
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Union
 
@@ -113,6 +114,33 @@ class Template:
                 text.append(piece)
                 length += len(piece)
         return RenderedPrompt("".join(text), tuple((name, tuple(s)) for name, s in spans.items()))
+
+
+CLASS_PLACEHOLDER = "class_name"  # ``{class_name}`` / ``{phrase:class_name}``: the phrase of the class a row is for
+
+
+def class_template(source: str) -> Template:
+    """A template shared by classes (``prompt_template``, a prompts file's line): parsed with the one syntax of this
+    module, and it must mark the class as ``{class_name}`` or ``{phrase:class_name}``. ``PromptSyntaxError``
+    otherwise."""
+    template = parse(source)
+    if not any(p.class_name == CLASS_PLACEHOLDER for p in template.phrases):
+        raise PromptSyntaxError(f"{source!r} must contain {{{CLASS_PLACEHOLDER}}} (or {{phrase:{CLASS_PLACEHOLDER}}})")
+    return template
+
+
+def substituted(template: Template, phrase_parts: Callable[[Phrase], tuple[Part, ...]]) -> Template:
+    """``template`` with each labelled phrase replaced by the parts ``phrase_parts`` gives for it (inside choices
+    too): relabelling one phrase, or listing several classes in place of ``{class_name}``."""
+
+    def pieces(part: Part) -> tuple[Part, ...]:
+        if isinstance(part, Phrase):
+            return phrase_parts(part)
+        if isinstance(part, Choice):
+            return (Choice(tuple(sum((pieces(q) for q in alternative), ()) for alternative in part.alternatives)),)
+        return (part,)
+
+    return Template(template.source, sum((pieces(p) for p in template.parts), ()))
 
 
 def draw(seed: int, purpose: str, n: int) -> int:

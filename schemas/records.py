@@ -9,7 +9,7 @@ import json
 import math
 import re
 from collections import Counter
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from functools import cached_property
 from typing import Any
 
@@ -62,15 +62,22 @@ class SampleSpec:
 
 @dataclass(frozen=True)
 class ShardSpec:
-    """What travels to an actor: the shard id and its sample-id range. The actor expands the ids into SampleSpecs
-    from the plan it holds (``Plan.samples``), so the driver's memory is O(shards), never O(samples)."""
+    """What travels to an actor: the shard id and its sample ids as one ``range`` (start, stop, step; see
+    pipeline/plan.py for the layouts). The actor expands the ids into SampleSpecs from the plan it holds
+    (``Plan.samples``), so the driver's memory is O(shards), never O(samples)."""
 
     shard_id: int
     start: int  # first sample id
-    stop: int  # one past the last sample id
+    stop: int  # bound of the ids, exclusive
+    step: int = 1  # 1: a contiguous range; the shard count: interleaved
+
+    @property
+    def ids(self) -> range:
+        """The shard's sample ids, in the order its tar holds them."""
+        return range(self.start, self.stop, self.step)
 
     def __len__(self) -> int:
-        return self.stop - self.start
+        return len(self.ids)
 
 
 # ---- the sample's fields --------------------------------------------------------------------------------------------
@@ -140,6 +147,22 @@ def shard_file_pattern(prefix: str, digits: int) -> re.Pattern[str]:
 SUCCESS = "success"
 FAILED = "failed"
 
+# The per-sample stages: only an error of one of these fails a sample alone (a failed row of a committed shard);
+# any other error fails the whole shard, which is retried elsewhere and never commits with it.
+PROMPT_STAGE = "prompt"  # the sample's prompt and its class tokens (a phrase past the text encoder's context)
+IMAGE_STAGE = "image"  # reading or decoding the sample's input image (missing, truncated, undecodable)
+SAFETY_STAGE = "safety"  # blanked by the model's safety checker
+LABELS_STAGE = "labels"  # the sample's label map (values other than 0, its class ids and 255)
+
+
+class SampleFailure(ValueError):
+    """An error of one sample in a named per-sample stage; ``str()`` is ``stage: message``, which the failure
+    histogram keys on (``failure_reason``). The message names the sample's source (input URL and key, or sample)."""
+
+    def __init__(self, stage: str, message: str):
+        super().__init__(f"{stage}: {message}")
+        self.stage = stage
+
 
 @dataclass(frozen=True)
 class InputSample:
@@ -148,6 +171,7 @@ class InputSample:
 
     spec: SampleSpec
     fields: dict[str, Any]  # field name -> bytes, plus webdataset's "__key__" / "__url__"
+    error: str | None = None  # why the input could not be read (its image stage's failure message), else None
 
 
 @dataclass(frozen=True)
@@ -181,7 +205,7 @@ def sample_metadata(
         "class_index": spec.class_index,
         "index_in_class": spec.index_in_class,
         "prompt": spec.prompt.text,
-        "negative_prompt": spec.row.negative_prompt,
+        "negative_prompt": config.negative_prompt_of(spec.row.negative_prompt),
         "seed": spec.seed,
         "model": config.model,
         "revision": config.revision,
@@ -271,6 +295,7 @@ PARQUET_SCHEMA = pa.schema(
     ]
 )
 IMAGE_EXTENSIONS = ("jpg", "png", "webp")
+IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
 
 
 def checksum_column(extension: str) -> str:
@@ -328,7 +353,8 @@ MAX_FAILURE_REASONS = 32  # distinct reasons kept in the histogram; the rest are
 
 
 def failure_reason(error: str) -> str:
-    """Histogram bucket of an error message: the text before the first colon ("nsfw: blanked ..." -> "nsfw")."""
+    """Histogram bucket of an error message: its stage, the text before the first colon ("safety: blanked ..." ->
+    "safety"; ``SampleFailure``)."""
     return error.split(":", 1)[0].strip()[:80] or "unknown"
 
 
@@ -357,6 +383,9 @@ class ShardStats:
     host: str
     versions: dict[str, str | None]
     runtime: dict[str, Any]  # whatever the caller passed (timings, actor id, ...)
+    # sha256 of the shard's files as published; None in stats written before they were recorded
+    tar_sha256: str | None = None
+    parquet_sha256: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
@@ -370,8 +399,23 @@ class ShardStats:
             raise ValueError(f"{source}: not valid JSON: {e}") from e
         if not isinstance(data, dict):
             raise ValueError(f"{source}: expected a JSON object")
-        expected = {f.name for f in fields(cls)}
-        missing = sorted(expected - data.keys())
+        known = {f.name: f for f in fields(cls)}
+        missing = sorted(name for name, f in known.items() if f.default is MISSING and name not in data)
         if missing:
             raise ValueError(f"{source}: missing fields: {', '.join(missing)}")
-        return cls(**{k: data[k] for k in expected})
+        wrong = sorted(name for name, kind in _STATS_TYPES.items() if name in data and not _is(data[name], kind))
+        if wrong:
+            raise ValueError(f"{source}: fields of the wrong type: {', '.join(wrong)}")
+        return cls(**{k: data[k] for k in known if k in data})
+
+
+# the fields readers compute with: a stats file with another type there does not parse (no TypeError later)
+_STATS_TYPES: dict[str, type | tuple[type, ...]] = {
+    "shard_id": int, "shard": str, "count": int, "successes": int, "failures": int, "failures_by_reason": dict,
+    "tar_bytes": int, "parquet_bytes": int, "start_time": (int, float), "end_time": (int, float),
+    "duration_s": (int, float), "runtime": dict, "tar_sha256": (str, type(None)), "parquet_sha256": (str, type(None)),
+}
+
+
+def _is(value: Any, kind: type | tuple[type, ...]) -> bool:
+    return isinstance(value, kind) and not isinstance(value, bool)

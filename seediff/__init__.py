@@ -25,6 +25,7 @@ if (_checkout / "pyproject.toml").is_file() and (_checkout / "pipeline" / "cli.p
 _EXPORTS = {
     "segmentation_dataset": "seediff.pipeline.readers",
     "wids_dataset": "seediff.pipeline.readers",
+    "QualityFilter": "seediff.pipeline.readers",
     "decode_mask": "seediff.schemas.records",
     "RunConfig": "seediff.schemas.config",
     "MaskConfig": "seediff.schemas.config",

@@ -14,24 +14,29 @@ cluster the process is already connected to, else ``runtime.address`` / ``RAY_AD
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 import sys
-from collections.abc import Callable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TextIO
 
 from seediff.pipeline.plan import shard_count
 from seediff.pipeline.resume import RunConfigMismatch, read_run_json
 from seediff.pipeline.sources import ImageInput, open_input
 from seediff.pipeline.summary import RunSummary
+from seediff.pipeline.terminal import default_log_path, run_terminal
+from seediff.pipeline.validate import check_run, context_check
 from seediff.schemas.config import AnnotateConfig, ConfigError, InputError, RunConfig, RuntimeOptions
 from seediff.schemas.manifest import Manifest, ManifestError, load_manifest
-from seediff.schemas.prompts import Template
 from seediff.schemas.records import RUN_JSON
 from seediff.storage import check_access
-from seediff.workers.families import resolve as resolve_model
+from seediff.workers import families
+from seediff.workers.adapters import check_adapters, check_variant
 
 __all__ = [
-    "generate", "dry_run", "resume", "annotate", "inspect", "verify", "repair", "preview", "report", "export",
+    "generate", "dry_run", "resume", "annotate", "inspect", "verify", "repair", "check", "preview", "report", "export",
     "evaluate",
     "InputError", "ManifestError", "ConfigError", "RunConfigMismatch", "NotAnOutputError", "RunSummary",
 ]
@@ -54,22 +59,29 @@ def generate(
     classes: str | os.PathLike[str] | None = None,
     prompts: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
-    progress: TextIO = sys.stderr,
+    progress: TextIO | None = None,
+    verbose: bool = False,
+    log_file: str | os.PathLike[str] | None = None,
 ) -> RunSummary:
     """Generate (or resume) the dataset of ``manifest`` (a path/URL of a class table or scene table
     .csv/.tsv/.jsonl/.parquet/.txt, or a loaded ``Manifest``) under ``out`` (local path or fsspec URL).
     ``samples_per_class`` fills rows without a ``num_samples``; ``classes``: a class table fixing the class ids;
     ``prompts``: templates drawn per sample by class rows without a prompt; ``overwrite`` deletes this output's
-    seediff files first. Progress goes to ``progress``. Returns the run's ``RunSummary``; shards that still failed
-    after their retries are in ``failed_shards``."""
-    run_config, manifest_ = _inputs(manifest, out, config, samples_per_class, classes, prompts)
+    seediff files first. Progress goes to ``progress`` (default: the terminal's stderr); library warnings and Ray's
+    messages go to ``log_file`` (default: a new file under the temp folder's seediff-logs/, named in the summary's
+    ``paths["log"]``), or with ``verbose`` to the terminal. A local Ray started here is shut down before returning.
+    Returns the run's ``RunSummary``; shards that still failed after their retries are in ``failed_shards``."""
     from seediff.pipeline.run import run_generation
 
-    return run_generation(manifest_, run_config, _runtime(runtime), overwrite=overwrite, stream=progress)
+    with quiet("generate", verbose, log_file, progress) as (stream, finished):
+        run_config, manifest_ = _inputs(manifest, out, config, samples_per_class, classes, prompts)
+        runtime_ = _runtime(runtime)
+        check_run(run_config, runtime_)
+        return finished(run_generation(manifest_, run_config, runtime_, overwrite=overwrite, stream=stream))
 
 
 def dry_run(
-    manifest: str | os.PathLike[str] | Manifest,
+    manifest: str | os.PathLike[str] | Manifest | ImageInput,
     out: str | os.PathLike[str],
     config: RunConfig | Mapping[str, Any] | None = None,
     *,
@@ -81,12 +93,18 @@ def dry_run(
     """What ``generate`` would do, as text (shards, samples, done/to do, example keys and seeds, estimated bytes);
     loads no model, starts no Ray, writes nothing. Raises ``RunConfigMismatch`` when ``generate`` would refuse.
     Also renders and tokenizes every distinct prompt template with only the model's tokenizer files: a labelled
-    phrase that could fall past the text encoder's context is a ``ManifestError`` at its ``file:line``."""
+    phrase that could fall past the text encoder's context is a ``ManifestError`` at its ``file:line``. With an
+    ``ImageInput`` (``annotate_input``), what ``annotate`` would do."""
     from seediff.pipeline.run import format_plan
 
+    if isinstance(manifest, ImageInput):
+        run_config = annotate_config(config, out)
+        check_access(run_config.output_url, write=False)
+        return format_plan(manifest, resolve_model(run_config)[0], overwrite)
     run_config, manifest_ = _inputs(
         manifest, out, config, samples_per_class, classes, prompts, write=False, check_tokens=True
     )
+    check_run(run_config)
     return format_plan(manifest_, run_config, overwrite)
 
 
@@ -94,22 +112,30 @@ def resume(
     out: str | os.PathLike[str],
     runtime: RuntimeOptions | Mapping[str, Any] | None = None,
     *,
-    progress: TextIO = sys.stderr,
+    progress: TextIO | None = None,
+    verbose: bool = False,
+    log_file: str | os.PathLike[str] | None = None,
 ) -> RunSummary:
     """Continue the run recorded in ``out``'s ``run.json``: the same manifest (its recorded URL, checked against
     the recorded hash) and settings; only the runtime options may differ. Generates exactly the shards that are
-    not committed, so a killed run resumed this way writes the same bytes as an uninterrupted one."""
-    run_config, recorded = recorded_inputs(out)
-    check_access(run_config.output_url, write=True)
+    not committed, so a killed run resumed this way writes the same bytes as an uninterrupted one. Output as in
+    ``generate``."""
     from seediff.pipeline.run import run_generation
 
-    return run_generation(recorded, run_config, _runtime(runtime), stream=progress)
+    with quiet("resume", verbose, log_file, progress) as (stream, finished):
+        run_config, recorded = recorded_inputs(out)
+        runtime_ = _runtime(runtime)
+        check_run(run_config, runtime_, recorded if isinstance(recorded, ImageInput) else None)
+        check_access(run_config.output_url, write=True)
+        check_adapters(run_config)  # still there, and the very files recorded
+        return finished(run_generation(recorded, run_config, runtime_, stream=stream))
 
 
 def recorded_inputs(out: str | os.PathLike[str]) -> tuple[RunConfig, Any]:
     """The run config and the input recorded in ``out``'s ``run.json``: the manifest, or an annotate run's input
     (``seediff.pipeline.sources.ImageInput``)."""
     url = absolute_url(out)
+    check_access(url, write=False)  # credentials, bucket: one line, before anything reads
     record = read_run_json(url)
     source = f"{url}/{RUN_JSON}"
     if record is None:
@@ -140,28 +166,50 @@ def inspect(out: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def verify(out: str | os.PathLike[str]) -> list[str]:
-    """Check every shard against its stats, parquet and the index; returns the problems (empty: all good)."""
-    from seediff.pipeline.review import verify_dataset
-
-    return verify_dataset(_existing_output(out))
+    """Check every shard against its stats, parquet, the plan and the index; returns the problems (empty: all good)."""
+    return check(out).problems
 
 
 def repair(out: str | os.PathLike[str]) -> tuple[list[str], list[int]]:
-    """``verify``, then un-commit (delete the stats of) exactly the committed shards whose own files are damaged
-    (a checksum mismatch, a truncated tar, a missing parquet), under the output lease, so that the next ``generate``
-    or ``resume`` regenerates them byte-identically. Returns (problems, the un-committed shard ids)."""
+    """``verify``, then un-commit exactly the committed shards whose own files are damaged (a checksum mismatch, a
+    damaged parquet or stats file, a tar holding other samples, a missing file) and rewrite the index without them,
+    under the output lease: readers stop reading them at once, and the next ``generate`` or ``resume`` regenerates
+    them byte-identically. Returns (problems, the un-committed shard ids)."""
+    found = check(out, repair=True)
+    return found.problems, found.damaged
+
+
+def check(out: str | os.PathLike[str], *, repair: bool = False, shown: int | None = None) -> Any:
+    """What ``verify`` and ``repair`` do, as a ``seediff.pipeline.verify.Verification`` (counts per kind of problem,
+    the findings of the first ``shown`` shards with problems, or all; the damaged shards)."""
     import uuid
 
     from seediff.pipeline.resume import OutputLease, uncommit
-    from seediff.pipeline.review import verify as verify_shards
+    from seediff.pipeline.verify import verify as verify_shards
 
     url = _existing_output(out)
-    found = verify_shards(url)
-    if found.damaged:
+    plan = _recorded_plan(url)
+    found = verify_shards(url, plan.shard_range if plan else None, plan.num_shards if plan else None, shown=shown)
+    if repair and found.damaged:
+        from seediff.pipeline.index import write_index
+
         config = RunConfig.model_validate({**read_run_json(url)["config"], "output_url": url})
         with OutputLease(url, f"repair-{uuid.uuid4().hex[:8]}"):
             uncommit(config, found.damaged)
-    return found.problems, found.damaged
+            write_index(config, found.num_shards)
+    return found
+
+
+def _recorded_plan(url: str) -> Any:
+    """The run's plan from its recorded inputs, or None when they cannot be read any more (moved, deleted)."""
+    from seediff.pipeline.run import plan_of
+    from seediff.pipeline.sources import AnnotatePlan
+
+    try:
+        config, source = recorded_inputs(url)
+    except (InputError, OSError):
+        return None
+    return AnnotatePlan(source, config) if isinstance(source, ImageInput) else plan_of(source, config)
 
 
 def preview(
@@ -175,15 +223,34 @@ def preview(
     return preview_grid(_existing_output(out), os.fspath(path), n=n, class_name=class_name, cell=cell)
 
 
-def export(out: str | os.PathLike[str], directory: str | os.PathLike[str], *, layout: str = "voc",
-           split: str = "train") -> dict[str, Any]:
-    """Write the output as a folder layout segmentation trainers read (``voc``: JPEGImages, SegmentationClass,
-    ImageSets/Segmentation/<split>.txt, labelmap.txt); returns what was written."""
+def export(out: str | os.PathLike[str], directory: str | os.PathLike[str] | None = None, *, layout: str = "voc",
+           split: str = "train", quality: Any = None, verbose: bool = False,
+           log_file: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """Write the output for a trainer; returns what was written. ``voc``: a folder layout segmentation trainers
+    read, under ``directory`` (JPEGImages, SegmentationClass, ImageSets/Segmentation/<split>.txt, labelmap.txt).
+    ``energon``: Megatron-Energon's index in place beside the tars (``.nv-meta/``: what ``energon prepare`` writes,
+    a dataset.yaml with seediff's sample type); the samples a ``QualityFilter`` (``quality``) rejects are excluded.
+    Library output as in ``generate``."""
+    if layout == "energon":
+        if directory is not None:
+            raise ConfigError("DIR: the energon layout is written in place, beside the tars; give no DIR")
+        try:
+            from seediff.pipeline.energon import export_energon
+        except ImportError as e:
+            raise ConfigError(f"--layout energon needs megatron-energon (pip install 'seediff[energon]'): {e}") from e
+        with quiet("export", verbose, log_file):
+            return export_energon(_existing_output(out), quality)
+    if layout != "voc":
+        raise ConfigError(f"layout: {layout!r} is not one of: voc, energon")
+    if directory is None:
+        raise ConfigError("DIR: the voc layout needs a folder to write")
+    if quality is not None:
+        raise ConfigError("--quality: only with --layout energon")
     from seediff.pipeline.layouts import export_voc
 
-    if layout != "voc":
-        raise ConfigError(f"layout: {layout!r} is not one of: voc")
-    return export_voc(os.fspath(out), os.fspath(directory), split=split)
+    check_access(os.fspath(directory), write=True)
+    with quiet("export", verbose, log_file):
+        return export_voc(_existing_output(out), os.fspath(directory), split=split)
 
 
 def annotate(
@@ -194,22 +261,26 @@ def annotate(
     *,
     classes: Sequence[str] | None = None,
     overwrite: bool = False,
-    progress: TextIO = sys.stderr,
+    progress: TextIO | None = None,
+    verbose: bool = False,
+    log_file: str | os.PathLike[str] | None = None,
 ) -> RunSummary:
     """Label the images of ``input`` (WebDataset tar URLs or brace pattern, a ``dataset.json``, a folder of images,
     or a ``.txt`` list of image paths/URLs) with ``classes`` (one vocabulary for every image) or per sample: when
     ``config.annotate.classes_field`` is set, the class names in each sample's ``json`` or, with ``classes`` as the
     table, the names its field's integers index (0 = the first); when ``config.annotate.caption_field`` is set, the
     phrases marked in its caption, which is its prompt. Shards under ``out`` like ``generate`` (resumable, indexed,
-    verifiable). Returns the run's ``RunSummary``."""
-    run_config = annotate_config(config, out)
-    check_access(run_config.output_url, write=True)
-    image_input = input if isinstance(input, ImageInput) else annotate_input(input, run_config, classes)
-    # the model's family, size and layers, from its config files, once the input is known to be good
-    run_config, _ = resolve_model(run_config)
+    verifiable). Returns the run's ``RunSummary``. Output as in ``generate``."""
     from seediff.pipeline.run import run_generation
 
-    return run_generation(image_input, run_config, _runtime(runtime), overwrite=overwrite, stream=progress)
+    with quiet("annotate", verbose, log_file, progress) as (stream, finished):
+        run_config, runtime_ = annotate_config(config, out), _runtime(runtime)
+        image_input = input if isinstance(input, ImageInput) else annotate_input(input, run_config, classes)
+        check_run(run_config, runtime_, image_input)
+        check_access(run_config.output_url, write=True)
+        # the model's family, size and layers, from its config files, once the input is known to be good
+        run_config, _ = resolve_model(run_config)
+        return finished(run_generation(image_input, run_config, runtime_, overwrite=overwrite, stream=stream))
 
 
 def evaluate(
@@ -222,13 +293,24 @@ def evaluate(
     predictions: str | os.PathLike[str] | None = None,
     split: str | None = None,
     classes_file: str | None = None,
-    progress: TextIO = sys.stderr,
+    progress: TextIO | None = None,
+    verbose: bool = False,
+    log_file: str | os.PathLike[str] | None = None,
 ) -> tuple[dict[str, Any], str]:
     """Measure mask quality on the labelled dataset at ``root`` (``voc`` or ``labels`` layout): annotate its images
     under ``out/annotations`` with each image's ground-truth classes (the "known classes" protocol), with
     ``config``'s model and settings, plus plain cross-attention label maps; then score both against the ground
     truth (mIoU, pixel accuracy, ignore fraction, per-class IoU) into ``out/metrics.json``. ``predictions``: score
-    that output root instead, without running a model. Returns the metrics and the path of metrics.json."""
+    that output root instead, without running a model. Returns the metrics and the path of metrics.json. Output as
+    in ``generate``."""
+    with quiet("eval", verbose, log_file, progress) as (stream, _):
+        return _evaluate(root, out, layout, config, runtime, predictions, split, classes_file, stream)
+
+
+def _evaluate(root: str | os.PathLike[str], out: str | os.PathLike[str], layout: str,
+              config: RunConfig | Mapping[str, Any] | None, runtime: RuntimeOptions | Mapping[str, Any] | None,
+              predictions: str | os.PathLike[str] | None, split: str | None, classes_file: str | None,
+              progress: TextIO) -> tuple[dict[str, Any], str]:
     from seediff.pipeline.evaluate import known_classes, score_predictions, write_report
     from seediff.pipeline.layouts import open_labelled_dataset
 
@@ -242,14 +324,16 @@ def evaluate(
         ))
         units, background_only = known_classes(dataset)
         image_input = ImageInput(dataset.root, tuple(units), dataset.class_names[1:])
+        runtime_ = _runtime(runtime)
+        check_run(run_config, runtime_, image_input)
         from seediff.pipeline.run import run_generation
 
         if units:
-            summary = run_generation(image_input, run_config, _runtime(runtime), stream=progress)
+            summary = run_generation(image_input, run_config, runtime_, stream=progress)
             if not summary.ok:
                 raise RuntimeError(f"annotating {dataset.root} failed: {summary.format()}")
-        predictions = run_config.output_url
-    metrics = score_predictions(dataset, os.fspath(predictions), background_only)
+        predictions = run_config.output_url if units else None  # every image background-only: nothing to read
+    metrics = score_predictions(dataset, None if predictions is None else os.fspath(predictions), background_only)
     return metrics, write_report(metrics, out_url)
 
 
@@ -257,7 +341,8 @@ def annotate_config(config: RunConfig | Mapping[str, Any] | None, out: str | os.
     """``config`` for an annotate run writing to ``out``: its ``annotate`` settings default to ``AnnotateConfig()``."""
     run_config = _validated(RunConfig, config, "config")
     return run_config.model_copy(
-        update={"output_url": absolute_url(out), "annotate": run_config.annotate or AnnotateConfig()}
+        update={"output_url": absolute_url(out), "annotate": run_config.annotate or AnnotateConfig(),
+                "shard_layout": "contiguous"}
     )
 
 
@@ -267,21 +352,33 @@ def annotate_input(input: str | os.PathLike[str], config: RunConfig, classes: Se
     naming the file (and the sample and field)."""
     source = os.fspath(input)
     settings = config.annotate
-    check_caption = _context_check(config, exact=False) if settings.caption_field else None
+    check_caption = context_check(config, exact=False) if settings.caption_field else None
     return open_input(source if "://" in source else absolute_url(source), classes, settings.classes_field,
                       settings.caption_field, check_caption)
 
 
-def report(out: str | os.PathLike[str], path: str | os.PathLike[str]) -> dict[str, Any]:
+def report(out: str | os.PathLike[str], path: str | os.PathLike[str], *, verbose: bool = False,
+           log_file: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """Write one self-contained HTML page about the output to ``path``: per-class counts and failure reasons,
     distributions of mask area, seeds, ignore fraction and confidence, the weakest and strongest samples of each
-    class, the run settings. Returns what it covered (classes, samples, failures, bytes)."""
+    class, the run settings. Returns what it covered (classes, samples, failures, bytes). Library output as in
+    ``generate``."""
     from seediff.pipeline.report import write_report_page
 
-    return write_report_page(_existing_output(out), os.fspath(path))
+    url = _existing_output(out)
+    with quiet("report", verbose, log_file):
+        return write_report_page(url, os.fspath(path))
 
 
 # ---- inputs -------------------------------------------------------------------------------------------------------
+
+
+def resolve_model(config: RunConfig) -> tuple[RunConfig, families.Recognised]:
+    """The config with the model's family, size and layers filled in (workers/families.py) and its LoRA adapters
+    checked against the model, their sha256 recorded (workers/adapters.py): headers only, before any weights load."""
+    resolved, recognised = families.resolve(config)
+    check_variant(resolved)
+    return check_adapters(resolved), recognised
 
 
 def absolute_url(url: str | os.PathLike[str]) -> str:
@@ -305,10 +402,12 @@ def _inputs(
     permission, the manifest's for reading; a plan whose shard numbers overflow ``shard_digits`` refused."""
     run_config = _validated(RunConfig, config, "config").model_copy(update={"output_url": absolute_url(out)})
     check_access(run_config.output_url, write=write)
+    if not isinstance(manifest, Manifest):  # a missing manifest is reported as such, before the model is looked up
+        check_access(absolute_url(manifest), write=False)
+        _check_found(absolute_url(manifest))
     # the model's family, size and layers, from its config files: an unsupported model or size fails here
     run_config, _ = resolve_model(run_config)
     if not isinstance(manifest, Manifest):
-        check_access(absolute_url(manifest), write=False)
         manifest = _load_manifest(manifest, run_config, samples_per_class, classes, prompts, check_tokens)
     _check_shard_digits(manifest, run_config)
     return run_config, manifest
@@ -323,8 +422,8 @@ def _load_manifest(
     check_tokens: bool = False,
 ) -> Manifest:
     """The manifest with its files as absolute URLs (recorded for resume), each distinct labelled template checked
-    against the text encoder's context (``_context_check``; ``check_tokens``: the dry run's exact check)."""
-    check_prompt = _context_check(config, exact=check_tokens)
+    against the text encoder's context (``validate.context_check``; ``check_tokens``: the dry run's exact check)."""
+    check_prompt = context_check(config, exact=check_tokens)
     return load_manifest(
         absolute_url(url),
         samples_per_class=samples_per_class,
@@ -335,32 +434,6 @@ def _load_manifest(
     )
 
 
-def _context_check(config: RunConfig, exact: bool) -> Callable[[Template], None]:
-    """A check that raises ``PhrasePositionError`` for a template whose labelled phrase could fall past the text
-    encoder's context (``seediff.tokens``). ``exact`` (the dry run): every template with the model's tokenizer,
-    loaded now. Otherwise the tokenizer (and transformers, which the driver otherwise never imports) loads only for
-    a template too long to clear by counting characters."""
-    from seediff.tokens import fits_clip_context, latest_phrase_tokens, load_tokenizer
-
-    tokenizers = []
-
-    def tokenizer():
-        if not tokenizers:
-            try:
-                tokenizers.append(load_tokenizer(config.model, config.revision))
-            except OSError as e:
-                raise ConfigError(f"model: cannot load the tokenizer of {config.model!r}: {e}") from e
-        return tokenizers[0]
-
-    def check(template: Template) -> None:
-        if exact or not fits_clip_context(template):
-            latest_phrase_tokens(tokenizer(), template)
-
-    if exact:
-        tokenizer()
-    return check
-
-
 def _check_shard_digits(manifest: Manifest, config: RunConfig) -> None:
     shards = shard_count(manifest.num_samples, config.samples_per_shard)
     if shards > 10**config.shard_digits:
@@ -368,6 +441,40 @@ def _check_shard_digits(manifest: Manifest, config: RunConfig) -> None:
             f"--shard-digits: {config.shard_digits} digits number at most {10**config.shard_digits} shards, the plan "
             f"has {shards}; raise --shard-digits or --samples-per-shard"
         )
+
+
+def _check_found(manifest_url: str) -> None:
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(manifest_url)
+    if not fs.exists(path):
+        raise ManifestError(f"{manifest_url}: manifest file not found")
+
+
+@contextlib.contextmanager
+def quiet(command: str, verbose: bool, log_file: str | os.PathLike[str] | None,
+          progress: TextIO | None = None) -> Iterator[tuple[TextIO, Callable[[RunSummary], RunSummary]]]:
+    """A command's output: library warnings, Ray's messages and the actors' stderr in ``log_file`` (default: a new
+    file, ``default_log_path``) or, with ``verbose``, on the terminal (pipeline/terminal.py; inside the command
+    line's own terminal, that one). Yields the stream for seediff's progress (``progress``, default the terminal)
+    and ``finished(summary)``: the summary with the wall time of the whole call (validation and starting Ray
+    included) and the log file among its paths. A local Ray started inside is shut down on the way out."""
+    started = time.monotonic()
+    with run_terminal(verbose, os.fspath(log_file) if log_file else default_log_path(command)) as terminal:
+
+        def finished(summary: RunSummary) -> RunSummary:
+            paths = {**summary.paths, **({"log": terminal.log_path} if terminal.log_path else {})}
+            return dataclasses.replace(summary, wall_s=time.monotonic() - started, paths=paths)
+
+        connected_before = "ray" in sys.modules and sys.modules["ray"].is_initialized()
+        try:
+            yield progress or terminal.stream, finished
+        finally:
+            if not connected_before and "ray" in sys.modules:
+                try:
+                    sys.modules["ray"].shutdown()
+                except KeyboardInterrupt:  # a second Ctrl-C while Ray stops: the data and index are written
+                    pass
 
 
 def _runtime(runtime: RuntimeOptions | Mapping[str, Any] | None) -> RuntimeOptions:
@@ -386,6 +493,7 @@ def _validated(model: type, value: Any, source: str) -> Any:
 
 def _existing_output(out: str | os.PathLike[str]) -> str:
     url = os.fspath(out)
+    check_access(url, write=False)  # credentials, bucket: one line, before anything reads
     if read_run_json(url) is None:
         raise NotAnOutputError(f"{url.rstrip('/')}/{RUN_JSON}: missing; not a seediff output root")
     return url

@@ -8,9 +8,12 @@ actor on that machine removes it (``sweep_staging``)."""
 from __future__ import annotations
 
 import errno
+import getpass
+import hashlib
 import os
 import posixpath
 import shutil
+import stat
 import tempfile
 import uuid
 from pathlib import Path
@@ -20,11 +23,37 @@ import fsspec
 from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
-from seediff.schemas.config import InputError
+from seediff.schemas.config import InputError, RetryLater
 from seediff.schemas.records import temp_name
 
 
-STAGING_ROOT = Path(tempfile.gettempdir()) / "seediff-staging"  # <root>/<pid>/: one folder per process
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # a container user without a passwd entry
+        return str(os.geteuid())
+
+
+def user_temp_dir(name: str) -> Path:
+    """``<temp dir>/<name>-<user>``: a fixed folder of this user's (not created here; ``private_dir`` does)."""
+    return Path(tempfile.gettempdir()) / f"{name}-{_user()}"
+
+
+def private_dir(path: Path) -> Path:
+    """Create ``path`` (mode 0700) or check that it is this user's own folder: a folder another user made (or a
+    link planted there) could be read, or its staged files swapped before upload. Returns ``path``."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = path.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+        raise StorageAccessError(f"{path}: not a folder of this user's (uid {os.geteuid()}); remove it or set TMPDIR "
+                                 "to another temp folder")
+    if info.st_mode & 0o077:
+        path.chmod(0o700)
+    return path
+
+
+STAGING_ROOT = user_temp_dir("seediff-staging")  # <root>/<pid>/: one folder per process, the root this user's only
+WRITE_PROBE_PREFIX = ".seediff-write-check-"  # check_access's probe object
 
 
 def output_fs(output_url: str) -> tuple[AbstractFileSystem, str]:
@@ -69,15 +98,22 @@ class StagedFile:
     def __init__(self, fs: AbstractFileSystem, path: str):
         self.fs, self.path = fs, path
         directory, base = posixpath.split(path)
-        staging_dir = directory if is_local(fs) else str(STAGING_ROOT / str(os.getpid()))
-        os.makedirs(staging_dir, exist_ok=True)
+        if is_local(fs):
+            staging_dir = directory
+            os.makedirs(staging_dir, exist_ok=True)
+        else:
+            staging_dir = str(private_dir(STAGING_ROOT) / str(os.getpid()))
+            os.makedirs(staging_dir, mode=0o700, exist_ok=True)
         self.temp_path = os.path.join(staging_dir, temp_name(base, uuid.uuid4().hex))
         self.file: IO[bytes] = open(self.temp_path, "wb")  # noqa: SIM115 - closed by publish/discard
+        self.sha256: str | None = None  # of the published bytes, once published
 
     def publish(self) -> int:
-        """Make the file visible under its final path; returns its size in bytes."""
+        """Make the file visible under its final path; returns its size in bytes. ``sha256`` is then the digest of
+        the staged bytes, read back from the staging disk: what the commit marker records is what was stored."""
         size = self.file.tell()
         self.file.flush()
+        self.sha256 = file_sha256(self.temp_path)
         if is_local(self.fs):
             os.fsync(self.file.fileno())  # the rename must not expose a file whose data is still in flight
             self.file.close()
@@ -108,6 +144,10 @@ class StorageAccessError(InputError):
     message names the URL. Found during validation, before any model loads or Ray starts."""
 
 
+class StorageUnreachable(StorageAccessError, RetryLater):
+    """The store of a URL did not answer (connection refused, timeout, 5xx): retry later, not bad input."""
+
+
 def check_access(url: str, write: bool) -> None:
     """Raise StorageAccessError unless ``url``'s store is reachable with this process's credentials, its bucket
     exists and, with ``write``, an object can be created (and removed) under it."""
@@ -123,13 +163,15 @@ def check_access(url: str, write: bool) -> None:
         bucket = root.split("/", 1)[0]
         fs.ls(bucket, detail=False)  # unlike exists(), raises on missing credentials and refused access
         if write:
-            probe = f"{root}/.seediff-write-check-{uuid.uuid4().hex}"
+            probe = f"{root}/{WRITE_PROBE_PREFIX}{uuid.uuid4().hex}"
             fs.pipe_file(probe, b"")
             fs.rm_file(probe)
     except StorageAccessError:
         raise
     except Exception as error:  # botocore/gcsfs errors share no base class; each is named in the message
-        raise StorageAccessError(f"{url}: {_access_problem(error, url)}") from error
+        unreachable = failure_kind(error) == TRANSIENT  # the endpoint down, throttling: not the user's input
+        raise (StorageUnreachable if unreachable else StorageAccessError)(
+            f"{url}: {_access_problem(error, url)}" + ("; try again later" if unreachable else "")) from error
 
 
 def _access_problem(error: Exception, url: str) -> str:
@@ -144,6 +186,14 @@ def _access_problem(error: Exception, url: str) -> str:
     return f"cannot access it ({type(error).__name__}: {error})"
 
 
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def write_file(fs: AbstractFileSystem, path: str, data: bytes) -> int:
     """Publish a whole small file with the same visibility rules as the shard files."""
     with StagedFile(fs, path) as staged:
@@ -156,6 +206,7 @@ def write_file(fs: AbstractFileSystem, path: str, data: bytes) -> int:
 TRANSIENT = "transient"  # retry the same work after a backoff: network, 5xx, throttling
 RUN_LEVEL = "run"  # every further shard would fail the same way: stop the run
 SHARD = "shard"  # anything else: retry the shard on another actor, a bounded number of times
+DEVICE = "device"  # the accelerator is broken for this process (a sticky CUDA error): retire the actor, retry elsewhere
 
 _RUN_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EFBIG}
 _TRANSIENT_ERRNOS = {errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED, errno.ETIMEDOUT, errno.EPIPE,
@@ -166,12 +217,15 @@ _TRANSIENT_CLASSES = {"EndpointConnectionError", "ConnectionClosedError", "ReadT
                       "ClientConnectorError", "ServerDisconnectedError", "ClientOSError", "ServerTimeoutError"}
 _RUN_CODES = {"NoSuchBucket", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
               "AllAccessDisabled", "AccountProblem"}
+# A CUDA error is sticky: every later kernel launch of the process raises, so only a fresh process recovers. cuBLAS
+# and cuDNN report allocation and launch failures as RuntimeError (not OutOfMemoryError) with these prefixes.
+_DEVICE_MESSAGES = ("CUDA error", "CUBLAS_STATUS_", "cuDNN error", "CUDNN_STATUS_", "CUDA driver error")
 _TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
                     "InternalError", "ServiceUnavailable", "503", "500", "502", "504"}
 
 
 def failure_kind(error: BaseException) -> str:
-    """TRANSIENT, RUN_LEVEL or SHARD for an exception, looking through its chain (s3fs re-raises botocore errors as
+    """TRANSIENT, RUN_LEVEL, DEVICE or SHARD for an exception, looking through its chain (s3fs re-raises botocore errors as
     OSError ``from`` the original)."""
     seen: set[int] = set()
     current: BaseException | None = error
@@ -194,6 +248,8 @@ def _own_kind(error: BaseException) -> str:
         return TRANSIENT
     if isinstance(error, (ConnectionError, TimeoutError)):
         return TRANSIENT
+    if isinstance(error, RuntimeError) and any(m in str(error) for m in _DEVICE_MESSAGES):
+        return DEVICE
     if isinstance(error, OSError) and error.errno in _RUN_ERRNOS:
         return RUN_LEVEL
     if isinstance(error, OSError) and error.errno in _TRANSIENT_ERRNOS:

@@ -5,4 +5,4 @@ import os
 os.environ["TRITON_INTERPRET"] = "1"
 
 # Shared fixtures live in plugin modules, one per concern, so each can change on its own.
-pytest_plugins = ["tests.plugins.s3", "tests.plugins.tiny_sd", "tests.plugins.local_ray"]
+pytest_plugins = ["tests.plugins.s3", "tests.plugins.tiny_sd", "tests.plugins.tiny_mmdit", "tests.plugins.local_ray"]

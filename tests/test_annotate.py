@@ -105,17 +105,39 @@ def test_image_folder_with_one_vocabulary(tmp_path: Path) -> None:
     paths = write_image_folder(tmp_path / "images")
     (tmp_path / "images/b/99.jpg").write_bytes(b"not a jpeg")  # a broken file fails alone, its shard still commits
     out = tmp_path / "out"
-    assert main(["annotate", str(tmp_path / "images"), "--out", str(out), "--classes", "dog,cat", *FLAGS]) == 0
+    args = ["annotate", str(tmp_path / "images"), "--out", str(out), "--classes", "dog,cat", *FLAGS]
+    assert main([*args, "--max-failed-fraction", "0.2"]) == 0  # 1 of 6 failed
     samples = output_samples(out)
     assert len(samples) == len(paths)
     rows = pq.read_table(out / "seediff-000002.parquet").to_pylist()
-    assert [r["status"] for r in rows] == ["success", "failed"] and rows[1]["error"].startswith("decode: ")
+    assert [r["status"] for r in rows] == ["success", "failed"]
+    assert rows[1]["error"] == f"image: file://{tmp_path / 'images/b/99.jpg'}: jpg: not an image Pillow can decode"
     for sample, path, (width, height, fmt, _) in zip(samples, paths, IMAGES):
         assert sample[fmt] == path.read_bytes()
         assert decode_mask(sample["mask.png"]).shape == (height, width)
         meta = json.loads(sample["mask.json"])
         assert meta["source_url"].endswith(path.name) and [c["class_id"] for c in meta["classes"]] == [1, 2]
     assert run_cli("verify", str(out)).returncode == 0
+
+
+def test_missing_listed_file_fails_alone_and_a_run_where_every_sample_fails_exits_1(tmp_path: Path, capsys) -> None:
+    paths = write_image_folder(tmp_path / "images")
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{paths[0]}\n{tmp_path / 'gone.jpg'}\n{paths[1]}\n")
+    out = tmp_path / "out"
+    args = ["annotate", str(listing), "--out", str(out), "--classes", "dog,cat", *FLAGS]
+    assert main([*args, "--max-failed-fraction", "0.5"]) == 0  # 1 of 3 failed, alone: its shard commits
+    rows = pq.read_table(out / "seediff-000000.parquet").to_pylist()
+    assert [r["status"] for r in rows] == ["success", "failed"]
+    assert rows[1]["error"] == f"image: {tmp_path / 'gone.jpg'}: not found"
+    assert len(output_samples(out)) == 2
+    capsys.readouterr()
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    listing.write_text(f"{tmp_path / 'gone.jpg'}\n{tmp_path / 'broken.png'}\n")
+    assert main([*args[:3], str(tmp_path / "out2"), *args[4:]]) == 1
+    printed = capsys.readouterr().out
+    assert "0 samples written, 2 failed" in printed and "failed samples by stage: image 2" in printed
+    assert "2 of 2 samples failed" in printed
 
 
 def test_killed_driver_resumed_is_byte_identical(shards, annotated, tmp_path: Path) -> None:

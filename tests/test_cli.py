@@ -12,6 +12,7 @@ from seediff.pipeline.cli import build_parser, main, settings
 from seediff.pipeline.dispatch import DispatchResult, ShardRecord
 from seediff.pipeline.progress import Progress
 from seediff.pipeline.summary import RunSummary
+from seediff.schemas.config import RuntimeOptions
 from tests.e2e_support import REPO, cli_env
 
 
@@ -70,7 +71,7 @@ def test_summary_lists_actors_and_failed_shards():
     assert "3 samples written, 1 failed" in text
     assert "1 shards generated, 2 already committed, 1 failed" in text
     assert "1.5 KiB written" in text  # the binary units of `inspect`
-    assert "1.00 img/s overall" in text and "includes starting the actors" in text
+    assert "1.00 img/s overall" in text and "includes starting Ray and the actors" in text
     assert "actor abcdef01 on node-a: 2.00 img/s (4 samples in 2.0 s)" in text
     assert "FAILED shard 1 after 3 attempts: actor died: oom" in text
 
@@ -99,3 +100,83 @@ def test_dry_run_of_a_1e8_sample_manifest_peaks_under_300_mb(tmp_path):
     assert "100000000 samples in 100000 shards" in done.stdout
     peak_mb = int(done.stdout.split("PEAK_KB")[1].split()[0]) / 1024
     assert peak_mb < 300, f"dry run peaked at {peak_mb:.0f} MB"
+
+
+def test_version_names_seediff_and_the_libraries_behind_its_bytes(capsys):
+    import pytest
+
+    import seediff
+
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["--version"])
+    assert exit_info.value.code == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"seediff {seediff.__version__} (diffusers ") and "torch " in line and "ray " in line
+    assert "\n" not in line
+
+
+def test_annotate_dry_run_plans_checks_classes_and_writes_nothing(tmp_path, capsys):
+    from PIL import Image
+
+    images = tmp_path / "photos"
+    images.mkdir()
+    for i in range(3):
+        Image.new("RGB", (64, 64), (40 * i, 0, 0)).save(images / f"{i}.png")
+    out = tmp_path / "labelled"
+    argv = ["annotate", str(images), "--out", str(out), "--model", "tiny", "--resolution", "64", "--dry-run"]
+    assert main([*argv, "--classes", "dog,cat", "--samples-per-shard", "2"]) == 0
+    text = capsys.readouterr().out
+    assert f"input: {images} (3 files, 3 images; classes: dog, cat)" in text
+    assert "3 samples in 2 shards" in text and "to generate: 2 shards, 3 samples" in text
+    assert not out.exists()
+    assert main([*argv, "--classes-field", "labels"]) == 2  # images without json hold no class list
+    assert not out.exists()
+
+
+def test_a_missing_manifest_is_a_manifest_error_before_the_model_is_looked_up(tmp_path, capsys):
+    missing = tmp_path / "classes.csv"
+    argv = ["generate", str(missing), "--out", str(tmp_path / "o"), "--model", "no-such-org/no-such-model"]
+    assert main(argv) == 2 and main([*argv, "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.count(f"{missing}: manifest file not found") == 2 and "model" not in err
+
+
+def test_the_summary_times_the_whole_call_and_names_its_log(tmp_path):
+    import time
+
+    from seediff.api import quiet
+
+    log = tmp_path / "run.log"
+    index = {"committed_shards": 0, "num_samples": 0, "sizes_json": "o/sizes.json", "dataset_json": "o/dataset.json"}
+    with quiet("generate", False, log) as (stream, finished):
+        time.sleep(0.3)  # checks and starting Ray, before the dispatch
+        summary = finished(RunSummary.from_dispatch("o", DispatchResult({}, wall_s=0.01), 0, index, {}))
+    assert summary.wall_s >= 0.3 and summary.paths["log"] == str(log)
+
+
+def test_the_dry_runs_size_estimate_is_within_1_5x_of_the_written_size(tmp_path):
+    """Across 64, 256 and 512 px: the estimate before anything is committed against one written shard of 2 samples."""
+    import re
+
+    from seediff import api
+    from seediff.pipeline.resume import prepare_output
+    from seediff.schemas.manifest import load_manifest
+    from seediff.workers.actor import ShardActor
+    from tests.e2e_support import plan_of
+
+    manifest_file = tmp_path / "m.csv"
+    manifest_file.write_text("class_name,num_samples\ncat,1\ndog,1\n")
+    units = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
+    ratios = {}
+    for size in (64, 256, 512):
+        out = tmp_path / str(size)
+        config = {"model": "tiny", "resolution": size, "steps": 2, "batch_size": 2, "mask": {"pamr_iterations": 5}}
+        text = api.dry_run(str(manifest_file), out, config)
+        number, unit = re.search(r"estimated output: ([\d.]+) (\w+)", text).groups()
+        run_config, manifest = api._inputs(str(manifest_file), out, config, None)
+        prepare_output(run_config, manifest, overwrite=False)
+        plan = plan_of(manifest, run_config)
+        stats = ShardActor(run_config, RuntimeOptions(device="cpu"), plan, torch_threads=1).generate_shard(plan.shard(0))
+        ratios[size] = float(number) * units[unit] / (stats["tar_bytes"] + stats["parquet_bytes"])
+    print("estimate / written:", ratios)
+    assert all(1 / 1.5 <= r <= 1.5 for r in ratios.values()), ratios

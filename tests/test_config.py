@@ -10,6 +10,7 @@ from seediff.schemas.config import (
     MaskConfig,
     RunConfig,
     RuntimeOptions,
+    config_file_keys,
     load_config_file,
     merge_settings,
 )
@@ -114,3 +115,25 @@ def test_load_config_file_errors_name_the_file(tmp_path, content, problem):
     with pytest.raises(ConfigError) as info:
         load_config_file(path)
     assert str(info.value).startswith(f"{path}: {problem}")
+
+
+def test_an_alias_bomb_or_a_deep_config_is_refused_at_once(tmp_path) -> None:
+    """Nine levels of nine aliases expand to 9^9 values: refused at the first alias, the message one short line."""
+    lines = ['l0: &l0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    lines += [f"l{i}: &l{i} [" + ",".join([f"*l{i - 1}"] * 9) + "]" for i in range(1, 10)]
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError) as refused:
+        load_config_file(bomb)
+    assert "line 2: aliases (*l0) are not allowed" in str(refused.value) and len(str(refused.value)) < 300
+    assert config_file_keys(bomb) == {}
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("mask: " + "[" * 100 + "]" * 100 + "\n")
+    with pytest.raises(ConfigError, match="nested deeper than 16 levels"):
+        load_config_file(deep)
+
+
+def test_an_error_quotes_a_huge_value_in_a_few_characters() -> None:
+    with pytest.raises(ConfigError) as refused:
+        RunConfig.from_mapping({"resolutoin": ["x" * 10_000] * 10_000}, "c.yaml")
+    assert len(str(refused.value)) < 200

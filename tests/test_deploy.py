@@ -8,17 +8,21 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
 
-from seediff.pipeline.review import inspect_dataset, verify_dataset
+from seediff.pipeline.review import inspect_dataset
+from seediff.pipeline.verify import verify_dataset
+from tests.e2e_support import cli_env
 from tests.test_readers import DEMO_FLAGS, REPO
 
 DEPLOY = REPO / "deploy"
@@ -128,12 +132,22 @@ def _free_ports(n: int) -> list[int]:
             s.close()
 
 
+@dataclass(frozen=True)
+class Head:
+    jobs: str  # the job API (dashboard) address
+    gcs: str  # the cluster address drivers connect to
+    log: Path  # what `ray start` printed
+
+    def tail(self) -> str:
+        return self.log.read_text(errors="replace")[-3000:]
+
+
 @contextlib.contextmanager
-def local_ray_head() -> Iterator[str]:
-    """``ray start --head --block`` on 127.0.0.1 with every port chosen free and a private temp dir, so it never
-    meets another Ray session on this machine; yields the dashboard (job API) address. Stopped by signalling our
-    own ``ray start`` process, whose node then shuts down its raylet, GCS, dashboard and workers: ``ray stop`` is
-    not used because it stops every Ray process of the machine, other sessions included."""
+def local_ray_head(env: dict[str, str]) -> Iterator[Head]:
+    """The README's ``ray start --head``, run with ``--block`` on 127.0.0.1 with every port chosen free and a private
+    temp dir, so it never meets another Ray session on this machine. Stopped by signalling our own ``ray start``
+    process, whose node then shuts down its raylet, GCS, dashboard and workers: ``ray stop`` is not used because it
+    stops every Ray process of the machine, other sessions included."""
     temp_dir = tempfile.mkdtemp(prefix="rayt-", dir="/tmp")  # short: Ray's unix socket paths must stay < 108 chars
     gcs, dashboard, client, agent_http, agent_grpc, metrics, runtime_env, node_manager, object_manager = _free_ports(9)
     command = [
@@ -145,13 +159,12 @@ def local_ray_head() -> Iterator[str]:
         "--node-manager-port", str(node_manager), "--object-manager-port", str(object_manager),
         "--temp-dir", temp_dir, "--disable-usage-stats",
     ]
-    env = _ray_env()
     log = open(Path(temp_dir) / "ray-start.log", "wb")  # noqa: SIM115 - closed in finally
     head = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     address = f"http://127.0.0.1:{dashboard}"
     try:
         _wait_for_jobs_api(address, head, Path(temp_dir) / "ray-start.log")
-        yield address
+        yield Head(address, f"127.0.0.1:{gcs}", Path(temp_dir) / "ray-start.log")
     finally:
         head.terminate()
         try:
@@ -163,12 +176,19 @@ def local_ray_head() -> Iterator[str]:
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def _ray_env() -> dict[str, str]:
-    """Environment for our head and for `ray job submit`: no inherited cluster address; token authentication off
-    (Ray 2.60's `ray start` turns it on, its CLI clients default to off; this head listens on 127.0.0.1 only)."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["RAY_AUTH_MODE"] = "disabled"
-    return env
+def _ray_env(home: Path) -> dict[str, str]:
+    """Environment for our head and the README's commands: no inherited cluster address or auth mode, and a home
+    folder of its own, so that the token `ray get-auth-token --generate` writes (~/.ray/auth_token) is this test's."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    return {**env, "HOME": str(home)}
+
+
+def readme_cluster_lines() -> list[str]:
+    """The bash lines of the README's "On a Ray cluster" section."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    section = text.split("### On a Ray cluster", 1)[1]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    return [line for line in block.splitlines() if line.strip()]
 
 
 def _wait_for_jobs_api(address: str, head: subprocess.Popen, log: Path, timeout_s: float = 180) -> None:
@@ -187,19 +207,60 @@ def _wait_for_jobs_api(address: str, head: subprocess.Popen, log: Path, timeout_
     raise TimeoutError(f"Ray job API at {address} not up after {timeout_s}s:\n{log.read_text(errors='replace')[-4000:]}")
 
 
-def test_ray_job_submit_runs_the_demo_on_a_local_head(tmp_path: Path) -> None:
-    out = tmp_path / "demo-out"
-    with local_ray_head() as address:
-        submit = subprocess.run(
-            ["ray", "job", "submit", "--address", address, "--working-dir", str(REPO),
-             "--runtime-env", str(DEPLOY / "runtime_env.yaml"), "--",
-             "python", "-m", "seediff", "generate", "examples/demo.csv", "--out", str(out), *DEMO_FLAGS,
-             "--device", "cpu"],  # a CPU-only cluster: against a cluster, auto would wait for GPUs
-            cwd=REPO, env=_ray_env(), capture_output=True, text=True, timeout=540,
+def test_the_readmes_ray_job_submit_runs_the_demo_on_a_local_head(tmp_path: Path) -> None:
+    """The README's lines as written (only the head's flags that keep it apart from other sessions added, and its
+    address and the output folder substituted), with token authentication on as Ray 2.60 turns it on. On the same
+    head (no GPUs, no autoscaler), --device auto stops at once saying so instead of waiting for GPUs."""
+    token, start, submit, stop = readme_cluster_lines()
+    assert token.startswith("ray get-auth-token --generate") and start == "ray start --head" and stop == "ray stop"
+    assert submit.startswith("RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 ")
+    home, out = tmp_path / "home", tmp_path / "demo-out"
+    home.mkdir()
+    env = _ray_env(home)
+    subprocess.run(["bash", "-c", token], env=env, check=True, timeout=120)
+    assert (home / ".ray" / "auth_token").is_file()
+    with local_ray_head(env) as head:
+        command = submit.replace("http://127.0.0.1:8265", head.jobs).replace("/tmp/demo-out", str(out))
+        for _ in range(10):  # the job API answers before the head's job agent has registered
+            done = subprocess.run(["bash", "-c", command], cwd=REPO, env=env, capture_output=True, text=True,
+                                  timeout=540)
+            if "No available agent to submit job" not in done.stderr:
+                break
+            time.sleep(5)
+        assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:] + head.tail()
+        assert "succeeded" in done.stdout
+        started = time.monotonic()
+        auto = subprocess.run(
+            [sys.executable, "-m", "seediff", "generate", "examples/demo.csv", "--out", str(tmp_path / "auto-out"),
+             *DEMO_FLAGS, "--address", head.gcs],
+            cwd=REPO, env={**cli_env(), **env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True, timeout=300,
         )
-    assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-4000:]
-    assert "succeeded" in submit.stdout
+        stopped_after = time.monotonic() - started
     assert verify_dataset(str(out)) == []
     info = inspect_dataset(str(out))
-    assert info["shards"] == info["expected_shards"] == 2
+    assert info["shards"] == info["expected_shards"] == 1  # 12 samples, default shard size
     assert info["samples"] + info["failures"] == info["attempted"] == 12
+    assert auto.returncode == 1, auto.stdout + auto.stderr
+    assert "the Ray cluster has no GPUs (2 CPUs) and no autoscaler that could add GPU nodes: pass --device cpu" in auto.stderr
+    print(f"--device auto on a cluster without GPUs stopped after {stopped_after:.1f} s (process start included)")
+
+
+@pytest.mark.parametrize("v2, status, expected", [
+    (False, None, False),  # no monitor has reported
+    (False, {"autoscaler_report": None}, False),
+    (False, {"autoscaler_report": {"active_nodes": {"ray.head.default": 1, "node_6f2a": 1}}}, False),  # read-only
+    (False, {"autoscaler_report": {"active_nodes": {"head": 1}, "pending_launches": {"gpu-workers": 2}}}, True),
+    (True, None, True),  # Ray's v2 autoscaler (KubeRay's in-tree autoscaler with v2 on)
+])
+def test_gpu_waits_happen_only_where_an_autoscaler_can_add_nodes(monkeypatch, v2, status, expected) -> None:
+    import json
+
+    import ray.autoscaler.v2.utils
+    import ray.experimental.internal_kv
+
+    from seediff.pipeline.dispatch import autoscaling
+
+    monkeypatch.setattr(ray.autoscaler.v2.utils, "is_autoscaler_v2", lambda fetch_from_server: v2)
+    monkeypatch.setattr(ray.experimental.internal_kv, "_internal_kv_get",
+                        lambda key: None if status is None else json.dumps(status).encode())
+    assert autoscaling() is expected

@@ -28,7 +28,8 @@ class ScriptedActor:
     """Returns a stats dict naming the shard and actor. ``fault`` on the first attempt of ``fault_shard``
     (first attempt = the marker file does not exist yet): "exit" kills the process, "raise" raises, "sleep"
     sleeps far past any timeout; "always_raise" raises on every attempt; "transient" raises a connection error on the
-    first two attempts; "disk_full" raises ENOSPC; ``work_s`` is each shard's run time before any fault."""
+    first two attempts; "disk_full" raises ENOSPC; "device" raises a CUDA error on the first attempt; "alike" raises
+    the same error on every shard (a config the model cannot run); ``work_s`` is each shard's run time before any fault."""
 
     def __init__(self, marker_dir: str, fault: str | None = None, fault_shard: int = 0, work_s: float = 0.0):
         self.marker = Path(marker_dir) / f"fault-{fault_shard}"
@@ -37,6 +38,8 @@ class ScriptedActor:
     def generate_shard(self, shard, attempt) -> dict:
         actor_id = ray.get_runtime_context().get_actor_id()
         time.sleep(self.work_s)  # before any fault, so the previous shard's reply has left a dying process
+        if self.fault == "alike":
+            raise RuntimeError("capture window (5, 6) averaged none of the 2 UNet calls")
         if shard.shard_id == self.fault_shard and self.fault == "always_raise":
             raise ValueError(f"shard {shard.shard_id} is cursed")
         if shard.shard_id == self.fault_shard and self.fault == "disk_full":
@@ -52,6 +55,8 @@ class ScriptedActor:
                 os._exit(1)
             if self.fault == "raise":
                 raise RuntimeError("first attempt fails")
+            if self.fault == "device":
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
             if self.fault == "sleep":
                 time.sleep(3600)
         return {"shard_id": shard.shard_id, "sample_ids": list(range(shard.start, shard.stop)), "actor": actor_id}
@@ -212,3 +217,40 @@ def test_run_level_error_stops_the_run_early(tmp_path):
             SHARDS, lambda: remote.remote(str(tmp_path), fault="disk_full"), 2, runtime, on_shard_done=done.append
         ).run()
     assert len(done) < len(SHARDS)
+
+
+def test_device_error_retires_the_actor_and_the_shard_completes_elsewhere(tmp_path):
+    result = run(tmp_path, fault="device", fault_shard=2, work_s=0.2)
+    assert_all_completed(result)
+    faulty = (tmp_path / "fault-2").read_text()
+    assert result.shards[2].attempts == 2 and result.shards[2].actor_id != faulty
+    assert all(r.actor_id != faulty for r in result.completed if r.shard_id > 2)  # never used again: retired
+    # the shards queued behind the faulty one were given back without an attempt charged
+    assert all(r.attempts == 1 for r in result.shards.values() if r.shard_id != 2)
+
+
+def test_an_error_failing_every_shard_alike_stops_the_run_with_one_message(tmp_path):
+    runtime = RuntimeOptions(max_attempts=3, shard_timeout_s=60)
+    remote = ray.remote(ScriptedActor).options(num_cpus=1, max_restarts=0)
+    done = []
+    started = time.monotonic()
+    with pytest.raises(DispatchError, match=r"3 shards failed alike, none completed: RuntimeError: capture window"):
+        Dispatcher(SHARDS, lambda: remote.remote(str(tmp_path), fault="alike"), 2, runtime,
+                   on_shard_done=done.append).run()
+    assert done == [] and time.monotonic() - started < 30  # stopped early: no shard spent its attempts
+
+
+def test_a_pool_larger_than_can_be_placed_keeps_running_on_the_placed_actors(tmp_path):
+    # --min-actors above the GPUs present (C9): every actor after the first asks for a resource no node has; their
+    # start-up timeouts must not stop the run while the placed actor works through the shards.
+    made = []
+
+    def make_actor():
+        options = {"resources": {"nobody_has_this": 1}} if made else {}
+        made.append(options)
+        return ray.remote(ScriptedActor).options(num_cpus=1, max_restarts=0, **options).remote(str(tmp_path), work_s=2.5)
+
+    runtime = RuntimeOptions(max_attempts=1, shard_timeout_s=60, actor_startup_timeout_s=6)  # the placed one starts
+    result = Dispatcher(SHARDS, make_actor, 2, runtime).run()
+    assert_all_completed(result)
+    assert len(made) >= 3  # the unplaceable slot failed twice (which stopped the run before) and was placed again

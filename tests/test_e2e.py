@@ -24,6 +24,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 import seediff
 from seediff.pipeline.cli import main
+from seediff.pipeline.dispatch import DispatchError
 from seediff.pipeline.resume import OutputLease
 from seediff.pipeline.run import run_generation
 from seediff.schemas.config import RunConfig, RuntimeOptions
@@ -76,6 +77,18 @@ class StallsOnce(ShardActor):
             marker.write_text(str(os.getpid()))
             time.sleep(3600)
         return super().generate_shard(shard, attempt)
+
+
+class DeviceFault(ShardActor):
+    """Test-only: every UNet call raises the sticky CUDA error of a broken device (C2)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+
+        def broken(*_, **__):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+        self.pipe.unet.forward = broken
 
 
 pytestmark = pytest.mark.usefixtures("local_ray")  # one local Ray for the module (tests/plugins/local_ray.py)
@@ -145,6 +158,7 @@ def test_actor_killed_mid_shard_is_retried_byte_identical(inputs, reference, tmp
     assert outcome.ok and outcome.retried_shards == {FAULTY_SHARD: 2}
     check_dataset(out, NUM_SAMPLES)
     assert digests(out) == reference
+    assert not list(out.glob(".*")), "the killed actor's temp files are swept by the retry and the run's end"
 
 
 def test_shard_past_timeout_is_requeued_and_completes(inputs, reference, tmp_path):
@@ -210,26 +224,43 @@ def test_bad_manifest_exits_2_with_file_line_field(tmp_path):
 
 def test_sample_error_becomes_a_failed_row_and_its_shard_commits(tmp_path):
     # The byte-level test tokenizer makes one token per character: "zebra" lies past the 77-token window, a
-    # deterministic error of that sample alone. It shares shard 2 (ids 4, 5) and a batch with a cat sample.
+    # deterministic error of that sample alone. It shares shard 2 (interleaved: ids 2, 5) and a batch with a cat
+    # sample.
     manifest = tmp_path / "manifest.csv"
     manifest.write_text(f"class_name,num_samples,prompt\ncat,5,a photo of a cat\nzebra,1,{'a very long photo ' * 6}of a zebra\n")
     out = tmp_path / "out"
     outcome = run_generation(load_manifest(manifest), run_config(str(out)), RuntimeOptions(num_actors=1, device="cpu"))
-    assert outcome.ok and outcome.shards_generated == 3 and outcome.samples_failed == 1
+    assert outcome.shards_generated == 3 and outcome.samples_failed == 1 and outcome.failures_by_stage == {"prompt": 1}
+    assert not outcome.ok and "1 of 6 samples failed" in outcome.format()  # 17% > --max-failed-fraction 0.01
+    assert seediff.verify(out) == []
     stats = stats_files(out)[2]
     assert (stats["count"], stats["successes"], stats["failures"]) == (2, 1, 1)
     rows = pq.read_table(out / "seediff-000002.parquet").to_pylist()
     assert [r["status"] for r in rows] == ["success", "failed"]
-    assert rows[1]["key"] == "000000000005" and "past the text encoder's 77 tokens" in rows[1]["error"]
-    assert [s["__key__"] for s in wds.WebDataset(str(out / "seediff-000002.tar"), shardshuffle=False)] == ["000000000004"]
+    assert rows[1]["key"] == "000000000005" and rows[1]["error"].startswith("prompt: manifest line 3 (sample 5)")
+    assert "past the text encoder's 77 tokens" in rows[1]["error"]
+    assert [s["__key__"] for s in wds.WebDataset(str(out / "seediff-000002.tar"), shardshuffle=False)] == ["000000000002"]
 
 
-def test_second_driver_on_the_same_output_exits_2_naming_the_first(inputs, tmp_path, capsys):
+def test_device_fault_commits_nothing_and_the_same_command_then_completes(inputs, reference, tmp_path):
+    manifest, _ = inputs
+    out = tmp_path / "out"
+    runtime = RuntimeOptions(num_actors=2, device="cpu")
+    with pytest.raises(DispatchError, match="shards failed alike, none completed: RuntimeError: CUDA error"):
+        run_generation(load_manifest(manifest), run_config(str(out)), runtime, actor_class=DeviceFault)
+    assert stats_files(out) == {} and not list(out.glob("*.tar"))  # no shard committed, no failed rows
+    outcome = run_generation(load_manifest(manifest), run_config(str(out)), runtime)
+    assert outcome.ok and outcome.samples_written == NUM_SAMPLES
+    check_dataset(out, NUM_SAMPLES)
+    assert digests(out) == reference
+
+
+def test_second_driver_on_the_same_output_exits_3_naming_the_first(inputs, tmp_path, capsys):
     manifest, config = inputs
     out = tmp_path / "out"
     with OutputLease(str(out), "driver-one"):  # a live driver holds the output, heartbeat running
         rc = main(["generate", str(manifest), "--out", str(out), "--config", str(config)])
-    assert rc == 2
+    assert rc == 3  # retry later: not bad input
     err = capsys.readouterr().err
     assert "in use by run driver-one on" in err and "Traceback" not in err
     assert not (out / "run.json").exists()  # refused before touching anything
@@ -306,3 +337,33 @@ def test_full_disk_stops_the_run_early_with_one_message(inputs, small_tmpfs, cap
     assert len(stats) < 9  # stopped before every shard was tried (and retried) against the full disk
     for path in stats:  # what was committed is intact
         assert json.loads(path.read_text())["count"] == 1
+
+
+def _sample_fields(out: Path) -> dict[str, dict[str, bytes]]:
+    """key -> field -> bytes of every sample in an output's tars."""
+    return {s["__key__"]: {k: v for k, v in s.items() if not k.startswith("__")}
+            for tar in sorted(out.glob("*.tar")) for s in wds.WebDataset(str(tar), shardshuffle=False)}
+
+
+def test_old_contiguous_output_resumes_verifies_and_its_samples_equal_any_other_layout(inputs, reference, tmp_path):
+    # An output written before the layout was recorded (run.json without shard_layout: contiguous id ranges, here
+    # 4-sample shards), interrupted after its first shard: resume expands the same ranges and verify passes. Each
+    # sample's bytes equal those of the same sample in an interleaved run with another shard size.
+    manifest, _ = inputs
+    old, mixed = tmp_path / "old" / "out", tmp_path / "mixed" / "out"
+    contiguous = {**SETTINGS, "samples_per_shard": 4, "shard_layout": "contiguous"}
+    complete = reference_run(manifest, str(old), contiguous)
+    record = json.loads((old / "run.json").read_text())
+    del record["config"]["shard_layout"]
+    (old / "run.json").write_text(json.dumps(record))
+    for name in ("seediff-000001_stats.json", "seediff-000002_stats.json", "seediff-000002.tar"):
+        (old / name).unlink()  # what a killed driver leaves: shard 0 committed, shard 1 staged, shard 2 not started
+    again = seediff.resume(old, RuntimeOptions(num_actors=1, device="cpu"), progress=io.StringIO())
+    assert again.ok and (again.shards_generated, again.shards_skipped) == (2, 1)
+    assert digests(old) == complete and seediff.verify(old) == []
+    assert [[s["__key__"] for s in wds.WebDataset(str(old / f"seediff-00000{i}.tar"), shardshuffle=False)]
+            for i in range(3)] == [[f"{i:012d}" for i in ids] for ids in (range(0, 4), range(4, 8), range(8, 9))]
+    reference_run(manifest, str(mixed), {**SETTINGS, "samples_per_shard": 3})  # interleaved: ids s, s+3, s+6
+    assert [s["__key__"] for s in wds.WebDataset(str(mixed / "seediff-000001.tar"), shardshuffle=False)] == [
+        "000000000001", "000000000004", "000000000007"]
+    assert _sample_fields(mixed) == _sample_fields(old)

@@ -24,8 +24,9 @@ from tests.e2e_support import (
     write_inputs,
 )
 
-SETTINGS_ONE_PER_SHARD = {**SETTINGS, "samples_per_shard": 1}  # 9 shards: many chances to be killed mid-run
-NUM_SHARDS = 9
+# 9 samples in 5 interleaved shards (shard s: ids s, s+5): the rerun must expand the same progressions
+SETTINGS_KILLED = {**SETTINGS, "shard_layout": "interleaved"}
+NUM_SHARDS = 5
 
 
 def kill_after_first_commit(command: list[str], out) -> None:
@@ -55,8 +56,8 @@ def kill_after_first_commit(command: list[str], out) -> None:
 @pytest.fixture(scope="module")
 def inputs_and_reference(tmp_path_factory):
     directory = tmp_path_factory.mktemp("driver-kill")
-    manifest, config = write_inputs(directory / "inputs", SETTINGS_ONE_PER_SHARD)
-    reference = reference_run(manifest, str(directory / "reference" / "out"), SETTINGS_ONE_PER_SHARD)
+    manifest, config = write_inputs(directory / "inputs", SETTINGS_KILLED)
+    reference = reference_run(manifest, str(directory / "reference" / "out"), SETTINGS_KILLED)
     return manifest, config, reference
 
 

@@ -127,7 +127,7 @@ def unsupported(tmp_path_factory, saved_models) -> dict[str, str]:
     "name,message",
     [
         ("dit", r"pipeline DiTPipeline is not supported \(a transformer \(DiT/MMDiT\), no UNet\); supported "
-                r"pipelines: StableDiffusionPipeline, StableDiffusionXLPipeline"),
+                r"pipelines: FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline"),
         ("inpainting", r"StableDiffusionPipeline with a UNet2DConditionModel of 9 input channels \(an inpainting"),
         ("refiner", r"StableDiffusionXLPipeline is missing text_encoder, tokenizer \(an SDXL refiner"),
         ("no-attention", r"its UNet lacks attention SeeDiff reads: .*decoder self-attention at depth 2"),

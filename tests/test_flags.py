@@ -5,6 +5,7 @@ or the config-file key (with its line) that the user wrote."""
 from __future__ import annotations
 
 import re
+import types
 import typing
 
 import pytest
@@ -12,7 +13,7 @@ from pydantic import BaseModel
 
 from seediff.pipeline.cli import build_parser, main, settings
 from seediff.pipeline.flags import flag_name
-from seediff.schemas.config import MaskConfig, RunConfig, RuntimeOptions
+from seediff.schemas.config import ConfigError, MaskConfig, RunConfig, RuntimeOptions
 
 MODELS = {"": RunConfig, "mask.": MaskConfig, "runtime:": RuntimeOptions}
 
@@ -26,7 +27,8 @@ def fields(models=MODELS):
 def _flattened(model: type[BaseModel], prefix: str):
     for name, info in model.model_fields.items():
         annotation = info.annotation
-        options = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+        optional = typing.get_origin(annotation) in (typing.Union, types.UnionType)  # not a list's element model
+        options = [a for a in typing.get_args(annotation) if a is not type(None)] if optional else [annotation]
         nested = [a for a in options if isinstance(a, type) and issubclass(a, BaseModel)]
         if nested:
             yield from _flattened(nested[0], f"{prefix}{name}.")
@@ -53,7 +55,7 @@ def test_every_field_has_a_description_and_a_flag_with_its_default_in_help(capsy
             assert f"--out OUT {info.description} (required)" in text
             continue
         default = info.get_default()
-        shown = "unset" if default is None else " ".join(map(str, default)) if isinstance(default, tuple) else default
+        shown = "unset" if default in (None, "", ()) else " ".join(map(str, default)) if isinstance(default, tuple) else default
         assert re.search(re.escape(flag) + r"[ ,]", text), f"no flag for {field}"  # "--x INT" or "--x, --no-x"
         assert f"{info.description} (default: {shown})" in text, f"{flag}: help lacks description or default"
         checked += 1
@@ -92,6 +94,23 @@ def test_flag_values_reach_the_models_typed(tmp_path):
     assert (runtime.shard_timeout_s, runtime.shards_in_flight_per_actor) == (60.0, 3)
     assert config.prompt_template == "a {class_name} at 100%"
     assert config.mask.pamr_iterations == MaskConfig().pamr_iterations  # untouched fields keep their defaults
+
+
+def test_model_loading_flags_reach_the_run_settings(tmp_path):
+    args = build_parser().parse_args([
+        "generate", "m.csv", "--out", "o", "--lora", "a.safetensors:0.5", "--lora", "s3://b/x.safetensors",
+        "--variant", "fp16", "--negative-prompt", "blurry", "--no-safety-checker",
+    ])
+    config, _, _ = settings(args)
+    assert [(a.path, a.weight) for a in config.lora] == [("a.safetensors", 0.5), ("s3://b/x.safetensors", 1.0)]
+    assert (config.variant, config.negative_prompt, config.safety_checker) == ("fp16", "blurry", False)
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text("lora: [{path: b.safetensors, weight: 0.25}, c.safetensors:2]\nsafety_checker: off\n")
+    config, _, _ = settings(build_parser().parse_args(["generate", "m.csv", "--out", "o", "--config", str(config_file)]))
+    assert [(a.path, a.weight) for a in config.lora] == [("b.safetensors", 0.25), ("c.safetensors", 2.0)]
+    assert config.safety_checker is False and RunConfig().safety_checker is True
+    with pytest.raises(ConfigError, match="--lora"):
+        settings(build_parser().parse_args(["generate", "m.csv", "--out", "o", "--lora", "a.safetensors:99"]))
 
 
 def test_errors_name_the_flag_or_the_file_line_and_key(tmp_path, capsys):

@@ -23,6 +23,7 @@ from seediff.pipeline.layouts import (
 )
 from seediff.pipeline.plan import Plan
 from seediff.pipeline.resume import prepare_output
+from seediff.pipeline.sources import class_list
 from seediff.pipeline.readers import raw_samples
 from seediff.schemas.config import RunConfig
 from seediff.schemas.manifest import Manifest, class_row
@@ -51,7 +52,13 @@ def output_root(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """An output root written by the real encoder and shard writer: png images of several sizes, label maps with
     255."""
     out = str(tmp_path_factory.mktemp("export") / "out")
-    rows = tuple(class_row(name, cid, n, f"a photo of a {name}", "", line) for line, (cid, name, n) in enumerate(CLASSES, 2))
+    return {"root": out, "expected": write_output(out, CLASSES)}
+
+
+def write_output(out: str, classes: tuple[tuple[int, str, int], ...]) -> dict:
+    """An output root of ``classes`` ((id, name, samples)) written by the real encoder and shard writer; returns
+    key -> (image, label map)."""
+    rows = tuple(class_row(name, cid, n, f"a photo of a {name}", "", line) for line, (cid, name, n) in enumerate(classes, 2))
     config = RunConfig(model="synthetic", samples_per_shard=2, image_format="png", output_url=out)
     prepare_output(config, Manifest(source="m.csv", rows=rows, sha256="0" * 64), overwrite=False)
     plan = Plan(rows, config.seed, config.samples_per_shard)
@@ -60,7 +67,7 @@ def output_root(tmp_path_factory: pytest.TempPathFactory) -> dict:
         shard = plan.shard(shard_id)
         with ShardWriter(config, shard) as writer:
             for spec in plan.samples(shard):
-                size = SIZES[spec.sample_id]
+                size = SIZES[spec.sample_id % len(SIZES)]
                 rng = np.random.default_rng(spec.sample_id)
                 image = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
                 labels = label_map(spec.sample_id, spec.class_id, size)
@@ -68,7 +75,7 @@ def output_root(tmp_path_factory: pytest.TempPathFactory) -> dict:
                 expected[spec.key] = (image, labels)
             writer.commit({})
     write_index(config, plan.num_shards)
-    return {"root": out, "expected": expected}
+    return expected
 
 
 @pytest.fixture(scope="module")
@@ -175,3 +182,35 @@ def test_voc_defaults_and_bad_inputs_exit_2(tmp_path: Path, capsys) -> None:
     assert main(["eval", str(tmp_path / "nowhere"), "--layout", "labels", "--out", str(tmp_path / "ev"),
                  "--predictions", str(tmp_path)]) == 2
     assert "expected images/ and labels or annotations/ folders" in capsys.readouterr().err
+
+
+def test_a_ground_truth_of_another_size_than_its_image_exits_2_before_the_model(tmp_path: Path, monkeypatch,
+                                                                               capsys) -> None:
+    from seediff.pipeline import run
+
+    root = tmp_path / "VOC"
+    (root / "ImageSets/Segmentation").mkdir(parents=True)
+    (root / "ImageSets/Segmentation/val.txt").write_text("a\n")
+    (root / "JPEGImages").mkdir()
+    (root / "SegmentationClass").mkdir()
+    Image.new("RGB", (64, 48)).save(root / "JPEGImages/a.jpg")
+    Image.fromarray(np.full((20, 20), 1, np.uint8)).save(root / "SegmentationClass/a.png")
+    monkeypatch.setattr(run, "run_generation", lambda *a, **k: pytest.fail("the model ran"))
+    assert main(["eval", str(root), "--layout", "voc", "--out", str(tmp_path / "ev"), "--model", "tiny",
+                 "--resolution", "64"]) == 2
+    err = capsys.readouterr().err
+    assert "SegmentationClass/a.png: the ground truth is 20x20 but its image" in err and "is 64x48" in err
+
+
+def test_class_names_with_list_syntax_round_trip_through_export_and_eval(tmp_path: Path, capsys) -> None:
+    """labelmap.txt escapes what a class list reads as syntax: every name comes back at its own id."""
+    names = ("a:b", "#hash", "x,y", '"q"', "猫")
+    out = str(tmp_path / "out")
+    write_output(out, tuple((i, name, 1) for i, name in enumerate(names, 1)))
+    assert main(["export", out, "--layout", "voc", str(tmp_path / "VOC")]) == 0
+    assert read_class_list(str(tmp_path / "VOC" / "labelmap.txt")) == ("background", *names)
+    assert main(["eval", str(tmp_path / "VOC"), "--layout", "voc", "--out", str(tmp_path / "ev"),
+                 "--predictions", out]) == 0
+    report = json.loads((tmp_path / "ev/metrics.json").read_text())
+    assert report["miou"] == 1.0 and all(report["per_class"][name] == 1.0 for name in names)
+    assert class_list("x\\,y,猫") == ["x,y", "猫"]  # --classes: the same codec

@@ -2,12 +2,17 @@ import pytest
 import torch
 from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-from seediff.schemas.config import RunConfig
+from seediff.schemas.config import ConfigError, RunConfig
+from seediff.workers.adapters import check_variant
+from seediff.schemas.manifest import class_row
+from seediff.schemas.records import SampleSpec
+from seediff.workers.generate import diffusion_inputs, generate_batch
 from seediff.workers.models import (
     SCHEDULERS,
     TINY_MODEL,
     build_tiny_model,
     load_model,
+    loading_options,
     offline_clip_tokenizer,
     resolve_device,
     resolve_dtype,
@@ -78,3 +83,67 @@ def test_load_pipeline_from_saved_directory(tmp_path, tiny_pipe):
         assert torch.equal(p, q), name
     ids = lambda pipe: pipe.tokenizer("a photograph of a dog").input_ids  # noqa: E731
     assert ids(loaded) == ids(tiny_pipe)
+
+
+def test_variant_fp16_loads_the_variant_files_by_path(tmp_path, tiny_pipe):
+    folder = tmp_path / "tiny-fp16"
+    build_tiny_model().to(dtype=torch.float16).save_pretrained(folder, variant="fp16")  # half-size files only
+    assert (folder / "unet" / "diffusion_pytorch_model.fp16.safetensors").is_file()
+    assert not (folder / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    check_variant(RunConfig(model=str(folder), variant="fp16"))
+    with pytest.raises(ConfigError, match="has no 'fp61' weight files"):
+        check_variant(RunConfig(model=str(folder), variant="fp61"))
+    loaded = load_model(RunConfig(model=str(folder), variant="fp16", dtype="float32"), CPU)
+    assert loaded.unet.dtype == torch.float32
+    for (name, p), q in zip(tiny_pipe.unet.state_dict().items(), loaded.unet.state_dict().values()):
+        assert torch.equal(p.half().float(), q), name  # the fp16 files' values, upcast
+
+
+def _with_safety_checker(folder):
+    """The tiny SD1.x saved with a (random, tiny) safety checker and its feature extractor, as SD 1.5 ships."""
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    clip = CLIPConfig(
+        text_config=dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=1),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=1,
+                           image_size=32, patch_size=16),
+        projection_dim=16,
+    )
+    pipe = build_tiny_model()
+    torch.manual_seed(0)
+    pipe.register_modules(safety_checker=StableDiffusionSafetyChecker(clip).eval(),
+                          feature_extractor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32))
+    pipe.register_to_config(requires_safety_checker=True)
+    pipe.save_pretrained(folder)
+    return str(folder)
+
+
+def test_the_safety_checker_can_be_switched_off(tmp_path):
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+
+    model = _with_safety_checker(tmp_path / "with-checker")
+    assert isinstance(load_model(RunConfig(model=model), CPU).safety_checker, StableDiffusionSafetyChecker)
+    assert load_model(RunConfig(model=model, safety_checker=False), CPU).safety_checker is None
+    # SDXL pipelines have none to switch off: nothing is passed
+    assert loading_options(RunConfig(safety_checker=False), StableDiffusionXLPipeline) == {}
+
+
+def test_run_wide_negative_prompt_reaches_the_pipeline_and_a_rows_own_wins(tiny_pipe, tiny_run_config, make_specs):
+    specs = make_specs([("cat", "a photo of a {cat}"), ("dog", "a photo of a {dog}")], [1, 2])
+    own = SampleSpec(2, 2, 0, 3, class_row("bird", 3, 1, "a {bird}", "grainy", 3))
+    config = tiny_run_config.model_copy(update={"negative_prompt": "blurry, low quality"})
+    calls = []
+
+    class Called(Exception):
+        pass
+
+    def recording(pipe, *args, **kwargs):  # the call's arguments are what this test is about: no need to run it
+        calls.append(kwargs)
+        raise Called
+
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(Called):
+        patch.setattr(type(tiny_pipe), "__call__", recording)
+        generate_batch(tiny_pipe, [*specs, own], config)
+    assert calls[0]["negative_prompt"] == ["blurry, low quality", "blurry, low quality", "grainy"]
+    assert diffusion_inputs(tiny_pipe, specs, tiny_run_config)["negative_prompt"] == ["", ""]  # unset: none

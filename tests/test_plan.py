@@ -1,5 +1,5 @@
-"""The plan: sample ids in manifest order, seeds that depend only on (global seed, sample id), contiguous shards,
-and O(classes) state however many samples are planned."""
+"""The plan: sample ids in manifest order, seeds that depend only on (global seed, sample id), shards in either
+layout (interleaved: class-mixed; contiguous: id ranges), and O(classes) state however many samples are planned."""
 
 import json
 import os
@@ -48,17 +48,47 @@ def test_seeds_are_63_bit_distinct_and_depend_on_the_global_seed():
     assert all(sample_seed(8, i) != s for i, s in enumerate(seeds))
 
 
+@pytest.mark.parametrize("layout", ["interleaved", "contiguous"])
 @pytest.mark.parametrize("samples_per_shard", [1, 3, 7, 16, 1000])
-def test_samples_do_not_depend_on_shard_size(samples_per_shard):
+def test_samples_do_not_depend_on_shard_size(samples_per_shard, layout):
     manifest_rows = rows(5, 1, 9)
     reference = [Plan(manifest_rows, 3, 1000).sample(i) for i in range(15)]
-    plan = Plan(manifest_rows, 3, samples_per_shard)
+    plan = Plan(manifest_rows, 3, samples_per_shard, layout)
     via_shards = [s for shard_id in range(plan.num_shards) for s in plan.samples(plan.shard(shard_id))]
-    assert via_shards == reference
+    assert sorted(via_shards, key=lambda s: s.sample_id) == reference  # every id once, the same spec
+    assert all(plan.shard_of(s.sample_id) == shard_id
+               for shard_id in range(plan.num_shards) for s in plan.samples(plan.shard(shard_id)))
+
+
+def test_interleaved_shards_mix_every_class_in_proportion():
+    # The issue's case: 20 classes x 50 samples, 100-sample shards -> 10 shards of 5 samples of each class.
+    plan = Plan(rows(*[50] * 20), 0, 100, "interleaved")
+    assert plan.num_shards == 10
+    for shard_id in range(plan.num_shards):
+        classes = [s.class_index for s in plan.samples(plan.shard(shard_id))]
+        assert len(classes) == 100 and set(classes) == set(range(20))
+        assert all(classes.count(c) == 5 for c in range(20))
+    # The contiguous layout (annotate, old outputs) holds two classes per shard.
+    contiguous = Plan(rows(*[50] * 20), 0, 100, "contiguous")
+    assert {len({s.class_index for s in contiguous.samples(contiguous.shard(i))}) for i in range(10)} == {2}
+
+
+def test_interleaved_shards_are_one_range_each_at_most_the_shard_size():
+    plan = Plan(rows(10, 3, 10), 0, 5, "interleaved")  # 23 samples, 5 shards: 5, 5, 5, 4, 4
+    assert plan.num_shards == 5
+    assert [len(plan.shard(i)) for i in range(5)] == [5, 5, 5, 4, 4]
+    spec = plan.shard(3)
+    assert (spec.shard_id, spec.start, spec.stop, spec.step) == (3, 3, 23, 5)
+    assert list(spec.ids) == [3, 8, 13, 18]
+    assert [s.sample_id for s in plan.samples(spec)] == [3, 8, 13, 18]  # the tar's order: ascending keys
+    uneven = Plan(rows(1005), 0, 100, "interleaved")
+    assert uneven.num_shards == 11 and {len(uneven.shard(i)) for i in range(11)} == {91, 92}
+    with pytest.raises(ValueError, match="shard layout"):
+        Plan(rows(1), 0, 1, "random")
 
 
 def test_shards_are_contiguous_cover_every_id_and_the_last_is_short():
-    plan = Plan(rows(10, 3, 10), 0, 5)
+    plan = Plan(rows(10, 3, 10), 0, 5, "contiguous")
     assert (plan.num_samples, plan.num_shards) == (23, 5)
     ranges = [plan.shard_range(i) for i in range(plan.num_shards)]
     assert [list(r) for r in ranges] == [list(range(i, min(i + 5, 23))) for i in range(0, 23, 5)]
@@ -72,7 +102,7 @@ def test_shards_are_contiguous_cover_every_id_and_the_last_is_short():
 
 
 def test_exact_multiple_has_no_short_shard():
-    plan = Plan(rows(4, 6), 0, 5)
+    plan = Plan(rows(4, 6), 0, 5, "contiguous")
     assert plan.num_shards == 2
     assert [len(plan.shard_range(i)) for i in range(2)] == [5, 5]
 
@@ -107,7 +137,7 @@ def test_hundred_million_samples_keep_only_per_class_state():
     manifest_rows = rows(*[10**5] * 1000)
     tracemalloc.start()
     try:
-        plan = Plan(manifest_rows, 1, 1000)
+        plan = Plan(manifest_rows, 1, 1000, "interleaved")
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -116,4 +146,18 @@ def test_hundred_million_samples_keep_only_per_class_state():
     assert peak < 200_000  # bytes: tens per class; a per-sample list would need hundreds of MB
     last = plan.sample(10**8 - 1)
     assert (last.class_index, last.index_in_class) == (999, 10**5 - 1)
-    assert plan.shard_range(plan.num_shards - 1) == range(10**8 - 1000, 10**8)
+    assert plan.shard_range(plan.num_shards - 1) == range(10**5 - 1, 10**8, 10**5)
+    assert plan.shard_of(10**8 - 1) == 10**5 - 1
+
+
+def test_recorded_layout_of_runs_and_old_run_json():
+    from seediff.schemas.config import OUTPUT_FORMAT, AnnotateConfig, ConfigError, RunConfig
+
+    assert RunConfig().shard_layout == "interleaved"  # generate's default
+    fresh = RunConfig.from_json(RunConfig().to_json())
+    assert fresh.shard_layout == "interleaved"  # recorded in run.json, read back as written
+    old = {k: v for k, v in RunConfig().model_dump(mode="json").items() if k != "shard_layout"}
+    assert RunConfig.from_mapping({**old, "output_format": OUTPUT_FORMAT}, "run.json").shard_layout == "contiguous"
+    assert RunConfig(annotate=AnnotateConfig()).shard_layout == "contiguous"
+    with pytest.raises(ConfigError, match="shard_layout"):
+        RunConfig.from_mapping({"annotate": {}, "shard_layout": "interleaved"}, "run.yaml")

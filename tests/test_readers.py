@@ -6,6 +6,7 @@ arrays: each foreground is painted in its class colour, so a 2-layer conv net ca
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
@@ -20,14 +21,18 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+import seediff
 from seediff.pipeline.index import write_index
 from seediff.pipeline.plan import Plan
-from seediff.pipeline.readers import raw_samples, segmentation_dataset, shard_urls, wids_dataset
+from seediff.pipeline.readers import SampleDecoder, raw_samples, segmentation_dataset, shard_urls, wids_dataset
 from seediff.pipeline.resume import prepare_output
-from seediff.pipeline.review import verify_dataset
-from seediff.schemas.config import RunConfig
+from seediff.pipeline.sources import AnnotatePlan, open_input
+from seediff.pipeline.verify import verify_dataset
+from seediff.schemas.config import AnnotateConfig, RunConfig
+from seediff.schemas.records import IMAGE_FIELDS
 from seediff.schemas.manifest import Manifest, class_row
-from seediff.workers.encode import encode_sample
+from seediff.workers.encode import encode_annotated, encode_sample
+from tests.annotate_support import write_image_folder, write_input_shards
 from seediff.workers.shards import ShardWriter
 
 SIZE = 32
@@ -51,7 +56,7 @@ def synthetic_arrays(sample_id: int, class_id: int) -> tuple[np.ndarray, np.ndar
     return image, mask
 
 
-def build_synthetic_dataset(out: str) -> dict:
+def build_synthetic_dataset(out: str, image_format: str = "jpg") -> dict:
     """Write a finished output root (run.json, 3 shards, sizes.json, dataset.json); returns what was written."""
     rows = tuple(
         class_row(name, cid, n, f"a photograph of a {name}", "", line)
@@ -59,10 +64,11 @@ def build_synthetic_dataset(out: str) -> dict:
     )
     manifest = Manifest(source="synthetic.csv", rows=rows, sha256="0" * 64)
     config = RunConfig(model="synthetic", resolution=64, steps=1, samples_per_shard=SAMPLES_PER_SHARD,
-                       image_format="jpg", output_url=out)
+                       image_format=image_format, output_url=out)
     prepare_output(config, manifest, overwrite=False)
-    plan = Plan(rows, config.seed, config.samples_per_shard)
+    plan = Plan(rows, config.seed, config.samples_per_shard, config.shard_layout)
     masks: dict[str, np.ndarray] = {}  # key -> the label map the shard must hold
+    images: dict[str, np.ndarray] = {}  # key -> the pixels that were encoded
     for shard_id in range(plan.num_shards):
         shard = plan.shard(shard_id)
         with ShardWriter(config, shard) as writer:
@@ -72,12 +78,43 @@ def build_synthetic_dataset(out: str) -> dict:
                 else:
                     image, mask = synthetic_arrays(spec.sample_id, spec.class_id)
                     labels = mask * np.uint8(spec.class_id)
-                    outcome = encode_sample(spec, image, labels, {"foreground_fraction": float(mask.mean())}, None, config)
-                    masks[spec.key] = labels
+                    stats = {"foreground_fraction": float(mask.mean()), "confidence": 0.1 * (spec.sample_id % 4),
+                             "classes": [{"pixel_fraction": float(mask.mean())}]}
+                    outcome = encode_sample(spec, image, labels, stats, None, config)
+                    masks[spec.key], images[spec.key] = labels, image
                 writer.add(outcome)
             writer.commit({})
     write_index(config, plan.num_shards)
-    return {"root": out, "keys": list(masks), "masks": masks, "num_shards": plan.num_shards, "config": config}
+    return {"root": out, "keys": list(masks), "masks": masks, "images": images, "num_shards": plan.num_shards,
+            "config": config}
+
+
+def build_annotated_dataset(out: str, source: str, classes_field: str | None) -> None:
+    """An annotate output root written by the real data plane (AnnotatePlan reads the input, encode_annotated,
+    ShardWriter, write_index) over annotate_support's images, with synthetic label maps: a band per class whose
+    height grows with the sample id, so a class-fraction filter keeps some samples and drops others."""
+    config = RunConfig(model="synthetic", resolution=64, samples_per_shard=2, output_url=out,
+                       annotate=AnnotateConfig(classes_field=classes_field))
+    plan = AnnotatePlan(open_input(source, None if classes_field else ["dog", "cat"], classes_field), config)
+    for shard_id in range(plan.num_shards):
+        shard = plan.shard(shard_id)
+        with ShardWriter(config, shard) as writer:
+            for sample in plan.samples(shard):
+                image_field = next(f for f in IMAGE_FIELDS if f in sample.fields)
+                with Image.open(io.BytesIO(sample.fields[image_field])) as im:
+                    width, height = im.size
+                labels = np.zeros((height, width), np.uint8)
+                band = max(1, height * (sample.spec.sample_id + 1) // 12)
+                for k, labelled in enumerate(sample.spec.classes):
+                    labels[k * band : (k + 1) * band] = labelled.class_id
+                classes = [{"pixel_fraction": float((labels == c.class_id).mean()), "score": 0.5, "num_seeds": 1}
+                           for c in sample.spec.classes]
+                stats = {"classes": classes, "foreground_fraction": float((labels > 0).mean()),
+                         "ignore_fraction": 0.0, "empty": not (labels > 0).any(), "degenerate": False,
+                         "confidence": 0.5}
+                writer.add(encode_annotated(sample, labels, None, stats, None, config))
+            writer.commit({})
+    write_index(config, plan.num_shards)
 
 
 @pytest.fixture(scope="session")
@@ -130,6 +167,78 @@ def test_segmentation_dataset_yields_image_label_mask_metadata(synthetic_dataset
         assert meta["class_name"] in {name for _, name, _ in CLASSES}
 
 
+@pytest.mark.parametrize("image_format", ["png", "jpg"])
+def test_uint8_returns_exactly_the_stored_pixels_and_label_values(image_format: str, tmp_path: Path) -> None:
+    written = build_synthetic_dataset(str(tmp_path / "out"), image_format)
+    stored = {s["__key__"]: s[image_format] for s in raw_samples(written["root"])}
+    streamed = list(segmentation_dataset(written["root"], shuffle_shards=0, shuffle_buffer=0, dtype="uint8"))
+    indexed = wids_dataset(written["root"], dtype="uint8")
+    assert len(streamed) == len(indexed) == len(written["keys"])
+    for (image, mask, meta), (wids_image, wids_mask, _) in zip(streamed, (indexed[i] for i in range(len(indexed)))):
+        assert image.dtype == torch.uint8 and image.shape == (3, SIZE, SIZE)
+        assert mask.dtype == torch.uint8 and mask.shape == (SIZE, SIZE)
+        np.testing.assert_array_equal(mask.numpy(), written["masks"][meta["key"]])  # label values as stored
+        with Image.open(io.BytesIO(stored[meta["key"]])) as im:  # Pillow's decode of the stored bytes
+            np.testing.assert_array_equal(image.permute(1, 2, 0).numpy(), np.asarray(im.convert("RGB")))
+        if image_format == "png":  # lossless: the very pixels that were encoded
+            np.testing.assert_array_equal(image.permute(1, 2, 0).numpy(), written["images"][meta["key"]])
+        assert torch.equal(wids_image, image) and torch.equal(wids_mask, mask)
+    image, _, _ = next(iter(segmentation_dataset(written["root"], shuffle_shards=0, dtype="uint8", image_layout="hwc")))
+    assert image.shape == (SIZE, SIZE, 3) and torch.equal(image.permute(2, 0, 1), streamed[0][0])
+    with pytest.raises(ValueError, match="dtype"):
+        segmentation_dataset(written["root"], dtype="int8")
+
+
+@pytest.mark.parametrize("kind", ["generate", "annotate-from-folder", "annotate-from-shards"])
+def test_quality_filter_keeps_the_same_samples_streaming_and_indexed(kind: str, synthetic_dataset: dict,
+                                                                      tmp_path: Path) -> None:
+    # The streaming filter reads each sample's seediff record (mask.json on annotate outputs; an input shard's own
+    # json has no quality fields), wids reads the parquet: the same samples pass.
+    if kind == "generate":
+        root = synthetic_dataset["root"]
+    else:
+        root = str(tmp_path / "out")
+        if kind == "annotate-from-folder":
+            write_image_folder(tmp_path / "images")
+            build_annotated_dataset(root, str(tmp_path / "images"), None)
+        else:
+            write_input_shards(tmp_path / "shards")
+            build_annotated_dataset(root, str(tmp_path / "shards" / "in-{000000..000002}.tar"), "labels")
+    everything = [meta["key"] for _, _, meta in segmentation_dataset(root, shuffle_shards=0, dtype="uint8")]
+    quality = seediff.QualityFilter(min_class_fraction=0.2, min_confidence=0.15)  # generate: confidence varies
+    streamed = [meta["key"] for _, _, meta in segmentation_dataset(root, shuffle_shards=0, quality=quality)]
+    indexed = wids_dataset(root, quality=quality, dtype="uint8")
+    assert [indexed[i][2]["key"] for i in range(len(indexed))] == streamed
+    assert 0 < len(streamed) < len(everything)
+
+
+def test_readers_pick_the_image_field_annotate_labels() -> None:
+    # An annotated input with jpeg and png fields: annotate labels the first of IMAGE_FIELDS (jpeg), so must the
+    # readers, never pair the png with the jpeg's mask.
+    jpeg, png = io.BytesIO(), io.BytesIO()
+    Image.new("RGB", (8, 4), (200, 10, 10)).save(jpeg, format="JPEG")
+    Image.new("RGB", (6, 6), (10, 10, 200)).save(png, format="PNG")
+    mask = io.BytesIO()
+    Image.new("L", (8, 4), 1).save(mask, format="PNG")
+    sample = {"__key__": "k", "png": png.getvalue(), "jpeg": jpeg.getvalue(), "mask.png": mask.getvalue(),
+              "json": b'{"input": "own"}', "mask.json": b'{"key": "k"}'}
+    image, labels, meta = SampleDecoder("uint8")(sample)
+    assert image.shape == (3, 4, 8) and labels.shape == (4, 8) and meta == {"key": "k"}
+
+
+def test_wids_reads_a_local_root_in_place_quietly(synthetic_dataset: dict, tmp_path: Path, capfd) -> None:
+    root = Path(synthetic_dataset["root"])
+    before = {p: p.stat().st_mtime_ns for p in root.iterdir()}
+    cache = Path(os.environ.get("WIDS_CACHE", "/tmp/_wids_cache"))
+    cached = set(cache.iterdir()) if cache.exists() else set()
+    capfd.readouterr()
+    ds = wids_dataset(str(root), dtype="uint8")
+    assert [ds[i][2]["key"] for i in range(len(ds))] == synthetic_dataset["keys"]
+    assert capfd.readouterr() == ("", "")  # quiet: wids prints its descriptor otherwise
+    assert {p: p.stat().st_mtime_ns for p in root.iterdir()} == before  # nothing written in the root
+    assert (set(cache.iterdir()) if cache.exists() else set()) == cached  # nor a copy in wids' cache
+
+
 def test_dataloader_with_two_workers_yields_each_sample_once_per_epoch(synthetic_dataset: dict) -> None:
     ds = segmentation_dataset(synthetic_dataset["root"], shuffle_shards=True, shuffle_buffer=4)
     loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)
@@ -160,7 +269,7 @@ def test_reads_s3_urls_through_fsspec(synthetic_dataset: dict, s3_output_url: st
         fs.put_file(str(local), f"{s3_output_url}/{local.name}")
     keys = [meta["key"] for _, _, meta in segmentation_dataset(s3_output_url, shuffle_shards=False)]
     assert keys == synthetic_dataset["keys"]
-    assert len(list(raw_samples(s3_output_url + "/seediff-000001.tar"))) == 3  # sample 5 failed
+    assert len(list(raw_samples(s3_output_url + "/seediff-000002.tar"))) == 3  # ids 2, 5, 8, 11; sample 5 failed
 
 
 # ---- other readers ---------------------------------------------------------------------------------------------
@@ -254,3 +363,18 @@ def test_a_generated_dataset_reads_through_our_pipelines(generated_dataset: str)
         assert set(mask.unique().tolist()) <= {0, meta["class_id"], 255}
         torch.testing.assert_close(streamed[meta["key"]][1], mask)
         torch.testing.assert_close(streamed[meta["key"]][0], image)
+
+
+def test_training_example_lowers_its_loss_and_reports_miou(generated_dataset: str, tmp_path: Path) -> None:
+    # examples/train_segmenter.py end to end on the tiny model's output: a few steps of the DeepLab-style net with
+    # ignore_index=255, then eval-style mIoU on a labelled set in VOC layout (here the same output, exported).
+    spec = importlib.util.spec_from_file_location("train_segmenter", REPO / "examples" / "train_segmenter.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    assert seediff.export(generated_dataset, tmp_path / "voc", layout="voc")["images"] == 12
+    report = example.main([generated_dataset, "--val", str(tmp_path / "voc"), "--split", "train", "--steps", "6",
+                           "--batch-size", "4", "--size", "32", "--width", "8", "--lr", "0.05", "--workers", "0",
+                           "--out", str(tmp_path / "trained")])
+    assert len(report["losses"]) == 6 and report["losses"][-1] < report["losses"][0]
+    assert report["metrics"]["miou"] is not None and 0 < report["metrics"]["pixels"] <= 12 * 64 * 64
+    assert json.loads((tmp_path / "trained" / "metrics.json").read_text())["metrics"] == report["metrics"]

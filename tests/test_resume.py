@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import time
 from dataclasses import replace
 import sys
 from pathlib import Path
@@ -13,9 +15,11 @@ import pytest
 
 from seediff.pipeline.resume import (
     LeaseHeld,
+    NotAnOutputFolder,
     OutputLease,
     RunConfigMismatch,
     bind_device,
+    check_output_folder,
     clean_leftovers,
     read_committed_stats,
     prepare_output,
@@ -195,3 +199,42 @@ def test_a_second_driver_is_refused_naming_the_holder_and_a_stale_lease_is_taken
     assert taker.read()["run_id"] == "run-third"
     taker.release()
     assert taker.read() is None
+
+
+def test_a_folder_with_the_users_own_files_or_a_file_is_not_an_output(tmp_path: Path) -> None:
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "dataset.json").write_text('{"theirs": true}')
+    with pytest.raises(NotAnOutputFolder, match=r"not a seediff output \(no run.json\) .* holds dataset.json"):
+        prepare_output(make_config(str(folder)), MANIFEST, overwrite=True)  # --overwrite does not make it ours
+    assert names(str(folder)) == {"dataset.json"}
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(NotAnOutputFolder, match="afile: is a file"):
+        check_output_folder(make_config(str(tmp_path / "afile")), overwrite=False)
+
+
+@pytest.mark.parametrize("body", ["[]", '"x"', '{"heartbeat": "abc"}', '{"heartbeat": null}', '{"heartbeat": Infinity}'])
+def test_a_lease_of_the_wrong_type_is_taken_over(body: str, tmp_path: Path, caplog) -> None:
+    (tmp_path / "lease.json").write_text(body)
+    lease = OutputLease(str(tmp_path), "run-new")
+    lease.acquire()
+    try:
+        assert lease.read()["run_id"] == "run-new"
+        assert any("taking over the lease" in r.getMessage() for r in caplog.records)
+    finally:
+        lease.release()
+
+
+def test_a_future_heartbeat_locks_only_until_the_lease_file_is_stale(tmp_path: Path) -> None:
+    path = tmp_path / "lease.json"
+    path.write_text(json.dumps({"run_id": "planted", "host": "elsewhere", "pid": 1, "heartbeat": 1e12}))
+    with pytest.raises(LeaseHeld) as held:
+        OutputLease(str(tmp_path), "run-new").acquire()
+    message = str(held.value)
+    assert "in the future, clock skew?" in message and "written 0s ago" in message and "\n" not in message
+    old = time.time() - 120  # written two minutes ago and never refreshed: stale
+    os.utime(path, (old, old))
+    lease = OutputLease(str(tmp_path), "run-new")
+    lease.acquire()
+    assert lease.read()["run_id"] == "run-new"
+    lease.release()

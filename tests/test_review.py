@@ -15,14 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from seediff.pipeline.review import (
-    LEGEND_ROW,
-    format_inspection,
-    inspect_dataset,
-    preview_grid,
-    run_class_names,
-    verify_dataset,
-)
+from seediff.pipeline.review import LEGEND_ROW, format_inspection, inspect_dataset, preview_grid, run_class_names
+from seediff.pipeline.verify import verify_dataset
 from tests.test_readers import REPO, synthetic_dataset  # noqa: F401 - fixture
 
 SHARD0, SHARD1 = "seediff-000000", "seediff-000001"
@@ -42,10 +36,10 @@ def test_inspect_counts_classes_failures_bytes_and_settings(synthetic_dataset: d
     assert info["samples"] == 11 and info["attempted"] == 12 and info["failures"] == 1
     assert info["failures_by_reason"] == {"nsfw": 1}
     assert info["shards"] == info["expected_shards"] == 3 and info["missing_shards"] == []
-    assert info["classes"] == [  # ids 0-4 cat, 5-8 dog (5 failed), 9-11 tree; no pixel fractions recorded
-        {"class_id": 1, "class_name": "cat", "samples": 5, "failures": 0, "pixel_fraction": None},
-        {"class_id": 2, "class_name": "dog", "samples": 3, "failures": 1, "pixel_fraction": None},
-        {"class_id": 7, "class_name": "tree", "samples": 3, "failures": 0, "pixel_fraction": None},
+    assert info["classes"] == [  # ids 0-4 cat, 5-8 dog (5 failed), 9-11 tree; each mask a quarter of its image
+        {"class_id": 1, "class_name": "cat", "samples": 5, "failures": 0, "pixel_fraction": 0.25},
+        {"class_id": 2, "class_name": "dog", "samples": 3, "failures": 1, "pixel_fraction": 0.25},
+        {"class_id": 7, "class_name": "tree", "samples": 3, "failures": 0, "pixel_fraction": 0.25},
     ]
     tar_bytes = sum(p.stat().st_size for p in Path(synthetic_dataset["root"]).glob("*.tar"))
     assert info["bytes"]["tar"] == tar_bytes and info["bytes"]["total"] > tar_bytes

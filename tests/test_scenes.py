@@ -21,7 +21,8 @@ import webdataset as wds
 from PIL import Image
 
 from seediff.pipeline.readers import QualityFilter, segmentation_dataset, shard_urls, wids_dataset
-from seediff.pipeline.review import IGNORE_COLOUR, class_colour, preview_grid, verify_dataset
+from seediff.pipeline.review import IGNORE_COLOUR, class_colour, preview_grid
+from seediff.pipeline.verify import verify_dataset
 from seediff.schemas.manifest import load_manifest
 from seediff.schemas.records import decode_mask, quality_columns
 from tests.e2e_support import REPO, digests, reference_run

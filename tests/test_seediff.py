@@ -15,6 +15,8 @@ from seediff.workers.seediff import (
     minmax,
     otsu_thresholds,
     pamr,
+    pool_cross,
+    pool_self,
     seeded_masks,
 )
 
@@ -365,3 +367,28 @@ def test_bad_shapes_name_the_field():
         seeded_masks(maps, (IMAGE, IMAGE), NO_REFINE)
     with pytest.raises(ValueError, match="images"):
         seeded_masks(random_maps(np.random.default_rng(0), batch=2), (IMAGE, IMAGE), MaskConfig())
+
+
+def test_pooled_sides_of_one_grid():
+    """A single-grid model's coarser sides (MM-DiT): query rows averaged and keys summed in f x f blocks, from full
+    or key-pooled rows alike; cross maps averaged; the cascade on sides pooled from the fine side alone still finds
+    the objects."""
+    g = torch.Generator().manual_seed(0)
+    attn = torch.rand(2, 4 * 6, 4 * 6, generator=g)  # a 4 x 6 grid
+    pooled = pool_self(attn, (4, 6), 2)
+    blocks = attn.reshape(2, 2, 2, 3, 2, 2, 2, 3, 2)  # [B, qy, fy, qx, fx, ky, fy, kx, fx]
+    assert torch.allclose(pooled, blocks.mean((2, 4)).sum((4, 6)).reshape(2, 6, 6))
+    key_pooled = attn.reshape(2, 24, 2, 2, 3, 2).sum((3, 5)).flatten(2)  # the capture's key pool, g = 2
+    assert torch.allclose(pool_self(key_pooled, (4, 6), 2), pooled)
+    assert torch.equal(pool_self(attn, (4, 6), 1), attn)
+    with pytest.raises(ValueError, match="cannot pool"):
+        pool_self(attn, (4, 6), 4)
+    assert torch.allclose(pool_cross(attn[:, :4].reshape(2, 4, 4, 6), 2)[0, 0],
+                          attn[0, 0].reshape(2, 2, 3, 2).mean((1, 3)))
+    scenes = [scene(*s) for s in SCENES]
+    maps, _ = batch_of(scenes)
+    fine = maps.self_attn[2]  # the 32 x 32 side alone, as an MM-DiT captures it
+    sides = [pool_self(fine, (4 * SIDE, 4 * SIDE), f) for f in (4, 2, 1)]
+    result = seeded_masks(AttentionMaps(maps.cross, sides), (IMAGE, IMAGE), NO_REFINE)
+    for b, (mask, _, _) in enumerate(scenes):
+        assert iou(result.mask[b].numpy(), mask) >= 0.8, b

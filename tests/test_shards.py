@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import stat
 import tarfile
 from pathlib import Path
 
@@ -216,3 +217,33 @@ def test_writer_refuses_out_of_order_and_incomplete_shards(tmp_path: Path) -> No
             writer.commit({})
     assert list(tmp_path.iterdir()) == []
 
+
+
+def test_a_retried_writer_sweeps_the_temp_files_of_its_shard_only(tmp_path: Path) -> None:
+    config = make_config(str(tmp_path))
+    plan = Plan(ROWS, config.seed, config.samples_per_shard)
+    for shard_id in (0, 1):  # writers killed mid-shard
+        ShardWriter(config, plan.shard(shard_id)).add(next(outcomes(plan.shard(shard_id), config)))
+    assert len(list(tmp_path.glob(".seediff-*.tmp-*"))) == 2
+    with ShardWriter(config, plan.shard(0), retry=True) as writer:
+        (left,) = [p.name for p in tmp_path.glob(".seediff-*.tmp-*") if p.name != Path(writer._tar_file.temp_path).name]
+        assert left.startswith(".seediff-000001.tar.tmp-")
+        for outcome in outcomes(plan.shard(0), config):
+            writer.add(outcome)
+        writer.commit({})
+    assert [p.name for p in tmp_path.glob(".*")] == [left]  # shard 1's waits for its own retry or the run's end
+
+
+def test_staging_and_log_folders_are_the_users_own(tmp_path: Path) -> None:
+    mine = storage.private_dir(tmp_path / "staging")
+    assert stat.S_IMODE(mine.stat().st_mode) == 0o700 and mine.stat().st_uid == os.geteuid()
+    assert storage.STAGING_ROOT.name.startswith("seediff-staging-")
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, os.geteuid() + 1, -1)  # the suite runs as root: a folder another user created first
+    with pytest.raises(storage.StorageAccessError, match="not a folder of this user's"):
+        storage.private_dir(theirs)
+    link = tmp_path / "link"
+    link.symlink_to(mine)
+    with pytest.raises(storage.StorageAccessError):
+        storage.private_dir(link)

@@ -191,3 +191,18 @@ def test_cls_plan_labels_each_sample_with_its_indexed_classes(shards) -> None:
         [(c, CLASS_TABLE.index(c) + 1) for c in classes] for _, _, _, classes in IMAGES
     ]
     assert specs[0].prompt.text == "a photograph of a dog and cat"
+
+
+def test_a_truncated_input_tar_exits_2_naming_it_before_ray(shards, monkeypatch, tmp_path: Path, capsys) -> None:
+    from seediff.pipeline import run
+    from seediff.pipeline.cli import main
+
+    directory, _ = shards
+    tar = directory / "in-000001.tar"
+    tar.write_bytes(tar.read_bytes()[:1500])  # mid-member
+    monkeypatch.setattr(run, "run_generation", lambda *a, **k: pytest.fail("the run started"))
+    rc = main(["annotate", str(directory), "--out", str(tmp_path / "out"), "--classes", "dog,cat", "--model", "tiny",
+               "--resolution", "64"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("seediff: error: ") and len(err.splitlines()) == 1, err
+    assert f"{tar}: unreadable tar after" in err

@@ -1,11 +1,12 @@
 """What a user sees in a terminal: ``generate`` under a pseudo-terminal shows its phases in order and then the
-summary; no library warning, Ray message or forwarded actor output reaches the terminal (they are in the log file
-the summary names); the driver never imports the model stack, whose teardown kept the command alive after the
+summary; from ``generate``, the Python API's ``seediff.generate`` and ``eval`` alike, no library warning, Ray message
+or forwarded actor output reaches the terminal (they are in the log file the summary names); the driver never imports the model stack, whose teardown kept the command alive after the
 summary."""
 
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import pty
 import re
@@ -16,7 +17,7 @@ import sys
 import termios
 import time
 
-from tests.e2e_support import REPO, cli_env, write_inputs
+from tests.e2e_support import REPO, SETTINGS, cli_env, write_inputs
 
 PHASES = ("starting Ray", "loading the model on 2 actors", "generating", "writing the index", "summary:")
 # Library and Ray output as it would appear: Python warnings, logging records, Ray's own lines, actor prefixes.
@@ -78,3 +79,37 @@ def test_generate_in_a_terminal_shows_phases_in_order_and_no_library_output(tmp_
     # the library output went to the log file instead
     assert re.search(r"worker\.py:\d+ -- ", log_file.read_text()), "Ray's own messages are not in the log"
     print(f"returned {lingered:.2f} s after the summary began")
+
+
+API_PROBE = (
+    "import json, sys, seediff; "
+    "summary = seediff.generate(sys.argv[1], sys.argv[2], config=json.loads(sys.argv[3]), "
+    "runtime={'num_actors': 1, 'address': 'local'}); "  # a new local Ray, never another process's cluster
+    "print('written', summary.samples_written, 'log', summary.paths['log'])"
+)
+
+
+def test_the_python_api_in_a_terminal_prints_no_library_output(tmp_path):
+    manifest, _ = write_inputs(tmp_path / "inputs")
+    status, screen, _ = run_in_pty([sys.executable, "-c", API_PROBE, str(manifest), str(tmp_path / "out"),
+                                    json.dumps(SETTINGS)])
+    assert status == 0, screen
+    noisy = [line for line in screen.splitlines() if NOISE.search(line)]
+    assert not noisy, noisy
+    (log,) = re.findall(r"written 9 log (\S+)", screen)
+    assert re.search(r"worker\.py:\d+ -- ", open(log).read()), "Ray's own messages are not in the log"
+
+
+def test_eval_in_a_terminal_prints_no_library_output(tmp_path):
+    from tests.test_annotate import FLAGS, write_voc_fixture
+
+    write_voc_fixture(tmp_path / "VOC2012")
+    log_file = tmp_path / "eval.log"
+    status, screen, _ = run_in_pty([
+        sys.executable, "-m", "seediff", "eval", str(tmp_path / "VOC2012"), "--layout", "voc", "--out",
+        str(tmp_path / "eval"), *FLAGS, "--address", "local", "--log-file", str(log_file),
+    ])
+    assert status == 0, screen
+    noisy = [line for line in screen.splitlines() if NOISE.search(line)]
+    assert not noisy, noisy
+    assert "seediff: mIoU" in screen and re.search(r"worker\.py:\d+ -- ", log_file.read_text())

@@ -16,8 +16,8 @@ import ray
 import torch
 
 from seediff.schemas.config import RunConfig, RuntimeOptions
-from seediff.schemas.records import InputSample, SampleOutcome, SampleSpec, ShardSpec
-from seediff.storage import SHARD, failure_kind, sweep_staging
+from seediff.schemas.records import InputSample, SampleFailure, SampleOutcome, SampleSpec, ShardSpec
+from seediff.storage import DEVICE, failure_kind, sweep_staging
 from seediff.workers.annotate import AnnotatedSample, annotate_batch, warm_up_annotation
 from seediff.workers.encode import encode_annotated, encode_sample
 from seediff.workers.generate import GeneratedSample, generate_batch, install_capture, warm_up_generation
@@ -58,11 +58,26 @@ class ShardActor:
         # Encoding (PIL/zlib release the GIL) of batch k runs here while batch k+1 is generated.
         self.encoder = ThreadPoolExecutor(max_workers=runtime.encode_threads, thread_name_prefix="encode")
         self.identity = _identity(self.device, torch.get_num_threads())
+        self.device_fault: str | None = None  # set by a device error: this process computes nothing more
 
     def generate_shard(self, shard: ShardSpec, attempt: int = 1) -> dict[str, Any]:
+        """Write and commit one shard. Only errors of a per-sample stage (``SampleFailure``) become failed rows;
+        any other error fails the whole shard (nothing commits) and reaches the driver, which retries it elsewhere.
+        After a device error (a sticky CUDA error) this process refuses every further shard: only a fresh one
+        recovers, and the driver retires it."""
+        if self.device_fault is not None:
+            raise RuntimeError(f"this actor's device failed earlier: {self.device_fault}")
+        try:
+            return self._generate_shard(shard, attempt)
+        except Exception as error:
+            if failure_kind(error) == DEVICE:
+                self.device_fault = f"{type(error).__name__}: {error}"
+            raise
+
+    def _generate_shard(self, shard: ShardSpec, attempt: int) -> dict[str, Any]:
         started = time.perf_counter()
         generate_s = drain_s = 0.0
-        with ShardWriter(self.config, shard) as writer:
+        with ShardWriter(self.config, shard, retry=attempt > 1) as writer:
             encoding: list[Future[SampleOutcome]] = []
             for batch in _batches(self.plan.samples(shard), self.config.batch_size):
                 t0 = time.perf_counter()
@@ -85,20 +100,11 @@ class ShardActor:
             return writer.commit(runtime_info)
 
     def _generate(self, batch: tuple[SampleSpec, ...] | tuple[InputSample, ...]) -> list[Any]:
-        """One batch: generated from SampleSpecs, or labelled from InputSamples (annotate). When it raises an error of
-        the samples themselves (not storage, memory or the device), each sample is run alone: one that raises again
-        becomes a failed row with the error, its neighbours are kept. The same input fails the same way on every
-        run, so the result stays deterministic."""
-        try:
-            if self.config.annotate is not None:
-                return annotate_batch(self.pipe, batch, self.config, self.capture)
-            return generate_batch(self.pipe, batch, self.config, self.capture)
-        except Exception as error:
-            if not _sample_error(error):
-                raise
-            if len(batch) > 1:
-                return [sample for item in batch for sample in self._generate((item,))]
-            return [_failed(batch[0], f"{type(error).__name__}: {error}")]
+        """One batch: generated from SampleSpecs, or labelled from InputSamples (annotate). The batch functions
+        return the samples that failed in a per-sample stage as failed samples; anything they raise is the shard's."""
+        if self.config.annotate is not None:
+            return annotate_batch(self.pipe, batch, self.config, self.capture)
+        return generate_batch(self.pipe, batch, self.config, self.capture)
 
     def _drain(self, writer: ShardWriter, encoding: list[Future[SampleOutcome]], shard_id: int) -> None:
         for future in encoding:
@@ -109,11 +115,9 @@ class ShardActor:
     def _encode(self, sample: GeneratedSample | AnnotatedSample) -> SampleOutcome:
         try:
             return self._encoded(sample)
-        except Exception as error:
-            if not _sample_error(error):
-                raise
+        except SampleFailure as error:  # its label map: the sample's own failure
             item = sample.sample if isinstance(sample, AnnotatedSample) else sample.spec
-            return self._encoded(_failed(item, f"{type(error).__name__}: {error}"))
+            return self._encoded(_failed(item, str(error)))
 
     def _encoded(self, sample: GeneratedSample | AnnotatedSample) -> SampleOutcome:
         if isinstance(sample, AnnotatedSample):
@@ -128,14 +132,6 @@ def _failed(item: SampleSpec | InputSample, error: str) -> GeneratedSample | Ann
     if isinstance(item, InputSample):
         return AnnotatedSample(item, None, None, {}, error)
     return GeneratedSample(item, None, None, {}, error)
-
-
-def _sample_error(error: Exception) -> bool:
-    """An error that belongs to the samples: not I/O or the network (storage.failure_kind says whether those are
-    transient or stop the run), not memory (a smaller batch or another actor may succeed)."""
-    if isinstance(error, (OSError, MemoryError, torch.cuda.OutOfMemoryError)):
-        return False
-    return failure_kind(error) == SHARD
 
 
 def _batches(samples: tuple[SampleSpec, ...], size: int) -> Iterator[tuple[SampleSpec, ...]]:

@@ -16,15 +16,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import DDPMScheduler, DiffusionPipeline
-from PIL import Image
+from diffusers import DiffusionPipeline
+from PIL import Image, UnidentifiedImageError
 
 from seediff.schemas.config import RunConfig
-from seediff.schemas.records import InputSample, SampleSpec
+from seediff.schemas.records import IMAGE_STAGE, InputSample, SampleFailure, SampleSpec
 from seediff.workers import seediff
 from seediff.workers.capture import SeeDiffCapture
 from seediff.workers.encode import INPUT_IMAGE_FIELDS
 from seediff.workers.generate import attention_maps, latent_grid, new_capture, sample_token_positions
+from seediff.workers.models import backbone_call, noise_latents, text_conditioning
 
 
 @dataclass
@@ -42,29 +43,41 @@ class AnnotatedSample:
 
 def decode_rgb(fields: dict[str, Any]) -> np.ndarray:
     """The sample's image as H x W x 3 uint8, pixels as stored (no EXIF rotation: the mask must match the pixels
-    every reader decodes)."""
+    every reader decodes). An image that is missing, truncated or undecodable is the sample's failure (``image``
+    stage), named by its input URL and key."""
+    key = fields.get("__key__")
+    where = fields.get("__url__", "?") + ("" if key is None else f": sample {key}")
     name = next((name for name in INPUT_IMAGE_FIELDS if name in fields), None)
     if name is None:
-        raise ValueError(f"no image field (one of {', '.join(INPUT_IMAGE_FIELDS)}) among {sorted(fields)}")
-    with Image.open(io.BytesIO(fields[name])) as im:
-        return np.array(im.convert("RGB"))
+        raise SampleFailure(IMAGE_STAGE, f"{where}: no image field (one of {', '.join(INPUT_IMAGE_FIELDS)}) among "
+                            f"{sorted(k for k in fields if not k.startswith('__'))}")
+    try:
+        with Image.open(io.BytesIO(fields[name])) as im:
+            return np.array(im.convert("RGB"))
+    except UnidentifiedImageError:  # its message names the BytesIO's address: not deterministic
+        raise SampleFailure(IMAGE_STAGE, f"{where}: {name}: not an image Pillow can decode") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as e:  # PIL: OSError subclasses for truncated data
+        raise SampleFailure(IMAGE_STAGE, f"{where}: {name}: {e}") from e
 
 
 def annotate_batch(
     pipe: DiffusionPipeline, samples: Sequence[InputSample], config: RunConfig, capture: SeeDiffCapture | None = None
 ) -> list[AnnotatedSample]:
-    """Label maps for a batch; an image that does not decode becomes a failed sample, its neighbours go on.
-    ``capture``: one kept installed on ``pipe.unet`` (an actor's, ``install_capture``); None installs one for this
-    batch only."""
+    """Label maps for a batch; a sample whose input cannot be read or decoded, or whose prompt cannot place its
+    classes, becomes a failed sample, its neighbours go on. ``capture``: one kept installed on ``pipe.unet`` (an
+    actor's, ``install_capture``); None installs one for this batch only."""
     decoded: list[np.ndarray | None] = []
     errors: list[str | None] = []
     for sample in samples:
         try:
+            if sample.error is not None:
+                raise SampleFailure(IMAGE_STAGE, sample.error)
+            sample_token_positions(pipe, sample.spec)
             decoded.append(decode_rgb(sample.fields))
             errors.append(None)
-        except (OSError, ValueError) as e:  # PIL raises OSError subclasses for truncated or unknown data
+        except SampleFailure as e:
             decoded.append(None)
-            errors.append(f"decode: {e}")
+            errors.append(str(e))
     ok = [i for i, rgb in enumerate(decoded) if rgb is not None]
     results = [AnnotatedSample(s, None, None, {}, errors[i]) for i, s in enumerate(samples)]
     if ok:
@@ -95,12 +108,12 @@ def _label(
         noise = torch.cat([
             torch.randn(1, *latents.shape[1:], generator=torch.Generator("cpu").manual_seed(spec.seed)) for spec in specs
         ]).to(latents.device, latents.dtype)
-        embeddings, conditioning = _text_conditioning(pipe, [spec.prompt.text for spec in specs], (height, width))
-        noising = DDPMScheduler.from_config(pipe.scheduler.config)
+        conditioning = text_conditioning(pipe, [spec.prompt.text for spec in specs], (height, width),
+                                         config.guidance_scale)
         capture.begin([sum(p, []) for p in positions], config.mask.capture_steps)
         for t in config.annotate.timesteps:
             step = torch.full((len(specs),), t, dtype=torch.long, device=latents.device)
-            pipe.unet(noising.add_noise(latents, noise, step), step, encoder_hidden_states=embeddings, **conditioning)
+            backbone_call(pipe, noise_latents(pipe, latents, noise, step), step, conditioning)
             capture.advance()
         captured = capture.result()
     maps = attention_maps(captured, positions)
@@ -127,32 +140,20 @@ def warm_up_annotation(pipe: DiffusionPipeline, config: RunConfig, capture: SeeD
     width, height = config.size
     batch = config.batch_size
     with torch.no_grad():
-        embeddings, conditioning = _text_conditioning(pipe, [""] * batch, (height, width))
-        latents = torch.zeros(batch, pipe.unet.config.in_channels, *latent_grid(pipe, config),
-                              dtype=pipe.vae.dtype, device=pipe.unet.device)
+        conditioning = text_conditioning(pipe, [""] * batch, (height, width), config.guidance_scale)
+        latents = torch.zeros(batch, pipe.vae.config.latent_channels, *latent_grid(pipe, config),
+                              dtype=pipe.vae.dtype, device=pipe.vae.device)
         step = torch.full((batch,), config.annotate.timesteps[0], dtype=torch.long, device=latents.device)
         capture.begin([[1]] * batch)
-        pipe.unet(latents, step, encoder_hidden_states=embeddings, **conditioning)
+        backbone_call(pipe, latents, step, conditioning)
         capture.advance()
 
 
-def _text_conditioning(pipe: DiffusionPipeline, prompts: list[str], size: tuple[int, int]) -> tuple[torch.Tensor, dict]:
-    """The prompts' text states for the UNet's cross-attention, plus what else the UNet is conditioned on: SDXL's
-    pooled text embedding and size/crop ids (image size, no crop, target size), as its pipeline builds them."""
-    encoded = pipe.encode_prompt(prompt=prompts, device=pipe.unet.device, num_images_per_prompt=1,
-                                 do_classifier_free_guidance=False)
-    if getattr(pipe, "tokenizer_2", None) is None:
-        return encoded[0], {}
-    embeddings, pooled = encoded[0], encoded[2]
-    time_ids = torch.tensor([[*size, 0, 0, *size]], dtype=embeddings.dtype, device=embeddings.device)
-    return embeddings, {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids.repeat(len(prompts), 1)}}
-
-
 def _encode(pipe: DiffusionPipeline, pixels: torch.Tensor) -> torch.Tensor:
-    """VAE latents (the posterior mean, scaled as the UNet expects) of images in 0..255."""
+    """VAE latents (the posterior mean, shifted and scaled as the backbone expects) of images in 0..255."""
     vae = pipe.vae
     x = (pixels / 127.5 - 1.0).to(vae.device, vae.dtype)
-    return vae.encode(x).latent_dist.mean * vae.config.scaling_factor
+    return (vae.encode(x).latent_dist.mean - (getattr(vae.config, "shift_factor", None) or 0)) * vae.config.scaling_factor
 
 
 def _cross_labels(maps: seediff.AttentionMaps, class_ids: list[list[int]], size: tuple[int, int],

@@ -231,17 +231,97 @@ class AttentionSum:
         return self.sum[:n_samples]
 
 
-class SeeDiffCapture:
-    """Capture processors on the planned layers of ``unet`` for batches of up to ``max_samples`` samples. A context
-    manager: installs them on entry and restores the previous processors on exit (also on exceptions); a compiled
-    UNet keeps them installed for good (see workers/generate.py), since its code is specialised to them.
+class WeightedCapture:
+    """What every capture shares, whatever its backbone (UNet, or an MM-DiT's transformer): the 0-d weight tensor its
+    processors read (1 for a backbone call inside the capture window, else 0), the batch's class token positions,
+    the count of backbone calls, and installing the processors on entry / restoring the previous ones on exit (also
+    on exceptions); a compiled backbone keeps them installed for good (see workers/generate.py), since its code is
+    specialised to them. Subclasses say which processors (``processors``), which running sums they keep (``sums``)
+    and what the maps are (``result``).
 
     Per batch: ``begin(token_positions, window)`` zeroes the sums; run the pipeline with
-    ``callback_on_step_end=capture.step_end``, which sets the next UNet call's weight (1 inside ``window``, else 0);
-    ``result()`` divides by the weights' total. ``token_positions[i]`` are sample i's class sub-token positions in
-    its tokenized prompt; ``guided``: the UNet runs classifier-free guidance (batch = [unconditional,
-    conditional]). ``path``: "fused" (SDPA + Triton kernel; default on CUDA when Triton imports) or "explicit".
-    ``latent_size``: side, or (height, width); ``layers``: which layers (default: SD 1.x/2.x's);
+    ``callback_on_step_end=capture.step_end``, which sets the next call's weight; ``result()`` divides by the
+    weights' total. ``guided``: the backbone runs classifier-free guidance (batch = [unconditional, conditional])."""
+
+    def __init__(self, backbone: torch.nn.Module, max_samples: int, guided: bool):
+        self.backbone = backbone
+        self.max_samples = max_samples
+        self.guided = guided
+        self.weight = torch.zeros((), dtype=torch.float32, device=backbone.device)  # the running call's weight
+        self.token_positions: list[list[int]] = []
+        self.window: tuple[int, int] | None = None
+        self.calls = 0  # backbone calls of this batch reported by step_end
+        self._restore = ExitStack()
+
+    def processors(self) -> dict:
+        raise NotImplementedError
+
+    def sums(self) -> list[torch.Tensor]:
+        """The running sums, zeroed by ``begin``."""
+        raise NotImplementedError
+
+    def buffer_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.sums())
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor the processors keep between backbone calls (weight, sums, block buffers): the inputs a compiled
+        backbone reads and updates in place."""
+        return [self.weight, *self.sums()]
+
+    def begin(self, token_positions: Sequence[Sequence[int]], window: tuple[int, int] | None = None) -> "WeightedCapture":
+        """Start a batch: zero the sums and weight the first backbone call. ``window``: [start, stop) call indices
+        averaged into the maps; None: every call."""
+        if not token_positions or any(len(p) == 0 for p in token_positions):
+            raise ValueError("every sample needs at least one class token position")
+        if len(token_positions) > self.max_samples:
+            raise ValueError(f"a batch of {len(token_positions)} samples exceeds the capture's {self.max_samples}")
+        for t in self.sums():
+            t.zero_()
+        self.token_positions = [list(p) for p in token_positions]
+        self.window = window
+        self.calls = 0
+        self.weight.fill_(self._weight_of(0))
+        return self
+
+    def step_end(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
+        """diffusers' ``callback_on_step_end`` (a step is one backbone call): ``advance``, nothing changed."""
+        runs = getattr(pipe, "do_classifier_free_guidance", False)  # FluxPipeline has none: it never does
+        if runs != self.guided:
+            raise RuntimeError(f"capture built for guided={self.guided}, the pipeline runs guided={runs}")
+        self.advance()
+        return {}
+
+    def advance(self) -> None:
+        """One backbone call has run: weight the next one (a device-side fill, no host sync)."""
+        self.calls += 1
+        self.weight.fill_(self._weight_of(self.calls))
+
+    def _weight_of(self, call: int) -> float:
+        return 1.0 if self.window is None or self.window[0] <= call < self.window[1] else 0.0
+
+    def _total(self) -> tuple[float, int]:
+        """(the weights' total, the calls averaged) of the batch begun last."""
+        weights = [self._weight_of(call) for call in range(self.calls)]
+        if not sum(weights):
+            raise RuntimeError(
+                f"capture window {self.window} averaged none of the {self.calls} backbone calls reported by "
+                "step_end; it must cover at least one call"
+            )
+        return sum(weights), sum(w > 0 for w in weights)
+
+    def __enter__(self) -> "WeightedCapture":
+        self._restore.enter_context(installed_processors(self.backbone, self.processors()))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._restore.close()
+
+
+class SeeDiffCapture(WeightedCapture):
+    """Capture processors on the planned layers of ``unet`` for batches of up to ``max_samples`` samples (see
+    ``WeightedCapture`` for the per-batch protocol). ``token_positions[i]`` are sample i's class sub-token positions
+    in its tokenized prompt. ``path``: "fused" (SDPA + Triton kernel; default on CUDA when Triton imports) or
+    "explicit". ``latent_size``: side, or (height, width); ``layers``: which layers (default: SD 1.x/2.x's);
     ``max_self_entries``: see ``plan_seediff_layers``."""
 
     def __init__(
@@ -257,8 +337,8 @@ class SeeDiffCapture:
         layers: LayerChoice = SD_LAYERS,
         max_self_entries: int | None = None,
     ):
+        super().__init__(unet, max_samples, guided)
         self.unet = unet
-        self.guided = guided
         located = locate_attention_layers(unet, latent_size)
         self.plan = plan_seediff_layers(located, latent_size, layers, max_self_entries)
         device = unet.device
@@ -267,7 +347,6 @@ class SeeDiffCapture:
             raise ValueError(f"capture path must be one of {CAPTURE_PATHS}, got {self.path!r}")
         if self.path == "fused" and add_head_summed_probabilities is None:
             raise ValueError("the fused capture path needs Triton (pip install triton; TRITON_INTERPRET=1 off CUDA)")
-        self.weight = torch.zeros((), dtype=torch.float32, device=device)  # the running UNet call's weight
 
         def processor(layer: AttentionLayer, n_keys: int, pool: int = 1) -> AttentionSum:
             upcast = unet.get_submodule(layer.key.removesuffix(".processor")).upcast_attention
@@ -280,76 +359,24 @@ class SeeDiffCapture:
         # are class tokens changes per batch, and is applied in result(), outside the UNet.
         self.cross = [processor(l, text_tokens) for l in self.plan.cross]
         self.self_attn = [processor(l, l.tokens, pool) for l, pool in zip(self.plan.self_attn, self.plan.key_pool)]
-        self.token_positions: list[list[int]] = []
-        self.window: tuple[int, int] | None = None
-        self.calls = 0  # UNet calls of this batch reported by step_end
-        self._restore = ExitStack()
 
     def processors(self) -> dict[str, AttentionSum]:
         out = {l.key: p for l, p in zip(self.plan.cross, self.cross)}
         out.update({l.key: p for l, p in zip(self.plan.self_attn, self.self_attn)})
         return out
 
-    def buffer_bytes(self) -> int:
-        return sum(p.sum.numel() * p.sum.element_size() for p in self.processors().values())
+    def sums(self) -> list[torch.Tensor]:
+        return [p.sum for p in self.processors().values()]
 
     def tensors(self) -> list[torch.Tensor]:
-        """Every tensor the processors keep between UNet calls (weight, sums, block buffers): the inputs a compiled UNet
-        reads and updates in place."""
-        kept = [self.weight]
+        kept = super().tensors()
         for p in self.processors().values():
-            kept += [t for t in (p.sum, p.scores, p.probs) if t is not None]
+            kept += [t for t in (p.scores, p.probs) if t is not None]
         return kept
-
-    def begin(self, token_positions: Sequence[Sequence[int]], window: tuple[int, int] | None = None) -> "SeeDiffCapture":
-        """Start a batch: zero the sums and weight the first UNet call. ``window``: [start, stop) UNet call indices
-        averaged into the maps; None: every call."""
-        max_samples = self.cross[0].sum.shape[0]
-        if not token_positions or any(len(p) == 0 for p in token_positions):
-            raise ValueError("every sample needs at least one class token position")
-        if len(token_positions) > max_samples:
-            raise ValueError(f"a batch of {len(token_positions)} samples exceeds the capture's {max_samples}")
-        for p in self.processors().values():
-            p.sum.zero_()
-        self.token_positions = [list(p) for p in token_positions]
-        self.window = window
-        self.calls = 0
-        self.weight.fill_(self._weight_of(0))
-        return self
-
-    def step_end(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
-        """diffusers' ``callback_on_step_end`` (a step is one UNet call): ``advance``, nothing changed."""
-        if pipe.do_classifier_free_guidance != self.guided:
-            raise RuntimeError(
-                f"capture built for guided={self.guided}, the pipeline runs guided={pipe.do_classifier_free_guidance}"
-            )
-        self.advance()
-        return {}
-
-    def advance(self) -> None:
-        """One UNet call has run: weight the next one (a device-side fill, no host sync)."""
-        self.calls += 1
-        self.weight.fill_(self._weight_of(self.calls))
-
-    def _weight_of(self, call: int) -> float:
-        return 1.0 if self.window is None or self.window[0] <= call < self.window[1] else 0.0
-
-    def __enter__(self) -> "SeeDiffCapture":
-        self._restore.enter_context(installed_processors(self.unet, self.processors()))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._restore.close()
 
     def result(self) -> CapturedAttention:
         """The time-averaged maps of the batch begun last (fresh tensors: the sums are reused by the next batch)."""
-        weights = [self._weight_of(call) for call in range(self.calls)]
-        total = sum(weights)
-        if not total:
-            raise RuntimeError(
-                f"capture window {self.window} averaged none of the {self.calls} UNet calls reported by step_end; "
-                "it must cover at least one call"
-            )
+        total, calls = self._total()
         n = len(self.token_positions)
         grid = self.plan.cross[0].grid
         averages = [p.sum[:n] / total for p in self.cross]  # [layer] -> [n, N, text tokens]
@@ -357,11 +384,7 @@ class SeeDiffCapture:
             torch.cat([a[i][:, columns].T for a in averages]).view(-1, *grid)
             for i, columns in enumerate(self.token_positions)
         ]
-        return CapturedAttention(
-            cross=cross,
-            self_attn=tuple(p.sum[:n] / total for p in self.self_attn),
-            calls=sum(w > 0 for w in weights),
-        )
+        return CapturedAttention(cross=cross, self_attn=tuple(p.sum[:n] / total for p in self.self_attn), calls=calls)
 
 
 def default_path(device: torch.device) -> str:

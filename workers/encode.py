@@ -16,9 +16,11 @@ from seediff.schemas.records import (
     CROSS_FIELD,
     FAILED,
     IGNORE_LABEL,
+    LABELS_STAGE,
     MASK_FIELD,
     SUCCESS,
     InputSample,
+    SampleFailure,
     SampleOutcome,
     SampleSpec,
     metadata_json,
@@ -118,4 +120,4 @@ def _check_labels(spec: SampleSpec, labels: np.ndarray, shape: tuple[int, ...]) 
     allowed = {0, IGNORE_LABEL, *(c.class_id for c in spec.classes)}
     stray = sorted(set(np.unique(labels).tolist()) - allowed)
     if stray:
-        raise ValueError(f"{where}: mask: values {stray} are neither 0, 255 nor the sample's class ids")
+        raise SampleFailure(LABELS_STAGE, f"{where}: mask: values {stray} are neither 0, 255 nor the sample's class ids")

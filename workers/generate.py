@@ -14,14 +14,15 @@ import torch
 from diffusers import DiffusionPipeline
 
 from seediff.schemas.config import RunConfig
-from seediff.schemas.records import SampleSpec
+from seediff.schemas.records import PROMPT_STAGE, SAFETY_STAGE, SampleFailure, SampleSpec
 from seediff.workers import seediff
-from seediff.tokens import PhrasePositionError, class_token_positions
+from seediff.tokens import PhrasePositionError
 from seediff.workers.capture import CapturedAttention, SeeDiffCapture, install_processors
 from seediff.workers.families import choose_layers
-from seediff.workers.models import compile_model
+from seediff.workers.joint_capture import new_joint_capture
+from seediff.workers.models import backbone, compile_model, family_of, guided, pipeline_arguments, text_columns
 
-NSFW_ERROR = "nsfw: blanked by the safety checker"
+NSFW_ERROR = f"{SAFETY_STAGE}: blanked by the safety checker (nsfw)"
 
 
 @dataclass
@@ -40,13 +41,14 @@ def generate_batch(
     capture: SeeDiffCapture | None = None,
 ) -> list[GeneratedSample]:
     """A sample whose labelled phrase falls past the text encoder's context fails alone (``prompt: ...``); the dry
-    run refuses such templates up front. ``capture``: see ``generate_with_capture``."""
+    run refuses such templates up front. Any other error is the batch's and propagates (the shard fails).
+    ``capture``: see ``generate_with_capture``."""
     failures = {}
     for spec in samples:
         try:
             sample_token_positions(pipe, spec)
-        except PhrasePositionError as e:
-            failures[spec.sample_id] = f"prompt: {e}"
+        except SampleFailure as e:
+            failures[spec.sample_id] = str(e)
     runnable = [s for s in samples if s.sample_id not in failures]
     generated = {g.spec.sample_id: g for g in _generate(pipe, runnable, config, capture)} if runnable else {}
     return [generated.get(s.sample_id) or GeneratedSample(s, None, None, {}, failures[s.sample_id]) for s in samples]
@@ -100,12 +102,14 @@ def new_capture(pipe: DiffusionPipeline, config: RunConfig, max_samples: int) ->
     """Capture processors for ``pipe``'s UNet sized for batches of up to ``max_samples`` under ``config``: the layers
     of ``config.layers``, the family's cascade where it leaves it unset (derived from the UNet's config). The UNet
     sees [unconditional, conditional] batches when the generation uses guidance (diffusers'
-    do_classifier_free_guidance); annotate runs condition every row."""
+    do_classifier_free_guidance); annotate runs condition every row. An MM-DiT gets its joint-attention capture."""
+    if family_of(pipe).backbone == "transformer":
+        return new_joint_capture(pipe, config, max_samples)
     return SeeDiffCapture(
         pipe.unet,
         latent_grid(pipe, config),
         max_samples,
-        guided=config.annotate is None and config.guidance_scale > 1,
+        guided=config.annotate is None and guided(pipe, config.guidance_scale),
         text_tokens=pipe.tokenizer.model_max_length,
         query_chunk=config.mask.query_chunk,
         layers=choose_layers(dict(pipe.unet.config), config.layers),
@@ -125,7 +129,7 @@ def install_capture(
     annotate runs pass theirs). Returns the capture and the compile seconds (None without compile). A shard's smaller
     last batch compiles once more, on first use."""
     capture = new_capture(pipe, config, config.batch_size)
-    install_processors(pipe.unet, capture.processors())
+    install_processors(backbone(pipe), capture.processors())
     if not config.compile:
         return capture, None
     for tensor in capture.tensors():  # updated in place between calls: CUDA graphs must replay on these very tensors
@@ -153,19 +157,17 @@ def warm_up_generation(pipe: DiffusionPipeline, config: RunConfig, capture: SeeD
 
 
 def sample_token_positions(pipe: DiffusionPipeline, spec: SampleSpec) -> list[list[int]]:
-    """Token positions of each class of the sample, from where its phrases were placed in the rendered prompt.
-    SDXL's cross-attention keys are both text encoders' states at the same positions, so both tokenizers must
-    place every phrase at the same positions: one that disagrees is an error, never a silently shifted map."""
-    tokenizers = [t for t in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)) if t is not None]
+    """Token positions (the backbone's text-key columns) of each class of the sample, from where its phrases were
+    placed in the rendered prompt (``models.text_columns``: SDXL's and SD3's CLIP tokenizers must agree). Both a
+    phrase past the context and disagreeing tokenizers are the sample's own failures (``SampleFailure`` of the
+    prompt stage)."""
     where = f"manifest line {spec.row.line} (sample {spec.sample_id})" if spec.row.line else f"sample {spec.sample_id}"
     try:
-        found = [class_token_positions(t, spec.prompt) for t in tokenizers]
+        return text_columns(pipe, spec.prompt)
     except PhrasePositionError as e:
-        raise PhrasePositionError(f"{where}: {e}") from e
-    if any(p != found[0] for p in found[1:]):
-        raise ValueError(f"{where}: the model's tokenizers place the class phrases at different token positions "
-                         f"{found}; SeeDiff cannot read its cross-attention")
-    return found[0]
+        raise SampleFailure(PROMPT_STAGE, f"{where}: {e}") from e
+    except ValueError as e:  # the tokenizers disagree
+        raise SampleFailure(PROMPT_STAGE, f"{where}: {e}") from e
 
 
 def latent_grid(pipe: DiffusionPipeline, config: RunConfig) -> tuple[int, int]:
@@ -175,20 +177,12 @@ def latent_grid(pipe: DiffusionPipeline, config: RunConfig) -> tuple[int, int]:
 
 
 def diffusion_inputs(pipe: DiffusionPipeline, samples: Sequence[SampleSpec], config: RunConfig) -> dict:
-    """Keyword arguments of the pipeline call for a batch (all but output_type)."""
+    """Keyword arguments of the pipeline call for a batch (all but output_type): per-sample generators (initial
+    latents, and noise for stochastic schedulers), the family's own arguments (``models.pipeline_arguments``)."""
     generators = [torch.Generator("cpu").manual_seed(s.seed) for s in samples]
-    latents = initial_latents(generators, pipe.unet.config.in_channels, latent_grid(pipe, config))
-    width, height = config.size
-    return dict(
-        prompt=[s.prompt.text for s in samples],
-        negative_prompt=[s.row.negative_prompt for s in samples],
-        height=height,
-        width=width,
-        num_inference_steps=config.steps,
-        guidance_scale=config.guidance_scale,
-        generator=generators,  # per-sample noise for stochastic schedulers too
-        latents=latents.to(pipe.unet.device, pipe.unet.dtype),
-    )
+    return pipeline_arguments(pipe, [s.prompt.text for s in samples],
+                              [config.negative_prompt_of(s.row.negative_prompt) for s in samples],
+                              generators, config.size, config.steps, config.guidance_scale)
 
 
 def attention_maps(captured: CapturedAttention, positions: Sequence[Sequence[Sequence[int]]]) -> seediff.AttentionMaps:
@@ -201,8 +195,3 @@ def attention_maps(captured: CapturedAttention, positions: Sequence[Sequence[Seq
         bounds = np.cumsum([0] + [len(p) for p in per_class])
         cross.append([by_layer[:, a:b].reshape(-1, *maps.shape[-2:]) for a, b in zip(bounds[:-1], bounds[1:])])
     return seediff.AttentionMaps(cross=cross, self_attn=captured.self_attn)
-
-
-def initial_latents(generators: Sequence[torch.Generator], channels: int, grid: tuple[int, int]) -> torch.Tensor:
-    """Standard-normal fp32 latents on the CPU, one draw per sample generator: the same for any batch and device."""
-    return torch.cat([torch.randn(1, channels, *grid, generator=g) for g in generators])

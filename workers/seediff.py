@@ -12,7 +12,9 @@ batch:
 5. soft = minmax(bicubic(F -> image size)); mask = soft > threshold, or PAMR boundary refinement.
 
 Grids may be h x w. A self-attention row may hold its keys summed in blocks (fewer keys than queries, see
-workers/capture.py): cosines between rows need only the rows to share their key layout.
+workers/capture.py): cosines between rows need only the rows to share their key layout. A model with one attention
+grid (an MM-DiT) gets the coarser sides of its cascade by pooling the maps captured there (``pool_cross``,
+``pool_self``; bench/bench_mmdit_cascade.py chose the sides).
 
 Several classes per image (``label_maps``) run the same cascade: each class seeds from its own cross-attention maps,
 and its seed set expands over the sample's shared self-attention as one more row of the same batched products
@@ -25,6 +27,7 @@ give a defined, flagged result instead of NaN.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -111,6 +114,35 @@ def minmax(x: torch.Tensor, dims: int = 2) -> torch.Tensor:
 def bicubic(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """[B, h, w] -> [B, H, W]; a = -0.75, half-pixel centres, edge replication, no clipping (= cv2 INTER_CUBIC)."""
     return F.interpolate(x[:, None], size=size, mode="bicubic", align_corners=False)[:, 0]
+
+
+def pool_cross(maps: torch.Tensor, factor: int) -> torch.Tensor:
+    """Cross-attention maps of a coarser cascade side from maps at a model's single grid (MM-DiT): [..., h, w] ->
+    [..., h/f, w/f], each f x f block of query cells averaged (keeps the maps' scale, which the variance gate reads)."""
+    *lead, h, w = maps.shape
+    if h % factor or w % factor:
+        raise ValueError(f"pool_cross: factor {factor} does not divide the grid {h}x{w}")
+    return maps.reshape(*lead, h // factor, factor, w // factor, factor).mean((-3, -1))
+
+
+def pool_self(attn: torch.Tensor, grid: tuple[int, int], factor: int) -> torch.Tensor:
+    """Self-attention of a coarser cascade side from rows captured at a model's single grid (MM-DiT):
+    [B, h*w, keys] -> [B, (h/f)(w/f), (h/f)(w/f)], each f x f block of query rows averaged and the keys summed in
+    f x f blocks, so a coarse row is its cells' mean row over the coarse cells (SeeDiff's cosines need rows that
+    share one key layout, not stochastic rows). Keys already summed in g x g blocks (the capture's key pool, g
+    dividing f) are summed in (f/g) x (f/g) blocks; f = 1 returns the rows as they are. Linear, so it commutes with
+    the capture's time average."""
+    h, w = grid
+    batch, queries, keys = attn.shape
+    g = math.isqrt(queries // keys) if keys and queries % keys == 0 else 0
+    if factor == 1 and queries == h * w:
+        return attn
+    if queries != h * w or h % factor or w % factor or g == 0 or g * g * keys != queries or factor % g:
+        raise ValueError(f"pool_self: cannot pool [{batch}, {queries}, {keys}] on a {h}x{w} grid by {factor}")
+    rows = attn.reshape(batch, h // factor, factor, w // factor, factor, keys).mean((2, 4))
+    k = factor // g
+    rows = rows.reshape(batch, -1, h // factor, k, w // factor, k).sum((3, 5))
+    return rows.reshape(batch, (h // factor) * (w // factor), -1)
 
 
 def coarse_seed_map(cross: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,11 +1,14 @@
 """Shard writer: one shard's ``.tar`` (WebDataset), ``.parquet`` (one row per attempted sample) and ``_stats.json``
 (the commit marker), written in that order through fsspec so that no reader or resume ever sees a half-written shard.
 
-Each file is published whole (``seediff.storage``); the stats file is published last, and only it says "done"."""
+Each file is published whole (``seediff.storage``); the stats file is published last, and only it says "done". It
+records the sha256 of the tar and of the parquet, so every committed byte is covered by a checksum ``verify`` checks."""
 
 from __future__ import annotations
 
+import hashlib
 import io
+import os
 import platform
 import socket
 import time
@@ -30,9 +33,10 @@ from seediff.schemas.records import (
     ShardStats,
     failure_histogram,
     parquet_row,
+    shard_file_pattern,
     shard_name,
 )
-from seediff.storage import StagedFile, output_fs, write_file
+from seediff.storage import StagedFile, is_local, output_fs, write_file
 
 TAR_MTIME = 0  # every tar member gets this mtime, so identical inputs give byte-identical tars
 
@@ -41,10 +45,14 @@ class ShardWriter:
     """Writes one shard. ``add`` every sample of the shard in sample-id order (failures included), then ``commit``.
     Used as a context manager, leaving without commit removes what was staged."""
 
-    def __init__(self, config: RunConfig, shard: ShardSpec):
+    def __init__(self, config: RunConfig, shard: ShardSpec, retry: bool = False):
+        """``retry``: an earlier attempt at this shard may have died mid-write; its temp files are removed first
+        (local outputs: they lie next to the final files; object stores stage per process, see storage)."""
         self.config, self.shard = config, shard
         self.fs, self.root = output_fs(config.output_url)
         self.name = shard_name(config.shard_prefix, shard.shard_id, config.shard_digits)
+        if retry and is_local(self.fs):
+            self._sweep_temp_files()
         self.start_time = time.time()
         self._rows: list[dict[str, Any]] = []  # parquet rows, one per added sample, in sample-id order
         self._closed = False  # no more add(): commit started or aborted
@@ -52,6 +60,14 @@ class ShardWriter:
         self._tar_file = StagedFile(self.fs, self.path(TAR_SUFFIX))
         # encoder=False: values are already the final bytes; webdataset's default would re-encode images.
         self._tar = wds.TarWriter(self._tar_file.file, encoder=False, mtime=TAR_MTIME)
+
+    def _sweep_temp_files(self) -> None:
+        pattern = shard_file_pattern(self.config.shard_prefix, self.config.shard_digits)
+        with os.scandir(self.root) as entries:
+            for entry in entries:
+                m = pattern.match(entry.name)
+                if m and m["temp"] and int(m["shard"]) == self.shard.shard_id:
+                    os.remove(entry.path)
 
     def path(self, suffix: str) -> str:
         return f"{self.root}/{self.name}{suffix}"
@@ -64,7 +80,8 @@ class ShardWriter:
     def add(self, outcome: SampleOutcome) -> None:
         if self._closed:
             raise RuntimeError(f"shard {self.name}: add after commit/abort")
-        expected = self.shard.start + self.added
+        ids = self.shard.ids
+        expected = ids[self.added] if self.added < len(ids) else None
         if outcome.spec.sample_id != expected:
             raise ValueError(f"shard {self.name}: expected sample {expected}, got {outcome.spec.sample_id}")
         fields = outcome.fields if outcome.status == SUCCESS else None
@@ -78,8 +95,8 @@ class ShardWriter:
             raise ValueError(f"shard {self.name}: commit after {self.added} of {len(self.shard)} samples")
         self._closed = True
         tar_bytes = self._publish_tar()
-        parquet_bytes = self._publish_parquet()
-        stats = self._stats(tar_bytes, parquet_bytes, runtime_info)
+        parquet_bytes, parquet_sha256 = self._publish_parquet()
+        stats = self._stats(tar_bytes, parquet_bytes, runtime_info, self._tar_file.sha256, parquet_sha256)
         self._publish_stats(stats)
         self._committed = True
         return asdict(stats)
@@ -103,15 +120,19 @@ class ShardWriter:
         self._tar.close()  # writes the end-of-archive blocks; the staged file stays open
         return self._tar_file.publish()
 
-    def _publish_parquet(self) -> int:
+    def _publish_parquet(self) -> tuple[int, str]:
         buf = io.BytesIO()
         pq.write_table(pa.Table.from_pylist(self._rows, schema=PARQUET_SCHEMA), buf, compression="zstd")
-        return write_file(self.fs, self.path(PARQUET_SUFFIX), buf.getvalue())
+        data = buf.getvalue()
+        return write_file(self.fs, self.path(PARQUET_SUFFIX), data), hashlib.sha256(data).hexdigest()
 
     def _publish_stats(self, stats: ShardStats) -> None:
         write_file(self.fs, self.path(STATS_SUFFIX), stats.to_json().encode())
 
-    def _stats(self, tar_bytes: int, parquet_bytes: int, runtime_info: dict[str, Any]) -> ShardStats:
+    def _stats(
+        self, tar_bytes: int, parquet_bytes: int, runtime_info: dict[str, Any], tar_sha256: str | None,
+        parquet_sha256: str,
+    ) -> ShardStats:
         end = time.time()
         errors = [row["error"] or "unknown" for row in self._rows if row["status"] != SUCCESS]
         return ShardStats(
@@ -129,6 +150,8 @@ class ShardWriter:
             host=socket.gethostname(),
             versions=software_versions(),
             runtime=dict(runtime_info),
+            tar_sha256=tar_sha256,
+            parquet_sha256=parquet_sha256,
         )
 
 
