@@ -276,7 +276,8 @@ class Verifier:
             return None, [Finding(CHECKSUM, shard_id, f"{path}: sha256 {hashlib.sha256(data).hexdigest()[:12]}... "
                                                       f"differs from the stats' {stats.parquet_sha256[:12]}...")]
         try:
-            table = pq.read_table(pa.BufferReader(data))
+            # on this thread: an Arrow pool task releasing a Python buffer at interpreter exit aborts (review.py)
+            table = pq.read_table(pa.BufferReader(data), use_threads=False, pre_buffer=False)
             keys, ids, statuses = (table[c].to_pylist() for c in ("key", "sample_id", "status"))
         except (pa.ArrowException, OSError, KeyError, ValueError) as e:
             return None, [Finding(PARQUET_UNREADABLE, shard_id, f"{path}: unreadable ({type(e).__name__}: "
