@@ -71,8 +71,9 @@ def main() -> None:
     median = {name: statistics.median(t) for name, t in times.items()}
     for name, t in times.items():
         print(f"{name:6s} median {median[name]:.3f} s  (min {min(t):.3f}, max {max(t):.3f})")
-    print(f"active / fused {median['active'] / median['fused']:.2f}x; fused / none {median['fused'] / median['none']:.2f}x;"
-          f" largest image difference fused vs active {difference:.2e}")
+    print(f"active / fused {median['active'] / median['fused']:.2f}x; "
+          f"fused / none {median['fused'] / median['none']:.2f}x; "
+          f"largest image difference fused vs active {difference:.2e}")
 
 
 if __name__ == "__main__":

@@ -117,7 +117,9 @@ def _parsing(annotation: Any, info: FieldInfo) -> dict[str, Any]:
 
 def _help(info: FieldInfo) -> str:
     default = info.get_default(call_default_factory=True)
-    shown = "unset" if default in (None, "", ()) else default.model_dump() if isinstance(default, BaseModel) else default
+    shown = default.model_dump() if isinstance(default, BaseModel) else default
+    if shown in (None, "", ()):
+        shown = "unset"
     if isinstance(shown, (list, tuple)):
         shown = " ".join(str(v) for v in shown)
     # argparse formats help with %-interpolation

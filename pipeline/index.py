@@ -4,11 +4,12 @@ tar basename -> sample count, plus ``__len__``) and ``dataset.json`` (a wids des
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
 from seediff.pipeline.resume import read_committed_stats
 from seediff.schemas.config import RunConfig
-from seediff.schemas.records import DATASET_JSON, SIZES_JSON, TAR_SUFFIX
+from seediff.schemas.records import DATASET_JSON, SIZES_JSON, TAR_SUFFIX, ShardStats
 from seediff.storage import output_fs, write_file
 
 
@@ -16,11 +17,15 @@ def _json_bytes(data: dict[str, Any]) -> bytes:
     return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
 
 
-def write_index(config: RunConfig, num_shards: int) -> dict[str, Any]:
-    """Write sizes.json and dataset.json listing exactly the committed shards among ``range(num_shards)``.
-    Returns a summary: committed/missing shard ids, sample and failure totals, the written paths."""
+def write_index(
+    config: RunConfig, num_shards: int, committed: Mapping[int, ShardStats] | None = None
+) -> dict[str, Any]:
+    """Write sizes.json and dataset.json listing exactly the committed shards among ``range(num_shards)``:
+    ``committed`` (shard id -> stats, as a run has them: read at its start plus those it committed) or, when not
+    given, those read from the output. Returns a summary: committed/missing shard ids, sample and failure totals,
+    the written paths."""
     fs, root = output_fs(config.output_url)
-    stats = read_committed_stats(config)
+    stats = read_committed_stats(config) if committed is None else committed
     shards = [stats[i] for i in range(num_shards) if i in stats]
     num_samples = sum(s.successes for s in shards)
 

@@ -23,14 +23,13 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 from PIL import Image
-import pyarrow.parquet as pq
 
 from seediff.pipeline import fonts
 from seediff.pipeline.readers import MASK_FIELD, raw_samples, shard_urls
-from seediff.pipeline.review import IGNORE, inspect_dataset, read_run, render_overlay
+from seediff.pipeline.review import IGNORE, _read_parquets, inspect_dataset, read_run, render_overlay
 from seediff.pipeline.summary import human_bytes
 from seediff.schemas.config import flatten_settings
-from seediff.schemas.records import PARQUET_SUFFIX, SUCCESS, decode_mask, failure_reason, shard_name
+from seediff.schemas.records import SUCCESS, decode_mask, failure_reason
 from seediff.storage import output_fs
 
 THUMBNAILS = 4  # weakest and strongest samples shown per class
@@ -67,9 +66,13 @@ def write_report_page(out_url: str, path: str) -> dict[str, Any]:
     covered: classes, samples, failures, bytes of the page."""
     info = inspect_dataset(out_url)
     _, config = read_run(out_url)
-    tables = _parquets(out_url, config, [c for c in range(info["expected_shards"]) if c not in info["missing_shards"]])
+    names = {c["class_id"]: c["class_name"] for c in info["classes"]}  # every class, by the run's class table
+    committed = [c for c in range(info["expected_shards"]) if c not in info["missing_shards"]]
+    tables = list(_read_parquets(out_url, config, committed).values())
     failures = _failures_by_class(tables)
-    quality = list(_quality_from_parquets(tables) if _has_quality_columns(tables) else _quality_from_tars(out_url))
+    quality = list(
+        _quality_from_parquets(tables, names) if _has_quality_columns(tables) else _quality_from_tars(out_url)
+    )
     by_class: dict[tuple[int, str], list[Quality]] = defaultdict(list)
     for q in quality:
         by_class[(q.class_id, q.class_name)].append(q)
@@ -86,21 +89,15 @@ def write_report_page(out_url: str, path: str) -> dict[str, Any]:
 # ---- reading ------------------------------------------------------------------------------------------------------
 
 
-def _parquets(out_url: str, config: Any, shard_ids: list[int]) -> list[pa.Table]:
-    fs, root = output_fs(out_url)
-    tables = []
-    for shard_id in shard_ids:
-        with fs.open(f"{root}/{shard_name(config.shard_prefix, shard_id, config.shard_digits)}{PARQUET_SUFFIX}") as f:
-            tables.append(pq.read_table(f))
-    return tables
-
-
-def _failures_by_class(tables: list[pa.Table]) -> dict[str, Counter]:
-    failures: dict[str, Counter] = defaultdict(Counter)
+def _failures_by_class(tables: list[pa.Table]) -> dict[int, Counter]:
+    """class id -> failure reason -> count, over every class a failed sample was to label."""
+    failures: dict[int, Counter] = defaultdict(Counter)
     for table in tables:
-        for name, status, error in zip(*(table[c].to_pylist() for c in ("class_name", "status", "error"))):
-            if status != SUCCESS:
-                failures[name][failure_reason(error or "")] += 1
+        columns = [c for c in ("class_id", "class_ids", "status", "error") if c in table.column_names]
+        for row in table.select(columns).to_pylist():
+            if row["status"] != SUCCESS:
+                for class_id in row.get("class_ids") or [row["class_id"]]:
+                    failures[class_id][failure_reason(row["error"] or "")] += 1
     return failures
 
 
@@ -108,9 +105,8 @@ def _has_quality_columns(tables: list[pa.Table]) -> bool:
     return bool(tables) and all("class_pixel_fractions" in t.column_names for t in tables)
 
 
-def _quality_from_parquets(tables: list[pa.Table]) -> Iterator[Quality]:
-    # a scene's row names its first class only; the others' names come from rows where they are first
-    names = {cid: name for t in tables for cid, name in zip(t["class_id"].to_pylist(), t["class_name"].to_pylist())}
+def _quality_from_parquets(tables: list[pa.Table], names: dict[int, str]) -> Iterator[Quality]:
+    """Every class of every successful sample, named by ``names`` (class id -> name)."""
     for table in tables:
         for row in table.to_pylist():
             if row["status"] != SUCCESS:
@@ -221,13 +217,15 @@ def _page(info: dict[str, Any], failures: dict[str, Counter], by_class: dict[tup
                       f"{human_bytes(info['bytes']['parquet'])})"),
         _row("failures", ", ".join(f"{k}: {v}" for k, v in info["failures_by_reason"].items()) or "none"),
         "</table></section>",
-        "<section><h2>Classes</h2><table><tr><th>id</th><th>class</th><th>samples</th><th>failed</th>"
+        "<section><h2>Classes</h2><table><tr><th>id</th><th>class</th><th>samples</th><th>mean pixel fraction</th>"
+        "<th>failed</th>"
         "<th>failure reasons</th></tr>",
     ]
     for c in info["classes"]:
-        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(failures.get(c["class_name"], {}).items())) or "-"
+        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(failures.get(c["class_id"], {}).items())) or "-"
+        fraction = "-" if c["pixel_fraction"] is None else f"{c['pixel_fraction']:.3f}"
         parts.append(f"<tr><td>{c['class_id']}</td><td class=name>{e(c['class_name'])}</td><td>{c['samples']}</td>"
-                     f"<td>{c['failures']}</td><td>{e(reasons)}</td></tr>")
+                     f"<td>{fraction}</td><td>{c['failures']}</td><td>{e(reasons)}</td></tr>")
     parts.append("</table></section><section><h2>Distributions per class</h2>")
     for metric, label in METRICS.items():
         uri = _plot(metric, by_class)

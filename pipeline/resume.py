@@ -45,6 +45,7 @@ MANIFEST_FIELD = "manifest_sha256"
 CLASSES_FIELD = "classes_sha256"  # the resolved classes, counts and prompts
 INPUT_FIELD = "input_sha256"  # annotate: the input units, their sample counts and the class list
 FINGERPRINT_FIELDS = (MANIFEST_FIELD, CLASSES_FIELD, INPUT_FIELD)
+CLASS_NAMES_FIELD = "class_names"  # the run's class table, class id (a string, as JSON keys are) -> name: for the QA tools
 
 
 class RunConfigMismatch(InputError):
@@ -122,6 +123,7 @@ def source_record(source: Manifest | ImageInput) -> dict[str, Any]:
             "num_samples": source.num_samples,
             "classes": list(source.class_names),
             "class_table": source.class_table,  # classes is the table a classes_field indexes: resume passes it back
+            CLASS_NAMES_FIELD: {str(i): name for i, name in enumerate(source.class_names, start=1)},
         }
     return {
         MANIFEST_FIELD: source.sha256,
@@ -130,6 +132,7 @@ def source_record(source: Manifest | ImageInput) -> dict[str, Any]:
         "classes_source": source.classes_source,
         "prompts_source": source.prompts_source,
         "num_classes": len(source.classes),
+        CLASS_NAMES_FIELD: {str(c.class_id): c.name for c in source.classes},
         "num_samples": source.num_samples,
         CLASSES_FIELD: classes_sha256(source),
     }
@@ -178,10 +181,11 @@ def check_resume(record: dict[str, Any], config: RunConfig, manifest: Manifest |
         )
 
 
-def prepare_output(config: RunConfig, manifest: Manifest | ImageInput, overwrite: bool) -> None:
+def prepare_output(config: RunConfig, manifest: Manifest | ImageInput, overwrite: bool) -> dict[int, ShardStats]:
     """First start: write run.json. Resume: refuse when an output-changing field differs and a shard of the stored
     run is committed; with nothing committed yet (a typo corrected before the first shard), the new settings simply
-    replace the old. ``overwrite``: first delete the seediff files (of this and of the stored run's shard naming)."""
+    replace the old. ``overwrite``: first delete the seediff files (of this and of the stored run's shard naming).
+    Returns the committed shards' stats (``read_committed_stats``), read once here for the whole run."""
     fs, root = output_fs(config.output_url)
     path = f"{root}/{RUN_JSON}"
     check_output_folder(config, overwrite)
@@ -191,13 +195,14 @@ def prepare_output(config: RunConfig, manifest: Manifest | ImageInput, overwrite
     if record is not None:
         try:
             check_resume(record, config, manifest, path)
-            return
+            return read_committed_stats(config)
         except RunConfigMismatch:
             if _bound(record, config):
                 raise
         log.info("%s: settings changed before any shard was committed; replacing it", path)
         _wipe(fs, root, config)
     _write_run_json(fs, path, run_record(config, manifest))
+    return {}  # a new output, or its files just removed
 
 
 class NotAnOutputFolder(InputError):
@@ -251,16 +256,19 @@ def _write_run_json(fs: AbstractFileSystem, path: str, record: dict[str, Any]) -
 DEVICE_FIELD = "device"  # the resolved device kind and dtype of the actors, e.g. {"kind": "cuda", "dtype": "float16"}
 
 
-def bind_device(config: RunConfig, device: dict[str, str], allow_change: bool) -> None:
-    """Record the actors' resolved device kind and dtype in run.json. Once a shard is committed, a resume that would
-    change them (a GPU run resumed on CPU mixes fp16 and fp32 images) is refused unless ``allow_change``."""
+def bind_device(
+    config: RunConfig, device: dict[str, str], allow_change: bool, committed: Collection[int] | None = None
+) -> None:
+    """Record the actors' resolved device kind and dtype in run.json. Once a shard is committed (``committed``: the
+    run's committed shard ids, read here when not given), a resume that would change them (a GPU run resumed on CPU
+    mixes fp16 and fp32 images) is refused unless ``allow_change``."""
     fs, root = output_fs(config.output_url)
     path = f"{root}/{RUN_JSON}"
     record = read_run_json(config.output_url) or {}
     stored = record.get(DEVICE_FIELD)
     if stored == device:
         return
-    if stored and not allow_change and read_committed_stats(config):
+    if stored and not allow_change and (read_committed_stats(config) if committed is None else committed):
         raise RunConfigMismatch(
             f"{path}: this output was generated on {stored.get('kind')} in {stored.get('dtype')}; this run would use "
             f"{device['kind']} in {device['dtype']}. Resume on the same kind of device, or pass --allow-device-change"

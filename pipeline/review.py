@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import colorsys
 import io
-import json
 import math
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -20,13 +20,14 @@ from seediff.pipeline import fonts
 from seediff.pipeline.plan import shard_count
 from seediff.pipeline.readers import MASK_FIELD, raw_samples, sample_record
 from seediff.schemas.records import IMAGE_FIELDS
-from seediff.pipeline.resume import read_committed_stats, read_run_json
+from seediff.pipeline.resume import CLASS_NAMES_FIELD, read_committed_stats, read_run_json
 from seediff.pipeline.summary import human_bytes
 from seediff.schemas.config import RunConfig, flatten_settings
 from seediff.schemas.records import (
     PARQUET_SUFFIX,
     RUN_JSON,
     SUCCESS,
+    TAR_SUFFIX,
     shard_name,
 )
 from seediff.schemas.records import BACKGROUND_LABEL as BACKGROUND
@@ -53,32 +54,44 @@ def read_run(out_url: str) -> tuple[dict[str, Any], RunConfig]:
 
 
 def _read_parquets(
-    out_url: str, config: RunConfig, shard_ids: list[int], columns: list[str] | None = None
+    out_url: str, config: RunConfig, shard_ids: list[int], columns: tuple[str, ...] | None = None
 ) -> dict[int, Any]:
-    """shard id -> its parquet table (``columns``, default all), for the given committed shards."""
+    """shard id -> its parquet table, for the given committed shards: ``columns`` (default all) among those the
+    shard's parquet has (outputs written before the per-class columns lack them)."""
     fs, root = output_fs(out_url)
     tables = {}
     for shard_id in shard_ids:
         path = f"{root}/{shard_name(config.shard_prefix, shard_id, config.shard_digits)}{PARQUET_SUFFIX}"
         with fs.open(path, "rb") as f:
-            tables[shard_id] = pq.read_table(f, columns=columns)
+            parquet = pq.ParquetFile(f, pre_buffer=False)
+            present = None if columns is None else [c for c in columns if c in parquet.schema_arrow.names]
+            # Decoded on this thread: a task of Arrow's thread pool can release its hold on this Python file's
+            # buffers after the read has returned, and one released during interpreter shutdown cannot take the
+            # GIL, so the process aborts (std::terminate in ~PyBuffer: `seediff inspect` exiting 134).
+            tables[shard_id] = parquet.read(columns=present, use_threads=False)
     return tables
 
 
+def run_class_names(record: dict[str, Any]) -> dict[int, str]:
+    """class id -> name: the class table run.json records (``class_names``); annotate runs recorded before it have
+    their ``classes`` list (id = position + 1), older generate runs nothing (empty)."""
+    if CLASS_NAMES_FIELD in record:
+        return {int(class_id): name for class_id, name in record[CLASS_NAMES_FIELD].items()}
+    if isinstance(record.get("classes"), list):
+        return dict(enumerate(record["classes"], start=1))
+    return {}
+
+
 # ---- inspect ------------------------------------------------------------------------------------------------------
+
+CLASS_COLUMNS = ("shard", "status", "class_id", "class_name", "class_ids", "class_pixel_fractions")
 
 
 def inspect_dataset(out_url: str) -> dict[str, Any]:
     """Counts and settings of an output root, from run.json, the shard stats and the shard parquets."""
     record, config = read_run(out_url)
     stats = read_committed_stats(config)
-    tables = _read_parquets(out_url, config, sorted(stats), ["class_name", "class_id", "status"])
-    per_class: dict[tuple[int, str], Counter] = {}
-    for table in tables.values():
-        for class_id, class_name, status in zip(
-            table["class_id"].to_pylist(), table["class_name"].to_pylist(), table["status"].to_pylist()
-        ):
-            per_class.setdefault((class_id, class_name), Counter())[status] += 1
+    tables = _read_parquets(out_url, config, sorted(stats), CLASS_COLUMNS)
     failures_by_reason: Counter = Counter()
     for s in stats.values():
         failures_by_reason.update(s.failures_by_reason)
@@ -97,15 +110,62 @@ def inspect_dataset(out_url: str) -> dict[str, Any]:
         "shards": len(stats),
         "expected_shards": expected_shards,
         "missing_shards": [i for i in range(expected_shards) if i not in stats],
-        "classes": [
-            {"class_id": cid, "class_name": name, "samples": c[SUCCESS], "failures": sum(c.values()) - c[SUCCESS]}
-            for (cid, name), c in sorted(per_class.items())
-        ],
+        "classes": class_counts(out_url, config, run_class_names(record), list(tables.values())),
         "bytes": {"tar": tar_bytes, "parquet": parquet_bytes, "total": tar_bytes + parquet_bytes},
         "settings": {k: v for k, v in config.model_dump(mode="json").items() if k != "output_url"},
         "manifest": {k: record.get(k) for k in ("manifest_source", "manifest_sha256", "num_classes")},
         "input": {k: record.get(k) for k in ("input_source", "input_sha256", "classes")} if config.annotate else None,
     }
+
+
+@dataclass
+class _ClassCount:
+    samples: int = 0  # successful samples that label the class
+    failures: int = 0  # failed samples that were to label it
+    fractions: list[float] = field(default_factory=list)  # of each successful sample's pixels labelled with it
+
+
+def class_counts(out_url: str, config: RunConfig, names: dict[int, str], tables: list[Any]) -> list[dict[str, Any]]:
+    """Per class, by id: its name, the samples that label it (every class of a scene sample, not just its first),
+    the failed samples that were to, and its mean pixel fraction over the samples that label it (None where the
+    parquets do not record it). ``names``: the run's class table (``run_class_names``); each of its classes is
+    listed, labelled by samples or not."""
+    names = dict(names)
+    counts: dict[int, _ClassCount] = {class_id: _ClassCount() for class_id in names}
+    shard_of: dict[int, int] = {}  # class id -> a shard with a sample labelling it, to name it from its records
+    for table in tables:
+        for row in table.to_pylist():
+            names.setdefault(row["class_id"], row["class_name"])  # a row names its first class
+            fractions = row.get("class_pixel_fractions") or []
+            for k, class_id in enumerate(row.get("class_ids") or [row["class_id"]]):
+                count = counts.setdefault(class_id, _ClassCount())
+                if row["status"] != SUCCESS:
+                    count.failures += 1
+                    continue
+                count.samples += 1
+                shard_of.setdefault(class_id, row["shard"])
+                if k < len(fractions) and fractions[k] is not None:
+                    count.fractions.append(fractions[k])
+    unnamed = {class_id: shard for class_id, shard in shard_of.items() if class_id not in names}
+    if unnamed:  # an output whose run.json predates the class table: its other names are in the sample records
+        names.update(_names_from_records(out_url, config, unnamed))
+    return [
+        {"class_id": class_id, "class_name": names.get(class_id, f"class {class_id}"), "samples": c.samples,
+         "failures": c.failures, "pixel_fraction": sum(c.fractions) / len(c.fractions) if c.fractions else None}
+        for class_id, c in sorted(counts.items())
+    ]
+
+
+def _names_from_records(out_url: str, config: RunConfig, shards: dict[int, int]) -> dict[int, str]:
+    """Names of the classes ``shards`` (class id -> a shard holding it) from the json records of those shards."""
+    urls = [f"{out_url.rstrip('/')}/{shard_name(config.shard_prefix, i, config.shard_digits)}{TAR_SUFFIX}"
+            for i in sorted(set(shards.values()))]
+    found: dict[int, str] = {}
+    for sample in raw_samples(urls):
+        found.update(sample_classes(sample_record(sample)))
+        if shards.keys() <= found.keys():
+            break
+    return found
 
 
 def format_inspection(info: dict[str, Any]) -> str:
@@ -125,10 +185,11 @@ def format_inspection(info: dict[str, Any]) -> str:
     ]
     if info["failures_by_reason"]:
         lines.append("failures   " + ", ".join(f"{k}: {v}" for k, v in info["failures_by_reason"].items()))
-    lines.append("classes")
+    lines.append("classes    (id, name, samples that label it, its mean pixel fraction in them)")
     width = max((len(c["class_name"]) for c in info["classes"]), default=0)
     for c in info["classes"]:
-        lines.append(f"  {c['class_id']:>3}  {c['class_name']:<{width}}  {c['samples']:>8}"
+        fraction = "-" if c["pixel_fraction"] is None else f"{c['pixel_fraction']:.3f}"
+        lines.append(f"  {c['class_id']:>3}  {c['class_name']:<{width}}  {c['samples']:>8}  {fraction:>6}"
                      + (f"  ({c['failures']} failed)" if c["failures"] else ""))
     lines.append("settings")
     for key, value in sorted(flatten_settings(info["settings"]).items()):

@@ -28,7 +28,7 @@ from seediff.pipeline.sources import AnnotatePlan, ImageInput
 from seediff.pipeline.summary import RunSummary, human_bytes
 from seediff.schemas.config import RunConfig, RuntimeOptions
 from seediff.schemas.manifest import Manifest
-from seediff.schemas.records import RUN_JSON, shard_name
+from seediff.schemas.records import RUN_JSON, ShardStats, shard_name
 
 log = logging.getLogger("seediff")
 
@@ -141,23 +141,24 @@ def run_generation(
     defaults to ShardActor, built in the actor process (``ModelFreeShardActor``). Ctrl-C raises RunInterrupted once
     the actors are stopped."""
     plan = AnnotatePlan(source, config) if isinstance(source, ImageInput) else plan_of(source, config)
+    committed: dict[int, ShardStats] = {}  # read once under the lease, then each shard as this run commits it
     check_output_folder(config, overwrite)  # before the lease touches the folder; again under it
     try:
         with OutputLease(config.output_url, uuid.uuid4().hex[:12]) as lease:
-            return _run_under_lease(source, config, runtime, plan, lease, overwrite, actor_class, stream)
+            return _run_under_lease(source, config, runtime, plan, lease, overwrite, actor_class, stream, committed)
     except KeyboardInterrupt:
-        committed = len(read_committed_stats(config))
+        done = len(committed or read_committed_stats(config))  # empty: not read yet, or nothing there (no GET)
         raise RunInterrupted(
-            f"interrupted: {committed} of {plan.num_shards} shards committed; run the same command to resume"
+            f"interrupted: {done} of {plan.num_shards} shards committed; run the same command to resume"
         ) from None
 
 
 def _run_under_lease(
     source: Manifest | ImageInput, config: RunConfig, runtime: RuntimeOptions, plan: Plan, lease: OutputLease,
-    overwrite: bool, actor_class: type | None, stream: TextIO,
+    overwrite: bool, actor_class: type | None, stream: TextIO, committed: dict[int, ShardStats],
 ) -> RunSummary:
-    prepare_output(config, source, overwrite)
-    committed = read_committed_stats(config)
+    committed.update(prepare_output(config, source, overwrite))
+    already = len(committed)
     removed = clean_leftovers(config, committed)
     if removed:
         log.info("removed %d leftover files of interrupted shards", len(removed))
@@ -182,12 +183,14 @@ def _run_under_lease(
                 progress=counts, run_id=lease.run_id,
             )
             bind_device(config, {"kind": pool.device, "dtype": config.resolved_dtype(pool.device)},
-                        runtime.allow_device_change)
+                        runtime.allow_device_change, committed)
             actors = pool.size()
             loading = f"loading the model on {actors} actor{'s' if actors > 1 else ''}"
             progress.phase(loading)
 
             def shard_done(record: ShardRecord) -> None:
+                if record.ok:
+                    committed[record.shard_id] = ShardStats(**record.stats)
                 counts.close.remote(record.shard_id)  # ordered before the next tick's total()
                 progress.shard_done(record)
 
@@ -205,11 +208,11 @@ def _run_under_lease(
         else:
             result = DispatchResult({}, 0.0)
         progress.phase("writing the index")
-        index = write_index(config, plan.num_shards)
+        index = write_index(config, plan.num_shards, committed)
     finally:
         progress.close()
     run_json = f"{config.output_url.rstrip('/')}/{RUN_JSON}"
-    return RunSummary.from_dispatch(config.output_url, result, len(committed), index, {"run_json": run_json},
+    return RunSummary.from_dispatch(config.output_url, result, already, index, {"run_json": run_json},
                                     runtime.max_failed_fraction)
 
 

@@ -133,8 +133,9 @@ def verify(out_url: str, planned_ids: Callable[[int], Sequence[int]] | None = No
     checksum) and run.json's sample count stand in. ``shown``: keep the findings of only the first ``shown`` shards
     with problems (None: all)."""
     verifier = Verifier(out_url, planned_ids, num_shards)
-    result = Verification(notes=[] if planned_ids else ["the plan could not be rebuilt: keys are checked against the "
-                                                         "parquets (whose checksums the stats hold), not the plan"])
+    result = Verification(notes=[] if planned_ids else [
+        "note: keys checked against the parquets (whose sha256 the stats hold), not against the plan (an annotate "
+        "run, or its manifest moved)"])
     last_shard = None
     for finding in verifier.findings():
         result.counts[finding.kind] += 1
@@ -275,7 +276,8 @@ class Verifier:
             return None, [Finding(CHECKSUM, shard_id, f"{path}: sha256 {hashlib.sha256(data).hexdigest()[:12]}... "
                                                       f"differs from the stats' {stats.parquet_sha256[:12]}...")]
         try:
-            table = pq.read_table(pa.BufferReader(data))
+            # on this thread: an Arrow pool task releasing a Python buffer at interpreter exit aborts (review.py)
+            table = pq.read_table(pa.BufferReader(data), use_threads=False, pre_buffer=False)
             keys, ids, statuses = (table[c].to_pylist() for c in ("key", "sample_id", "status"))
         except (pa.ArrowException, OSError, KeyError, ValueError) as e:
             return None, [Finding(PARQUET_UNREADABLE, shard_id, f"{path}: unreadable ({type(e).__name__}: "

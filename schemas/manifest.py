@@ -419,7 +419,8 @@ def _parquet_records(
     raw: bytes, source: str, has_default_count: bool, columns: tuple[str, ...]
 ) -> Iterator[tuple[int, dict[str, Any]]]:
     try:
-        table = pq.read_table(pa.BufferReader(raw))
+        # on this thread: an Arrow pool task releasing a Python buffer at interpreter exit aborts the process
+        table = pq.read_table(pa.BufferReader(raw), use_threads=False, pre_buffer=False)
     except (pa.ArrowException, OSError) as e:
         raise ManifestError(f"{source}: format: not a readable Parquet file: {e}") from e
     _check_columns(table.column_names, source, columns)

@@ -200,15 +200,17 @@ def check(out: str | os.PathLike[str], *, repair: bool = False, shown: int | Non
 
 
 def _recorded_plan(url: str) -> Any:
-    """The run's plan from its recorded inputs, or None when they cannot be read any more (moved, deleted)."""
+    """A generate run's plan from its recorded manifest, or None when it cannot be read any more (moved, deleted)
+    or the run is an annotate run (its plan would read the whole input again)."""
     from seediff.pipeline.run import plan_of
-    from seediff.pipeline.sources import AnnotatePlan
 
+    if (read_run_json(url) or {}).get("config", {}).get("annotate") is not None:
+        return None
     try:
-        config, source = recorded_inputs(url)
+        config, manifest = recorded_inputs(url)
     except (InputError, OSError):
         return None
-    return AnnotatePlan(source, config) if isinstance(source, ImageInput) else plan_of(source, config)
+    return plan_of(manifest, config)
 
 
 def preview(

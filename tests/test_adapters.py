@@ -113,9 +113,9 @@ def test_missing_unreadable_or_mismatched_adapters_exit_2_naming_them_before_ray
     elsewhere = tmp_path / "elsewhere.safetensors"  # a layer the tiny UNet does not have
     save_file({"unet.down_blocks.7.attentions.0.proj_in.lora_A.weight": torch.zeros(4, 16)}, elsewhere)
     kohya = tmp_path / "kohya.safetensors"  # kohya names of the same UNet's layers fit
-    save_file({"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight": torch.zeros(4, 16),
-               "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight": torch.zeros(16, 4),
-               "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.alpha": torch.tensor(4.0)}, kohya)
+    kohya_layer = "lora_unet_" + LAYER.removeprefix("unet.").replace(".", "_")
+    save_file({f"{kohya_layer}.lora_down.weight": torch.zeros(4, 16),
+               f"{kohya_layer}.lora_up.weight": torch.zeros(16, 4), f"{kohya_layer}.alpha": torch.tensor(4.0)}, kohya)
     cases = {
         tmp_path / "missing.safetensors": "not found",
         not_safetensors: "not a readable safetensors file",

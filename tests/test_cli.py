@@ -160,7 +160,6 @@ def test_the_dry_runs_size_estimate_is_within_1_5x_of_the_written_size(tmp_path)
 
     from seediff import api
     from seediff.pipeline.resume import prepare_output
-    from seediff.schemas.manifest import load_manifest
     from seediff.workers.actor import ShardActor
     from tests.e2e_support import plan_of
 
@@ -176,7 +175,8 @@ def test_the_dry_runs_size_estimate_is_within_1_5x_of_the_written_size(tmp_path)
         run_config, manifest = api._inputs(str(manifest_file), out, config, None)
         prepare_output(run_config, manifest, overwrite=False)
         plan = plan_of(manifest, run_config)
-        stats = ShardActor(run_config, RuntimeOptions(device="cpu"), plan, torch_threads=1).generate_shard(plan.shard(0))
+        actor = ShardActor(run_config, RuntimeOptions(device="cpu"), plan, torch_threads=1)
+        stats = actor.generate_shard(plan.shard(0))
         ratios[size] = float(number) * units[unit] / (stats["tar_bytes"] + stats["parquet_bytes"])
     print("estimate / written:", ratios)
     assert all(1 / 1.5 <= r <= 1.5 for r in ratios.values()), ratios

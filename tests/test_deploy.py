@@ -241,7 +241,8 @@ def test_the_readmes_ray_job_submit_runs_the_demo_on_a_local_head(tmp_path: Path
     assert info["shards"] == info["expected_shards"] == 1  # 12 samples, default shard size
     assert info["samples"] + info["failures"] == info["attempted"] == 12
     assert auto.returncode == 1, auto.stdout + auto.stderr
-    assert "the Ray cluster has no GPUs (2 CPUs) and no autoscaler that could add GPU nodes: pass --device cpu" in auto.stderr
+    assert ("the Ray cluster has no GPUs (2 CPUs) and no autoscaler that could add GPU nodes: pass --device cpu"
+            in auto.stderr)
     print(f"--device auto on a cluster without GPUs stopped after {stopped_after:.1f} s (process start included)")
 
 

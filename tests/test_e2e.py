@@ -4,6 +4,7 @@ byte-identical to a clean run; a dry run loads no model and starts no Ray; a cha
 
 from __future__ import annotations
 
+import contextlib
 import io
 import itertools
 import json
@@ -19,6 +20,7 @@ import pytest
 
 import pyarrow.parquet as pq
 import webdataset as wds
+from fsspec.implementations.local import LocalFileSystem
 
 import seediff
 from seediff.pipeline.cli import main
@@ -27,6 +29,7 @@ from seediff.pipeline.resume import OutputLease
 from seediff.pipeline.run import run_generation
 from seediff.schemas.config import RunConfig, RuntimeOptions
 from seediff.schemas.manifest import load_manifest
+from seediff.schemas.records import STATS_SUFFIX
 from tests.e2e_support import (
     REPO,
     SETTINGS,
@@ -283,9 +286,28 @@ def test_flipped_bytes_are_reported_by_verify_and_repaired_byte_identical(inputs
     assert main(["verify", "--repair", str(out)]) == 1
     assert "un-committed 1 shards (1)" in capsys.readouterr().out
     assert not (out / "seediff-000001_stats.json").exists()
-    assert main(base) == 0
+    with counting_stats_reads() as reads:
+        assert main(base) == 0  # the resume: 4 shards committed, 1 to generate
+    assert sorted(reads) == sorted({p.name for p in out.glob("*_stats.json")} - {"seediff-000001_stats.json"})
     assert digests(out) == reference
     assert main(["verify", str(out)]) == 0
+
+
+@contextlib.contextmanager
+def counting_stats_reads():
+    """The ``*_stats.json`` files the driver opens (the actors write theirs in other processes), by name, in order:
+    a run reads each committed stats file once (one GET each on an object store) and passes the stats along."""
+    reads: list[str] = []
+    real = LocalFileSystem._open
+
+    def _open(self, path, mode="rb", *args, **kwargs):
+        if str(path).endswith(STATS_SUFFIX) and "r" in mode:
+            reads.append(Path(path).name)
+        return real(self, path, mode, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(LocalFileSystem, "_open", _open)
+        yield reads
 
 
 @pytest.fixture

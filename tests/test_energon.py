@@ -5,8 +5,6 @@ next sample."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +15,6 @@ import seediff
 from seediff.pipeline.cli import main
 from seediff.pipeline.readers import segmentation_dataset
 from seediff.pipeline.verify import verify_dataset
-from tests.e2e_support import REPO, cli_env
 from tests.test_readers import build_synthetic_dataset
 
 energon = pytest.importorskip("megatron.energon")  # the dev extra installs it; export needs it only here
@@ -45,9 +42,11 @@ def test_energon_lint_passes_and_the_index_is_what_prepare_writes(exported: dict
     assert {".info.json", "index.sqlite", "index.uuid", "split.yaml", "dataset.yaml"} <= {p.name for p in meta.iterdir()}
     info = yaml.safe_load((meta / ".info.json").read_text())
     assert info["shard_counts"] == {f"seediff-{i:06d}.tar": n for i, n in enumerate((4, 4, 3))}  # 5 failed
-    done = subprocess.run([sys.executable, "-m", "megatron.energon.cli.main", "lint", exported["root"]],
-                          cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    from click.testing import CliRunner
+    from megatron.energon.tools.lint import command as energon_lint  # `energon lint OUT`, in this process
+
+    done = CliRunner().invoke(energon_lint, [exported["root"]])
+    assert done.exit_code == 0, done.output[-3000:]
     assert verify_dataset(exported["root"]) == []  # seediff's own checks ignore energon's files
 
 

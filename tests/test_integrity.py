@@ -234,3 +234,14 @@ def test_verify_of_a_partial_output_of_many_shards_prints_a_summary(tmp_path, ca
     assert len(lines) < 30, lines[:40]
     assert lines[-1] == f"{planned + 2} problems in {planned} shards: {planned} missing shard, 2 index"
     assert "... and 99980 more shards with problems (--all lists them)" in lines
+
+
+def test_garbage_index_files_are_findings(reference, tmp_path, capsys):
+    out = _copy(reference, tmp_path)
+    (out / "sizes.json").write_text("garbage")
+    (out / "dataset.json").write_text('{"shardlist": 5}')
+    assert main(["verify", str(out)]) == 1
+    printed = capsys.readouterr().out
+    assert "sizes.json: not valid JSON" in printed and "dataset.json: 'shardlist' is not a list" in printed
+    assert main(["verify", "--repair", str(out)]) == 1  # nothing of a shard's own is damaged: nothing un-committed
+    assert "un-committed" not in capsys.readouterr().out

@@ -20,7 +20,7 @@ from tests.test_families import dry_run
 def test_saved_mmdits_are_recognised_with_their_unit_and_blocks(saved_mmdits):
     flux, sd3 = (recognise(read_model_files(saved_mmdits[n])) for n in ("flux", "sd3"))
     assert (flux.family.name, flux.family.pipeline, flux.unit, flux.family.cfg) == ("flux", "FluxPipeline", 64, False)
-    assert (flux.layers.cascade, flux.layers.cross_blocks, flux.layers.self_block) == ((2, 1, 0), (0, 1), 1)
+    assert (flux.layers.cascade, flux.layers.cross_blocks, flux.layers.self_block) == ((2, 1), (0, 1), 1)
     assert (sd3.family.name, sd3.family.pipeline, sd3.unit, sd3.native_size) == ("sd3", "StableDiffusion3Pipeline", 64,
                                                                                   128)
     assert (sd3.layers.cross_blocks, sd3.layers.self_block) == ((1,), 1)
@@ -91,7 +91,7 @@ def garbage_copies(saved_mmdits, tmp_path_factory) -> dict[str, str]:
 def test_dry_run_on_garbage_weights_accepts_valid_sizes_and_refuses_others(garbage_copies, name, tmp_path):
     ok = dry_run(tmp_path, "--model", garbage_copies[name], "--width", "192", "--height", "128")
     assert ok.returncode == 0, ok.stderr
-    assert f"family {name}; 192x128 px; SeeDiff cascade at depths [2, 1, 0] below the image-token grid" in ok.stdout
+    assert f"family {name}; 192x128 px; SeeDiff cascade at depths [2, 1] below the image-token grid" in ok.stdout
     assert "LOADED []" in ok.stdout
     bad = dry_run(tmp_path, "--model", garbage_copies[name], "--width", "160", "--height", "128")
     assert bad.returncode == 2, bad.stderr

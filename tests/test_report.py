@@ -107,7 +107,7 @@ def test_preview_labels_cjk_names(output, tmp_path):
 
 def test_quality_numbers_come_from_the_parquet_columns_when_present():
     """Outputs whose parquets hold per-class quality columns (one row per sample, lists in class order) are read
-    without opening a tar; a class that is never a row's first class still gets its name."""
+    without opening a tar; every class of a row counts, named by the run's class table."""
     import pyarrow as pa
 
     from seediff.pipeline.report import _has_quality_columns, _quality_from_parquets
@@ -119,7 +119,8 @@ def test_quality_numbers_come_from_the_parquet_columns_when_present():
         "class_scores": [[0.5, 0.25], [0.125]], "class_seeds": [[3, 1], [2]], "ignore_fraction": [0.0625, 0.0],
     })
     assert _has_quality_columns([rows])
-    got = [(q.key, q.class_name, q.area, q.seeds, q.ignore, q.confidence) for q in _quality_from_parquets([rows])]
+    quality = _quality_from_parquets([rows], {1: "cat", 2: "犬"})
+    got = [(q.key, q.class_name, q.area, q.seeds, q.ignore, q.confidence) for q in quality]
     assert got == [
         ("000000000000", "cat", 0.25, 3, 0.0625, 0.5),
         ("000000000000", "犬", 0.5, 1, 0.0625, 0.25),

@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -13,9 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from seediff.pipeline.review import LEGEND_ROW, format_inspection, inspect_dataset, preview_grid
+from seediff.pipeline.review import LEGEND_ROW, format_inspection, inspect_dataset, preview_grid, run_class_names
 from seediff.pipeline.verify import verify_dataset
-from tests.test_readers import synthetic_dataset  # noqa: F401 - fixture
+from tests.test_readers import REPO, synthetic_dataset  # noqa: F401 - fixture
 
 SHARD0, SHARD1 = "seediff-000000", "seediff-000001"
 
@@ -34,10 +36,10 @@ def test_inspect_counts_classes_failures_bytes_and_settings(synthetic_dataset: d
     assert info["samples"] == 11 and info["attempted"] == 12 and info["failures"] == 1
     assert info["failures_by_reason"] == {"nsfw": 1}
     assert info["shards"] == info["expected_shards"] == 3 and info["missing_shards"] == []
-    assert info["classes"] == [  # ids 0-4 cat, 5-8 dog (5 failed), 9-11 tree
-        {"class_id": 1, "class_name": "cat", "samples": 5, "failures": 0},
-        {"class_id": 2, "class_name": "dog", "samples": 3, "failures": 1},
-        {"class_id": 7, "class_name": "tree", "samples": 3, "failures": 0},
+    assert info["classes"] == [  # ids 0-4 cat, 5-8 dog (5 failed), 9-11 tree; each mask a quarter of its image
+        {"class_id": 1, "class_name": "cat", "samples": 5, "failures": 0, "pixel_fraction": 0.25},
+        {"class_id": 2, "class_name": "dog", "samples": 3, "failures": 1, "pixel_fraction": 0.25},
+        {"class_id": 7, "class_name": "tree", "samples": 3, "failures": 0, "pixel_fraction": 0.25},
     ]
     tar_bytes = sum(p.stat().st_size for p in Path(synthetic_dataset["root"]).glob("*.tar"))
     assert info["bytes"]["tar"] == tar_bytes and info["bytes"]["total"] > tar_bytes
@@ -45,6 +47,35 @@ def test_inspect_counts_classes_failures_bytes_and_settings(synthetic_dataset: d
     text = format_inspection(info)
     for needle in ("11 written", "1 failed", "3 of 3 committed", "nsfw: 1", "tree", "mask.refine = pamr"):
         assert needle in text
+
+
+def test_the_run_class_table_comes_from_run_json_of_every_kind_and_age() -> None:
+    assert run_class_names({"class_names": {"12": "dog", "8": "cat"}}) == {12: "dog", 8: "cat"}
+    assert run_class_names({"classes": ["dog", "cat"], "input_source": "in/"}) == {1: "dog", 2: "cat"}  # old annotate
+    assert run_class_names({"manifest_source": "m.csv"}) == {}  # old generate: named from the parquets and records
+
+
+# The threads of a fresh process before and after inspect: Arrow starts its thread pool on first use, so a read that
+# used it leaves its workers behind.
+THREADS_AROUND_INSPECT = """
+import os, sys
+from seediff.pipeline import readers, review
+before = len(os.listdir("/proc/self/task"))
+review.inspect_dataset(sys.argv[1])
+print(before, len(os.listdir("/proc/self/task")))
+"""
+
+
+def test_inspect_leaves_no_thread_behind(synthetic_dataset: dict) -> None:  # noqa: F811
+    """`seediff inspect` aborted after printing everything in about 1 run of 4 (exit 134, "terminate called without an
+    active exception"; a core dump showed it): a worker of Arrow's thread pool, decoding a parquet, released its
+    hold on the file's Python buffers after the read had returned, during interpreter shutdown, where it cannot take
+    the GIL. Parquets are decoded on the calling thread now, so no such worker exists at exit."""
+    run = subprocess.run([sys.executable, "-c", THREADS_AROUND_INSPECT, synthetic_dataset["root"]], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    before, after = run.stdout.split()
+    assert after == before, run.stdout
 
 
 # ---- preview ---------------------------------------------------------------------------------------------------

@@ -183,3 +183,38 @@ def test_resume_reads_the_recorded_class_table(scene_dataset: Path, tmp_path: Pa
     assert stats["runtime"]["run_id"] != json.loads((scene_dataset / "seediff-000001_stats.json").read_text())[
         "runtime"]["run_id"]  # it was regenerated, by the resumed run
     assert digests(out) == before
+
+
+def test_inspect_and_report_count_and_name_every_class_of_a_scene(scene_dataset: Path, tmp_path: Path) -> None:
+    """Every class of a scene sample counts (not only its first: "cat" is never first), named by the run's class
+    table, with its pixel fraction; an output whose run.json predates the table is named from its records."""
+    from seediff.pipeline.report import write_report_page
+    from seediff.pipeline.review import format_inspection, inspect_dataset
+
+    rows = [r for r in parquet_rows(scene_dataset) if r["status"] == "success"]
+    fractions: dict[int, list[float]] = {}
+    for r in rows:
+        for class_id, fraction in zip(r["class_ids"], r["class_pixel_fractions"], strict=True):
+            fractions.setdefault(class_id, []).append(fraction)
+    info = inspect_dataset(str(scene_dataset))
+    counts = {c["class_name"]: (c["class_id"], c["samples"]) for c in info["classes"]}
+    assert counts == {"dog": (12, 7), "cat": (8, 7), "person": (15, 3), "horse": (13, 3), "car": (7, 3)}
+    for c in info["classes"]:
+        assert c["pixel_fraction"] == pytest.approx(np.mean(fractions[c["class_id"]]))
+    text = format_inspection(info)
+    for name, (class_id, samples) in counts.items():
+        assert any(line.split()[:3] == [str(class_id), name, str(samples)] for line in text.splitlines()), name
+    page = tmp_path / "report.html"
+    assert write_report_page(str(scene_dataset), str(page))["classes"] == 5
+    html = page.read_text(encoding="utf-8")
+    for name, (class_id, _) in counts.items():
+        assert f"<td class=name>{name}</td>" in html and f"<h3>{name} <span class=sub>(class {class_id})" in html
+    assert "class 8" not in html.replace("(class 8)", "")  # named, not "class 8"
+
+    old = tmp_path / "old"
+    shutil.copytree(scene_dataset, old)
+    record = json.loads((old / "run.json").read_text())
+    del record["class_names"]
+    (old / "run.json").write_text(json.dumps(record))
+    assert {c["class_name"]: c["samples"] for c in inspect_dataset(str(old))["classes"]} == {
+        name: samples for name, (_, samples) in counts.items()}

@@ -386,9 +386,12 @@ def test_pooled_sides_of_one_grid():
     assert torch.allclose(pool_cross(attn[:, :4].reshape(2, 4, 4, 6), 2)[0, 0],
                           attn[0, 0].reshape(2, 2, 3, 2).mean((1, 3)))
     scenes = [scene(*s) for s in SCENES]
-    maps, _ = batch_of(scenes)
+    maps, images = batch_of(scenes)
     fine = maps.self_attn[2]  # the 32 x 32 side alone, as an MM-DiT captures it
-    sides = [pool_self(fine, (4 * SIDE, 4 * SIDE), f) for f in (4, 2, 1)]
-    result = seeded_masks(AttentionMaps(maps.cross, sides), (IMAGE, IMAGE), NO_REFINE)
-    for b, (mask, _, _) in enumerate(scenes):
-        assert iou(result.mask[b].numpy(), mask) >= 0.8, b
+    for factors in ((4, 2, 1), (4, 2)):  # to the grid; the MM-DiT default, grid/4 -> grid/2
+        sides = [pool_self(fine, (4 * SIDE, 4 * SIDE), f) for f in factors]
+        result = seeded_masks(AttentionMaps(maps.cross, sides), (IMAGE, IMAGE), MaskConfig(pamr_iterations=40),
+                              images)
+        for b, (mask, _, _) in enumerate(scenes):
+            assert iou(result.unrefined[b].numpy(), mask) >= 0.75, (factors, b)
+            assert iou(result.mask[b].numpy(), mask) >= 0.95, (factors, b)

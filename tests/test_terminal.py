@@ -1,7 +1,7 @@
 """What a user sees in a terminal: ``generate`` under a pseudo-terminal shows its phases in order and then the
 summary; from ``generate``, the Python API's ``seediff.generate`` and ``eval`` alike, no library warning, Ray message
-or forwarded actor output reaches the terminal (they are in the log file the summary names); the driver never imports the model stack, whose teardown kept the command alive after the
-summary."""
+or forwarded actor output reaches the terminal (they are in the log file the summary names); the driver never
+imports the model stack, whose teardown kept the command alive after the summary."""
 
 from __future__ import annotations
 

@@ -87,7 +87,8 @@ def _folder_file(files: list[Path], folder: Any, where: str) -> Any:
     named = [f for f in files if f.name == DEFAULT_WEIGHT_NAME]
     if len(files) == 1 or named:
         return (named or files)[0]
-    found = "no .safetensors file" if not files else f"{len(files)} .safetensors files and none named {DEFAULT_WEIGHT_NAME}"
+    found = (f"{len(files)} .safetensors files and none named {DEFAULT_WEIGHT_NAME}" if files
+             else "no .safetensors file")
     raise ConfigError(f"{where}: {folder} holds {found}; name the file")
 
 
@@ -245,7 +246,8 @@ def _component_files(config: RunConfig, component: str) -> list[Path] | None:
     variant = f".{config.variant}" if config.variant else ""
     local = Path(config.model).expanduser()
     for stem in WEIGHT_FILES:
-        single, index = f"{component}/{stem}{variant}.safetensors", f"{component}/{stem}.safetensors.index{variant}.json"
+        single = f"{component}/{stem}{variant}.safetensors"
+        index = f"{component}/{stem}.safetensors.index{variant}.json"
         if local.is_dir():
             if not (local / component).is_dir():
                 raise ConfigError(f"lora: {config.model} has no {component}, which the adapter changes")

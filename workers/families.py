@@ -352,14 +352,16 @@ def joint_blocks(family_name: str, transformer: dict[str, Any]) -> tuple[int, in
 def default_joint_layers(family_name: str, transformer: dict[str, Any]) -> LayerChoice:
     """The family's blocks scaled to this transformer's depth. Flux: seeds from the last 4 double-stream blocks
     (ConceptAttention), expansion by double-stream block 12 of 19 (GoCA's); SD3: seeds from blocks 8-11 of 24 around
-    Seg4Diff's block 9, expansion by block 9. Cascade: seeds at grid/4, then grid/2 and the grid (pooled)."""
+    Seg4Diff's block 9, expansion by block 9. Cascade: seeds and expansion at grid/4, background refinement at grid/2,
+    no full-grid side (one token's row there is too noisy and local for the refinement's cosines: bench/RESULTS.md,
+    "MM-DiT defaults", measured on synthetic joint-attention scenes at Flux's 64x64 grid)."""
     double, _ = joint_blocks(family_name, transformer)
     if family_name == "flux":
         cross, expand = tuple(range(max(0, double - 4), double)), round(12 * double / 19)
     else:
         first, last = round(8 * double / 24), round(11 * double / 24)
         cross, expand = tuple(range(first, max(first, last) + 1)), round(9 * double / 24)
-    return LayerChoice(cascade=(2, 1, 0), cross_blocks=cross, self_block=min(expand, double - 1))
+    return LayerChoice(cascade=(2, 1), cross_blocks=cross, self_block=min(expand, double - 1))
 
 
 def choose_joint_layers(family_name: str, transformer: dict[str, Any], override: LayerChoice) -> LayerChoice:

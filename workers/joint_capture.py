@@ -11,7 +11,7 @@ sequence, summed over heads, at the image-query rows:
 
 The image-token grid is one side, so the cascade's sides are pooled from it: at depth k (grid / 2^k), query rows
 averaged over 2^k x 2^k blocks and key columns summed over the same blocks (linear, so it commutes with the time
-average). Only the chosen blocks run a capture processor; the others keep diffusers' own. A processor is stateless
+average; the cross sums are kept pooled to the seed side, the self sum with its keys pooled to the finest side). Only the chosen blocks run a capture processor; the others keep diffusers' own. A processor is stateless
 (the step weight is a 0-d tensor set between calls), adds the conditional rows only to preallocated fp32 running
 sums, and computes the block's output exactly as diffusers' processor does (the same fused attention), so images
 do not change. Knows nothing of masks."""
@@ -68,40 +68,71 @@ def power_of_two_pool(grid: tuple[int, int], max_entries: int | None) -> int:
 
 
 class JointAttentionSum:
-    """Capture processor of one MM-DiT block, stateless: returns the block's normal output and adds ``weight`` times
-    the head-summed joint probabilities of the image-query rows of the conditional samples to ``cross`` [max_samples,
-    image tokens, text tokens] and / or ``self_sum`` [max_samples, image tokens, image tokens / f²] (keys summed in
-    f x f blocks, ``key_pool``). Probabilities come in blocks of ``query_chunk`` image rows, in fp32."""
+    """What the capture processors of MM-DiT blocks share. Stateless: a processor returns its block's normal output
+    and adds ``weight`` times the head-summed joint probabilities of the conditional samples' image-query rows to
+    ``cross`` [max_samples, seed-side cells, text tokens] (query rows averaged in ``cross_pool`` x ``cross_pool``
+    blocks) and / or ``self_sum`` [max_samples, image tokens, image
+    tokens / f²] (keys summed in f x f blocks, ``key_pool``), in blocks of ``query_chunk`` image rows, in fp32."""
 
     _attention_backend = None  # set by the transformer's set_attention_backend, as on diffusers' own processors
     _parallel_config = None
 
     def __init__(
         self, block: JointBlock, grid: tuple[int, int], text_tokens: int, max_samples: int, guided: bool,
-        weight: torch.Tensor, query_chunk: int, cross: bool, self_attn: bool, key_pool: int = 1,
+        weight: torch.Tensor, query_chunk: int, cross: bool, self_attn: bool, key_pool: int = 1, cross_pool: int = 1,
     ):
         self.block, self.grid, self.text_tokens = block, grid, text_tokens
-        self.guided, self.weight, self.key_pool = guided, weight, key_pool
+        self.guided, self.weight, self.key_pool, self.cross_pool = guided, weight, key_pool, cross_pool
         n_image = grid[0] * grid[1]
-        self.query_chunk = min(query_chunk, n_image)
+        # whole bands of cross_pool grid rows per block of query rows, so each block pools on its own
+        band = cross_pool * grid[1]
+        self.query_chunk = min(max(1, query_chunk // band) * band, n_image)
         device = weight.device
-        self.cross = torch.zeros(max_samples, n_image, text_tokens, device=device) if cross else None
+        self.cross = (torch.zeros(max_samples, n_image // cross_pool**2, text_tokens, device=device) if cross
+                      else None)
         self.self_sum = torch.zeros(max_samples, n_image, n_image // key_pool**2, device=device) if self_attn else None
 
     def sums(self) -> list[torch.Tensor]:
         return [t for t in (self.cross, self.self_sum) if t is not None]
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
-                 *args, **kwargs):
+    def _capture(self, query: torch.Tensor, key: torch.Tensor, image_from: int, text: slice) -> None:
+        """Add the probabilities of the conditional samples' image-query rows ([B, heads, joint, head_dim] queries and
+        keys, image tokens at ``image_from``, text keys at ``text``) to the sums."""
+        cond = _conditional_half(query.shape[0], self.guided)
+        n_image = self.grid[0] * self.grid[1]
+        images = slice(image_from, image_from + n_image)
+        q, k = query[cond, :, images], key[cond]
+        n = q.shape[0]
+        if n > self.sums()[0].shape[0]:
+            raise ValueError(f"a batch of {n} samples exceeds the capture's {self.sums()[0].shape[0]}")
+        if self.cross is not None and k[:, :, text].shape[2] != self.text_tokens:
+            raise ValueError(f"block {self.block.index} sees {k[:, :, text].shape[2]} text tokens, the capture was "
+                             f"built for {self.text_tokens} (the pipeline's max_sequence_length)")
+        for rows, probs in _probabilities(q, k, query.shape[-1] ** -0.5, self.query_chunk):
+            if self.cross is not None:
+                self._add_cross(self.cross[:n], rows, probs[..., text])
+            if self.self_sum is not None:
+                _accumulate(self.self_sum[:n], rows, probs[..., images], self.weight, self.grid, self.key_pool)
+
+
+    def _add_cross(self, sums: torch.Tensor, rows: slice, probs: torch.Tensor) -> None:
+        """``sums += weight · Σ_heads probs`` with the query rows averaged in cross_pool x cross_pool blocks of the
+        grid (the seed side: linear, so the time average commutes with it); ``rows`` is whole bands of the grid."""
+        n, _, count, keys = probs.shape
+        f, width = self.cross_pool, self.grid[1]
+        pooled = probs.sum(1).reshape(n, count // (f * width), f, width // f, f, keys).mean((2, 4)).flatten(1, 2)
+        start = rows.start // (f * f)
+        sums[:, start:start + pooled.shape[1]].add_(self.weight * pooled)
+
+
+class FluxAttentionSum(JointAttentionSum):
+    """A Flux.1 block's (``FluxAttention``) capture processor: FluxAttnProcessor's computation (double-stream: the
+    text states projected apart and put first; single-stream: the joint states come in), capturing before the
+    attention product, which stays diffusers' dispatched (fused) attention."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         if attention_mask is not None:
             raise NotImplementedError("capturing a block called with an attention mask is not supported")
-        if self.block.kind == "flux":
-            return self._flux(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
-        return self._sd3(attn, hidden_states, encoder_hidden_states)
-
-    def _flux(self, attn, hidden_states, encoder_hidden_states, image_rotary_emb):
-        """FluxAttnProcessor's computation (double-stream: text states projected apart and put first; single-stream:
-        the joint states come in), capturing before the attention product."""
         query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
             attn, hidden_states, encoder_hidden_states
         )
@@ -129,9 +160,15 @@ class JointAttentionSum:
         out = attn.to_out[1](attn.to_out[0](out.contiguous()))
         return out, attn.to_add_out(encoder_out.contiguous())
 
-    def _sd3(self, attn, hidden_states, encoder_hidden_states):
-        """JointAttnProcessor2_0's computation (image states first, then the projected text states), capturing before
-        the attention product."""
+
+
+class SD3AttentionSum(JointAttentionSum):
+    """An SD3/3.5 joint block's capture processor: JointAttnProcessor2_0's computation (image states first, then the
+    projected text states), capturing before the attention product, which stays fused SDPA."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None):
+        if attention_mask is not None:
+            raise NotImplementedError("capturing a block called with an attention mask is not supported")
         batch, n_image = hidden_states.shape[:2]
         heads = attn.heads
 
@@ -162,24 +199,8 @@ class JointAttentionSum:
         out = attn.to_out[1](attn.to_out[0](out))
         return out if encoder_out is None else (out, encoder_out)
 
-    def _capture(self, query: torch.Tensor, key: torch.Tensor, image_from: int, text: slice) -> None:
-        """Add the probabilities of the conditional samples' image-query rows ([B, heads, joint, head_dim] queries and
-        keys, image tokens at ``image_from``, text keys at ``text``) to the sums."""
-        cond = _conditional_half(query.shape[0], self.guided)
-        n_image = self.grid[0] * self.grid[1]
-        images = slice(image_from, image_from + n_image)
-        q, k = query[cond, :, images], key[cond]
-        n = q.shape[0]
-        if n > (self.cross if self.cross is not None else self.self_sum).shape[0]:
-            raise ValueError(f"a batch of {n} samples exceeds the capture's buffers")
-        if self.cross is not None and k[:, :, text].shape[2] != self.text_tokens:
-            raise ValueError(f"block {self.block.index} sees {k[:, :, text].shape[2]} text tokens, the capture was "
-                             f"built for {self.text_tokens} (the pipeline's max_sequence_length)")
-        for rows, probs in _probabilities(q, k, query.shape[-1] ** -0.5, self.query_chunk):
-            if self.cross is not None:
-                _accumulate(self.cross[:n], rows, probs[..., text], self.weight, self.grid, 1)
-            if self.self_sum is not None:
-                _accumulate(self.self_sum[:n], rows, probs[..., images], self.weight, self.grid, self.key_pool)
+
+_PROCESSORS = {"flux": FluxAttentionSum, "sd3": SD3AttentionSum}
 
 
 class JointCapture(WeightedCapture):
@@ -211,11 +232,13 @@ class JointCapture(WeightedCapture):
             raise ValueError(f"image-token grid {grid} is not a whole number of {cell}x{cell} cells (cascade "
                              f"{layers.cascade})")
         self.grid, self.layers = tuple(grid), layers
-        self.key_pool = power_of_two_pool(self.grid, max_self_entries)
+        # Keys summed in blocks as coarse as the finest cascade side's (its rows are pooled at result()), or coarser
+        # past max_self_entries: the (2, 1) default keeps a quarter of the grid's keys.
+        self.key_pool = max(power_of_two_pool(self.grid, max_self_entries), 2 ** min(layers.cascade))
         self.blocks = {
-            b: JointAttentionSum(blocks[b], self.grid, text_tokens, max_samples, guided, self.weight, query_chunk,
+            b: _PROCESSORS[blocks[b].kind](blocks[b], self.grid, text_tokens, max_samples, guided, self.weight, query_chunk,
                                  cross=b in layers.cross_blocks, self_attn=b == layers.self_block,
-                                 key_pool=self.key_pool)
+                                 key_pool=self.key_pool, cross_pool=2 ** layers.cascade[0])
             for b in sorted(wanted)
         }
 
@@ -231,9 +254,10 @@ class JointCapture(WeightedCapture):
         total, calls = self._total()
         n = len(self.token_positions)
         coarse = 2 ** self.layers.cascade[0]
+        seed_grid = (self.grid[0] // coarse, self.grid[1] // coarse)
         cross = [
-            pool_cross(torch.cat([self.blocks[b].cross[i][:, columns].T for b in self.layers.cross_blocks])
-                       .view(-1, *self.grid) / total, coarse)
+            torch.cat([self.blocks[b].cross[i][:, columns].T for b in self.layers.cross_blocks]).view(-1, *seed_grid)
+            / total
             for i, columns in enumerate(self.token_positions)
         ]
         full = self.blocks[self.layers.self_block].self_sum[:n] / total
