@@ -1,7 +1,8 @@
 """Inputs of ``seediff annotate``: which images there are, in a fixed order, and which classes each one is to be
 labelled with. The annotate plan is the generate plan with *input units* in place of manifest rows: a unit is an
 input WebDataset shard (its samples, in tar order) or one image file, and global sample ids run over the units in
-order, so output shards are the same contiguous id ranges as in ``generate`` (``samples_per_shard`` re-shards).
+order, and output shards are contiguous id ranges (``samples_per_shard`` re-shards; contiguous, unlike generate's
+interleaved default, so that each input tar is read once across the output shards it feeds).
 
 INPUT is one of: WebDataset tar URLs or a brace pattern (``.../shard-{000000..000099}.tar``), a wids
 ``dataset.json`` (or a folder holding one, or ``.tar`` files), a folder of images (searched recursively), or a text
