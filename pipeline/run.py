@@ -147,7 +147,8 @@ def run_generation(
         with OutputLease(config.output_url, uuid.uuid4().hex[:12]) as lease:
             return _run_under_lease(source, config, runtime, plan, lease, overwrite, actor_class, stream, committed)
     except KeyboardInterrupt:
-        done = len(committed or read_committed_stats(config))  # empty: not read yet, or nothing there (no GET)
+        # read again: an actor may have committed a shard whose result the driver had not received yet
+        done = len(read_committed_stats(config))
         raise RunInterrupted(
             f"interrupted: {done} of {plan.num_shards} shards committed; run the same command to resume"
         ) from None
