@@ -350,5 +350,6 @@ def successful_rows(shard_urls: Sequence[str]) -> Iterator[tuple[str, dict[str, 
     attempted samples in the tar's order; the successful ones are the tar's samples."""
     for url in shard_urls:
         with fsspec.open(url.removesuffix(TAR_SUFFIX) + PARQUET_SUFFIX, "rb") as f:
-            rows = pq.read_table(f).to_pylist()
+            # on this thread: an Arrow pool task releasing a Python file buffer at interpreter exit aborts
+            rows = pq.read_table(f, use_threads=False, pre_buffer=False).to_pylist()
         yield from ((url, row) for row in rows if row["status"] == SUCCESS)
