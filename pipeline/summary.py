@@ -10,6 +10,10 @@ from typing import Any
 
 from tqdm import tqdm
 
+from seediff.schemas.config import RuntimeOptions
+
+DEFAULT_MAX_FAILED_FRACTION = RuntimeOptions.model_fields["max_failed_fraction"].default  # one source: the option
+
 
 def human_bytes(n: float) -> str:
     """Binary units, as ``inspect`` and ``report`` show sizes: ``512 B``, ``1.5 KiB``, ``2.0 GiB``."""
@@ -62,7 +66,7 @@ class RunSummary:
     failures_by_stage: dict[str, int] = field(default_factory=dict)  # this call's failed samples by stage
     dataset_failed: int = 0  # failed samples recorded in every committed shard (earlier runs' too)
     missing_shards: tuple[int, ...] = ()  # planned shards not committed after this call
-    max_failed_fraction: float = 0.01  # RuntimeOptions.max_failed_fraction
+    max_failed_fraction: float = DEFAULT_MAX_FAILED_FRACTION
 
     @property
     def failed_fraction(self) -> float:
@@ -89,7 +93,7 @@ class RunSummary:
 
     @classmethod
     def from_dispatch(cls, out: str, result: Any, skipped_shards: int, index: dict[str, Any],
-                      paths: dict[str, str], max_failed_fraction: float = 0.01) -> "RunSummary":
+                      paths: dict[str, str], max_failed_fraction: float = DEFAULT_MAX_FAILED_FRACTION) -> "RunSummary":
         """From a ``DispatchResult`` (seediff.pipeline.dispatch) and the index that ``write_index`` returned."""
         done = result.completed
         stages: Counter[str] = Counter()
