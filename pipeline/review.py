@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
@@ -22,7 +23,7 @@ from seediff.pipeline.readers import MASK_FIELD, raw_samples, sample_record
 from seediff.schemas.records import IMAGE_FIELDS
 from seediff.pipeline.resume import CLASS_NAMES_FIELD, read_committed_stats, read_run_json
 from seediff.pipeline.summary import human_bytes
-from seediff.schemas.config import RunConfig, flatten_settings
+from seediff.schemas.config import InputError, RunConfig, flatten_settings
 from seediff.schemas.records import (
     PARQUET_SUFFIX,
     RUN_JSON,
@@ -62,14 +63,24 @@ def _read_parquets(
     tables = {}
     for shard_id in shard_ids:
         path = f"{root}/{shard_name(config.shard_prefix, shard_id, config.shard_digits)}{PARQUET_SUFFIX}"
-        with fs.open(path, "rb") as f:
-            parquet = pq.ParquetFile(f, pre_buffer=False)
-            present = None if columns is None else [c for c in columns if c in parquet.schema_arrow.names]
-            # Decoded on this thread: a task of Arrow's thread pool can release its hold on this Python file's
-            # buffers after the read has returned, and one released during interpreter shutdown cannot take the
-            # GIL, so the process aborts (std::terminate in ~PyBuffer: `seediff inspect` exiting 134).
-            tables[shard_id] = parquet.read(columns=present, use_threads=False)
+        try:
+            with fs.open(path, "rb") as f:
+                parquet = pq.ParquetFile(f, pre_buffer=False)
+                present = None if columns is None else [c for c in columns if c in parquet.schema_arrow.names]
+                # Decoded on this thread: a task of Arrow's thread pool can release its hold on this Python file's
+                # buffers after the read has returned, and one released during interpreter shutdown cannot take the
+                # GIL, so the process aborts (std::terminate in ~PyBuffer: `seediff inspect` exiting 134).
+                tables[shard_id] = parquet.read(columns=present, use_threads=False)
+        except (pa.ArrowException, OSError) as e:  # a damaged committed parquet: verify's finding, not a traceback
+            raise DamagedOutput(
+                f"{path}: unreadable parquet ({type(e).__name__}: {str(e)[:200]}); `seediff verify --repair "
+                f"{out_url}` un-commits the damaged shards, and the next run regenerates them"
+            ) from e
     return tables
+
+
+class DamagedOutput(InputError):
+    """A committed file of the output cannot be read (the QA commands report it in one line, exit 2)."""
 
 
 def run_class_names(record: dict[str, Any]) -> dict[int, str]:

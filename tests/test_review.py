@@ -49,6 +49,16 @@ def test_inspect_counts_classes_failures_bytes_and_settings(synthetic_dataset: d
         assert needle in text
 
 
+def test_inspect_of_a_truncated_parquet_exits_2_in_one_line(copy_of: Path) -> None:
+    parquet = copy_of / f"{SHARD0}.parquet"
+    parquet.write_bytes(parquet.read_bytes()[:100])
+    done = subprocess.run([sys.executable, "-m", "seediff", "inspect", str(copy_of)], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert f"{SHARD0}.parquet: unreadable parquet" in done.stderr and "verify --repair" in done.stderr
+
+
 def test_the_run_class_table_comes_from_run_json_of_every_kind_and_age() -> None:
     assert run_class_names({"class_names": {"12": "dog", "8": "cat"}}) == {12: "dog", 8: "cat"}
     assert run_class_names({"classes": ["dog", "cat"], "input_source": "in/"}) == {1: "dog", 2: "cat"}  # old annotate
