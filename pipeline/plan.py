@@ -37,36 +37,31 @@ def shard_count(num_samples: int, samples_per_shard: int) -> int:
     return -(-num_samples // samples_per_shard)
 
 
-class Plan:
-    kind = "generate"  # the actor's choice of how a batch gets its images (workers/actor.py)
+class SampleRanges:
+    """Sample ids over groups of known sizes (manifest rows, annotate's input units), in group order, cut into shards
+    of the layout: ``locate`` finds an id's group, ``shard`` / ``shard_range`` / ``shard_of`` are the arithmetic of
+    the ids alone, so anything that knows the sample count (``verify``, from run.json) cuts the same shards."""
 
-    def __init__(self, rows: tuple[ManifestRow, ...] | list[ManifestRow], global_seed: int, samples_per_shard: int,
-                 layout: str = "contiguous"):
+    def __init__(self, sizes: list[int] | tuple[int, ...], samples_per_shard: int, layout: str = "contiguous"):
         if samples_per_shard < 1:
             raise ValueError("samples_per_shard must be >= 1")
         if layout not in SHARD_LAYOUTS:
             raise ValueError(f"shard layout must be one of {SHARD_LAYOUTS}, got {layout!r}")
-        self.rows = tuple(rows)
-        self.global_seed = global_seed
         self.samples_per_shard = samples_per_shard
         self.layout = layout
-        # ends[i] = one past the last sample id of row i
-        self._ends = list(accumulate(r.num_samples for r in self.rows))
+        # ends[i] = one past the last sample id of group i
+        self._ends = list(accumulate(sizes))
         self.num_samples = self._ends[-1] if self._ends else 0
         # Both layouts have the same shard count, so at most samples_per_shard per shard (interleaved: every shard
         # holds floor or ceil of num_samples / num_shards).
         self.num_shards = shard_count(self.num_samples, samples_per_shard)
 
     def locate(self, sample_id: int) -> tuple[int, int]:
-        """(row index, index of the sample within its row)."""
+        """(group index, index of the sample within its group)."""
         if not 0 <= sample_id < self.num_samples:
             raise IndexError(f"sample id {sample_id} outside [0, {self.num_samples})")
         ci = bisect.bisect_right(self._ends, sample_id)
         return ci, sample_id - (self._ends[ci - 1] if ci else 0)
-
-    def sample(self, sample_id: int) -> SampleSpec:
-        ci, index = self.locate(sample_id)
-        return SampleSpec(sample_id, ci, index, sample_seed(self.global_seed, sample_id), self.rows[ci])
 
     def shard(self, shard_id: int) -> ShardSpec:
         if not 0 <= shard_id < self.num_shards:
@@ -87,5 +82,25 @@ class Plan:
             return sample_id % self.num_shards
         return sample_id // self.samples_per_shard
 
+
+class Plan(SampleRanges):
+    """The generate plan: the manifest's rows as the groups; a sample's spec (row, index, seed) from its id."""
+
+    kind = "generate"  # the actor's choice of how a batch gets its images (workers/actor.py)
+
+    def __init__(self, rows: tuple[ManifestRow, ...] | list[ManifestRow], global_seed: int, samples_per_shard: int,
+                 layout: str = "contiguous"):
+        super().__init__([r.num_samples for r in rows], samples_per_shard, layout)
+        self.rows = tuple(rows)
+        self.global_seed = global_seed
+
+    def sample(self, sample_id: int) -> SampleSpec:
+        ci, index = self.locate(sample_id)
+        return SampleSpec(sample_id, ci, index, sample_seed(self.global_seed, sample_id), self.rows[ci])
+
     def samples(self, shard: ShardSpec) -> tuple[SampleSpec, ...]:
         return tuple(self.sample(i) for i in shard.ids)
+
+    def example_ids(self) -> list[int]:
+        """The samples the dry run shows: the first three and the last (never a set of all ids)."""
+        return sorted({i for i in (0, 1, 2, self.num_samples - 1) if 0 <= i < self.num_samples})

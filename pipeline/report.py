@@ -242,9 +242,7 @@ def _page(info: dict[str, Any], failures: dict[str, Counter], by_class: dict[tup
                                  f"{e(q.key)}<br>{_numbers(q)}</figcaption></figure>")
         parts.append("</div>")
     parts.append("</section><section><h2>Run settings</h2><table>")
-    manifest = info["manifest"]
-    parts.append(_row("manifest", f"{manifest['manifest_source']} ({manifest['num_classes']} classes, sha256 "
-                                  f"{(manifest['manifest_sha256'] or '')[:12]})"))
+    parts.append(_row("input", info["input_summary"]))
     for key, value in sorted(flatten_settings(info["settings"]).items()):
         parts.append(_row(key, value))
     parts.append("</table></section></body></html>")

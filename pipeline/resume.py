@@ -5,7 +5,6 @@ Call these before dispatching work, never while writers are running: leftovers a
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -20,6 +19,7 @@ from typing import Any
 
 from fsspec import AbstractFileSystem
 
+from seediff.pipeline.kinds import kind_of
 from seediff.pipeline.sources import ImageInput
 from seediff.schemas.config import ConfigError, InputError, RetryLater, RunConfig
 from seediff.schemas.manifest import Manifest
@@ -41,11 +41,6 @@ log = logging.getLogger(__name__)
 
 # RunConfig fields that may differ on resume: the same root can be reached by another URL (a mount, file://, ...).
 LOCATION_FIELDS = frozenset({"output_url"})
-MANIFEST_FIELD = "manifest_sha256"
-CLASSES_FIELD = "classes_sha256"  # the resolved classes, counts and prompts
-INPUT_FIELD = "input_sha256"  # annotate: the input units, their sample counts and the class list
-FINGERPRINT_FIELDS = (MANIFEST_FIELD, CLASSES_FIELD, INPUT_FIELD)
-CLASS_NAMES_FIELD = "class_names"  # the run's class table, class id (a string, as JSON keys are) -> name: for the QA tools
 
 
 class RunConfigMismatch(InputError):
@@ -109,43 +104,9 @@ def remove_temp_files(config: RunConfig) -> list[str]:
 
 
 def run_record(config: RunConfig, source: Manifest | ImageInput) -> dict[str, Any]:
-    """The ``run.json`` contents: the run config plus what identifies the run's input (``source_record``)."""
-    return {"config": config.model_dump(mode="json"), **source_record(source)}
-
-
-def source_record(source: Manifest | ImageInput) -> dict[str, Any]:
-    """What identifies a run's input in ``run.json``: a manifest (generate) or the images to label (annotate).
-    The ``FINGERPRINT_FIELDS`` among them must match on resume."""
-    if isinstance(source, ImageInput):
-        return {
-            INPUT_FIELD: source.fingerprint(),
-            "input_source": source.source,
-            "num_samples": source.num_samples,
-            "classes": list(source.class_names),
-            "class_table": source.class_table,  # classes is the table a classes_field indexes: resume passes it back
-            CLASS_NAMES_FIELD: {str(i): name for i, name in enumerate(source.class_names, start=1)},
-        }
-    return {
-        MANIFEST_FIELD: source.sha256,
-        "manifest_source": source.source,
-        "samples_per_class": source.samples_per_class,
-        "classes_source": source.classes_source,
-        "prompts_source": source.prompts_source,
-        "num_classes": len(source.classes),
-        CLASS_NAMES_FIELD: {str(c.class_id): c.name for c in source.classes},
-        "num_samples": source.num_samples,
-        CLASSES_FIELD: classes_sha256(source),
-    }
-
-
-def classes_sha256(manifest: Manifest) -> str:
-    """Fingerprint of the resolved class rows. The manifest's bytes alone miss flags that change the plan
-    (``--samples-per-class`` filling counts, the prompt template), which would silently shift sample ids."""
-    rows = [
-        [[[c.name, c.class_id] for c in r.classes], r.num_samples, [t.source for t in r.prompts], r.negative_prompt]
-        for r in manifest.rows
-    ]
-    return hashlib.sha256(json.dumps(rows, ensure_ascii=False).encode()).hexdigest()
+    """The ``run.json`` contents: the run config plus what identifies the run's input (its kind's
+    ``source_record``)."""
+    return {"config": config.model_dump(mode="json"), **kind_of(config).source_record(source)}
 
 
 def read_run_json(output_url: str) -> dict[str, Any] | None:
@@ -172,8 +133,8 @@ def check_resume(record: dict[str, Any], config: RunConfig, manifest: Manifest |
     input) differ from the stored run record ``source``."""
     stored = RunConfig.from_json(json.dumps(record["config"]), source=source)
     fields = [f for f in config.differences(stored) if f not in LOCATION_FIELDS]
-    current = source_record(manifest)
-    fields += [f for f in FINGERPRINT_FIELDS if f in current and record.get(f) != current[f]]
+    current = kind_of(config).source_record(manifest)
+    fields += [f for f in kind_of(config).fingerprints if record.get(f) != current[f]]
     if fields:
         raise RunConfigMismatch(
             f"{source}: this output was started with different settings; differing fields: {', '.join(fields)}. "

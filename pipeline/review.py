@@ -21,7 +21,8 @@ from seediff.pipeline import fonts
 from seediff.pipeline.plan import shard_count
 from seediff.pipeline.readers import MASK_FIELD, raw_samples, sample_record
 from seediff.schemas.records import IMAGE_FIELDS
-from seediff.pipeline.resume import CLASS_NAMES_FIELD, read_committed_stats, read_run_json
+from seediff.pipeline.kinds import CLASS_NAMES_FIELD, kind_of
+from seediff.pipeline.resume import read_committed_stats, read_run_json
 from seediff.pipeline.summary import human_bytes
 from seediff.schemas.config import InputError, RunConfig, flatten_settings
 from seediff.schemas.records import (
@@ -101,6 +102,8 @@ CLASS_COLUMNS = ("shard", "status", "class_id", "class_name", "class_ids", "clas
 def inspect_dataset(out_url: str) -> dict[str, Any]:
     """Counts and settings of an output root, from run.json, the shard stats and the shard parquets."""
     record, config = read_run(out_url)
+    kind = kind_of(config)
+    input_fields = {k: record.get(k) for k in kind.input_fields}
     stats = read_committed_stats(config)
     tables = _read_parquets(out_url, config, sorted(stats), CLASS_COLUMNS)
     failures_by_reason: Counter = Counter()
@@ -124,8 +127,9 @@ def inspect_dataset(out_url: str) -> dict[str, Any]:
         "classes": class_counts(out_url, config, run_class_names(record), list(tables.values())),
         "bytes": {"tar": tar_bytes, "parquet": parquet_bytes, "total": tar_bytes + parquet_bytes},
         "settings": {k: v for k, v in config.model_dump(mode="json").items() if k != "output_url"},
-        "manifest": {k: record.get(k) for k in ("manifest_source", "manifest_sha256", "num_classes")},
-        "input": {k: record.get(k) for k in ("input_source", "input_sha256", "classes")} if config.annotate else None,
+        "kind": kind.name,
+        "input": dict(input_fields),
+        "input_summary": kind.input_summary(input_fields),
     }
 
 
@@ -190,9 +194,7 @@ def format_inspection(info: dict[str, Any]) -> str:
         + (f" (missing: {_id_list(info['missing_shards'])})" if info["missing_shards"] else ""),
         f"bytes      {human_bytes(info['bytes']['total'])} (tar {human_bytes(info['bytes']['tar'])}, "
         f"parquet {human_bytes(info['bytes']['parquet'])})",
-        f"input      {info['input']['input_source']} ({len(info['input']['classes'])} classes, annotated)"
-        if info.get("input")
-        else f"manifest   {info['manifest']['manifest_source']} ({info['manifest']['num_classes']} classes)",
+        f"input      {info['input_summary']}",
     ]
     if info["failures_by_reason"]:
         lines.append("failures   " + ", ".join(f"{k}: {v}" for k, v in info["failures_by_reason"].items()))

@@ -12,6 +12,7 @@ import threading
 import uuid
 from typing import Any, TextIO
 
+from seediff.pipeline.kinds import kind_of
 from seediff.pipeline.plan import Plan
 from seediff.pipeline.resume import (
     OutputLease,
@@ -24,7 +25,7 @@ from seediff.pipeline.resume import (
     read_run_json,
     remove_temp_files,
 )
-from seediff.pipeline.sources import AnnotatePlan, ImageInput
+from seediff.pipeline.sources import ImageInput
 from seediff.pipeline.summary import RunSummary, human_bytes
 from seediff.schemas.config import RunConfig, RuntimeOptions
 from seediff.schemas.manifest import Manifest
@@ -43,10 +44,6 @@ RECORD_BYTES_PER_SAMPLE = 1300 + 5 * 512 + 1700 + 160  # json + tar headers + pa
 BYTES_PER_SHARD = 1024 + 5120 + 9700
 
 
-def plan_of(manifest: Manifest, config: RunConfig) -> Plan:
-    return Plan(manifest.rows, config.seed, config.samples_per_shard, config.shard_layout)
-
-
 # ---- dry run ------------------------------------------------------------------------------------------------------
 
 
@@ -54,7 +51,8 @@ def format_plan(source: Manifest | ImageInput, config: RunConfig, overwrite: boo
     """What a run would do, read-only: shards, samples, done/todo, example keys and seeds (a manifest's), estimated
     bytes. ``source``: the manifest, or annotate's images. Raises RunConfigMismatch exactly when the real run would
     be refused."""
-    plan = AnnotatePlan(source, config) if isinstance(source, ImageInput) else plan_of(source, config)
+    kind = kind_of(config)
+    plan = kind.plan(source, config)
     check_output_folder(config, overwrite)
     committed = {} if overwrite else read_committed_stats(config)
     record = None if overwrite else read_run_json(config.output_url)
@@ -67,7 +65,7 @@ def format_plan(source: Manifest | ImageInput, config: RunConfig, overwrite: boo
         config.shard_prefix, max(plan.num_shards - 1, 0), config.shard_digits
     )
     lines = [
-        _source_line(source),
+        kind.describe(source),
         f"model: {config.model} (family {config.family}; {config.size[0]}x{config.size[1]} px; SeeDiff cascade at "
         + (f"depths {list(config.layers.cascade or [])} below the image-token grid, seeds from blocks "
            f"{list(config.layers.cross_blocks)}, expansion by block {config.layers.self_block})"
@@ -80,10 +78,7 @@ def format_plan(source: Manifest | ImageInput, config: RunConfig, overwrite: boo
         f"output: {config.output_url} ({'overwrite' if overwrite else 'resume' if record else 'new'})",
         f"done: {len(committed)} shards committed; to generate: {todo_shards} shards, {todo_samples} samples",
     ]
-    # never a set of all ids; an annotate sample is known only once its image is read
-    examples = [] if isinstance(source, ImageInput) else sorted(
-        {i for i in (0, 1, 2, plan.num_samples - 1) if 0 <= i < plan.num_samples}
-    )
+    examples = plan.example_ids()
     lines += ["examples:"] if examples else []
     for sample_id in examples:
         spec = plan.sample(sample_id)
@@ -97,14 +92,6 @@ def format_plan(source: Manifest | ImageInput, config: RunConfig, overwrite: boo
         f"estimated output: {human_bytes(per_sample * plan.num_samples)} ({human_bytes(per_sample)} per sample, {basis})"
     )
     return "\n".join(lines)
-
-
-def _source_line(source: Manifest | ImageInput) -> str:
-    if isinstance(source, ImageInput):
-        classes = ", ".join(source.class_names) or "from each sample"
-        return f"input: {source.source} ({len(source.units)} files, {source.num_samples} images; classes: {classes})"
-    return (f"manifest: {source.source} ({len(source.rows)} rows, {len(source.classes)} classes, "
-            f"sha256 {source.sha256[:12]})")
 
 
 def _bytes_per_sample(config: RunConfig, committed: Any, shards_per_sample: float) -> tuple[float, str]:
@@ -140,7 +127,7 @@ def run_generation(
     images to label (annotate, ``AnnotatePlan``); run.json records it. ``actor_class`` (a ShardActor subclass)
     defaults to ShardActor, built in the actor process (``ModelFreeShardActor``). Ctrl-C raises RunInterrupted once
     the actors are stopped."""
-    plan = AnnotatePlan(source, config) if isinstance(source, ImageInput) else plan_of(source, config)
+    plan = kind_of(config).plan(source, config)
     committed: dict[int, ShardStats] = {}  # read once under the lease, then each shard as this run commits it
     check_output_folder(config, overwrite)  # before the lease touches the folder; again under it
     try:

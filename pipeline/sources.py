@@ -30,14 +30,14 @@ from typing import Any
 import braceexpand
 import fsspec
 
-from seediff.pipeline.plan import Plan, sample_seed
+from seediff.pipeline.plan import SampleRanges, sample_seed
 from seediff.schemas.config import InputError, RunConfig
 from seediff.schemas.manifest import LabelledClass, class_key
 from seediff.schemas.prompts import (
     CLASS_PLACEHOLDER, Phrase, PromptSyntaxError, Template, class_template, parse, substituted,
 )
 from seediff.schemas.records import DATASET_JSON, TAR_SUFFIX, InputSample, InputSpec, ShardSpec
-from seediff.tokens import PhrasePositionError
+from seediff.tokens import PhrasePositionError, context_check
 
 # file suffix -> sample field (one of IMAGE_FIELDS): JPEG files are stored as webdataset's usual jpg
 IMAGE_SUFFIXES = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
@@ -243,6 +243,16 @@ def open_input(
     return ImageInput(name, tuple(resolved), class_names, class_table=table is not None)
 
 
+def annotate_input(source: str, config: RunConfig, classes: Sequence[str] | None) -> ImageInput:
+    """The images of INPUT (``source``, an absolute local path or any fsspec URL) and the run's classes
+    (``classes``, ``config.annotate.classes_field`` or ``caption_field``): ``open_input`` with every caption
+    checked against the text encoder's context. Raises an ``InputError`` naming the file (and the sample and
+    field)."""
+    settings = config.annotate
+    check_caption = context_check(config, exact=False) if settings.caption_field else None
+    return open_input(source, classes, settings.classes_field, settings.caption_field, check_caption)
+
+
 def sample_labels(
     sample: dict[str, Any], classes_field: str | None, caption_field: str | None, table: Sequence[str] | None
 ) -> tuple[list[str], Template | None]:
@@ -391,7 +401,7 @@ def _seek_samples(f: Any, url: str, start: int, stop: int) -> Iterator[dict[str,
 # ---- the annotate plan --------------------------------------------------------------------------------------------
 
 
-class AnnotatePlan:
+class AnnotatePlan(SampleRanges):
     """The annotate plan: the generate plan's shard arithmetic over input units instead of manifest rows (sample
     ids run over the units in order, shards are contiguous id ranges, the same seeds). A sample's classes and prompt
     come from reading the input: ``samples(shard)`` runs on the actor, like the generate plan's."""
@@ -399,25 +409,28 @@ class AnnotatePlan:
     kind = "annotate"  # the actor's choice of how a batch gets its images (workers/actor.py)
 
     def __init__(self, image_input: ImageInput, config: RunConfig):
-        self.ranges = Plan(image_input.units, config.seed, config.samples_per_shard)
-        self.num_samples, self.num_shards = self.ranges.num_samples, self.ranges.num_shards
-        self.shard, self.shard_range = self.ranges.shard, self.ranges.shard_range
+        super().__init__([u.num_samples for u in image_input.units], config.samples_per_shard)
+        self.global_seed = config.seed
         self.input = image_input
         self.template = class_template(config.prompt_template)
-        self.classes_field = config.annotate.classes_field if config.annotate else None
-        self.caption_field = config.annotate.caption_field if config.annotate else None
+        self.classes_field = config.annotate.classes_field
+        self.caption_field = config.annotate.caption_field
+
+    def example_ids(self) -> list[int]:
+        """None: a sample's classes and prompt are known only once its image is read."""
+        return []
 
     def samples(self, shard: ShardSpec) -> tuple[InputSample, ...]:
         """The shard's input samples, read from the units its id range covers, each with its spec."""
         read: list[InputSample] = []
         sample_id = shard.start
         while sample_id < shard.stop:
-            unit_index, index = self.ranges.locate(sample_id)
+            unit_index, index = self.locate(sample_id)
             unit = self.input.units[unit_index]
             stop = min(unit.num_samples, index + shard.stop - sample_id)
             for fields in read_unit(unit, index, stop):
                 template, classes = self.labelling(unit, fields)
-                spec = InputSpec(sample_id, sample_seed(self.ranges.global_seed, sample_id), unit_index, index,
+                spec = InputSpec(sample_id, sample_seed(self.global_seed, sample_id), unit_index, index,
                                  template, classes, unit.url, fields.get("__key__"))
                 read.append(InputSample(spec, fields, fields.pop(MISSING, None)))
                 sample_id, index = sample_id + 1, index + 1

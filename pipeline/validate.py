@@ -7,26 +7,33 @@ involved; the command line exits 2 (``ConfigError``)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
 from seediff.pipeline.flags import flag_name
+from seediff.pipeline.kinds import RunKind, kind_of
 from seediff.schemas.config import ConfigError, RunConfig, RuntimeOptions
-from seediff.schemas.prompts import Template, class_template
+from seediff.schemas.prompts import class_template
+from seediff.tokens import context_check
+
+if TYPE_CHECKING:
+    from seediff.pipeline.sources import ImageInput
 
 # Settings whose flag is not generated from their field (pipeline/cli.py adds it itself).
 OWN_FLAGS = {"annotate.timesteps": "--timestep"}
 
 
-def check_run(config: RunConfig, runtime: RuntimeOptions | None = None, image_input=None) -> None:
+def check_run(config: RunConfig, runtime: RuntimeOptions | None = None, source: Any = None) -> None:
     """Raise ``ConfigError`` listing every cross-field problem of a run: ``config`` as resolved against the model,
-    ``runtime`` when known, and an annotate run's ``image_input`` (``seediff.pipeline.sources.ImageInput``)."""
-    problems = [*_capture_window(config), *_ignore_band(config)]
+    ``runtime`` when known, and the run's input (``source``: the manifest or annotate's ``ImageInput``) when
+    known."""
+    kind = kind_of(config)
+    problems = [*_capture_window(config, kind), *_ignore_band(config)]
     if runtime is not None:
         problems += _actor_bounds(runtime)
-    if image_input is not None and config.annotate is not None:
-        problems += _listing_prompts(config, image_input)
+    if source is not None:
+        problems += kind.input_problems(config, source)
     if problems:
         raise ConfigError("\n".join(problems))
 
@@ -48,19 +55,17 @@ def _nested_model(annotation: object) -> type[BaseModel]:
     raise AssertionError(f"not a settings model: {annotation!r}")
 
 
-def _capture_window(config: RunConfig) -> list[str]:
-    """The capture window names UNet calls the run makes: one per denoising step, or one per annotate timestep."""
+def _capture_window(config: RunConfig, kind: RunKind) -> list[str]:
+    """The capture window names backbone calls the run makes: one per denoising step, or one per annotate
+    timestep."""
     window = config.mask.capture_steps
     if window is None:
         return []
-    if config.annotate is not None:
-        calls, counted = len(config.annotate.timesteps), f"{named('annotate.timesteps')} gives"
-    else:
-        calls, counted = config.steps, f"{named('steps')} {config.steps} makes"
+    calls, (setting, counted) = kind.backbone_calls(config)
     if window[1] <= calls:
         return []
     return [f"{named('mask.capture_steps')} {window[0]} {window[1]}: the window [start, stop) of UNet calls to "
-            f"average must lie within the {calls} calls {counted}"]
+            f"average must lie within the {calls} calls {named(setting)} {counted}"]
 
 
 def _ignore_band(config: RunConfig) -> list[str]:
@@ -81,7 +86,7 @@ def _actor_bounds(runtime: RuntimeOptions) -> list[str]:
             for name, value in caps if runtime.min_actors > value]
 
 
-def _listing_prompts(config: RunConfig, image_input) -> list[str]:
+def listing_problems(config: RunConfig, image_input: ImageInput) -> list[str]:
     """Where every image of a group shares one prompt listing its classes (the ``--classes`` vocabulary for every
     image, or each file's own classes, as ``eval`` gives them), that prompt must place every class phrase within
     the text encoder's context: otherwise every sample of the group would fail alike."""
@@ -104,29 +109,3 @@ def _listing_prompts(config: RunConfig, image_input) -> list[str]:
             return [f"{flags} with {named('prompt_template')}: the prompt listing {len(names)} classes does not fit "
                     f"the text encoder's context: {e}"]
     return []
-
-
-def context_check(config: RunConfig, exact: bool) -> Callable[[Template], None]:
-    """A check that raises ``PhrasePositionError`` for a template whose labelled phrase could fall past the text
-    encoder's context (``seediff.tokens``). ``exact`` (the dry run): every template with the model's tokenizer,
-    loaded now. Otherwise the tokenizer (and transformers, which the driver otherwise never imports) loads only for
-    a template too long to clear by counting characters."""
-    from seediff.tokens import fits_clip_context, latest_phrase_tokens, load_tokenizer
-
-    tokenizers = []
-
-    def tokenizer():
-        if not tokenizers:
-            try:
-                tokenizers.append(load_tokenizer(config.model, config.revision))
-            except OSError as e:
-                raise ConfigError(f"model: cannot load the tokenizer of {config.model!r}: {e}") from e
-        return tokenizers[0]
-
-    def check(template: Template) -> None:
-        if exact or not fits_clip_context(template):
-            latest_phrase_tokens(tokenizer(), template)
-
-    if exact:
-        tokenizer()
-    return check

@@ -27,10 +27,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from seediff.pipeline.kinds import kind_of
 from seediff.pipeline.readers import IMAGE_FIELDS, MASK_FIELD, sample_record
 from seediff.pipeline.review import read_run
 from seediff.schemas.records import (
-    ANNOTATION_FIELD,
     BACKGROUND_LABEL,
     DATASET_JSON,
     IGNORE_LABEL,
@@ -48,8 +48,6 @@ from seediff.schemas.records import (
 )
 from seediff.storage import output_fs
 
-REQUIRED_FIELDS = (MASK_FIELD, "cls", "txt", "json")  # plus one of IMAGE_FIELDS
-ANNOTATED_FIELDS = (MASK_FIELD, ANNOTATION_FIELD)  # annotate: plus the input's own fields, one of them an image
 STATS_BATCH = 256  # stats files fetched at once (concurrent GETs on object stores), so memory stays bounded
 SHOWN_SHARDS = 20  # shards whose findings a summary shows in full
 
@@ -167,7 +165,7 @@ class Verifier:
             num_shards = -(-num_samples // spp) if isinstance(num_samples, int) else 0
         self.num_shards = num_shards
         self.planned_ids = planned_ids
-        self.required = ANNOTATED_FIELDS if self.config.annotate else REQUIRED_FIELDS
+        self.required = kind_of(self.config).required_fields  # and one of IMAGE_FIELDS
         self.damaged: set[int] = set()
 
     def _name(self, shard_id: int) -> str:

@@ -22,14 +22,16 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TextIO
 
-from seediff.pipeline.plan import shard_count
+from seediff.pipeline import sources
+from seediff.pipeline.kinds import kind_of, manifest_of
+from seediff.pipeline.plan import SampleRanges, shard_count
 from seediff.pipeline.resume import RunConfigMismatch, read_run_json
-from seediff.pipeline.sources import ImageInput, open_input
+from seediff.pipeline.sources import ImageInput
 from seediff.pipeline.summary import RunSummary
 from seediff.pipeline.terminal import default_log_path, run_terminal
-from seediff.pipeline.validate import check_run, context_check
+from seediff.pipeline.validate import check_run
 from seediff.schemas.config import AnnotateConfig, ConfigError, InputError, RunConfig, RuntimeOptions
-from seediff.schemas.manifest import Manifest, ManifestError, load_manifest
+from seediff.schemas.manifest import Manifest, ManifestError
 from seediff.schemas.records import RUN_JSON
 from seediff.storage import check_access
 from seediff.workers import families
@@ -76,7 +78,7 @@ def generate(
     with quiet("generate", verbose, log_file, progress) as (stream, finished):
         run_config, manifest_ = _inputs(manifest, out, config, samples_per_class, classes, prompts)
         runtime_ = _runtime(runtime)
-        check_run(run_config, runtime_)
+        check_run(run_config, runtime_, manifest_)
         return finished(run_generation(manifest_, run_config, runtime_, overwrite=overwrite, stream=stream))
 
 
@@ -94,18 +96,15 @@ def dry_run(
     loads no model, starts no Ray, writes nothing. Raises ``RunConfigMismatch`` when ``generate`` would refuse.
     Also renders and tokenizes every distinct prompt template with only the model's tokenizer files: a labelled
     phrase that could fall past the text encoder's context is a ``ManifestError`` at its ``file:line``. With an
-    ``ImageInput`` (``annotate_input``), what ``annotate`` would do."""
+    ``ImageInput`` (``annotate_input``) and an annotate run's config (``annotate_config``), what ``annotate`` would
+    do."""
     from seediff.pipeline.run import format_plan
 
-    if isinstance(manifest, ImageInput):
-        run_config = annotate_config(config, out)
-        check_access(run_config.output_url, write=False)
-        return format_plan(manifest, resolve_model(run_config)[0], overwrite)
-    run_config, manifest_ = _inputs(
+    run_config, source = _inputs(
         manifest, out, config, samples_per_class, classes, prompts, write=False, check_tokens=True
     )
-    check_run(run_config)
-    return format_plan(manifest_, run_config, overwrite)
+    check_run(run_config, None, source)
+    return format_plan(source, run_config, overwrite)
 
 
 def resume(
@@ -125,15 +124,15 @@ def resume(
     with quiet("resume", verbose, log_file, progress) as (stream, finished):
         run_config, recorded = recorded_inputs(out)
         runtime_ = _runtime(runtime)
-        check_run(run_config, runtime_, recorded if isinstance(recorded, ImageInput) else None)
+        check_run(run_config, runtime_, recorded)
         check_access(run_config.output_url, write=True)
         check_adapters(run_config)  # still there, and the very files recorded
         return finished(run_generation(recorded, run_config, runtime_, stream=stream))
 
 
 def recorded_inputs(out: str | os.PathLike[str]) -> tuple[RunConfig, Any]:
-    """The run config and the input recorded in ``out``'s ``run.json``: the manifest, or an annotate run's input
-    (``seediff.pipeline.sources.ImageInput``)."""
+    """The run config and the input recorded in ``out``'s ``run.json`` (its kind's ``recorded_source``): the
+    manifest, or an annotate run's input (``seediff.pipeline.sources.ImageInput``)."""
     url = absolute_url(out)
     check_access(url, write=False)  # credentials, bucket: one line, before anything reads
     record = read_run_json(url)
@@ -141,19 +140,7 @@ def recorded_inputs(out: str | os.PathLike[str]) -> tuple[RunConfig, Any]:
     if record is None:
         raise NotAnOutputError(f"{source}: missing; not a seediff output root")
     config = RunConfig.recorded(record, url, source)
-    if config.annotate is not None:  # the one place a recorded run's kind is decided
-        if not record.get("input_source"):
-            raise ConfigError(f"{source}: input_source: not recorded")
-        # the list given (alone, a caption run's first ids, or the table a classes_field indexes), else found again
-        classes = None if config.annotate.classes_field and not record.get("class_table") else record.get("classes")
-        return config, annotate_input(record["input_source"], config, classes)
-    if not record.get("manifest_source"):
-        raise ConfigError(f"{source}: manifest_source: not recorded")
-    manifest = _load_manifest(
-        record["manifest_source"], config, record.get("samples_per_class"), record.get("classes_source"),
-        record.get("prompts_source"),
-    )
-    return config, manifest
+    return config, kind_of(config).recorded_source(record, config, source)
 
 
 def inspect(out: str | os.PathLike[str]) -> dict[str, Any]:
@@ -188,7 +175,7 @@ def check(out: str | os.PathLike[str], *, repair: bool = False, shown: int | Non
 
     url = _existing_output(out)
     plan = _recorded_plan(url)
-    found = verify_shards(url, plan.shard_range if plan else None, plan.num_shards if plan else None, shown=shown)
+    found = verify_shards(url, plan.shard_range, plan.num_shards, shown=shown)
     if repair and found.damaged:
         from seediff.pipeline.index import write_index
 
@@ -199,18 +186,12 @@ def check(out: str | os.PathLike[str], *, repair: bool = False, shown: int | Non
     return found
 
 
-def _recorded_plan(url: str) -> Any:
-    """A generate run's plan from its recorded manifest, or None when it cannot be read any more (moved, deleted)
-    or the run is an annotate run (its plan would read the whole input again)."""
-    from seediff.pipeline.run import plan_of
-
-    if (read_run_json(url) or {}).get("config", {}).get("annotate") is not None:
-        return None
-    try:
-        config, manifest = recorded_inputs(url)
-    except (InputError, OSError):
-        return None
-    return plan_of(manifest, config)
+def _recorded_plan(url: str) -> SampleRanges:
+    """The shard ranges of the run recorded at ``url``: the arithmetic of its recorded sample count, shard size and
+    layout, which needs neither its manifest nor its input (either may have moved since)."""
+    record = read_run_json(url)
+    config = RunConfig.recorded(record, url)
+    return SampleRanges([record.get("num_samples") or 0], config.samples_per_shard, config.shard_layout)
 
 
 def preview(
@@ -276,11 +257,9 @@ def annotate(
 
     with quiet("annotate", verbose, log_file, progress) as (stream, finished):
         run_config, runtime_ = annotate_config(config, out), _runtime(runtime)
-        image_input = input if isinstance(input, ImageInput) else annotate_input(input, run_config, classes)
+        image_input = annotate_input(input, run_config, classes) if isinstance(input, (str, os.PathLike)) else input
+        run_config, _ = _inputs(image_input, out, run_config, None)
         check_run(run_config, runtime_, image_input)
-        check_access(run_config.output_url, write=True)
-        # the model's family, size and layers, from its config files, once the input is known to be good
-        run_config, _ = resolve_model(run_config)
         return finished(run_generation(image_input, run_config, runtime_, overwrite=overwrite, stream=stream))
 
 
@@ -352,10 +331,7 @@ def annotate_input(input: str | os.PathLike[str], config: RunConfig, classes: Se
     ``caption_field``); reads tars only when their sample counts or classes require it. Raises an ``InputError``
     naming the file (and the sample and field)."""
     source = os.fspath(input)
-    settings = config.annotate
-    check_caption = context_check(config, exact=False) if settings.caption_field else None
-    return open_input(source if "://" in source else absolute_url(source), classes, settings.classes_field,
-                      settings.caption_field, check_caption)
+    return sources.annotate_input(source if "://" in source else absolute_url(source), config, classes)
 
 
 def report(out: str | os.PathLike[str], path: str | os.PathLike[str], *, verbose: bool = False,
@@ -390,7 +366,7 @@ def absolute_url(url: str | os.PathLike[str]) -> str:
 
 
 def _inputs(
-    manifest: str | os.PathLike[str] | Manifest,
+    manifest: str | os.PathLike[str] | Manifest | ImageInput,
     out: str | os.PathLike[str],
     config: RunConfig | Mapping[str, Any] | None,
     samples_per_class: int | None,
@@ -398,44 +374,27 @@ def _inputs(
     prompts: str | os.PathLike[str] | None = None,
     write: bool = True,
     check_tokens: bool = False,
-) -> tuple[RunConfig, Manifest]:
-    """Validated settings and manifest; the output's store checked for credentials, bucket and (``write``) write
-    permission, the manifest's for reading; a plan whose shard numbers overflow ``shard_digits`` refused."""
+) -> tuple[RunConfig, Manifest | ImageInput]:
+    """Validated settings and the run's input (a manifest loaded from its path here, or a loaded one; annotate's
+    opened ``ImageInput``); the output's store checked for credentials, bucket and (``write``) write permission, the
+    manifest's for reading; a plan whose shard numbers overflow ``shard_digits`` refused."""
     run_config = _validated(RunConfig, config, "config").model_copy(update={"output_url": absolute_url(out)})
     check_access(run_config.output_url, write=write)
-    if not isinstance(manifest, Manifest):  # a missing manifest is reported as such, before the model is looked up
+    given_path = isinstance(manifest, (str, os.PathLike))  # else a loaded manifest, or annotate's opened input
+    if given_path:  # a missing manifest is reported as such, before the model is looked up
         check_access(absolute_url(manifest), write=False)
         _check_found(absolute_url(manifest))
     # the model's family, size and layers, from its config files: an unsupported model or size fails here
     run_config, _ = resolve_model(run_config)
-    if not isinstance(manifest, Manifest):
-        manifest = _load_manifest(manifest, run_config, samples_per_class, classes, prompts, check_tokens)
+    if given_path:
+        manifest = manifest_of(absolute_url(manifest), run_config, samples_per_class,
+                               None if classes is None else absolute_url(classes),
+                               None if prompts is None else absolute_url(prompts), check_tokens)
     _check_shard_digits(manifest, run_config)
     return run_config, manifest
 
 
-def _load_manifest(
-    url: str | os.PathLike[str],
-    config: RunConfig,
-    samples_per_class: int | None,
-    classes: str | os.PathLike[str] | None,
-    prompts: str | os.PathLike[str] | None,
-    check_tokens: bool = False,
-) -> Manifest:
-    """The manifest with its files as absolute URLs (recorded for resume), each distinct labelled template checked
-    against the text encoder's context (``validate.context_check``; ``check_tokens``: the dry run's exact check)."""
-    check_prompt = context_check(config, exact=check_tokens)
-    return load_manifest(
-        absolute_url(url),
-        samples_per_class=samples_per_class,
-        prompt_template=config.prompt_template,
-        classes=None if classes is None else absolute_url(classes),
-        prompts=None if prompts is None else absolute_url(prompts),
-        check_prompt=check_prompt,
-    )
-
-
-def _check_shard_digits(manifest: Manifest, config: RunConfig) -> None:
+def _check_shard_digits(manifest: Manifest | ImageInput, config: RunConfig) -> None:
     shards = shard_count(manifest.num_samples, config.samples_per_shard)
     if shards > 10**config.shard_digits:
         raise ConfigError(

@@ -19,7 +19,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from seediff.schemas.config import TINY_MODEL
+from seediff.schemas.config import TINY_MODEL, ConfigError, RunConfig
 from seediff.schemas.prompts import RenderedPrompt, Template
 
 _BOS, _EOS = "<|startoftext|>", "<|endoftext|>"
@@ -133,3 +133,27 @@ def offline_clip_tokenizer() -> Any:
         Path(tmp, "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
         # model_max_length is required: without it padding to max length overflows in transformers 5.x.
         return CLIPTokenizer.from_pretrained(tmp, model_max_length=77)
+
+
+def context_check(config: RunConfig, exact: bool) -> Callable[[Template], None]:
+    """A check that raises ``PhrasePositionError`` for a template whose labelled phrase could fall past the text
+    encoder's context (``latest_phrase_tokens``). ``exact`` (the dry run): every template with the model's tokenizer,
+    loaded now. Otherwise the tokenizer (and transformers, which the driver otherwise never imports) loads only for
+    a template too long to clear by counting characters."""
+    tokenizers = []
+
+    def tokenizer():
+        if not tokenizers:
+            try:
+                tokenizers.append(load_tokenizer(config.model, config.revision))
+            except OSError as e:
+                raise ConfigError(f"model: cannot load the tokenizer of {config.model!r}: {e}") from e
+        return tokenizers[0]
+
+    def check(template: Template) -> None:
+        if exact or not fits_clip_context(template):
+            latest_phrase_tokens(tokenizer(), template)
+
+    if exact:
+        tokenizer()
+    return check

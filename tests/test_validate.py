@@ -30,6 +30,8 @@ runs = {
              "--mask-threshold", "0.25"],
     "window-annotate": ["annotate", str(tmp / "images"), "--out", str(tmp / "o4"), *tiny, "--classes", "dog",
                         "--timestep", "100", "--mask-capture-steps", "0", "2"],
+    "window-annotate-dry-run": ["annotate", str(tmp / "images"), "--out", str(tmp / "o5"), *tiny, "--classes", "dog",
+                                "--timestep", "100", "--mask-capture-steps", "0", "2", "--dry-run"],
 }
 for name, args in runs.items():
     print("RC", name, main(args))
@@ -43,14 +45,14 @@ def test_cross_field_errors_exit_2_before_ray_naming_the_flags(tmp_path):
     done = subprocess.run([sys.executable, "-c", PROBE, str(tmp_path)], cwd=REPO, env=cli_env(), capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    for name in ("window", "listing", "band", "window-annotate"):
+    for name in ("window", "listing", "band", "window-annotate", "window-annotate-dry-run"):
         assert f"RC {name} 2" in done.stdout, done.stdout + done.stderr
     err = done.stderr
     assert "--mask-capture-steps (mask.capture_steps) 5 6: the window [start, stop) of UNet calls to average must " \
            "lie within the 2 calls --steps (steps) 2 makes" in err
     assert "--classes with --prompt-template (prompt_template): the prompt listing 12 classes does not fit" in err
     assert "--mask-ignore-band (mask.ignore_band) 0.3 is not below --mask-threshold (mask.threshold) 0.25" in err
-    assert "within the 1 calls --timestep (annotate.timesteps) gives" in err
+    assert err.count("within the 1 calls --timestep (annotate.timesteps) gives") == 2  # the run and its dry run
     assert "Traceback" not in err
     assert "LOADED []" in done.stdout and "RAY STARTED False" in done.stdout  # no model code, no Ray
     assert "WRITTEN ['images', 'm.csv']" in done.stdout  # nothing written
