@@ -104,7 +104,10 @@ class Generate(RunKind):
         return config.steps, ("steps", f"{config.steps} makes")
 
     def input_problems(self, config: RunConfig, source: Manifest) -> list[str]:
-        return []  # a manifest's templates are checked against the context as it loads (``manifest_of``)
+        # its templates were checked against the text encoder's context as it loaded (``manifest_of``)
+        from seediff.pipeline.validate import negative_prompt_problems
+
+        return negative_prompt_problems(config, source)
 
     def input_summary(self, fields: dict[str, Any]) -> str:
         return (f"manifest {fields['manifest_source']} ({fields['num_classes']} classes, sha256 "

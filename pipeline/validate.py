@@ -19,6 +19,7 @@ from seediff.tokens import context_check
 
 if TYPE_CHECKING:
     from seediff.pipeline.sources import ImageInput
+    from seediff.schemas.manifest import Manifest
 
 # Settings whose flag is not generated from their field (pipeline/cli.py adds it itself).
 OWN_FLAGS = {"annotate.timesteps": "--timestep"}
@@ -84,6 +85,28 @@ def _actor_bounds(runtime: RuntimeOptions) -> list[str]:
             if value is not None]
     return [f"{named('min_actors')} {runtime.min_actors} is above {named(name)} {value}"
             for name, value in caps if runtime.min_actors > value]
+
+
+def negative_prompt_problems(config: RunConfig, manifest: Manifest) -> list[str]:
+    """A negative prompt acts only through classifier-free guidance: a family that runs none (Flux.1, guidance-
+    distilled) or a guidance scale of 1 or less would generate as if it were not there."""
+    from seediff.workers.families import family  # the family table: config files only, no torch
+
+    if config.family is None:
+        return []
+    runs_cfg = family(config.family).cfg
+    if runs_cfg and config.guidance_scale > 1:
+        return []
+    row = next((r for r in manifest.rows if r.negative_prompt), None)
+    if config.negative_prompt:
+        given = named("negative_prompt")
+    elif row is not None:
+        given = f"{manifest.source} line {row.line}: negative_prompt"
+    else:
+        return []
+    why = (f"the {config.family} family runs no classifier-free guidance" if not runs_cfg else
+           f"{named('guidance_scale')} {config.guidance_scale:g} runs no classifier-free guidance (it needs > 1)")
+    return [f"{given}: {why}, so the negative prompt would be ignored"]
 
 
 def listing_problems(config: RunConfig, image_input: ImageInput) -> list[str]:

@@ -10,6 +10,7 @@ import pytest
 
 from seediff.pipeline.validate import check_run
 from seediff.schemas.config import AnnotateConfig, ConfigError, MaskConfig, RunConfig, RuntimeOptions
+from seediff.schemas.manifest import load_manifest
 from tests.e2e_support import REPO, cli_env
 
 PROBE = """
@@ -78,3 +79,19 @@ def test_prompt_template_takes_the_manifest_syntax():
         RunConfig(prompt_template="a photo of a dog")
     with pytest.raises(ValueError, match="column"):
         RunConfig(prompt_template="a [photo of a {class_name}")
+
+
+def test_a_negative_prompt_the_model_would_ignore_is_refused(tmp_path):
+    """Flux.1 runs no classifier-free guidance and a guidance scale of 1 or less switches it off: a negative prompt
+    given then would generate as if absent. The config's names its flag; a manifest row's names its file and line."""
+    path = tmp_path / "m.csv"
+    path.write_text("class_name,num_samples,negative_prompt\ncat,2,\ndog,2,blurry\n")
+    manifest = load_manifest(str(path))
+    with pytest.raises(ConfigError, match=r"m\.csv line 3: negative_prompt: the flux family runs no classifier-free"):
+        check_run(RunConfig(family="flux", guidance_scale=3.5), None, manifest)
+    with pytest.raises(ConfigError, match=r"--negative-prompt \(negative_prompt\): --guidance-scale \(guidance_scale\) "
+                                          r"1 runs no classifier-free guidance \(it needs > 1\)"):
+        check_run(RunConfig(family="sd1", guidance_scale=1, negative_prompt="blurry"), None, manifest)
+    check_run(RunConfig(family="sd1", negative_prompt="blurry"), None, manifest)  # guided: it acts
+    (tmp_path / "plain.csv").write_text("class_name,num_samples\ncat,2\n")
+    check_run(RunConfig(family="flux", guidance_scale=3.5), None, load_manifest(str(tmp_path / "plain.csv")))
