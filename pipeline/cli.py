@@ -173,7 +173,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(found.as_json(), indent=2, ensure_ascii=False))
     else:
-        print("\n".join([*found.notes, found.summary()]))
+        print(found.summary())
         if args.repair and found.damaged:
             print(f"repair: un-committed {len(found.damaged)} shards ({_ids(found.damaged)}) and rewrote the index; "
                   "run the same generate command (or seediff resume) to regenerate them")

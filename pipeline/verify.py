@@ -19,7 +19,7 @@ import json
 import posixpath
 import tarfile
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from seediff.pipeline.kinds import kind_of
+from seediff.pipeline.plan import SampleRanges
 from seediff.pipeline.readers import IMAGE_FIELDS, MASK_FIELD, sample_record
 from seediff.pipeline.review import read_run
 from seediff.schemas.records import (
@@ -78,13 +79,12 @@ class Finding:
 class Verification:
     """What ``verify`` found: ``counts`` per kind, ``findings`` (those of the first ``shown`` shards with problems,
     and every dataset-level one; all of them when ``shown`` is None), ``damaged`` (committed shards whose own files
-    are wrong or whose stats do not parse: what ``--repair`` un-commits), ``notes`` (what could not be checked)."""
+    are wrong or whose stats do not parse: what ``--repair`` un-commits)."""
 
     counts: Counter = field(default_factory=Counter)
     findings: list[Finding] = field(default_factory=list)
     damaged: list[int] = field(default_factory=list)
     shards_with_problems: int = 0
-    notes: list[str] = field(default_factory=list)
     num_shards: int = 0  # planned
 
     @property
@@ -115,25 +115,20 @@ class Verification:
             "shards_with_problems": self.shards_with_problems,
             "damaged": self.damaged,
             "problems": [{"kind": f.kind, "shard": f.shard, "message": f.message} for f in self.findings],
-            "notes": self.notes,
         }
 
 
 def verify_dataset(out_url: str) -> list[str]:
-    """The problems ``verify`` finds without the plan (empty = OK)."""
+    """The problems ``verify`` finds (empty = OK)."""
     return verify(out_url).problems
 
 
-def verify(out_url: str, planned_ids: Callable[[int], Sequence[int]] | None = None, num_shards: int | None = None,
-           shown: int | None = None) -> Verification:
-    """Check the output at ``out_url``. ``planned_ids(shard_id)``: the sample ids the plan puts in a shard (from
-    ``Plan.shard``), ``num_shards`` the plan's shard count; without them the parquet's ids (covered by the stats'
-    checksum) and run.json's sample count stand in. ``shown``: keep the findings of only the first ``shown`` shards
-    with problems (None: all)."""
-    verifier = Verifier(out_url, planned_ids, num_shards)
-    result = Verification(notes=[] if planned_ids else [
-        "note: keys checked against the parquets (whose sha256 the stats hold), not against the plan (an annotate "
-        "run, or its manifest moved)"])
+def verify(out_url: str, shown: int | None = None) -> Verification:
+    """Check the output at ``out_url``: each planned shard (the shard ranges of run.json's sample count, size and
+    layout) against its files, and the index. ``shown``: keep the findings of only the first ``shown`` shards with
+    problems (None: all)."""
+    verifier = Verifier(out_url)
+    result = Verification()
     last_shard = None
     for finding in verifier.findings():
         result.counts[finding.kind] += 1
@@ -150,7 +145,7 @@ def verify(out_url: str, planned_ids: Callable[[int], Sequence[int]] | None = No
 class Verifier:
     """The output's listing and index, read once; ``findings()`` checks each planned shard against them."""
 
-    def __init__(self, out_url: str, planned_ids: Callable[[int], Sequence[int]] | None, num_shards: int | None):
+    def __init__(self, out_url: str):
         record, self.config = read_run(out_url)
         self.fs, self.root = output_fs(out_url)
         self.fs.invalidate_cache(self.root)
@@ -159,12 +154,11 @@ class Verifier:
         self.sizes = self._load_index(SIZES_JSON)
         self.entries = self._dataset_entries(self._load_index(DATASET_JSON))
         self.indexed = {n.removesuffix(TAR_SUFFIX) for n in self.sizes if n.endswith(TAR_SUFFIX)} | set(self.entries)
-        num_samples = record.get("num_samples", 0)
-        spp = self.config.samples_per_shard
-        if num_shards is None:
-            num_shards = -(-num_samples // spp) if isinstance(num_samples, int) else 0
-        self.num_shards = num_shards
-        self.planned_ids = planned_ids
+        num_samples = record.get("num_samples")
+        # the plan's shard arithmetic needs only the count: neither the manifest nor the input (either may have moved)
+        self.plan = SampleRanges([num_samples if isinstance(num_samples, int) else 0], self.config.samples_per_shard,
+                                 self.config.shard_layout)
+        self.num_shards = self.plan.num_shards
         self.required = kind_of(self.config).required_fields  # and one of IMAGE_FIELDS
         self.damaged: set[int] = set()
 
@@ -281,11 +275,10 @@ class Verifier:
             return None, [Finding(PARQUET_UNREADABLE, shard_id, f"{path}: unreadable ({type(e).__name__}: "
                                                                 f"{str(e)[:200]})")]
         problems = []
-        if self.planned_ids is not None:
-            planned = list(self.planned_ids(shard_id))
-            if ids != planned:
-                problems.append(Finding(KEYS, shard_id, f"{path}: sample ids {_span(ids)} are not the shard's planned "
-                                                        f"ids {_span(planned)}"))
+        planned = list(self.plan.shard_range(shard_id))
+        if ids != planned:
+            problems.append(Finding(KEYS, shard_id, f"{path}: sample ids {_span(ids)} are not the shard's planned "
+                                                    f"ids {_span(planned)}"))
         if keys != [sample_key(i) for i in ids]:
             problems.append(Finding(KEYS, shard_id, f"{path}: keys do not match the sample ids"))
         if stats is not None and table.num_rows != stats.count:

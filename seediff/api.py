@@ -24,7 +24,7 @@ from typing import Any, TextIO
 
 from seediff.pipeline import sources
 from seediff.pipeline.kinds import kind_of, manifest_of
-from seediff.pipeline.plan import SampleRanges, shard_count
+from seediff.pipeline.plan import shard_count
 from seediff.pipeline.resume import RunConfigMismatch, read_run_json
 from seediff.pipeline.sources import ImageInput
 from seediff.pipeline.summary import RunSummary
@@ -174,8 +174,7 @@ def check(out: str | os.PathLike[str], *, repair: bool = False, shown: int | Non
     from seediff.pipeline.verify import verify as verify_shards
 
     url = _existing_output(out)
-    plan = _recorded_plan(url)
-    found = verify_shards(url, plan.shard_range, plan.num_shards, shown=shown)
+    found = verify_shards(url, shown=shown)
     if repair and found.damaged:
         from seediff.pipeline.index import write_index
 
@@ -184,14 +183,6 @@ def check(out: str | os.PathLike[str], *, repair: bool = False, shown: int | Non
             uncommit(config, found.damaged)
             write_index(config, found.num_shards)
     return found
-
-
-def _recorded_plan(url: str) -> SampleRanges:
-    """The shard ranges of the run recorded at ``url``: the arithmetic of its recorded sample count, shard size and
-    layout, which needs neither its manifest nor its input (either may have moved since)."""
-    record = read_run_json(url)
-    config = RunConfig.recorded(record, url)
-    return SampleRanges([record.get("num_samples") or 0], config.samples_per_shard, config.shard_layout)
 
 
 def preview(
