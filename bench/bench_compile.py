@@ -8,9 +8,9 @@ images/s and torch.cuda.max_memory_allocated; then at batch 16, compiled again w
 backend, and in mode reduce-overhead (CUDA graphs). Cells run in that order of priority and none starts after
 --budget-s (default 400 s), which lists what was skipped: the whole run stays under 10 minutes.
 
-"plain" is the pipeline with fused SDPA everywhere; "masks" is generate_batch (capture, maps, seeded masks without
+"plain" is the pipeline with fused SDPA everywhere; "masks" is label_batch (capture, maps, seeded masks without
 PAMR). Cells build their pipelines the way an actor does: the masks pipeline with its capture installed for good
-(workers/generate.install_capture), compiled cells through workers/models.compile_model; the first call of each
+(workers/batch.install_capture), compiled cells through workers/models.compile_model; the first call of each
 compiles and is reported separately. Both pipelines stay loaded, so each peak includes both sets of weights: compare
 plain and masks within a cell (the difference is what the capture adds).
 
@@ -35,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_mask_overhead import bench_specs, sd15_pipeline, timed, with_refine  # noqa: E402
 from seediff.schemas.config import RunConfig  # noqa: E402
-from seediff.workers.generate import diffusion_inputs, generate_batch, install_capture  # noqa: E402
+from seediff.workers.batch import install_capture, label_batch  # noqa: E402
+from seediff.workers.generate import GENERATION, diffusion_inputs  # noqa: E402
 from seediff.workers.models import TINY_MODEL, compile_model, load_model  # noqa: E402
 
 GPU_BATCHES = (16, 8, 32)  # priority order: the batch of the H100 reference figures first
@@ -115,10 +116,10 @@ def prepare(config: RunConfig, device: torch.device, memory_format: str | None) 
     if config.compile:
         compile_model(plain_pipe, config.compile_mode)
     started = time.perf_counter()
-    capture, _ = install_capture(masks_pipe, masks_config)  # as an actor does: installed for good
+    capture, _ = install_capture(masks_pipe, masks_config, GENERATION)  # as an actor does: installed for good
     modes = {
         "plain": lambda specs, cfg: plain_pipe(**diffusion_inputs(plain_pipe, specs, cfg), output_type="pt"),
-        "masks": lambda specs, cfg: generate_batch(masks_pipe, specs, with_refine(cfg, "none"), capture),
+        "masks": lambda specs, cfg: label_batch(masks_pipe, specs, with_refine(cfg, "none"), GENERATION, capture),
     }
     warm_up = config.model_copy(update={"steps": 1})
     for run in modes.values():

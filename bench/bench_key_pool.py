@@ -25,7 +25,8 @@ from seediff.schemas.config import MaskConfig, RunConfig
 from seediff.schemas.manifest import class_row
 from seediff.schemas.records import SampleSpec
 from seediff.workers.capture import key_pool
-from seediff.workers.generate import generate_batch
+from seediff.workers.batch import label_batch
+from seediff.workers.generate import GENERATION
 from seediff.workers.models import build_tiny_model
 from seediff.workers.seediff import AttentionMaps, seeded_masks
 
@@ -139,13 +140,13 @@ def captured(steps: int) -> None:
         config = RunConfig(model="tiny-sd21-768", family="sd2", resolution=768, steps=steps, guidance_scale=7.5,
                            batch_size=2, mask=MaskConfig(max_self_entries=cap, pamr_iterations=500))
         started = time.perf_counter()
-        outs[label] = generate_batch(pipe, specs, config)
+        outs[label] = label_batch(pipe, specs, config, GENERATION)
         print(f"  {label}: {time.perf_counter() - started:.1f} s for {len(specs)} images")
     print(f"captured on the real path: miniature SD 2.1-768 at 768x768, {steps} steps, same seeds (f = 3):")
     for a, b in zip(outs["full"], outs["pooled"]):
-        same = (a.image == b.image).all()
+        same = (a.image.rgb == b.image.rgb).all()
         full, reduced = a.labels > 0, b.labels > 0
-        print(f"  {a.spec.classes[0].name}: identical images {bool(same)}, mask IoU full vs pooled "
+        print(f"  {a.image.spec.classes[0].name}: identical images {bool(same)}, mask IoU full vs pooled "
               f"{iou(torch.from_numpy(full), torch.from_numpy(reduced)):.4f}, pixels that differ "
               f"{(full != reduced).mean():.4f}, foreground {full.mean():.3f} / {reduced.mean():.3f}")
 

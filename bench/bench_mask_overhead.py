@@ -3,8 +3,8 @@
 Modes (each timed end to end, latents to decoded images):
   plain      the pipeline with fused SDPA everywhere
   capture    + capture processors on SeeDiff's layers (running sums), maps averaged
-  masks      + seeded masks without PAMR (generate_batch with refine='none')
-  pamr       + PAMR boundary refinement (generate_batch with refine='pamr')
+  masks      + seeded masks without PAMR (label_batch with refine='none')
+  pamr       + PAMR boundary refinement (label_batch with refine='pamr')
 Run: python bench/bench_mask_overhead.py [--sd15] [--batch-size N] [--steps N]
 --steps defaults to the product default, RunConfig().steps (30): capture costs the same fraction of every UNet call,
 but the mask algorithm is a fixed cost per image, so fewer steps than a real run overstate its share.
@@ -32,7 +32,8 @@ from bench.sd15 import SD15_UNET  # noqa: E402
 from seediff.schemas.config import MaskConfig, RunConfig  # noqa: E402
 from seediff.schemas.manifest import class_row  # noqa: E402
 from seediff.schemas.records import SampleSpec  # noqa: E402
-from seediff.workers.generate import generate_batch, generate_with_capture, diffusion_inputs  # noqa: E402
+from seediff.workers.batch import label_batch  # noqa: E402
+from seediff.workers.generate import GENERATION, diffusion_inputs  # noqa: E402
 from seediff.workers.models import TINY_MODEL, build_tiny_model, load_model, resolve_dtype  # noqa: E402
 
 SD_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, sample_size=512)
@@ -60,9 +61,9 @@ def main() -> None:
     specs = bench_specs(config, args.batch_size)
     modes = {
         "plain": lambda: pipe(**diffusion_inputs(pipe, specs, config), output_type="pt"),
-        "capture": lambda: generate_with_capture(pipe, specs, config),
-        "masks": lambda: generate_batch(pipe, specs, with_refine(config, "none")),
-        "pamr": lambda: generate_batch(pipe, specs, with_refine(config, "pamr")),
+        "capture": lambda: GENERATION.run(pipe, specs, config, None),
+        "masks": lambda: label_batch(pipe, specs, with_refine(config, "none"), GENERATION),
+        "pamr": lambda: label_batch(pipe, specs, with_refine(config, "pamr"), GENERATION),
     }
     for run in modes.values():  # warm-up: kernels, allocator, lazy init
         run()

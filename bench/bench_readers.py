@@ -38,7 +38,7 @@ from seediff.pipeline.plan import Plan
 from seediff.pipeline.readers import raw_samples, segmentation_dataset, shard_urls, wids_dataset
 from seediff.schemas.config import RunConfig
 from seediff.schemas.manifest import class_row
-from seediff.workers.encode import encode_sample
+from seediff.workers.encode import GeneratedImage, LabelledSample, encode_sample
 from seediff.workers.shards import ShardWriter
 
 
@@ -56,7 +56,7 @@ def write_dataset(out: str, samples: int, shards: int, width: int, height: int) 
                 labels[:2], labels[-2:] = 255, 255
                 stats = {"foreground_fraction": float((labels == spec.class_id).mean()),
                          "classes": [{"pixel_fraction": float((labels == spec.class_id).mean())}]}
-                writer.add(encode_sample(spec, image, labels, stats, None, config))
+                writer.add(encode_sample(LabelledSample(GeneratedImage(spec, image), labels, mask_stats=stats), config))
             writer.commit({})
     write_index(config, plan.num_shards)
 

@@ -19,7 +19,7 @@ from seediff.pipeline.plan import Plan
 from seediff.schemas.config import RunConfig
 from seediff.schemas.manifest import class_row
 from seediff.schemas.records import SampleOutcome, SampleSpec, ShardSpec
-from seediff.workers.encode import encode_sample
+from seediff.workers.encode import GeneratedImage, LabelledSample, encode_sample
 from seediff.workers.shards import ShardWriter
 
 
@@ -33,6 +33,10 @@ def photo_like(spec: SampleSpec, size: int) -> tuple[np.ndarray, np.ndarray]:
     cy, cx, r = rng.uniform(0.3, 0.7), rng.uniform(0.3, 0.7), rng.uniform(0.15, 0.3)
     mask = (y - cy) ** 2 + (x - cx) ** 2 < r**2
     return np.clip(image, 0, 255).astype(np.uint8), mask.astype(np.uint8)  # label map of class 1
+
+
+def labelled_sample(spec: SampleSpec, image: np.ndarray, labels: np.ndarray, stats: dict) -> LabelledSample:
+    return LabelledSample(GeneratedImage(spec, image), labels, mask_stats=stats)
 
 
 def write_shard(config: RunConfig, shard: ShardSpec, outcomes: Iterable[SampleOutcome]) -> dict:
@@ -61,13 +65,13 @@ def main() -> None:
 
         # Warm-up on a one-sample shard: one-off lazy imports (pyarrow pulls in pandas) are not throughput.
         first = samples[0]
-        write_shard(config, ShardSpec(0, 0, 1), [encode_sample(first, *arrays[0], stats, None, config)])
+        write_shard(config, ShardSpec(0, 0, 1), [encode_sample(labelled_sample(first, *arrays[0], stats), config)])
         t0 = time.perf_counter()
-        outcomes = [encode_sample(s, img, m, stats, None, config) for s, (img, m) in zip(samples, arrays)]
+        outcomes = [encode_sample(labelled_sample(s, img, m, stats), config) for s, (img, m) in zip(samples, arrays)]
         t1 = time.perf_counter()
         written = write_shard(config, shard, outcomes)
         t2 = time.perf_counter()
-        encoded = (encode_sample(s, img, m, stats, None, config) for s, (img, m) in zip(samples, arrays))
+        encoded = (encode_sample(labelled_sample(s, img, m, stats), config) for s, (img, m) in zip(samples, arrays))
         write_shard(config, shard, encoded)  # encodes lazily, sample by sample, as the actor does
         t3 = time.perf_counter()
 

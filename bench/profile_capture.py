@@ -19,7 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_mask_overhead import bench_specs, sd15_pipeline, with_refine  # noqa: E402
 from seediff.schemas.config import RunConfig  # noqa: E402
-from seediff.workers.generate import generate_batch, generate_with_capture, diffusion_inputs  # noqa: E402
+from seediff.workers.batch import label_batch  # noqa: E402
+from seediff.workers.generate import GENERATION, diffusion_inputs  # noqa: E402
 from seediff.workers.models import TINY_MODEL  # noqa: E402
 
 
@@ -34,8 +35,8 @@ def main() -> None:
     specs = bench_specs(config, args.batch_size)
     modes = {
         "plain": lambda: pipe(**diffusion_inputs(pipe, specs, config), output_type="pt"),
-        "capture": lambda: generate_with_capture(pipe, specs, config),
-        "masks": lambda: generate_batch(pipe, specs, with_refine(config, "none")),
+        "capture": lambda: GENERATION.run(pipe, specs, config, None),
+        "masks": lambda: label_batch(pipe, specs, with_refine(config, "none"), GENERATION),
     }
     for name, run in modes.items():
         run()

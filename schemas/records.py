@@ -112,9 +112,8 @@ class InputSpec:
     def record(self, config: RunConfig) -> dict[str, Any]:
         """What only an annotated sample's record holds: where the input came from and the noise levels its
         attention was read at (one UNet call each); its image field comes with its fields (``InputSample.record``)."""
-        annotate = config.annotate
         return {"source_url": self.source_url, "source_key": self.source_key, "index_in_unit": self.index_in_unit,
-                "timesteps": list(annotate.timesteps) if annotate else None}
+                "timesteps": list(config.annotate.timesteps)}
 
 
 @dataclass(frozen=True)
@@ -218,6 +217,7 @@ PROMPT_STAGE = "prompt"  # the sample's prompt and its class tokens (a phrase pa
 IMAGE_STAGE = "image"  # reading or decoding the sample's input image (missing, truncated, undecodable)
 SAFETY_STAGE = "safety"  # blanked by the model's safety checker
 LABELS_STAGE = "labels"  # the sample's label map (values other than 0, its class ids and 255)
+FIELDS_STAGE = "input fields"  # an annotated input's own fields (one already named like a field annotate adds)
 
 
 class SampleFailure(ValueError):

@@ -24,7 +24,8 @@ from seediff.pipeline.layouts import voc_palette
 from seediff.pipeline.readers import segmentation_dataset
 from seediff.pipeline.sources import AnnotatePlan, open_input
 from seediff.schemas.config import AnnotateConfig, MaskConfig, RunConfig
-from seediff.workers.annotate import annotate_batch
+from seediff.workers.annotate import ANNOTATION
+from seediff.workers.batch import label_batch
 from seediff.workers.families import resolve
 from seediff.schemas.records import decode_mask
 from tests.annotate_support import (
@@ -276,7 +277,7 @@ def test_sdxl_annotates_with_its_pooled_text_and_size_conditioning(family_pipes,
                                   annotate=AnnotateConfig(timesteps=(100, 300)), mask=MaskConfig(pamr_iterations=5)))
     write_image_folder(tmp_path / "images")
     plan = AnnotatePlan(open_input(str(tmp_path / "images"), ["dog", "cat"], None), config)
-    annotated = annotate_batch(family_pipes["sdxl"], plan.samples(plan.shard(0)), config)
+    annotated = label_batch(family_pipes["sdxl"], plan.samples(plan.shard(0)), config, ANNOTATION)
     assert [a.error for a in annotated] == [None] * len(IMAGES)
     for result, (width, height, _, _) in zip(annotated, IMAGES):
         assert result.labels.shape == (height, width)

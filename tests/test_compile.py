@@ -15,7 +15,8 @@ import torch
 from torch._dynamo.utils import counters
 
 from seediff.pipeline.cli import main
-from seediff.workers.generate import install_capture, diffusion_inputs, generate_with_capture
+from seediff.workers.batch import install_capture
+from seediff.workers.generate import GENERATION, diffusion_inputs
 from seediff.workers.models import compile_model, load_model
 from tests.e2e_support import SETTINGS, check_dataset, digests, reference_run, run_config, stats_files, write_inputs
 
@@ -46,7 +47,7 @@ def compiled(config, one_thread):
     """(pipeline, capture, compile seconds): the actor's compile path."""
     counters.clear()
     pipe = load_model(config, torch.device("cpu"))
-    capture, seconds = install_capture(pipe, config)
+    capture, seconds = install_capture(pipe, config, GENERATION)
     return pipe, capture, seconds
 
 
@@ -65,7 +66,7 @@ def test_captured_layers_trace_into_one_graph_without_recompiles(compiled, confi
     graphs = counters["stats"]["unique_graphs"]
     assert graphs == 2  # the UNet and the VAE decoder
     for window in (None, (1, 2)):  # other weights per call and per batch: the guards still hold
-        generate_with_capture(pipe, specs, config.model_copy(update={"mask": config.mask.model_copy(
+        GENERATION.run(pipe, specs, config.model_copy(update={"mask": config.mask.model_copy(
             update={"capture_steps": window})}), capture)
     assert counters["stats"]["unique_graphs"] == graphs
     assert capture.result().calls == 1
@@ -73,9 +74,9 @@ def test_captured_layers_trace_into_one_graph_without_recompiles(compiled, confi
 
 def test_compiled_capture_maps_equal_eager_capture(compiled, config, specs, one_thread):
     pipe, capture, _ = compiled
-    _, got, _ = generate_with_capture(pipe, specs, config, capture)
+    got = GENERATION.run(pipe, specs, config, capture).captured
     eager = load_model(config, torch.device("cpu"))
-    _, expected, _ = generate_with_capture(eager, specs, config)
+    expected = GENERATION.run(eager, specs, config, None).captured
     assert got.calls == expected.calls == config.steps
     for a, b in zip(got.cross, expected.cross, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
@@ -86,12 +87,11 @@ def test_compiled_capture_maps_equal_eager_capture(compiled, config, specs, one_
 
 def test_compiled_capture_images_within_one_grey_level_of_compiled_plain(compiled, config, specs, one_thread):
     pipe, capture, _ = compiled
-    out, _, _ = generate_with_capture(pipe, specs, config, capture)
+    got = GENERATION.run(pipe, specs, config, capture).pixels
     plain = load_model(config, torch.device("cpu"))
     compile_model(plain, config.compile_mode)
     reference = plain(**diffusion_inputs(plain, specs, config), output_type="pt")
-    got, expected = ((o.images.float() * 255).round() for o in (out, reference))
-    assert (got - expected).abs().max() <= 1
+    assert (got - (reference.images.float() * 255).round()).abs().max() <= 1
 
 
 # The end-to-end tests share the module's one local Ray (tests/plugins/local_ray.py), started when the first of them

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from seediff.pipeline.plan import Plan
+from seediff.pipeline.sources import AnnotatePlan, open_input
+from seediff.schemas.config import AnnotateConfig
 from seediff.schemas.records import metadata_json
 from tests.test_shards import ROWS, make_config, synthetic
 from seediff.schemas.records import decode_mask
-from seediff.workers.encode import encode_image, encode_mask, encode_sample
+from seediff.workers.encode import GeneratedImage, InputImage, LabelledSample, encode_image, encode_mask, encode_sample
+from tests.annotate_support import IMAGES, write_input_shards
 
 SPEC = Plan(ROWS, 0, 4).sample(4)  # a "dog" sample (class id 7)
 
@@ -55,7 +59,8 @@ def test_jpeg_quality_is_applied() -> None:
 def test_successful_sample_has_bytes_and_flat_metadata() -> None:
     image, mask = synthetic(SPEC)
     stats = {"foreground_fraction": np.float32(0.25), "num_seeds": np.int64(3), "score": float("nan")}
-    outcome = encode_sample(SPEC, image, mask, stats, None, make_config("/unused", image_format="png"))
+    outcome = encode_sample(LabelledSample(GeneratedImage(SPEC, image), mask, mask_stats=stats),
+                            make_config("/unused", image_format="png"))
     assert (outcome.status, outcome.error) == ("success", None)
     assert set(np.unique(decode_mask(outcome.mask))) == {0, 7, 255}
     meta = outcome.metadata
@@ -71,21 +76,49 @@ def test_successful_sample_has_bytes_and_flat_metadata() -> None:
 
 
 def test_failed_sample_keeps_metadata_but_no_bytes() -> None:
-    outcome = encode_sample(SPEC, None, None, {}, "nsfw: blanked", make_config("/unused"))
+    outcome = encode_sample(LabelledSample(GeneratedImage(SPEC), error="nsfw: blanked"), make_config("/unused"))
     assert (outcome.status, outcome.error, outcome.image, outcome.mask) == ("failed", "nsfw: blanked", None, None)
     assert outcome.metadata["width"] is None and outcome.metadata["prompt"] == "a dog on grass"
-    missing = encode_sample(SPEC, None, None, {}, None, make_config("/unused"))
+    missing = encode_sample(LabelledSample(GeneratedImage(SPEC)), make_config("/unused"))
     assert missing.status == "failed" and missing.error.startswith("missing output")
 
 
 def test_bad_arrays_and_stats_are_rejected_naming_the_sample_and_field() -> None:
     image, mask = synthetic(SPEC)
     config = make_config("/unused")
+
+    def encoded(image: np.ndarray, mask: np.ndarray, stats: dict | None = None):
+        return encode_sample(LabelledSample(GeneratedImage(SPEC, image), mask, mask_stats=stats or {}), config)
+
     with pytest.raises(ValueError, match=r"sample 000000000004: image: expected H x W x 3 uint8"):
-        encode_sample(SPEC, image.astype(np.float32), mask, {}, None, config)
+        encoded(image.astype(np.float32), mask)
     with pytest.raises(ValueError, match=r"sample 000000000004: mask: expected \(64, 64\) uint8 labels"):
-        encode_sample(SPEC, image, mask[:32], {}, None, config)
-    with pytest.raises(ValueError, match=r"sample 000000000004: mask: values \[3\] are neither 0, 255 nor"):
-        encode_sample(SPEC, image, np.where(mask == 7, 3, mask).astype(np.uint8), {}, None, config)
+        encoded(image, mask[:32])
     with pytest.raises(ValueError, match=r"sample 000000000004: mask_stats\['hist'\]: expected a number"):
-        encode_sample(SPEC, image, mask, {"hist": [1, 2]}, None, config)
+        encoded(image, mask, {"hist": [1, 2]})
+    stray = encoded(image, np.where(mask == 7, 3, mask).astype(np.uint8), {"foreground_fraction": 0.5})
+    assert (stray.status, stray.image, stray.mask, stray.fields) == ("failed", None, None, {})  # the sample's alone
+    assert stray.error == "labels: sample 000000000004: mask: values [3] are neither 0, 255 nor the sample's class ids"
+    assert stray.metadata["width"] is None and stray.metadata["mask_stat_foreground_fraction"] == 0.5
+
+
+def test_an_annotated_input_keeps_its_fields_and_one_that_has_a_field_annotate_adds_fails_alone(tmp_path) -> None:
+    written = write_input_shards(tmp_path)
+    config = make_config("/unused", annotate=AnnotateConfig(classes_field="labels"))
+    plan = AnnotatePlan(open_input(str(tmp_path / "in-000000.tar"), None, "labels"), config)
+    sample = plan.samples(plan.shard(0))[0]
+    width, height, _, _ = IMAGES[0]
+    labels = np.zeros((height, width), np.uint8)
+    cross = np.full((height, width), 2, np.uint8)
+    outcome = encode_sample(LabelledSample(InputImage(sample, (width, height)), labels, {"cross.png": cross}), config)
+    kept = {k: v for k, v in written[0].items() if not k.startswith("__")}
+    assert outcome.status == "success" and outcome.image == kept["jpg"]
+    assert {k: outcome.fields[k] for k in kept} == kept  # byte for byte, its own json included
+    assert set(outcome.fields) == {*kept, "mask.png", "mask.json", "cross.png"}
+    record = json.loads(outcome.fields["mask.json"])
+    assert (record["width"], record["height"], record["image_format"], record["timesteps"]) == (width, height, "jpg", [100])
+    assert np.array_equal(decode_mask(outcome.fields["cross.png"]), cross)
+    clashing = InputImage(replace(sample, fields={**sample.fields, "mask.png": b"old"}), (width, height))
+    failed = encode_sample(LabelledSample(clashing, labels), config)
+    assert (failed.status, failed.error, failed.fields) == ("failed", "input fields: the input sample already has mask.png", {})
+    assert failed.metadata["image_format"] == "jpg" and failed.metadata["width"] is None

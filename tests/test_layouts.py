@@ -27,7 +27,7 @@ from seediff.pipeline.sources import class_list
 from seediff.pipeline.readers import raw_samples
 from seediff.schemas.config import RunConfig
 from seediff.schemas.manifest import Manifest, class_row
-from seediff.workers.encode import encode_sample
+from seediff.workers.encode import GeneratedImage, LabelledSample, encode_sample
 from seediff.workers.shards import ShardWriter
 
 CLASSES = ((3, "bird", 3), (12, "dog", 2))  # VOC ids: labelmap lines for the ids in between get placeholder names
@@ -71,7 +71,7 @@ def write_output(out: str, classes: tuple[tuple[int, str, int], ...]) -> dict:
                 rng = np.random.default_rng(spec.sample_id)
                 image = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
                 labels = label_map(spec.sample_id, spec.class_id, size)
-                writer.add(encode_sample(spec, image, labels, {}, None, config))
+                writer.add(encode_sample(LabelledSample(GeneratedImage(spec, image), labels), config))
                 expected[spec.key] = (image, labels)
             writer.commit({})
     write_index(config, plan.num_shards)

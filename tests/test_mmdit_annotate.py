@@ -10,7 +10,8 @@ import torch
 
 from seediff.pipeline.sources import AnnotatePlan, open_input
 from seediff.schemas.config import AnnotateConfig, MaskConfig, RunConfig
-from seediff.workers.annotate import annotate_batch
+from seediff.workers.annotate import ANNOTATION
+from seediff.workers.batch import label_batch
 from seediff.workers.families import resolve
 from seediff.workers.models import noise_latents
 from tests.annotate_support import IMAGES, write_image_folder
@@ -33,7 +34,7 @@ def test_mmdit_annotates_every_image_at_its_size(mmdit_pipes, saved_mmdits, tmp_
                                   annotate=AnnotateConfig(timesteps=(100, 300)), mask=MaskConfig(pamr_iterations=5)))
     write_image_folder(tmp_path / "images")
     plan = AnnotatePlan(open_input(str(tmp_path / "images"), ["dog", "cat"], None), config)
-    annotated = annotate_batch(mmdit_pipes[family], plan.samples(plan.shard(0)), config)
+    annotated = label_batch(mmdit_pipes[family], plan.samples(plan.shard(0)), config, ANNOTATION)
     assert [a.error for a in annotated] == [None] * len(IMAGES)
     for result, (width, height, _, _) in zip(annotated, IMAGES):
         assert result.labels.shape == (height, width)

@@ -14,7 +14,8 @@ from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 from seediff.schemas.config import MaskConfig, RunConfig
 from seediff.workers import models
 from seediff.workers.families import resolve
-from seediff.workers.generate import diffusion_inputs, generate_with_capture, new_capture
+from seediff.workers.batch import new_capture
+from seediff.workers.generate import GENERATION, diffusion_inputs
 from seediff.workers.joint_capture import JointAttentionSum, locate_joint_blocks
 
 SIZE = dict(width=192, height=128)  # latent 24 x 16, image tokens 12 x 8, cascade sides 3x2, 6x4, 12x8
@@ -81,13 +82,14 @@ def test_captured_maps_match_a_float64_store_all_reference_and_images_are_plain(
     pipe = mmdit_pipes[family]
     config = _config(saved_mmdits[family], guidance_scale=guidance)
     specs = make_specs([("dog", "a photo of a {dog} on grass"), ("cat", "a {cat} under a table")], [11, 12])
-    out, captured, positions = generate_with_capture(pipe, specs, config)
+    batch = GENERATION.run(pipe, specs, config, None)
+    captured, positions = batch.captured, batch.positions
     transformer = pipe.transformer
     assert transformer.attn_processors.keys() and not any(
         isinstance(p, JointAttentionSum) for p in transformer.attn_processors.values())  # restored
 
     plain = pipe(**diffusion_inputs(pipe, specs, config), output_type="pt").images
-    assert (out.images - plain).abs().max() * 255 <= 1.0
+    assert (batch.pixels - (plain * 255).round()).abs().max() <= 1.0
 
     blocks = locate_joint_blocks(transformer)
     reference = {b.key: StoreAll(b.kind) for b in blocks}  # every block
@@ -154,9 +156,9 @@ def test_capture_counts_backbone_calls_for_few_step_schedulers(mmdit_pipes, save
     pipe = models.load_model(config, torch.device("cpu"))
     calls = _count_calls(models.backbone(pipe))
     specs = make_specs([("dog", "a photo of a {dog}")], [3])
-    with new_capture(pipe, config, 1) as capture:
+    with new_capture(pipe, config, 1, GENERATION.guided(pipe, config)) as capture:
         assert capture.guided == (guidance > 1 and family != "flux")
-        _, captured, _ = generate_with_capture(pipe, specs, config, capture)
+        captured = GENERATION.run(pipe, specs, config, capture).captured
     assert captured.calls == calls[0] == steps
 
 
@@ -168,8 +170,7 @@ def test_key_pooled_self_sum_gives_the_same_cascade_sides(mmdit_pipes, saved_mmd
     plain = _config(saved_mmdits["flux"])
     pooled = _config(saved_mmdits["flux"], mask=MaskConfig(pamr_iterations=5, max_self_entries=96 * 96 // 16))
     assert plain.layers.cascade == (2, 1)
-    _, a, _ = generate_with_capture(pipe, specs, plain)
-    _, b, _ = generate_with_capture(pipe, specs, pooled)
+    a, b = (GENERATION.run(pipe, specs, c, None).captured for c in (plain, pooled))
     side = (SIZE["height"] // 32, SIZE["width"] // 32)
     assert a.self_attn[-1].shape[-2:] == (24, 24) and b.self_attn[-1].shape[-2:] == (24, 6)
     torch.testing.assert_close(b.self_attn[-1], _pool(a.self_attn[-1], side, 2, rows=False))
@@ -181,7 +182,7 @@ def test_capture_processor_compiles_into_one_graph(mmdit_pipes, saved_mmdits):
     sums as eager (compiling a whole transformer takes minutes on the CPU; each block kind runs the same code)."""
     pipe = mmdit_pipes["flux"]
     config = _config(saved_mmdits["flux"], resolution=64, width=None, height=None)
-    capture = new_capture(pipe, config, 1)
+    capture = new_capture(pipe, config, 1, GENERATION.guided(pipe, config))
     block = pipe.transformer.transformer_blocks[config.layers.self_block]
     processor = capture.processors()[f"transformer_blocks.{config.layers.self_block}.attn.processor"]
     grid = processor.grid

@@ -6,7 +6,8 @@ from seediff.schemas.config import ConfigError, RunConfig
 from seediff.workers.adapters import check_variant
 from seediff.schemas.manifest import class_row
 from seediff.schemas.records import SampleSpec
-from seediff.workers.generate import diffusion_inputs, generate_batch
+from seediff.workers.batch import label_batch
+from seediff.workers.generate import GENERATION, diffusion_inputs
 from seediff.workers.models import (
     SCHEDULERS,
     TINY_MODEL,
@@ -144,6 +145,6 @@ def test_run_wide_negative_prompt_reaches_the_pipeline_and_a_rows_own_wins(tiny_
 
     with pytest.MonkeyPatch.context() as patch, pytest.raises(Called):
         patch.setattr(type(tiny_pipe), "__call__", recording)
-        generate_batch(tiny_pipe, [*specs, own], config)
+        label_batch(tiny_pipe, [*specs, own], config, GENERATION)
     assert calls[0]["negative_prompt"] == ["blurry, low quality", "blurry, low quality", "grainy"]
     assert diffusion_inputs(tiny_pipe, specs, tiny_run_config)["negative_prompt"] == ["", ""]  # unset: none

@@ -31,7 +31,7 @@ from seediff.pipeline.verify import verify_dataset
 from seediff.schemas.config import AnnotateConfig, RunConfig
 from seediff.schemas.records import IMAGE_FIELDS
 from seediff.schemas.manifest import Manifest, class_row
-from seediff.workers.encode import encode_annotated, encode_sample
+from seediff.workers.encode import GeneratedImage, InputImage, LabelledSample, encode_sample
 from tests.annotate_support import write_image_folder, write_input_shards
 from seediff.workers.shards import ShardWriter
 
@@ -74,13 +74,14 @@ def build_synthetic_dataset(out: str, image_format: str = "jpg") -> dict:
         with ShardWriter(config, shard) as writer:
             for spec in plan.samples(shard):
                 if spec.sample_id == FAILED_SAMPLE:
-                    outcome = encode_sample(spec, None, None, {}, "nsfw: blanked by the safety checker", config)
+                    failed = LabelledSample(GeneratedImage(spec), error="nsfw: blanked by the safety checker")
+                    outcome = encode_sample(failed, config)
                 else:
                     image, mask = synthetic_arrays(spec.sample_id, spec.class_id)
                     labels = mask * np.uint8(spec.class_id)
                     stats = {"foreground_fraction": float(mask.mean()), "confidence": 0.1 * (spec.sample_id % 4),
                              "classes": [{"pixel_fraction": float(mask.mean())}]}
-                    outcome = encode_sample(spec, image, labels, stats, None, config)
+                    outcome = encode_sample(LabelledSample(GeneratedImage(spec, image), labels, mask_stats=stats), config)
                     masks[spec.key], images[spec.key] = labels, image
                 writer.add(outcome)
             writer.commit({})
@@ -90,7 +91,7 @@ def build_synthetic_dataset(out: str, image_format: str = "jpg") -> dict:
 
 
 def build_annotated_dataset(out: str, source: str, classes_field: str | None) -> None:
-    """An annotate output root written by the real data plane (AnnotatePlan reads the input, encode_annotated,
+    """An annotate output root written by the real data plane (AnnotatePlan reads the input, encode_sample,
     ShardWriter, write_index) over annotate_support's images, with synthetic label maps: a band per class whose
     height grows with the sample id, so a class-fraction filter keeps some samples and drops others."""
     config = RunConfig(model="synthetic", resolution=64, samples_per_shard=2, output_url=out,
@@ -112,7 +113,8 @@ def build_annotated_dataset(out: str, source: str, classes_field: str | None) ->
                 stats = {"classes": classes, "foreground_fraction": float((labels > 0).mean()),
                          "ignore_fraction": 0.0, "empty": not (labels > 0).any(), "degenerate": False,
                          "confidence": 0.5}
-                writer.add(encode_annotated(sample, labels, None, stats, None, config))
+                labelled = LabelledSample(InputImage(sample, (width, height)), labels, mask_stats=stats)
+                writer.add(encode_sample(labelled, config))
             writer.commit({})
     write_index(config, plan.num_shards)
 

@@ -25,7 +25,7 @@ from seediff.schemas.manifest import class_row
 from seediff.schemas.records import SampleSpec, ShardSpec, shard_name
 from seediff.schemas.records import decode_mask
 from seediff import storage
-from seediff.workers.encode import encode_sample
+from seediff.workers.encode import GeneratedImage, LabelledSample, encode_sample
 from seediff.workers.shards import ShardWriter
 
 SIZE = 64
@@ -54,8 +54,8 @@ def outcomes(shard: ShardSpec, config: RunConfig):
     for spec in Plan(ROWS, config.seed, config.samples_per_shard).samples(shard):
         image, labels = synthetic(spec)
         error = FAILING.get(spec.sample_id)
-        yield encode_sample(spec, image, labels, {"foreground_fraction": float((labels == spec.class_id).mean())},
-                            error, config)
+        stats = {"foreground_fraction": float((labels == spec.class_id).mean())}
+        yield encode_sample(LabelledSample(GeneratedImage(spec, image), labels, mask_stats=stats, error=error), config)
 
 
 def write_shard(config: RunConfig, shard_id: int, runtime_info: dict | None = None) -> dict:

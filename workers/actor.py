@@ -10,17 +10,18 @@ import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import replace
 from typing import Any
 
 import ray
 import torch
 
 from seediff.schemas.config import RunConfig, RuntimeOptions
-from seediff.schemas.records import InputSample, SampleFailure, SampleOutcome, SampleSpec, ShardSpec
+from seediff.schemas.records import InputSample, SampleOutcome, SampleSpec, ShardSpec
 from seediff.storage import DEVICE, failure_kind, sweep_staging
 from seediff.workers.annotate import ANNOTATION
-from seediff.workers.generate import GENERATION, install_capture
+from seediff.workers.batch import install_capture, label_batch
+from seediff.workers.encode import LabelledSample, encode_sample
+from seediff.workers.generate import GENERATION
 from seediff.workers.models import load_model, resolve_device
 from seediff.workers.shards import ShardWriter
 
@@ -57,7 +58,7 @@ class ShardActor:
         self.pipe = load_model(config, self.device)
         self.load_s = time.perf_counter() - started
         self.images = IMAGES[plan.kind]  # chosen once: how a batch gets its images and captured attention
-        self.capture, self.compile_s = install_capture(self.pipe, config, self.images.warm_up)
+        self.capture, self.compile_s = install_capture(self.pipe, config, self.images)
         # Encoding (PIL/zlib release the GIL) of batch k runs here while batch k+1 is generated.
         self.encoder = ThreadPoolExecutor(max_workers=runtime.encode_threads, thread_name_prefix="encode")
         self.identity = _identity(self.device, torch.get_num_threads())
@@ -88,7 +89,7 @@ class ShardActor:
                 t1 = time.perf_counter()
                 self._drain(writer, encoding, shard.shard_id)  # the previous batch, encoded meanwhile
                 generate_s, drain_s = generate_s + t1 - t0, drain_s + time.perf_counter() - t1
-                encoding = [self.encoder.submit(self._encode, sample) for sample in generated]
+                encoding = [self.encoder.submit(encode_sample, sample, self.config) for sample in generated]
             self._drain(writer, encoding, shard.shard_id)
             runtime_info = {
                 **self.identity,
@@ -102,22 +103,16 @@ class ShardActor:
             }
             return writer.commit(runtime_info)
 
-    def _generate(self, batch: tuple[SampleSpec, ...] | tuple[InputSample, ...]) -> list[Any]:
-        """One batch through ``self.images``: the samples that failed in a per-sample stage come back as failed
-        samples; anything raised is the shard's."""
-        return self.images.batch(self.pipe, batch, self.config, self.capture)
+    def _generate(self, batch: tuple[SampleSpec, ...] | tuple[InputSample, ...]) -> list[LabelledSample]:
+        """One batch through ``self.images`` and the label step: the samples that failed in a per-sample stage come
+        back as failed samples; anything raised is the shard's."""
+        return label_batch(self.pipe, batch, self.config, self.images, self.capture)
 
     def _drain(self, writer: ShardWriter, encoding: list[Future[SampleOutcome]], shard_id: int) -> None:
         for future in encoding:
             writer.add(future.result())
         if encoding and self.progress is not None:
             self.progress.report.remote(shard_id, writer.added)
-
-    def _encode(self, sample: Any) -> SampleOutcome:
-        try:
-            return sample.encode(self.config)
-        except SampleFailure as error:  # its label map: the sample's own failure
-            return replace(sample, error=str(error)).encode(self.config)
 
 
 IMAGES = {"generate": GENERATION, "annotate": ANNOTATION}  # plan kind -> how its batches get their images

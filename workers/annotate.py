@@ -1,17 +1,16 @@
-"""One annotate batch: real images -> SeeDiff label maps, with the attention captured exactly as in generation.
+"""Annotation's images and captured attention (``ANNOTATION``, a ``workers/batch.BatchImages``): real images read
+by the model, with the attention captured exactly as in generation.
 
 Per image: decode, resize to the run's size (a size every SeeDiff side is exact for), VAE-encode (the latent
 distribution's mean), add noise at each configured timestep with the sample's own generator, run the UNet once per
-timestep with the prompt naming the image's classes under the same capture as generation, then ``label_maps`` on
-the resized image and a nearest-neighbour resize of the labels back to the image's own size. No classifier-free
-guidance: every captured row is conditional."""
+timestep with the prompt naming the image's classes under the same capture as generation; the label step
+(``workers/batch.label_batch``) labels the resized image and resizes the labels back to the image's own size. No
+classifier-free guidance: every captured row is conditional."""
 
 from __future__ import annotations
 
 import io
 from collections.abc import Sequence
-from contextlib import ExitStack
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -20,32 +19,14 @@ from diffusers import DiffusionPipeline
 from PIL import Image, UnidentifiedImageError
 
 from seediff.schemas.config import RunConfig
-from seediff.schemas.records import (
-    IMAGE_FIELDS, IMAGE_STAGE, InputSample, InputSpec, SampleFailure, SampleOutcome, image_field,
-)
-from seediff.workers.encode import encode_annotated
+from seediff.schemas.records import CROSS_FIELD, IMAGE_FIELDS, IMAGE_STAGE, InputSample, SampleFailure, image_field
 from seediff.workers import seediff
+from seediff.workers.batch import (
+    CapturedBatch, attention_maps, batch_capture, latent_grid, per_sample, sample_token_positions,
+)
 from seediff.workers.capture import SeeDiffCapture
-from seediff.workers.generate import BatchImages, labelled, latent_grid, new_capture, sample_token_positions
+from seediff.workers.encode import InputImage
 from seediff.workers.models import backbone_call, noise_latents, text_conditioning
-
-
-@dataclass
-class AnnotatedSample:
-    sample: InputSample
-    labels: np.ndarray | None  # H x W uint8 at the image's own size: 0 background, class ids, 255 ignore
-    cross_labels: np.ndarray | None  # the same from plain thresholded cross-attention, when configured
-    mask_stats: dict = field(default_factory=dict)
-    error: str | None = None
-
-    @property
-    def spec(self) -> InputSpec:
-        return self.sample.spec
-
-    def encode(self, config: RunConfig) -> SampleOutcome:
-        return encode_annotated(self.sample, self.labels, self.cross_labels, self.mask_stats, self.error, config)
-
-
 
 
 def decode_rgb(fields: dict[str, Any]) -> np.ndarray:
@@ -67,94 +48,77 @@ def decode_rgb(fields: dict[str, Any]) -> np.ndarray:
         raise SampleFailure(IMAGE_STAGE, f"{where}: {name}: {e}") from e
 
 
-def annotate_batch(
-    pipe: DiffusionPipeline, samples: Sequence[InputSample], config: RunConfig, capture: SeeDiffCapture | None = None
-) -> list[AnnotatedSample]:
-    """Label maps for a batch; a sample whose input cannot be read or decoded, or whose prompt cannot place its
-    classes, becomes a failed sample, its neighbours go on. ``capture``: one kept installed on ``pipe.unet`` (an
-    actor's, ``install_capture``); None installs one for this batch only."""
-    decoded: list[np.ndarray | None] = []
-    errors: list[str | None] = []
-    for sample in samples:
-        try:
-            if sample.error is not None:
-                raise SampleFailure(IMAGE_STAGE, sample.error)
-            sample_token_positions(pipe, sample.spec)
-            decoded.append(decode_rgb(sample.fields))
-            errors.append(None)
-        except SampleFailure as e:
-            decoded.append(None)
-            errors.append(str(e))
-    ok = [i for i, rgb in enumerate(decoded) if rgb is not None]
-    results = [AnnotatedSample(s, None, None, {}, errors[i]) for i, s in enumerate(samples)]
-    if ok:
-        labelled = _label([samples[i] for i in ok], [decoded[i] for i in ok], pipe, config, capture)
-        for i, result in zip(ok, labelled):
-            results[i] = result
-    return results
+class Annotation:
+    """The input's own images, VAE-encoded and noised to each timestep, one backbone call per timestep."""
 
+    def guided(self, pipe: DiffusionPipeline, config: RunConfig) -> bool:
+        return False  # every captured row is conditional: annotate runs no classifier-free guidance
 
-def _label(
-    samples: list[InputSample],
-    images: list[np.ndarray],
-    pipe: DiffusionPipeline,
-    config: RunConfig,
-    capture: SeeDiffCapture | None,
-) -> list[AnnotatedSample]:
-    width, height = config.size
-    pixels = torch.stack([
-        torch.from_numpy(np.array(Image.fromarray(rgb).resize((width, height), Image.Resampling.BICUBIC)))
-        for rgb in images
-    ]).permute(0, 3, 1, 2).float()  # [B, 3, H, W] in 0..255: what the VAE encodes and PAMR refines on
-    specs = [s.spec for s in samples]
-    positions = [sample_token_positions(pipe, spec) for spec in specs]
-    with torch.no_grad(), ExitStack() as installed:
-        if capture is None:
-            capture = installed.enter_context(new_capture(pipe, config, len(specs)))
-        latents = encode_latents(pipe, pixels)
-        noise = torch.cat([
-            torch.randn(1, *latents.shape[1:], generator=torch.Generator("cpu").manual_seed(spec.seed)) for spec in specs
-        ]).to(latents.device, latents.dtype)
-        conditioning = text_conditioning(pipe, [spec.prompt.text for spec in specs], (height, width),
-                                         config.guidance_scale)
-        capture.begin([sum(p, []) for p in positions], config.mask.capture_steps)
-        for t in config.annotate.timesteps:
-            step = torch.full((len(specs),), t, dtype=torch.long, device=latents.device)
-            backbone_call(pipe, noise_latents(pipe, latents, noise, step), step, conditioning)
+    def run(
+        self, pipe: DiffusionPipeline, samples: Sequence[InputSample], config: RunConfig, capture: SeeDiffCapture | None
+    ) -> CapturedBatch:
+        """A sample whose input cannot be read or decoded, or whose prompt cannot place its classes, fails alone;
+        its neighbours go on. With ``annotate.cross_attention_labels``, each sample run also gets ``cross.png``."""
+        ready, failures = per_sample(lambda sample: _readable(pipe, sample), samples)  # (positions, decoded image)
+        images = [InputImage(sample) for sample in samples]
+        ran = list(ready)
+        if not ran:
+            return CapturedBatch(images, failures, ran)
+        for i in ran:
+            rgb = ready[i][1]
+            images[i] = InputImage(samples[i], (rgb.shape[1], rgb.shape[0]))
+        positions = [ready[i][0] for i in ran]
+        specs = [samples[i].spec for i in ran]
+        width, height = config.size
+        pixels = torch.stack([
+            torch.from_numpy(np.array(Image.fromarray(ready[i][1]).resize((width, height), Image.Resampling.BICUBIC)))
+            for i in ran
+        ]).permute(0, 3, 1, 2).float()  # [B, 3, H, W] in 0..255: what the VAE encodes and PAMR refines on
+        with torch.no_grad(), batch_capture(pipe, config, self, capture, len(ran)) as capture:
+            latents = encode_latents(pipe, pixels)
+            noise = torch.cat([
+                torch.randn(1, *latents.shape[1:], generator=torch.Generator("cpu").manual_seed(spec.seed))
+                for spec in specs
+            ]).to(latents.device, latents.dtype)
+            conditioning = text_conditioning(pipe, [spec.prompt.text for spec in specs], (height, width),
+                                             config.guidance_scale)
+            capture.begin([sum(p, []) for p in positions], config.mask.capture_steps)
+            for t in config.annotate.timesteps:
+                step = torch.full((len(specs),), t, dtype=torch.long, device=latents.device)
+                backbone_call(pipe, noise_latents(pipe, latents, noise, step), step, conditioning)
+                capture.advance()
+            captured = capture.result()
+        extra: list[dict[str, np.ndarray]] = [{} for _ in ran]
+        if config.annotate.cross_attention_labels:
+            class_ids = [[c.class_id for c in spec.classes] for spec in specs]
+            cross = _cross_labels(attention_maps(captured, positions), class_ids, (height, width), config)
+            extra = [{CROSS_FIELD: labels} for labels in cross]
+        return CapturedBatch(images, failures, ran, pixels.to(latents.device), captured, positions, extra)
+
+    def warm_up(self, pipe: DiffusionPipeline, config: RunConfig, capture: SeeDiffCapture) -> None:
+        """One backbone call shaped like an annotate batch of ``config.batch_size`` (blank prompts, zero latents in
+        the VAE's dtype, the first timestep) through ``capture``."""
+        width, height = config.size
+        batch = config.batch_size
+        with torch.no_grad():
+            conditioning = text_conditioning(pipe, [""] * batch, (height, width), config.guidance_scale)
+            latents = torch.zeros(batch, pipe.vae.config.latent_channels, *latent_grid(pipe, config),
+                                  dtype=pipe.vae.dtype, device=pipe.vae.device)
+            step = torch.full((batch,), config.annotate.timesteps[0], dtype=torch.long, device=latents.device)
+            capture.begin([[1]] * batch)
+            backbone_call(pipe, latents, step, conditioning)
             capture.advance()
-        captured = capture.result()
-    maps, result = labelled(captured, positions, specs, config, pixels.to(latents.device))
-    class_ids = [[c.class_id for c in spec.classes] for spec in specs]
-    labels = result.labels.cpu().numpy()
-    cross = _cross_labels(maps, class_ids, (height, width), config) if config.annotate.cross_attention_labels else None
-    annotated = []
-    for i, (sample, rgb) in enumerate(zip(samples, images)):
-        original = (rgb.shape[1], rgb.shape[0])
-        annotated.append(AnnotatedSample(
-            sample, _resize_labels(labels[i], original), None if cross is None else _resize_labels(cross[i], original),
-            result.stats[i],
-        ))
-    return annotated
 
 
-def warm_up_annotation(pipe: DiffusionPipeline, config: RunConfig, capture: SeeDiffCapture) -> None:
-    """One UNet call shaped like an annotate batch of ``config.batch_size`` (blank prompts, zero latents in the VAE's
-    dtype, the first timestep) through ``capture``: what a compiled UNet compiles for (``install_capture``)."""
-    width, height = config.size
-    batch = config.batch_size
-    with torch.no_grad():
-        conditioning = text_conditioning(pipe, [""] * batch, (height, width), config.guidance_scale)
-        latents = torch.zeros(batch, pipe.vae.config.latent_channels, *latent_grid(pipe, config),
-                              dtype=pipe.vae.dtype, device=pipe.vae.device)
-        step = torch.full((batch,), config.annotate.timesteps[0], dtype=torch.long, device=latents.device)
-        capture.begin([[1]] * batch)
-        backbone_call(pipe, latents, step, conditioning)
-        capture.advance()
+ANNOTATION = Annotation()
 
 
-# The input's own images, VAE-encoded and noised to each timestep, one backbone call per timestep, every row
-# conditional.
-ANNOTATION = BatchImages(annotate_batch, warm_up_annotation)
+def _readable(pipe: DiffusionPipeline, sample: InputSample) -> tuple[list[list[int]], np.ndarray]:
+    """The sample's class token positions and its decoded image: an input that could not be read, a prompt that
+    cannot place its classes, an image that does not decode are its own failures, in this order."""
+    if sample.error is not None:
+        raise SampleFailure(IMAGE_STAGE, sample.error)
+    return sample_token_positions(pipe, sample.spec), decode_rgb(sample.fields)
 
 
 def encode_latents(pipe: DiffusionPipeline, pixels: torch.Tensor) -> torch.Tensor:
@@ -188,10 +152,3 @@ def _cross_labels(maps: seediff.AttentionMaps, class_ids: list[list[int]], size:
         chosen = torch.tensor(ids, device=winner.device)[winner]
         labels.append(torch.where(best > config.annotate.cross_attention_threshold, chosen, 0).to(torch.uint8))
     return torch.stack(labels).cpu().numpy()
-
-
-def _resize_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """A label map at (width, height) by nearest neighbour: every value stays a label."""
-    if (labels.shape[1], labels.shape[0]) == size:
-        return labels
-    return np.array(Image.fromarray(labels).resize(size, Image.Resampling.NEAREST))

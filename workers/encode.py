@@ -1,11 +1,13 @@
-"""Encode one sample into the fields the shard stores: a generated sample's image (jpg/png/webp), or an annotated
-sample's own fields, and ``mask.png``, an 8-bit single-channel label map (0 background, the sample's class ids on
-their objects, 255 ignore). Same arrays + same config -> same bytes."""
+"""Encode one labelled sample into the fields the shard stores: what its kind stores of its own (``SampleImage``: a
+generated image with ``cls`` and ``txt``, or an annotated input's own fields), ``mask.png``, an 8-bit single-channel
+label map (0 background, the sample's class ids on their objects, 255 ignore), any further label map its kind makes,
+and the record. Same arrays + same config -> same bytes."""
 
 from __future__ import annotations
 
 import io
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 from PIL import Image
@@ -15,11 +17,13 @@ from seediff.schemas.records import (
     ANNOTATION_FIELD,
     CROSS_FIELD,
     FAILED,
+    FIELDS_STAGE,
     IGNORE_LABEL,
     LABELS_STAGE,
     MASK_FIELD,
     SUCCESS,
     InputSample,
+    InputSpec,
     SampleFailure,
     SampleOutcome,
     SampleSpec,
@@ -30,6 +34,93 @@ from seediff.schemas.records import (
 
 # Pillow format names and save options per config.image_format; nothing here depends on time or the machine.
 _IMAGE_FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
+MISSING_OUTPUT = "missing output: the batch returned no image or no mask"
+
+
+class SampleImage(Protocol):
+    """A sample's image as its kind stores it, with what else only its kind stores: ``spec``; ``size`` (width,
+    height) its label maps are stored at, None when it has none (it failed before); ``record_field`` (the field its
+    record goes in) and ``record`` (the record's entries only the kind knows); ``fields(config)``: the fields stored
+    besides the label maps and the record (a ``SampleFailure`` there fails the sample alone). Two kinds:
+    ``GeneratedImage`` and ``InputImage``."""
+
+    spec: SampleSpec | InputSpec
+    record_field: str
+
+    @property
+    def size(self) -> tuple[int, int] | None: ...
+
+    @property
+    def record(self) -> dict[str, Any]: ...
+
+    def fields(self, config: RunConfig) -> dict[str, bytes]: ...
+
+
+@dataclass
+class LabelledSample:
+    """One sample of a batch through the label step (``workers/batch.label_batch``): its image, its label maps at
+    ``image.size`` and their stats, or why it failed (then no label maps, no stats)."""
+
+    image: SampleImage
+    labels: np.ndarray | None = None  # H x W uint8 (mask.png): 0 background, the sample's class ids, 255 ignore
+    extra_labels: dict[str, np.ndarray] = field(default_factory=dict)  # field -> further label map its kind makes
+    mask_stats: dict[str, Any] = field(default_factory=dict)  # label_maps' stats: flat numbers plus "classes"
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class GeneratedImage:
+    """A generated sample as it is stored: its image, encoded here (in the actor's encode threads, off the batch's),
+    ``cls`` (its first class), ``txt`` (its prompt); its record, all the spec's (``SampleSpec.record``), in
+    ``json``."""
+
+    spec: SampleSpec
+    rgb: np.ndarray | None = None  # H x W x 3 uint8 RGB; None when it failed
+    record_field: ClassVar[str] = "json"
+
+    @property
+    def size(self) -> tuple[int, int] | None:
+        return None if self.rgb is None else (self.rgb.shape[1], self.rgb.shape[0])
+
+    @property
+    def record(self) -> dict[str, Any]:
+        return {}
+
+    def fields(self, config: RunConfig) -> dict[str, bytes]:
+        rgb = self.rgb
+        if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+            raise ValueError(f"sample {self.spec.key}: image: expected H x W x 3 uint8, got {rgb.shape} {rgb.dtype}")
+        return {
+            config.image_format: encode_image(rgb, config.image_format, config.image_quality),
+            "cls": str(self.spec.class_id).encode("ascii"),
+            "txt": self.spec.prompt.text.encode("utf-8"),
+        }
+
+
+@dataclass(frozen=True)
+class InputImage:
+    """An input sample as annotate stores it: every field of the input byte for byte, its label maps at the decoded
+    image's own size, its record in ``mask.json`` with the input's image format (``InputSample.record``)."""
+
+    sample: InputSample
+    size: tuple[int, int] | None = None  # (width, height) of the decoded image; None when it could not be read
+    record_field: ClassVar[str] = ANNOTATION_FIELD
+
+    @property
+    def spec(self) -> InputSpec:
+        return self.sample.spec
+
+    @property
+    def record(self) -> dict[str, Any]:
+        return self.sample.record
+
+    def fields(self, config: RunConfig) -> dict[str, bytes]:
+        """The input's own fields; one that already holds a field annotate adds fails rather than lose it."""
+        kept = {name: value for name, value in self.sample.fields.items() if not name.startswith("__")}
+        clash = sorted(set(kept) & {MASK_FIELD, ANNOTATION_FIELD, CROSS_FIELD})
+        if clash:
+            raise SampleFailure(FIELDS_STAGE, f"the input sample already has {', '.join(clash)}")
+        return kept
 
 
 def encode_image(image: np.ndarray, image_format: str, quality: int) -> bytes:
@@ -48,71 +139,39 @@ def encode_mask(labels: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def encode_sample(
-    spec: SampleSpec,
-    image: np.ndarray | None,
-    labels: np.ndarray | None,
-    mask_stats: dict[str, Any],
-    error: str | None,
-    config: RunConfig,
-) -> SampleOutcome:
-    """A generated sample's fields: the image, ``mask.png``, ``cls`` (the first class), ``txt`` (the prompt) and
-    ``json`` (the record). A failed sample (``error`` set, or no image/mask) keeps its metadata for the parquet but
-    stores no bytes."""
-    if error is None and (image is None or labels is None):
-        error = "missing output: generation returned no image or no mask"
-    if error is not None:
-        return SampleOutcome(spec, FAILED, error, None, None, sample_metadata(spec, config, None, mask_stats))
-    _check_labels(spec, labels, image.shape[:2])
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"sample {spec.key}: image: expected H x W x 3 uint8, got {image.shape} {image.dtype}")
-    height, width = image.shape[:2]
-    image_bytes, mask = encode_image(image, config.image_format, config.image_quality), encode_mask(labels)
-    metadata = sample_metadata(spec, config, (width, height), mask_stats)
-    fields = {
-        config.image_format: image_bytes,
-        MASK_FIELD: mask,
-        "cls": str(spec.class_id).encode("ascii"),
-        "txt": spec.prompt.text.encode("utf-8"),
-        "json": metadata_json(metadata),
-    }
-    return SampleOutcome(spec, SUCCESS, None, image_bytes, mask, metadata, fields)
+def encode_sample(sample: LabelledSample, config: RunConfig) -> SampleOutcome:
+    """The sample's fields: its kind's own (``SampleImage.fields``), ``mask.png``, its record in its kind's record
+    field, and any further label map. A failed sample (``error`` set, a per-sample stage failing here, or no image
+    or mask) keeps its metadata for the parquet but stores no bytes; any other error is the shard's."""
+    image, error = sample.image, sample.error
+    if error is None and (sample.labels is None or image.size is None):
+        error = MISSING_OUTPUT
+    if error is None:
+        try:
+            return _stored(sample, config)
+        except SampleFailure as failure:  # its label map or its own fields: the sample's own failure
+            error = str(failure)
+    return SampleOutcome(image.spec, FAILED, error, None, None, _record(sample, config, None))
 
 
-def encode_annotated(
-    sample: InputSample,
-    labels: np.ndarray | None,
-    cross_labels: np.ndarray | None,
-    mask_stats: dict[str, Any],
-    error: str | None,
-    config: RunConfig,
-) -> SampleOutcome:
-    """An annotated sample's fields: every field of the input sample byte for byte, plus ``mask.png`` (the label
-    map at the image's own size), ``mask.json`` (the record, with where the sample came from) and, when made,
-    ``cross.png``. An input that already holds one of those fields fails rather than lose it."""
-    spec = sample.spec
-    kept = {name: value for name, value in sample.fields.items() if not name.startswith("__")}
-    source = sample.record
-    clash = sorted(set(kept) & {MASK_FIELD, ANNOTATION_FIELD, CROSS_FIELD})
-    if error is None and clash:
-        error = f"input fields: the input sample already has {', '.join(clash)}"
-    if error is None and labels is None:
-        error = "missing output: annotation returned no mask"
-    if error is not None:
-        return SampleOutcome(spec, FAILED, error, None, None, {**sample_metadata(spec, config, None, mask_stats), **source})
-    _check_labels(spec, labels, labels.shape)
-    height, width = labels.shape
-    metadata = {**sample_metadata(spec, config, (width, height), mask_stats), **source}
-    mask = encode_mask(labels)
-    fields = {**kept, MASK_FIELD: mask, ANNOTATION_FIELD: metadata_json(metadata)}
-    if cross_labels is not None:
-        _check_labels(spec, cross_labels, labels.shape)
-        fields[CROSS_FIELD] = encode_mask(cross_labels)
-    image = kept[image_field(kept)]
-    return SampleOutcome(spec, SUCCESS, None, image, mask, metadata, fields)
+def _stored(sample: LabelledSample, config: RunConfig) -> SampleOutcome:
+    image = sample.image
+    own = image.fields(config)
+    width, height = image.size
+    maps = {MASK_FIELD: sample.labels, **sample.extra_labels}
+    for labels in maps.values():
+        _check_labels(image.spec, labels, (height, width))
+    encoded = {name: encode_mask(labels) for name, labels in maps.items()}
+    metadata = _record(sample, config, image.size)
+    fields = {**own, MASK_FIELD: encoded.pop(MASK_FIELD), image.record_field: metadata_json(metadata), **encoded}
+    return SampleOutcome(image.spec, SUCCESS, None, fields[image_field(fields)], fields[MASK_FIELD], metadata, fields)
 
 
-def _check_labels(spec: SampleSpec, labels: np.ndarray, shape: tuple[int, ...]) -> None:
+def _record(sample: LabelledSample, config: RunConfig, size: tuple[int, int] | None) -> dict[str, Any]:
+    return {**sample_metadata(sample.image.spec, config, size, sample.mask_stats), **sample.image.record}
+
+
+def _check_labels(spec: SampleSpec | InputSpec, labels: np.ndarray, shape: tuple[int, int]) -> None:
     where = f"sample {spec.key}"
     if labels.dtype != np.uint8 or labels.shape != tuple(shape):
         raise ValueError(f"{where}: mask: expected {tuple(shape)} uint8 labels, got {labels.shape} {labels.dtype}")

@@ -274,9 +274,10 @@ class JointCapture(WeightedCapture):
         return rows.flatten(2).transpose(1, 2)
 
 
-def new_joint_capture(pipe, config: RunConfig, max_samples: int) -> JointCapture:
+def new_joint_capture(pipe, config: RunConfig, max_samples: int, guided: bool) -> JointCapture:
     """The capture for ``pipe``'s transformer under ``config``: the blocks of ``config.layers``, the family's where it
-    leaves them unset; the text sequence of the family's row; guidance as the family runs it."""
+    leaves them unset; the text sequence of the family's row. ``guided``: the transformer sees [unconditional,
+    conditional] batches (``workers/batch.BatchImages.guided``)."""
     found = models.family_of(pipe)
     transformer = pipe.transformer
     width, height = config.size
@@ -286,7 +287,7 @@ def new_joint_capture(pipe, config: RunConfig, max_samples: int) -> JointCapture
         transformer, grid, max_samples,
         layers=families.choose_joint_layers(found.name, dict(transformer.config), config.layers),
         text_tokens=found.text_tokens,
-        guided=config.annotate is None and models.guided(pipe, config.guidance_scale),
+        guided=guided,
         query_chunk=config.mask.query_chunk,
         max_self_entries=config.mask.max_self_entries,
     )
