@@ -116,7 +116,12 @@ def cli_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": path, **extra}
 
 
-def run_cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+# A bound for hangs, not for speed: a busy machine (CI at a load average of 10-15) runs a subprocess several times
+# slower than a quiet one, and no test may fail from that alone (pytest-timeout's per-test bound is above it).
+HANG_GUARD_S = 1200
+
+
+def run_cli(*args: str, timeout: float = HANG_GUARD_S) -> subprocess.CompletedProcess:
     return subprocess.run(
         cli_command(*args), cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=timeout, check=False
     )

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import seediff
-from tests.e2e_support import REPO, SETTINGS, cli_env, write_inputs
+from tests.e2e_support import HANG_GUARD_S, REPO, SETTINGS, cli_env, write_inputs
 
 PROBE = """
 import sys, seediff
@@ -22,7 +22,7 @@ print("LOADED", [m for m in ("ray", "diffusers", "torch", "seediff.workers.model
 def probe(call: str) -> str:
     done = subprocess.run(
         [sys.executable, "-c", PROBE.format(call=call)], cwd=REPO, env=cli_env(), capture_output=True, text=True,
-        timeout=120,
+        timeout=HANG_GUARD_S,
     )
     assert done.returncode == 0, done.stderr
     return done.stdout

@@ -13,7 +13,7 @@ from seediff.pipeline.dispatch import DispatchResult, ShardRecord
 from seediff.pipeline.progress import Progress
 from seediff.pipeline.summary import RunSummary
 from seediff.schemas.config import RuntimeOptions
-from tests.e2e_support import REPO, cli_env
+from tests.e2e_support import HANG_GUARD_S, REPO, cli_env
 
 
 def parse(*argv: str):
@@ -79,7 +79,7 @@ def test_summary_lists_actors_and_failed_shards():
 def test_module_entrypoint_for_ray_job_submit():
     done = subprocess.run(
         [sys.executable, "-m", "seediff", "generate", "--help"], cwd=REPO, env=cli_env(), capture_output=True,
-        text=True, timeout=60,
+        text=True, timeout=HANG_GUARD_S,
     )
     assert done.returncode == 0 and "--dry-run" in done.stdout and "--address" in done.stdout
 
@@ -95,7 +95,7 @@ def test_dry_run_of_a_1e8_sample_manifest_peaks_under_300_mb(tmp_path):
         "print('PEAK_KB', open('/proc/self/status').read().split('VmHWM:')[1].split()[0]); sys.exit(rc)"
     )
     done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=cli_env(), capture_output=True, text=True,
-                          timeout=300)
+                          timeout=HANG_GUARD_S)
     assert done.returncode == 0, done.stderr
     assert "100000000 samples in 100000 shards" in done.stdout
     peak_mb = int(done.stdout.split("PEAK_KB")[1].split()[0]) / 1024

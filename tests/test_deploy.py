@@ -22,7 +22,7 @@ import yaml
 
 from seediff.pipeline.review import inspect_dataset
 from seediff.pipeline.verify import verify_dataset
-from tests.e2e_support import cli_env
+from tests.e2e_support import HANG_GUARD_S, cli_env
 from tests.test_readers import DEMO_FLAGS, REPO
 
 DEPLOY = REPO / "deploy"
@@ -217,13 +217,13 @@ def test_the_readmes_ray_job_submit_runs_the_demo_on_a_local_head(tmp_path: Path
     home, out = tmp_path / "home", tmp_path / "demo-out"
     home.mkdir()
     env = _ray_env(home)
-    subprocess.run(["bash", "-c", token], env=env, check=True, timeout=120)
+    subprocess.run(["bash", "-c", token], env=env, check=True, timeout=HANG_GUARD_S)
     assert (home / ".ray" / "auth_token").is_file()
     with local_ray_head(env) as head:
         command = submit.replace("http://127.0.0.1:8265", head.jobs).replace("/tmp/demo-out", str(out))
         for _ in range(10):  # the job API answers before the head's job agent has registered
             done = subprocess.run(["bash", "-c", command], cwd=REPO, env=env, capture_output=True, text=True,
-                                  timeout=540)
+                                  timeout=HANG_GUARD_S)
             if "No available agent to submit job" not in done.stderr:
                 break
             time.sleep(5)
@@ -233,7 +233,7 @@ def test_the_readmes_ray_job_submit_runs_the_demo_on_a_local_head(tmp_path: Path
         auto = subprocess.run(
             [sys.executable, "-m", "seediff", "generate", "examples/demo.csv", "--out", str(tmp_path / "auto-out"),
              *DEMO_FLAGS, "--address", head.gcs],
-            cwd=REPO, env={**cli_env(), **env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True, timeout=300,
+            cwd=REPO, env={**cli_env(), **env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True, timeout=HANG_GUARD_S,
         )
         stopped_after = time.monotonic() - started
     assert verify_dataset(str(out)) == []

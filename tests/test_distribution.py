@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e_support import HANG_GUARD_S
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -18,7 +20,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # The wheel is what `pip install seediff` unpacks into site-packages.
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--wheel-dir", str(out), str(REPO)],
-        check=True, capture_output=True, timeout=300,
+        check=True, capture_output=True, timeout=HANG_GUARD_S,
     )
     (built,) = out.glob("seediff-*.whl")
     return built
@@ -44,5 +46,5 @@ def test_public_names_import_from_seediff() -> None:
         "from seediff import segmentation_dataset, wids_dataset, decode_mask, RunConfig, RuntimeOptions, MaskConfig; "
         "print(heavy, RunConfig.__module__)"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True, check=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True, check=True, timeout=HANG_GUARD_S)
     assert out.stdout.split() == ["[]", "seediff.schemas.config"]

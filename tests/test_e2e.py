@@ -31,6 +31,7 @@ from seediff.schemas.config import RunConfig, RuntimeOptions
 from seediff.schemas.manifest import load_manifest
 from seediff.schemas.records import STATS_SUFFIX
 from tests.e2e_support import (
+    HANG_GUARD_S,
     REPO,
     SETTINGS,
     check_dataset,
@@ -199,7 +200,7 @@ def test_dry_run_loads_no_model_and_starts_no_ray(inputs, tmp_path):
         "print('LOADED', loaded); sys.exit(rc)"
     )
     done = subprocess.run(
-        [sys.executable, "-c", probe], cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", probe], cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=HANG_GUARD_S
     )
     assert done.returncode == 0, done.stderr
     assert "LOADED []" in done.stdout
@@ -214,7 +215,7 @@ def test_bad_manifest_exits_2_with_file_line_field(tmp_path):
     bad.write_text("class_name,num_samples\ncat,3\ndog,lots\n")
     done = subprocess.run(
         cli_command("generate", str(bad), "--out", str(tmp_path / "out"), "--model", "tiny"),
-        cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=120,
+        cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=HANG_GUARD_S,
     )
     assert done.returncode == 2
     error_lines = [ln for ln in done.stderr.splitlines() if ln.startswith("seediff: error:")]

@@ -13,6 +13,7 @@ import psutil
 import pytest
 
 from tests.e2e_support import (
+    HANG_GUARD_S,
     REPO,
     SETTINGS,
     check_dataset,
@@ -37,7 +38,7 @@ def kill_after_first_commit(command: list[str], out) -> None:
     driver = psutil.Process(proc.pid)
     started: list[psutil.Process] = []
     try:
-        deadline = time.monotonic() + 240
+        deadline = time.monotonic() + HANG_GUARD_S
         while not list(out.glob("*_stats.json")):
             assert proc.poll() is None, "the run ended before committing a shard"
             assert time.monotonic() < deadline, "no shard committed in time"
@@ -87,12 +88,12 @@ def test_ctrl_c_stops_with_one_line_and_exit_130(inputs_and_reference, tmp_path)
     out = tmp_path / "out"
     command = cli_command("generate", str(manifest), "--out", str(out), "--config", str(config), "--num-actors", "2")
     proc = subprocess.Popen(command, cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + HANG_GUARD_S
     while not list(out.glob("*_stats.json")):
         assert proc.poll() is None and time.monotonic() < deadline, "no shard committed in time"
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)  # what Ctrl-C sends to the foreground driver
-    stdout, stderr = proc.communicate(timeout=120)
+    stdout, stderr = proc.communicate(timeout=HANG_GUARD_S)
     assert proc.returncode == 130, stderr
     committed = len(list(out.glob("*_stats.json")))
     assert f"interrupted: {committed} of {NUM_SHARDS} shards committed; run the same command to resume" in stderr

@@ -19,7 +19,7 @@ from seediff.pipeline.run import run_generation
 from seediff.schemas.config import RuntimeOptions
 from seediff.schemas.manifest import load_manifest
 from seediff.workers.actor import ShardActor
-from tests.e2e_support import SETTINGS, check_dataset, digests, reference_run, run_config, write_inputs
+from tests.e2e_support import HANG_GUARD_S, SETTINGS, check_dataset, digests, reference_run, run_config, write_inputs
 
 SETTINGS_ONE_PER_SHARD = {**SETTINGS, "samples_per_shard": 1}  # 9 shards
 PACE_S = 4.0  # each shard takes at least this long, so the run outlasts a new node's start-up (imports, model)
@@ -66,7 +66,7 @@ def test_a_node_joining_gets_shards_and_a_node_leaving_has_them_reassigned(clust
     )), daemon=True)
     run.start()
 
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + HANG_GUARD_S
     while not list(out.glob("*_stats.json")) and time.monotonic() < deadline:
         time.sleep(0.1)
     joined = cluster.add_node(num_cpus=1, num_gpus=1)  # the pool grows to 2 actors within POOL_CHECK_S
@@ -74,7 +74,7 @@ def test_a_node_joining_gets_shards_and_a_node_leaving_has_them_reassigned(clust
         time.sleep(0.1)
     assert joined.node_id in node_ids_of_stats(out), "the joined node got no shard"
     cluster.remove_node(joined)  # while its actor runs its next shard
-    run.join(timeout=300)
+    run.join(timeout=HANG_GUARD_S)
 
     assert outcome and outcome[0].ok, outcome[0].format() if outcome else "the run did not finish"
     assert len(set(node_ids_of_stats(out))) == 2

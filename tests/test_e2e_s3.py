@@ -14,7 +14,7 @@ import pytest
 import ray
 
 from seediff.pipeline.cli import main
-from tests.e2e_support import SETTINGS, check_dataset, digests, reference_run, write_inputs
+from tests.e2e_support import HANG_GUARD_S, SETTINGS, check_dataset, digests, reference_run, write_inputs
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def test_an_s3_outage_mid_run_is_absorbed_by_backoff(ray_after_moto, s3_output_u
     restarted: list[threading.Thread] = []
 
     def outage_after_first_commit() -> None:
-        deadline = time.monotonic() + 240
+        deadline = time.monotonic() + HANG_GUARD_S
         while time.monotonic() < deadline:
             fs.invalidate_cache()
             if fs.exists(root) and fs.glob(f"{root}/*_stats.json"):

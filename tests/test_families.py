@@ -15,7 +15,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, Transformer2DMo
 from seediff.schemas.config import TINY_MODEL, ConfigError, LayerChoice, RunConfig
 from seediff.workers import families
 from seediff.workers.families import TINY_VAE, read_model_files, recognise, resolve
-from tests.e2e_support import REPO, cli_env
+from tests.e2e_support import HANG_GUARD_S, REPO, cli_env
 
 MANIFEST = "class_name,num_samples,prompt\ndog,2,a photo of a dog\n"
 
@@ -156,7 +156,7 @@ def dry_run(tmp_path, *flags: str, env: dict[str, str] | None = None) -> subproc
         "print('LOADED', [m for m in ('diffusers', 'torch', 'ray') if m in sys.modules]); sys.exit(rc)"
     )
     return subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=cli_env(**(env or {})), capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=HANG_GUARD_S)
 
 
 def test_dry_run_refuses_an_unsupported_pipeline_and_a_bad_size_with_exit_2_without_ray(unsupported, saved_models,

@@ -33,6 +33,7 @@ from seediff.schemas.records import IMAGE_FIELDS
 from seediff.schemas.manifest import Manifest, class_row
 from seediff.workers.encode import GeneratedImage, InputImage, LabelledSample, encode_sample
 from tests.annotate_support import write_image_folder, write_input_shards
+from tests.e2e_support import HANG_GUARD_S
 from seediff.workers.shards import ShardWriter
 
 SIZE = 32
@@ -348,7 +349,7 @@ def generated_dataset(tmp_path_factory: pytest.TempPathFactory) -> str:
     out = str(tmp_path_factory.mktemp("generated") / "out")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     run = subprocess.run([sys.executable, "-m", "seediff", "generate", "examples/demo.csv", "--out", out,
-                          *DEMO_FLAGS], cwd=REPO, env=env, capture_output=True, text=True, timeout=540)
+                          *DEMO_FLAGS], cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     return out
 

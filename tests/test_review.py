@@ -17,6 +17,7 @@ from PIL import Image
 
 from seediff.pipeline.review import LEGEND_ROW, format_inspection, inspect_dataset, preview_grid, run_class_names
 from seediff.pipeline.verify import verify_dataset
+from tests.e2e_support import HANG_GUARD_S
 from tests.test_readers import REPO, synthetic_dataset  # noqa: F401 - fixture
 
 SHARD0, SHARD1 = "seediff-000000", "seediff-000001"
@@ -53,7 +54,7 @@ def test_inspect_of_a_truncated_parquet_exits_2_in_one_line(copy_of: Path) -> No
     parquet = copy_of / f"{SHARD0}.parquet"
     parquet.write_bytes(parquet.read_bytes()[:100])
     done = subprocess.run([sys.executable, "-m", "seediff", "inspect", str(copy_of)], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=HANG_GUARD_S)
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
     assert f"{SHARD0}.parquet: unreadable parquet" in done.stderr and "verify --repair" in done.stderr
@@ -82,7 +83,7 @@ def test_inspect_leaves_no_thread_behind(synthetic_dataset: dict) -> None:  # no
     hold on the file's Python buffers after the read had returned, during interpreter shutdown, where it cannot take
     the GIL. Parquets are decoded on the calling thread now, so no such worker exists at exit."""
     run = subprocess.run([sys.executable, "-c", THREADS_AROUND_INSPECT, synthetic_dataset["root"]], cwd=REPO,
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert run.returncode == 0, run.stderr[-3000:]
     before, after = run.stdout.split()
     assert after == before, run.stdout

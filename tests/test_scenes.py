@@ -25,7 +25,7 @@ from seediff.pipeline.review import IGNORE_COLOUR, class_colour, preview_grid
 from seediff.pipeline.verify import verify_dataset
 from seediff.schemas.manifest import load_manifest
 from seediff.schemas.records import decode_mask, quality_columns
-from tests.e2e_support import REPO, digests, reference_run
+from tests.e2e_support import HANG_GUARD_S, REPO, digests, reference_run
 
 SCENES = REPO / "examples" / "scenes.csv"
 CLASSES = REPO / "examples" / "voc_classes.csv"
@@ -44,7 +44,7 @@ def scene_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     config = out.parent / "run.yaml"
     config.write_text("mask:\n  pamr_iterations: 5\n")
     run = subprocess.run([sys.executable, "-m", "seediff", "generate", str(SCENES), "--out", str(out), "--config",
-                          str(config), *flags], cwd=REPO, env=env, capture_output=True, text=True, timeout=540)
+                          str(config), *flags], cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     return out
 
@@ -177,7 +177,7 @@ def test_resume_reads_the_recorded_class_table(scene_dataset: Path, tmp_path: Pa
     (out / "seediff-000001_stats.json").unlink()  # shard 1 un-committed: its tar and parquet are redone
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     run = subprocess.run([sys.executable, "-m", "seediff", "resume", str(out), "--num-actors", "1"], cwd=REPO,
-                         env=env, capture_output=True, text=True, timeout=300)
+                         env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     stats = json.loads((out / "seediff-000001_stats.json").read_text())
     assert stats["runtime"]["run_id"] != json.loads((scene_dataset / "seediff-000001_stats.json").read_text())[

@@ -11,7 +11,7 @@ import pytest
 from seediff.pipeline.validate import check_run
 from seediff.schemas.config import AnnotateConfig, ConfigError, MaskConfig, RunConfig, RuntimeOptions
 from seediff.schemas.manifest import load_manifest
-from tests.e2e_support import REPO, cli_env
+from tests.e2e_support import HANG_GUARD_S, REPO, cli_env
 
 PROBE = """
 import sys
@@ -44,7 +44,7 @@ print("WRITTEN", sorted(p.name for p in tmp.iterdir()))
 
 def test_cross_field_errors_exit_2_before_ray_naming_the_flags(tmp_path):
     done = subprocess.run([sys.executable, "-c", PROBE, str(tmp_path)], cwd=REPO, env=cli_env(), capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=HANG_GUARD_S)
     assert done.returncode == 0, done.stderr
     for name in ("window", "listing", "band", "window-annotate", "window-annotate-dry-run"):
         assert f"RC {name} 2" in done.stdout, done.stdout + done.stderr
