@@ -1,7 +1,8 @@
 """The two kinds of run, and the one place a run's kind is decided (``kind_of``): ``generate`` samples images from a
 manifest's prompts; ``annotate`` labels an input's own images (``eval`` is an annotate run). A run is an annotate run
-exactly when its config carries annotate settings: ``api.annotate_config`` sets them and run.json records them, so a
-command and a later resume, verify or inspect of its output agree.
+exactly when its config carries annotate settings: ``Annotate.settled`` sets them (``api.annotate_config``) and
+run.json records them, so a command and a later resume, verify or inspect of its output agree; before its config is
+settled, a run's input says its kind (``kind_of_input``).
 
 Everything the driver does differently for the two kinds is a member of the kind's ``RunKind`` here: what run.json
 records of the input and how it is read back, the plan, the dry run's description of the input, the backbone calls a
@@ -17,7 +18,7 @@ from typing import Any
 
 from seediff.pipeline.plan import Plan
 from seediff.pipeline.sources import AnnotatePlan, ImageInput, annotate_input
-from seediff.schemas.config import ConfigError, RunConfig
+from seediff.schemas.config import AnnotateConfig, ConfigError, RunConfig
 from seediff.schemas.manifest import Manifest, load_manifest
 from seediff.schemas.records import ANNOTATION_FIELD, MASK_FIELD
 from seediff.tokens import context_check
@@ -38,6 +39,10 @@ class RunKind:
     fingerprints: tuple[str, ...]
     required_fields: tuple[str, ...]
     input_fields: tuple[str, ...]
+
+    def settled(self, config: RunConfig) -> RunConfig:
+        """``config`` as a run of this kind takes it."""
+        raise NotImplementedError
 
     def plan(self, source: Any, config: RunConfig) -> Any:
         raise NotImplementedError
@@ -73,6 +78,9 @@ class Generate(RunKind):
     fingerprints = (MANIFEST_FIELD, CLASSES_FIELD)
     required_fields = (MASK_FIELD, "cls", "txt", "json")
     input_fields = ("manifest_source", MANIFEST_FIELD, "num_classes")
+
+    def settled(self, config: RunConfig) -> RunConfig:
+        return config
 
     def plan(self, source: Manifest, config: RunConfig) -> Plan:
         return Plan(source.rows, config.seed, config.samples_per_shard, config.shard_layout)
@@ -120,6 +128,10 @@ class Annotate(RunKind):
     required_fields = (MASK_FIELD, ANNOTATION_FIELD)  # beside the input's own fields, passed through
     input_fields = ("input_source", INPUT_FIELD, "classes")
 
+    def settled(self, config: RunConfig) -> RunConfig:
+        # contiguous output shards: each reads one run of its input, so every input tar is read once across them
+        return config.model_copy(update={"annotate": config.annotate or AnnotateConfig(), "shard_layout": "contiguous"})
+
     def plan(self, source: ImageInput, config: RunConfig) -> AnnotatePlan:
         return AnnotatePlan(source, config)
 
@@ -160,8 +172,14 @@ GENERATE, ANNOTATE = Generate(), Annotate()
 
 
 def kind_of(config: RunConfig) -> RunKind:
-    """The run's kind: the one place it is decided."""
+    """The run's kind, from its config (a recorded run's too): the one place it is decided."""
     return ANNOTATE if config.annotate is not None else GENERATE
+
+
+def kind_of_input(source: Any) -> RunKind:
+    """The kind of a run over ``source`` before its config is settled (``RunKind.settled``): annotate for opened
+    images (an ``ImageInput``), generate for a manifest or its path."""
+    return ANNOTATE if isinstance(source, ImageInput) else GENERATE
 
 
 def manifest_of(url: str, config: RunConfig, samples_per_class: int | None, classes: str | None,

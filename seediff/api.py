@@ -23,14 +23,14 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TextIO
 
 from seediff.pipeline import sources
-from seediff.pipeline.kinds import kind_of, manifest_of
+from seediff.pipeline.kinds import ANNOTATE, kind_of, kind_of_input, manifest_of
 from seediff.pipeline.plan import shard_count
 from seediff.pipeline.resume import RunConfigMismatch, read_run_json
 from seediff.pipeline.sources import ImageInput
 from seediff.pipeline.summary import RunSummary
 from seediff.pipeline.terminal import default_log_path, run_terminal
 from seediff.pipeline.validate import check_run
-from seediff.schemas.config import AnnotateConfig, ConfigError, InputError, RunConfig, RuntimeOptions
+from seediff.schemas.config import ConfigError, InputError, RunConfig, RuntimeOptions
 from seediff.schemas.manifest import Manifest, ManifestError
 from seediff.schemas.records import RUN_JSON
 from seediff.storage import check_access
@@ -96,12 +96,12 @@ def dry_run(
     loads no model, starts no Ray, writes nothing. Raises ``RunConfigMismatch`` when ``generate`` would refuse.
     Also renders and tokenizes every distinct prompt template with only the model's tokenizer files: a labelled
     phrase that could fall past the text encoder's context is a ``ManifestError`` at its ``file:line``. With an
-    ``ImageInput`` (``annotate_input``) and an annotate run's config (``annotate_config``), what ``annotate`` would
-    do."""
+    ``ImageInput`` (``annotate_input``), what ``annotate`` would do."""
     from seediff.pipeline.run import format_plan
 
+    run_config = kind_of_input(manifest).settled(_validated(RunConfig, config, "config"))
     run_config, source = _inputs(
-        manifest, out, config, samples_per_class, classes, prompts, write=False, check_tokens=True
+        manifest, out, run_config, samples_per_class, classes, prompts, write=False, check_tokens=True
     )
     check_run(run_config, None, source)
     return format_plan(source, run_config, overwrite)
@@ -310,11 +310,7 @@ def _evaluate(root: str | os.PathLike[str], out: str | os.PathLike[str], layout:
 
 def annotate_config(config: RunConfig | Mapping[str, Any] | None, out: str | os.PathLike[str]) -> RunConfig:
     """``config`` for an annotate run writing to ``out``: its ``annotate`` settings default to ``AnnotateConfig()``."""
-    run_config = _validated(RunConfig, config, "config")
-    return run_config.model_copy(
-        update={"output_url": absolute_url(out), "annotate": run_config.annotate or AnnotateConfig(),
-                "shard_layout": "contiguous"}
-    )
+    return ANNOTATE.settled(_validated(RunConfig, config, "config")).model_copy(update={"output_url": absolute_url(out)})
 
 
 def annotate_input(input: str | os.PathLike[str], config: RunConfig, classes: Sequence[str] | None) -> ImageInput:

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import re
 
-from seediff.api import annotate_config
+from seediff.api import annotate_config, annotate_input, dry_run
 from seediff.pipeline.kinds import ANNOTATE, GENERATE, kind_of
 from seediff.pipeline.plan import SampleRanges
 from seediff.schemas.config import RunConfig
+from tests.annotate_support import write_image_folder
 from tests.e2e_support import REPO
 
 # a branch on the mode: the config's annotate settings tested for presence, a type test of a kind's input, plan or
@@ -48,3 +49,15 @@ def test_both_plans_and_verify_cut_the_same_shards():
         assert grouped.num_shards == counted.num_shards == 3
         assert [grouped.shard_range(i) for i in range(3)] == [counted.shard_range(i) for i in range(3)]
     assert SampleRanges([3, 0, 5, 2], 4).locate(3) == (2, 0)  # the empty group holds no id
+
+
+def test_the_dry_run_of_opened_images_describes_annotate_with_any_config(tmp_path):
+    """``dry_run(ImageInput, ...)`` describes what ``annotate`` would do, also with a config that has no annotate
+    settings yet (the kind of a run over opened images is annotate; ``RunKind.settled`` gives its config)."""
+    write_image_folder(tmp_path / "images")
+    settings = {"model": "tiny", "resolution": 64}
+    image_input = annotate_input(tmp_path / "images", annotate_config(settings, tmp_path / "out"), ["dog"])
+    text = dry_run(image_input, tmp_path / "out", settings)
+    assert text.startswith(f"input: {image_input.source} (")
+    assert "classes: dog)" in text.splitlines()[0]
+    assert not (tmp_path / "out").exists()  # a dry run writes nothing
