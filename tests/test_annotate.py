@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ import webdataset as wds
 from PIL import Image
 from torchmetrics.classification import MulticlassJaccardIndex
 
+from seediff import api
 from seediff.pipeline.cli import main
 from seediff.pipeline.layouts import voc_palette
 from seediff.pipeline.readers import segmentation_dataset
@@ -82,6 +84,19 @@ def test_shards_pass_through_byte_for_byte_with_masks_of_the_image_size(shards, 
     assert run_cli("verify", str(annotated)).returncode == 0
     decoded = list(segmentation_dataset(str(annotated), shuffle_shards=False))
     assert [tuple(m.shape) for _, m, _ in decoded] == [(h, w) for w, h, _, _ in IMAGES]
+
+
+def test_verify_checks_an_annotated_outputs_sample_ids_against_its_plan(annotated, tmp_path: Path) -> None:
+    """Verify cuts the planned shards of an annotate output from run.json's sample count, as it does a generated
+    one's (it used to check only that the keys matched the parquets): a count that plans another id range is found."""
+    out = tmp_path / "out"
+    shutil.copytree(annotated, out)
+    record = json.loads((out / "run.json").read_text())
+    assert record["num_samples"] == len(IMAGES) == 5  # 3 shards of 2, 2 and 1
+    (out / "run.json").write_text(json.dumps({**record, "num_samples": 6}))  # the last shard planned as ids 4..5
+    found = api.check(str(out))
+    assert any("seediff-000002.parquet: sample ids [4] are not the shard's planned ids [4, 5]" in p
+               for p in found.problems), found.problems
 
 
 @pytest.mark.parametrize("source", [["--classes-field", "cls", "--classes", ",".join(CLASS_TABLE)],
