@@ -79,8 +79,9 @@ def test_failed_sample_keeps_metadata_but_no_bytes() -> None:
     outcome = encode_sample(LabelledSample(GeneratedImage(SPEC), error="nsfw: blanked"), make_config("/unused"))
     assert (outcome.status, outcome.error, outcome.image, outcome.mask) == ("failed", "nsfw: blanked", None, None)
     assert outcome.metadata["width"] is None and outcome.metadata["prompt"] == "a dog on grass"
-    missing = encode_sample(LabelledSample(GeneratedImage(SPEC)), make_config("/unused"))
-    assert missing.status == "failed" and missing.error.startswith("missing output")
+    # no per-sample stage failed it: not a failed row but the shard's error (the shard is retried, never committed)
+    with pytest.raises(RuntimeError, match=r"sample 000000000004: the batch returned no image or no mask"):
+        encode_sample(LabelledSample(GeneratedImage(SPEC)), make_config("/unused"))
 
 
 def test_bad_arrays_and_stats_are_rejected_naming_the_sample_and_field() -> None:

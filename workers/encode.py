@@ -34,7 +34,6 @@ from seediff.schemas.records import (
 
 # Pillow format names and save options per config.image_format; nothing here depends on time or the machine.
 _IMAGE_FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
-MISSING_OUTPUT = "missing output: the batch returned no image or no mask"
 
 
 class SampleImage(Protocol):
@@ -141,11 +140,12 @@ def encode_mask(labels: np.ndarray) -> bytes:
 
 def encode_sample(sample: LabelledSample, config: RunConfig) -> SampleOutcome:
     """The sample's fields: its kind's own (``SampleImage.fields``), ``mask.png``, its record in its kind's record
-    field, and any further label map. A failed sample (``error`` set, a per-sample stage failing here, or no image
-    or mask) keeps its metadata for the parquet but stores no bytes; any other error is the shard's."""
+    field, and any further label map. A failed sample (``error`` set, or a per-sample stage failing here) keeps its
+    metadata for the parquet but stores no bytes; any other error is the shard's, and so is a sample with neither an
+    error nor its image and mask: no per-sample stage failed it, so no failed row may stand for it."""
     image, error = sample.image, sample.error
     if error is None and (sample.labels is None or image.size is None):
-        error = MISSING_OUTPUT
+        raise RuntimeError(f"sample {image.spec.key}: the batch returned no image or no mask and no per-sample error")
     if error is None:
         try:
             return _stored(sample, config)
