@@ -128,7 +128,7 @@ def inspect_dataset(out_url: str) -> dict[str, Any]:
         "bytes": {"tar": tar_bytes, "parquet": parquet_bytes, "total": tar_bytes + parquet_bytes},
         "settings": {k: v for k, v in config.model_dump(mode="json").items() if k != "output_url"},
         "kind": kind.name,
-        "input": dict(input_fields),
+        "input": input_fields,
         "input_summary": kind.input_summary(input_fields),
     }
 
